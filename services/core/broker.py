@@ -1,0 +1,296 @@
+"""RabbitMQ topology, publish-with-confirm and consume-with-retry, on aio-pika.
+
+Topology (declared idempotently by every service at start-up, so no event is ever unroutable):
+
+    exchange "triage" (topic, durable)
+      queue inference.images      <- image.received
+      queue labeling.images       <- image.received
+      queue aggregator.events     <- image.received, image.rejected, prediction.made,
+                                     judgment.submitted, label.aggregated
+    per queue Q:
+      Q.retry.<ms>   (one per back-off step; message TTL, then dead-lettered back to Q only)
+      Q.dlq          (poison messages, with x-death-reason; also Q's own dead-letter target)
+
+Messages are persistent protobuf bodies; headers carry x-message-type, x-schema-version and
+x-correlation-id. Consumers ack only after their handler returns (after their DB commit); a handler
+raises PermanentError for input that can never succeed (straight to the DLQ with the reason) and
+any other exception for transient faults (retried with back-off, then dead-lettered).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import aio_pika
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractExchange,
+    AbstractIncomingMessage,
+    AbstractQueue,
+    AbstractRobustConnection,
+)
+from google.protobuf.message import DecodeError, Message
+from prometheus_client import Counter
+
+from services.core.contracts import MESSAGE_BY_ROUTING_KEY, SCHEMA_VERSION
+from services.core.telemetry import bound_correlation_id
+
+log = logging.getLogger(__name__)
+
+EXCHANGE = "triage"
+RETRY_DELAYS_MS: tuple[int, ...] = (1_000, 5_000, 30_000)
+
+
+@dataclass(frozen=True)
+class ConsumerSpec:
+    name: str
+    queue: str
+    bindings: tuple[str, ...]
+    retry_delays_ms: tuple[int, ...] = RETRY_DELAYS_MS
+
+    @property
+    def dlq(self) -> str:
+        return f"{self.queue}.dlq"
+
+    def retry_queue(self, delay_ms: int) -> str:
+        return f"{self.queue}.retry.{delay_ms}"
+
+
+CONSUMERS: dict[str, ConsumerSpec] = {
+    "inference": ConsumerSpec("inference", "inference.images", ("image.received",)),
+    "labeling": ConsumerSpec("labeling", "labeling.images", ("image.received",)),
+    "aggregator": ConsumerSpec(
+        "aggregator",
+        "aggregator.events",
+        ("image.received", "image.rejected", "prediction.made", "judgment.submitted", "label.aggregated"),
+    ),
+}
+
+MESSAGES_CONSUMED = Counter(
+    "pt_broker_messages_consumed_total", "Messages handled, by queue and outcome", ["queue", "outcome"]
+)
+MESSAGES_PUBLISHED = Counter("pt_broker_messages_published_total", "Messages published (confirmed)", ["routing_key"])
+
+
+class PermanentError(Exception):
+    """The message can never be processed (bad input): dead-letter it with this reason."""
+
+
+@dataclass
+class Envelope:
+    routing_key: str
+    payload: Message
+    message_id: str | None
+    correlation_id: str | None
+    headers: dict[str, Any]
+    redelivered: bool
+    retry_count: int
+    raw: AbstractIncomingMessage = field(repr=False)
+
+
+def decode(message: AbstractIncomingMessage) -> Envelope:
+    headers = dict(message.headers or {})
+    routing_key = str(headers.get("x-original-routing-key") or message.routing_key or "")
+    cls = MESSAGE_BY_ROUTING_KEY.get(routing_key)
+    if cls is None:
+        raise PermanentError(f"unknown routing key {routing_key!r}")
+    expected_type = cls.DESCRIPTOR.full_name
+    if message.type and message.type != expected_type:
+        raise PermanentError(f"message type {message.type!r} does not match routing key {routing_key!r}")
+    payload = cls()
+    try:
+        payload.ParseFromString(message.body)
+    except DecodeError as exc:
+        raise PermanentError(f"undecodable {expected_type} body: {exc}") from exc
+    return Envelope(
+        routing_key=routing_key,
+        payload=payload,
+        message_id=message.message_id,
+        correlation_id=message.correlation_id or headers.get("x-correlation-id"),
+        headers=headers,
+        redelivered=bool(message.redelivered),
+        retry_count=int(headers.get("x-retry-count", 0)),
+        raw=message,
+    )
+
+
+async def declare_topology(
+    channel: AbstractChannel, exchange_name: str = EXCHANGE, quorum: bool = False
+) -> AbstractExchange:
+    """Declare the exchange and every consumer's queues; safe to call any number of times."""
+    exchange = await channel.declare_exchange(exchange_name, aio_pika.ExchangeType.TOPIC, durable=True)
+    queue_type = {"x-queue-type": "quorum"} if quorum else {}
+    for spec in CONSUMERS.values():
+        await channel.declare_queue(spec.dlq, durable=True, arguments=dict(queue_type))
+        main = await channel.declare_queue(
+            spec.queue,
+            durable=True,
+            arguments={**queue_type, "x-dead-letter-exchange": "", "x-dead-letter-routing-key": spec.dlq},
+        )
+        for key in spec.bindings:
+            await main.bind(exchange, routing_key=key)
+        for delay in spec.retry_delays_ms:
+            await channel.declare_queue(
+                spec.retry_queue(delay),
+                durable=True,
+                arguments={
+                    **queue_type,
+                    "x-message-ttl": delay,
+                    "x-dead-letter-exchange": "",
+                    "x-dead-letter-routing-key": spec.queue,
+                },
+            )
+    return exchange
+
+
+def build_message(
+    message: Message,
+    *,
+    message_id: str,
+    correlation_id: str | None = None,
+    headers: dict[str, Any] | None = None,
+) -> aio_pika.Message:
+    return aio_pika.Message(
+        body=message.SerializeToString(),
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        content_type="application/x-protobuf",
+        type=message.DESCRIPTOR.full_name,
+        message_id=message_id,
+        correlation_id=correlation_id,
+        timestamp=time.time(),
+        headers={
+            "x-message-type": message.DESCRIPTOR.full_name,
+            "x-schema-version": SCHEMA_VERSION,
+            "x-correlation-id": correlation_id or "",
+            **(headers or {}),
+        },
+    )
+
+
+Handler = Callable[[Envelope], Awaitable[None]]
+
+
+class Broker:
+    """One robust connection, a confirming channel for publishing, and consumers."""
+
+    def __init__(self, url: str, exchange_name: str = EXCHANGE, quorum: bool = False) -> None:
+        self.url = url
+        self.exchange_name = exchange_name
+        self.quorum = quorum
+        self.connection: AbstractRobustConnection | None = None
+        self._channel: AbstractChannel | None = None
+        self._exchange: AbstractExchange | None = None
+
+    async def connect(self, timeout: float = 10.0) -> Broker:
+        self.connection = await aio_pika.connect_robust(self.url, timeout=timeout)
+        self._channel = await self.connection.channel(publisher_confirms=True)
+        self._exchange = await declare_topology(self._channel, self.exchange_name, self.quorum)
+        return self
+
+    async def close(self) -> None:
+        if self.connection is not None:
+            await self.connection.close()
+            self.connection = None
+
+    @property
+    def is_connected(self) -> bool:
+        return self.connection is not None and not self.connection.is_closed
+
+    async def publish(
+        self,
+        routing_key: str,
+        message: Message,
+        *,
+        message_id: str,
+        correlation_id: str | None = None,
+        headers: dict[str, Any] | None = None,
+        timeout: float = 10.0,
+    ) -> None:
+        """Publish persistently and wait for the broker's confirm (raises if not confirmed)."""
+        if self._exchange is None:
+            raise RuntimeError("Broker.connect() first")
+        expected = MESSAGE_BY_ROUTING_KEY.get(routing_key)
+        if expected is None or not isinstance(message, expected):
+            raise ValueError(f"{type(message).__name__} cannot be published as {routing_key!r}")
+        msg = build_message(message, message_id=message_id, correlation_id=correlation_id, headers=headers)
+        await self._exchange.publish(msg, routing_key=routing_key, timeout=timeout)
+        MESSAGES_PUBLISHED.labels(routing_key).inc()
+
+    async def consume(self, spec: ConsumerSpec, handler: Handler, prefetch: int = 16) -> AbstractQueue:
+        """Start consuming spec.queue with handler on its own channel; returns the queue."""
+        assert self.connection is not None, "Broker.connect() first"
+        channel = await self.connection.channel(publisher_confirms=True)
+        await channel.set_qos(prefetch_count=prefetch)
+        await declare_topology(channel, self.exchange_name, self.quorum)
+        queue = await channel.get_queue(spec.queue)
+
+        async def on_message(message: AbstractIncomingMessage) -> None:
+            await self._handle(spec, channel, handler, message)
+
+        await queue.consume(on_message)
+        return queue
+
+    async def _handle(
+        self, spec: ConsumerSpec, channel: AbstractChannel, handler: Handler, message: AbstractIncomingMessage
+    ) -> None:
+        headers = dict(message.headers or {})
+        with bound_correlation_id(message.correlation_id or headers.get("x-correlation-id") or None):
+            try:
+                envelope = decode(message)
+                await handler(envelope)
+            except PermanentError as exc:
+                await self._dead_letter(spec, channel, message, str(exc))
+                MESSAGES_CONSUMED.labels(spec.queue, "dead_lettered").inc()
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                retries = int(headers.get("x-retry-count", 0))
+                if retries >= len(spec.retry_delays_ms):
+                    await self._dead_letter(spec, channel, message, f"retries exhausted: {exc!r}")
+                    MESSAGES_CONSUMED.labels(spec.queue, "dead_lettered").inc()
+                else:
+                    delay = spec.retry_delays_ms[retries]
+                    log.warning(
+                        "handler failed, retrying",
+                        extra={"queue": spec.queue, "attempt": retries + 1, "delay_ms": delay, "error": repr(exc)},
+                    )
+                    await self._forward(channel, message, spec.retry_queue(delay), {"x-retry-count": retries + 1})
+                    MESSAGES_CONSUMED.labels(spec.queue, "retried").inc()
+                return
+            await message.ack()
+            MESSAGES_CONSUMED.labels(spec.queue, "ok").inc()
+
+    async def _dead_letter(
+        self, spec: ConsumerSpec, channel: AbstractChannel, message: AbstractIncomingMessage, reason: str
+    ) -> None:
+        log.error("dead-lettering message", extra={"queue": spec.queue, "reason": reason})
+        await self._forward(
+            channel, message, spec.dlq, {"x-death-reason": reason[:1000], "x-dead-lettered-at": time.time()}
+        )
+
+    @staticmethod
+    async def _forward(
+        channel: AbstractChannel, message: AbstractIncomingMessage, queue: str, extra_headers: dict[str, Any]
+    ) -> None:
+        """Copy the message to another queue (confirmed), then ack the original: never lost."""
+        headers = dict(message.headers or {})
+        headers.setdefault("x-original-routing-key", message.routing_key or "")
+        headers.update(extra_headers)
+        copy = aio_pika.Message(
+            body=message.body,
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            content_type=message.content_type,
+            type=message.type,
+            message_id=message.message_id,
+            correlation_id=message.correlation_id,
+            timestamp=message.timestamp,
+            headers=headers,
+        )
+        await channel.default_exchange.publish(copy, routing_key=queue, timeout=10)
+        await message.ack()

@@ -1,0 +1,68 @@
+"""Developer commands for the shared kernel: contracts generation."""
+
+from __future__ import annotations
+
+import typer
+
+app = typer.Typer()
+contracts = typer.Typer(help="Protobuf message contracts (proto/pneumotriage/v1).", no_args_is_help=True)
+app.add_typer(contracts, name="contracts")
+
+
+@contracts.command("generate")
+def generate_contracts() -> None:
+    """Regenerate services/core/contracts/ from proto/ (needs the [dev] extra: grpcio-tools)."""
+    from services.core.contracts.generate import generate
+
+    for path in generate():
+        typer.echo(f"wrote {path}")
+
+
+db = typer.Typer(help="Database migrations (one Alembic history per service).", no_args_is_help=True)
+app.add_typer(db, name="db")
+
+
+@db.command("revision")
+def db_revision(
+    service: str = typer.Argument(..., help="ingest | labeling | aggregator | inference"),
+    message: str = typer.Option(..., "-m", "--message"),
+) -> None:
+    """Autogenerate a migration for SERVICE from services/<service>/models.py (Base) vs. its DB."""
+    import asyncio
+    import importlib
+    import tempfile
+
+    from services.core.db.engine import make_engine
+    from services.core.db.migrate import make_revision, upgrade
+
+    models = importlib.import_module(f"services.{service}.models")
+    with tempfile.TemporaryDirectory() as scratch:
+        # diff the models against a scratch database brought to the current head
+        engine = make_engine(f"sqlite+aiosqlite:///{scratch}/scratch.db")
+
+        async def _run() -> None:
+            await upgrade(engine, service, models.Base.metadata)
+            await make_revision(engine, service, models.Base.metadata, message)
+            await engine.dispose()
+
+        asyncio.run(_run())
+
+
+@db.command("upgrade")
+def db_upgrade(service: str = typer.Argument(...)) -> None:
+    """Apply SERVICE's migrations to the configured database (services also do this at start)."""
+    import asyncio
+    import importlib
+
+    from services.core.db.engine import make_engine
+    from services.core.db.migrate import upgrade
+    from services.core.settings import CommonSettings
+
+    models = importlib.import_module(f"services.{service}.models")
+    engine = make_engine(CommonSettings().database_url_for(service))
+
+    async def _run() -> None:
+        await upgrade(engine, service, models.Base.metadata)
+        await engine.dispose()
+
+    asyncio.run(_run())

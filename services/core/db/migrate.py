@@ -1,0 +1,53 @@
+"""Alembic, one history per service.
+
+The shared env.py lives in services/core/db/alembic; each service keeps its revisions in
+services/<service>/migrations/ and records them in its own version table
+(alembic_version_<service>). `upgrade()` runs inside the service's event loop on an async engine.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import MetaData
+from sqlalchemy.engine import Connection
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+SERVICES_DIR = Path(__file__).resolve().parents[2]
+SCRIPT_LOCATION = Path(__file__).resolve().parent / "alembic"
+
+
+def alembic_config(service: str, metadata: MetaData | None = None) -> Config:
+    cfg = Config()
+    cfg.set_main_option("script_location", str(SCRIPT_LOCATION))
+    cfg.set_main_option("version_locations", str(SERVICES_DIR / service / "migrations"))
+    cfg.set_main_option("path_separator", "os")
+    cfg.attributes["service"] = service
+    cfg.attributes["target_metadata"] = metadata
+    return cfg
+
+
+async def upgrade(engine: AsyncEngine, service: str, metadata: MetaData, revision: str = "head") -> None:
+    """Bring the service's tables to `revision` (idempotent; safe on every start)."""
+
+    def _run(connection: Connection) -> None:
+        cfg = alembic_config(service, metadata)
+        cfg.attributes["connection"] = connection
+        command.upgrade(cfg, revision)
+
+    async with engine.begin() as conn:
+        await conn.run_sync(_run)
+
+
+async def make_revision(engine: AsyncEngine, service: str, metadata: MetaData, message: str) -> None:
+    """Autogenerate a new revision for the service from the difference between models and DB."""
+
+    def _run(connection: Connection) -> None:
+        cfg = alembic_config(service, metadata)
+        cfg.attributes["connection"] = connection
+        command.revision(cfg, message=message, autogenerate=True)
+
+    async with engine.begin() as conn:
+        await conn.run_sync(_run)
