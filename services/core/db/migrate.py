@@ -19,21 +19,23 @@ SERVICES_DIR = Path(__file__).resolve().parents[2]
 SCRIPT_LOCATION = Path(__file__).resolve().parent / "alembic"
 
 
-def alembic_config(service: str, metadata: MetaData | None = None) -> Config:
+def alembic_config(service: str, metadata: MetaData | None = None, versions_dir: Path | None = None) -> Config:
     cfg = Config()
     cfg.set_main_option("script_location", str(SCRIPT_LOCATION))
-    cfg.set_main_option("version_locations", str(SERVICES_DIR / service / "migrations"))
+    cfg.set_main_option("version_locations", str(versions_dir or SERVICES_DIR / service / "migrations"))
     cfg.set_main_option("path_separator", "os")
     cfg.attributes["service"] = service
     cfg.attributes["target_metadata"] = metadata
     return cfg
 
 
-async def upgrade(engine: AsyncEngine, service: str, metadata: MetaData, revision: str = "head") -> None:
+async def upgrade(
+    engine: AsyncEngine, service: str, metadata: MetaData, revision: str = "head", versions_dir: Path | None = None
+) -> None:
     """Bring the service's tables to `revision` (idempotent; safe on every start)."""
 
     def _run(connection: Connection) -> None:
-        cfg = alembic_config(service, metadata)
+        cfg = alembic_config(service, metadata, versions_dir)
         cfg.attributes["connection"] = connection
         command.upgrade(cfg, revision)
 
@@ -41,11 +43,13 @@ async def upgrade(engine: AsyncEngine, service: str, metadata: MetaData, revisio
         await conn.run_sync(_run)
 
 
-async def make_revision(engine: AsyncEngine, service: str, metadata: MetaData, message: str) -> None:
+async def make_revision(
+    engine: AsyncEngine, service: str, metadata: MetaData, message: str, versions_dir: Path | None = None
+) -> None:
     """Autogenerate a new revision for the service from the difference between models and DB."""
 
     def _run(connection: Connection) -> None:
-        cfg = alembic_config(service, metadata)
+        cfg = alembic_config(service, metadata, versions_dir)
         cfg.attributes["connection"] = connection
         command.revision(cfg, message=message, autogenerate=True)
 
