@@ -76,7 +76,9 @@ async def test_rolled_back_transaction_publishes_nothing(engine: AsyncEngine) ->
         assert await session.scalar(select(func.count()).select_from(Outbox)) == 0
 
 
-async def test_outbox_survives_broker_outage_without_loss_or_duplicates(engine: AsyncEngine, rabbit: RabbitNode) -> None:
+async def test_outbox_survives_broker_outage_without_loss_or_duplicates(
+    engine: AsyncEngine, rabbit: RabbitNode
+) -> None:
     sessions = make_sessionmaker(engine)
     broker = await Broker(rabbit.url).connect()
     await purge_all(broker)
