@@ -24,12 +24,22 @@ def free_port() -> int:
 
 
 class RabbitNode:
-    def __init__(self, base_dir: Path | None = None, port: int | None = None, management_port: int | None = None):
+    def __init__(
+        self,
+        base_dir: Path | None = None,
+        port: int | None = None,
+        management_port: int | None = None,
+        nodename: str | None = None,
+        keep_data: bool = False,
+    ):
+        """A node on loopback. `nodename` + `keep_data` give a node whose queues survive a restart
+        (`pneumotriage up` uses <data_dir>/rabbitmq); by default the node is throwaway."""
         self.base = Path(base_dir or tempfile.mkdtemp(prefix="pt-rabbit-"))
         self.port = port or free_port()
         self.dist_port = free_port()
         self.management_port = management_port
-        self.nodename = f"pt{os.getpid()}x{self.port}@localhost"
+        self.nodename = nodename or f"pt{os.getpid()}x{self.port}@localhost"
+        self.keep_data = keep_data
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -122,7 +132,8 @@ class RabbitNode:
             os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait(timeout=10)
         # epmd may keep running; harmless, and shared by other nodes on the machine.
-        shutil.rmtree(self.base, ignore_errors=True)
+        if not self.keep_data:
+            shutil.rmtree(self.base, ignore_errors=True)
 
     def __enter__(self) -> RabbitNode:
         return self.start()

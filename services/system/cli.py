@@ -1,0 +1,185 @@
+"""`pneumotriage up` (run the whole system on this machine) and `pneumotriage demo` (seed it)."""
+
+from __future__ import annotations
+
+import hashlib
+import signal
+import socket
+import threading
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.panel import Panel
+
+app = typer.Typer()
+console = Console()
+
+
+def _port_free(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def _http_ports_from_env() -> dict[str, int]:
+    import os
+
+    from services.system.processes import DEFAULT_HTTP_PORTS
+    from services.system.stack import HTTP_PORT_ENV
+
+    return {svc: int(os.environ.get(HTTP_PORT_ENV[svc], port)) for svc, port in DEFAULT_HTTP_PORTS.items()}
+
+
+@app.command("up")
+def up(
+    logs: bool = typer.Option(False, "--logs", help="Echo every service's log lines here (always in <data_dir>/logs)."),
+    management: bool = typer.Option(True, help="Enable RabbitMQ's management UI on the local node."),
+) -> None:
+    """Run RabbitMQ (unless PT_AMQP_URL is set) and the four services; Ctrl-C stops everything."""
+    import os
+
+    from honcho.colour import get_colours
+    from honcho.printer import Message, Printer
+
+    from services.system.config import SystemSettings
+    from services.system.processes import ChildProcess
+    from services.system.rabbitmq import RabbitNode, free_port
+    from services.system.stack import AE_TITLE_ENV, DEFAULT_AE_TITLE, DEFAULT_DICOM_PORT, DICOM_PORT_ENV, StackConfig
+    from services.system.supervisor import RestartPolicy, Supervisor
+
+    settings = SystemSettings()
+    data_dir = settings.data_dir.resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    http_ports = _http_ports_from_env()
+    dicom_port = int(os.environ.get(DICOM_PORT_ENV, DEFAULT_DICOM_PORT))
+    for what, port in [*http_ports.items(), ("ingest DICOM", dicom_port)]:
+        if not _port_free(port, settings.http_host):
+            console.print(
+                f"[red]port {port} ({what}) is in use[/red]: stop what holds it or set its PT_*_PORT variable"
+            )
+            raise typer.Exit(2)
+
+    node: RabbitNode | None = None
+    amqp_url = settings.amqp_url
+    mgmt_url = ""
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        if not stop.is_set():
+            console.print(f"\n[yellow]{signal.Signals(signum).name}: stopping[/yellow] (services first, then RabbitMQ)")
+        stop.set()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+
+    if not settings.amqp_url_given():
+        amqp_port = settings.system_amqp_port if _port_free(settings.system_amqp_port) else free_port()
+        mgmt_port = None
+        if management and settings.system_management_port:
+            mgmt_port = settings.system_management_port if _port_free(settings.system_management_port) else free_port()
+        tag = hashlib.sha256(str(data_dir).encode()).hexdigest()[:8]
+        node = RabbitNode(
+            base_dir=settings.system_rabbit_dir or data_dir / "rabbitmq",
+            port=amqp_port,
+            management_port=mgmt_port,
+            nodename=f"pneumotriage-{tag}@localhost",
+            keep_data=True,
+        )
+        with console.status(f"starting RabbitMQ on 127.0.0.1:{amqp_port} (data in {node.base}) ..."):
+            node.start(timeout=120)
+        amqp_url = node.url
+        mgmt_url = f"http://127.0.0.1:{mgmt_port}/ (guest/guest)" if mgmt_port else ""
+        console.print(f"[green]RabbitMQ ready[/green] at {amqp_url}")
+
+    config = StackConfig(
+        data_dir=data_dir,
+        amqp_url=amqp_url,
+        host=settings.http_host,
+        http_ports=http_ports,
+        dicom_port=dicom_port,
+        ae_title=os.environ.get(AE_TITLE_ENV, DEFAULT_AE_TITLE),
+    )
+    printer = Printer(console.file)
+    printer.width = max(len(s) for s in config.services) + 1
+    colours = dict(zip(config.services, get_colours(), strict=False))
+
+    def sink(name: str, line: str) -> None:
+        import datetime
+
+        printer.write(
+            Message(type="line", data=line + "\n", time=datetime.datetime.now(), name=name, colour=colours[name])
+        )
+
+    children = [
+        ChildProcess(spec, data_dir / "logs" / f"{spec.name}.log", sink=sink if logs else None)
+        for spec in config.specs()
+    ]
+    supervisor = Supervisor(
+        children,
+        RestartPolicy(settings.system_restart_backoff_s, settings.system_restart_backoff_max_s),
+        notify=lambda msg: console.print(f"[dim]supervisor:[/dim] {msg}"),
+    )
+    code = 0
+    try:
+        for child in children:
+            child.start()
+            console.print(f"[dim]supervisor:[/dim] started {child.name} (pid {child.pid}, log {child.log_path})")
+        for child in children:
+            while not stop.is_set():
+                try:
+                    child.wait_healthy(timeout=2.0)
+                    break
+                except TimeoutError:
+                    if _deadline_passed(child, settings.system_health_timeout_s):
+                        raise
+            if stop.is_set():
+                break
+        if not stop.is_set():
+            console.print(_banner(config, mgmt_url, data_dir))
+            supervisor.run_until(stop)
+    except (RuntimeError, TimeoutError) as exc:
+        console.print(f"[red]start-up failed:[/red] {exc}")
+        code = 1
+    finally:
+        supervisor.stop_all()
+        if node is not None:
+            with console.status("stopping RabbitMQ ..."):
+                node.stop()
+        console.print("stopped." if code == 0 else "stopped after a failure.")
+    raise typer.Exit(code)
+
+
+def _deadline_passed(child: object, timeout: float) -> bool:
+    import time
+
+    return time.monotonic() - child.started_at > timeout  # type: ignore[attr-defined]
+
+
+def _banner(config: object, mgmt_url: str, data_dir: Path) -> Panel:
+    from services.system.stack import StackConfig
+
+    assert isinstance(config, StackConfig)
+    lines = [
+        "[bold green]PneumoTriage is up[/bold green] — a diagnostic aid, not a diagnosis.",
+        "",
+        f"  DICOM (C-STORE / C-ECHO)  AE [bold]{config.ae_title}[/bold] at {config.host}:{config.dicom_port}",
+        f"  clinician worklist        {config.url('aggregator', '/')}",
+        f"  labeling (annotators)     {config.url('labeling', '/')}",
+        f"  ingest / inference ops    {config.url('ingest', '/healthz')}  {config.url('inference', '/healthz')}",
+        "  metrics                   every service's /metrics",
+    ]
+    if mgmt_url:
+        lines.append(f"  RabbitMQ management       {mgmt_url}")
+    lines += [
+        f"  data, logs                {data_dir}  ({data_dir / 'logs'})",
+        "",
+        "  First study:  [bold]pneumotriage demo[/bold]   (accounts + a handful of real X-rays), or",
+        f"                pneumotriage send ../shared/data/dicom/ --port {config.dicom_port}",
+        "  Stop:         Ctrl-C",
+    ]
+    return Panel("\n".join(lines), expand=False)

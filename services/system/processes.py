@@ -1,0 +1,169 @@
+"""Child processes of the local system: one service each, its own log, health and memory probes.
+
+Used by `pneumotriage up` (through supervisor.py) and by the test harness
+(tests/support/system_harness.py), so the way a service is started is the same in both.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+# The four services, in start order (consumers before the producer so nothing waits in a queue
+# for a consumer that is still booting; the broker keeps it anyway) and their default HTTP ports.
+SERVICES: tuple[str, ...] = ("aggregator", "labeling", "inference", "ingest")
+DEFAULT_HTTP_PORTS: dict[str, int] = {"ingest": 8001, "inference": 8002, "labeling": 8003, "aggregator": 8004}
+
+
+def service_argv(service: str) -> list[str]:
+    """`pneumotriage <service>` run with this interpreter (works without the console script on PATH)."""
+    return [sys.executable, "-m", "services.cli", service]
+
+
+@dataclass
+class ServiceSpec:
+    name: str
+    argv: list[str]
+    env: dict[str, str] = field(default_factory=dict)
+    health_url: str | None = None
+    cwd: Path | None = None
+
+
+LineSink = Callable[[str, str], None]
+
+
+class ChildProcess:
+    """One service process: output to a log file (and optionally to a sink, line by line)."""
+
+    def __init__(self, spec: ServiceSpec, log_path: Path, sink: LineSink | None = None) -> None:
+        self.spec = spec
+        self.log_path = log_path
+        self.sink = sink
+        self.process: subprocess.Popen[bytes] | None = None
+        self.started_at = 0.0
+        self.starts = 0
+        self._reader: threading.Thread | None = None
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process is not None else None
+
+    def start(self) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, **self.spec.env}
+        log = open(self.log_path, "ab")  # handed to the child / the reader thread
+        self.process = subprocess.Popen(
+            self.spec.argv,
+            env=env,
+            cwd=self.spec.cwd,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE if self.sink else log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # a terminal's Ctrl-C reaches the supervisor, which stops us in order
+        )
+        self.started_at = time.monotonic()
+        self.starts += 1
+        if self.sink is not None:
+            self._reader = threading.Thread(target=self._pump, args=(self.process, log), daemon=True)
+            self._reader.start()
+        else:
+            log.close()
+
+    def _pump(self, process: subprocess.Popen[bytes], log: object) -> None:
+        assert process.stdout is not None and self.sink is not None
+        with log:  # type: ignore[attr-defined]
+            for raw in process.stdout:
+                log.write(raw)  # type: ignore[attr-defined]
+                log.flush()  # type: ignore[attr-defined]
+                self.sink(self.name, raw.decode("utf-8", "replace").rstrip("\n"))
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def returncode(self) -> int | None:
+        return None if self.process is None else self.process.poll()
+
+    def healthy(self, timeout: float = 3.0) -> bool:
+        if not self.spec.health_url or not self.alive():
+            return False
+        try:
+            return httpx.get(self.spec.health_url, timeout=timeout).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def wait_healthy(self, timeout: float = 120.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self.alive():
+                raise RuntimeError(f"{self.name} exited with {self.returncode()} before it was healthy:\n{self.tail()}")
+            if self.healthy():
+                return
+            time.sleep(0.3)
+        raise TimeoutError(f"{self.name} not healthy after {timeout}s ({self.spec.health_url}):\n{self.tail()}")
+
+    def terminate(self, timeout: float = 30.0) -> int | None:
+        """SIGTERM (graceful), then SIGKILL after `timeout` seconds; returns the exit code."""
+        if self.process is None:
+            return None
+        if self.process.poll() is None:
+            try:
+                os.killpg(self.process.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            try:
+                self.process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.kill9()
+        self._join()
+        return self.process.poll()
+
+    def kill9(self) -> None:
+        """kill -9 the service (and anything it started in its session)."""
+        if self.process is None:
+            return
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.process.wait(timeout=30)
+        self._join()
+
+    def _join(self) -> None:
+        if self._reader is not None:
+            self._reader.join(timeout=5)
+            self._reader = None
+
+    def rss_bytes(self) -> int | None:
+        """Resident memory of the service process (Linux /proc), None when not running."""
+        if not self.alive():
+            return None
+        return rss_of(self.pid)  # type: ignore[arg-type]
+
+    def tail(self, n_chars: int = 3000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-n_chars:]
+        except OSError:
+            return ""
+
+
+def rss_of(pid: int) -> int | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
