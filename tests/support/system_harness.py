@@ -182,10 +182,12 @@ class SystemHarness:
         ]  # fmt: skip
         result = SendResult()
         deadline = time.monotonic() + timeout
-        for proc in procs:
+        for proc, chunk in zip(procs, chunks, strict=True):
             out, _ = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
             part = parse_storescu_log(out)
             part.returncodes.append(proc.returncode)
+            seen = set(part.acked) | {f for f, _ in part.refused}
+            part.refused += [(f, f"not sent (storescu exit {proc.returncode})") for f in chunk if f not in seen]
             result.merge(part)
         result.seconds = time.monotonic() - started
         return result
