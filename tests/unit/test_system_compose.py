@@ -1,0 +1,196 @@
+"""docker-compose.yml, the Dockerfile, Prometheus and Grafana files, checked against the code
+(no Docker engine here): every service, env var, port, command and metric they name exists."""
+
+from __future__ import annotations
+
+import json
+import re
+import tomllib
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.support.system_config_refs import (
+    REPO,
+    SERVICES,
+    cli_commands,
+    env_var_names,
+    landed,
+    metric_names,
+    settings_default,
+)
+
+COMPOSE = yaml.safe_load((REPO / "docker-compose.yml").read_text())
+PROMETHEUS = yaml.safe_load((REPO / "deploy/prometheus/prometheus.yml").read_text())
+DASHBOARD_DIR = REPO / "deploy/grafana/dashboards"
+HTTP_PORT = {"ingest": 8001, "inference": 8002, "labeling": 8003, "aggregator": 8004}
+_PORT_ENV = {svc: f"PT_{svc.upper()}_HTTP_PORT" for svc in SERVICES}
+
+
+def pt_services() -> list[str]:
+    return [s for s in SERVICES if s in COMPOSE["services"]]
+
+
+def test_compose_has_the_whole_system() -> None:
+    services = COMPOSE["services"]
+    for name in ("rabbitmq", "postgres", "triton", *SERVICES, "prometheus", "grafana"):
+        assert name in services, name
+    assert services["rabbitmq"]["image"].startswith("rabbitmq:3") and "management" in services["rabbitmq"]["image"]
+    assert services["triton"]["image"].startswith("nvcr.io/nvidia/tritonserver:")
+    assert "images" in COMPOSE["volumes"]
+    for name, svc in services.items():
+        assert svc.get("restart") in ("unless-stopped", "always", "on-failure"), f"{name}: restart policy"
+        if name != "grafana" or "healthcheck" in svc:
+            assert "healthcheck" in svc and svc["healthcheck"]["test"], f"{name}: health check"
+    # the model repository mounted into Triton is the one the inference engineer ships
+    mounts = services["triton"]["volumes"]
+    assert any(m.startswith("./deploy/triton/model_repository:") for m in mounts)
+    gpu = yaml.safe_load((REPO / "deploy/docker/compose.gpu.yml").read_text())
+    devices = gpu["services"]["triton"]["deploy"]["resources"]["reservations"]["devices"]
+    assert devices[0]["capabilities"] == ["gpu"]
+
+
+@pytest.mark.parametrize("service", SERVICES)
+def test_service_container_matches_the_code(service: str) -> None:
+    svc = COMPOSE["services"][service]
+    assert svc["build"]["dockerfile"] == "deploy/docker/Dockerfile"
+    assert (REPO / svc["build"]["context"] / svc["build"]["dockerfile"]).is_file()
+    assert svc["command"] == [service]
+    assert any(v.startswith("images:") for v in svc["volumes"]), "shared image store volume"
+    env = svc["environment"]
+    assert env["PT_DATA_DIR"] == "/var/lib/pneumotriage"
+    assert env["PT_DATABASE_URL"].startswith("postgresql+asyncpg://") and "@postgres:5432/" in env["PT_DATABASE_URL"]
+    assert "@rabbitmq:5672/" in env["PT_AMQP_URL"]
+    port = HTTP_PORT[service]
+    assert env[_PORT_ENV[service]] == str(port)
+    assert f"http://127.0.0.1:{port}/healthz" in svc["healthcheck"]["test"]
+    published = [str(p) for p in svc.get("ports", [])] + [str(p) for p in svc.get("expose", [])]
+    assert any(p == str(port) or p.endswith(f":{port}") for p in published)
+    if not landed(service):
+        pytest.skip(f"services/{service} has not landed yet: its env vars and command are checked once it does")
+    assert service in cli_commands(), f"`pneumotriage {service}` does not exist"
+    names = env_var_names()
+    unknown = sorted(k for k in env if k.startswith("PT_") and k not in names)
+    assert not unknown, f"compose sets env vars no settings class reads: {unknown}"
+    assert settings_default(_PORT_ENV[service]) == port, "compose port differs from the code's default"
+
+
+def test_ingest_dicom_port_and_ae() -> None:
+    svc = COMPOSE["services"]["ingest"]
+    assert "11112:11112" in svc["ports"]
+    assert svc["environment"]["PT_INGEST_PORT"] == "11112"
+    assert svc["environment"]["PT_INGEST_AE_TITLE"] == "PNEUMOTRIAGE"
+    if landed("ingest"):
+        assert settings_default("PT_INGEST_PORT") == 11112
+        assert settings_default("PT_INGEST_AE_TITLE") == "PNEUMOTRIAGE"
+
+
+def test_prometheus_scrapes_every_service_on_its_port() -> None:
+    jobs = {job["job_name"]: job for job in PROMETHEUS["scrape_configs"]}
+    for service in SERVICES:
+        sd = jobs[service]["dns_sd_configs"][0]
+        assert sd["names"] == [service] and sd["port"] == HTTP_PORT[service]
+        assert jobs[service].get("metrics_path", "/metrics") == "/metrics"
+    assert jobs["rabbitmq"]["static_configs"][0]["targets"] == ["rabbitmq:15692"]
+    assert jobs["triton"]["static_configs"][0]["targets"] == ["triton:8002"]
+    # every scraped host is a compose service
+    for job in PROMETHEUS["scrape_configs"]:
+        for sc in job.get("static_configs", []):
+            for target in sc["targets"]:
+                assert target.split(":")[0] in COMPOSE["services"]
+
+
+def test_grafana_dashboard_uses_real_metrics() -> None:
+    dashboards = list(DASHBOARD_DIR.glob("*.json"))
+    assert dashboards
+    known = metric_names()
+    provisioned = yaml.safe_load((REPO / "deploy/grafana/provisioning/datasources/prometheus.yml").read_text())
+    ds_uid = provisioned["datasources"][0]["uid"]
+    assert provisioned["datasources"][0]["url"] == "http://prometheus:9090"
+    for path in dashboards:
+        dash = json.loads(path.read_text())
+        assert dash["uid"] and dash["panels"]
+        used: set[str] = set()
+        for panel in dash["panels"]:
+            assert panel["datasource"]["uid"] == ds_uid
+            for target in panel["targets"]:
+                used.update(re.findall(r"\b(pt_[a-z0-9_]+)", target["expr"]))
+        assert "pt_aggregator_time_to_first_flag_seconds_bucket" in used, "end-to-end latency panel"
+        missing = sorted(used - known)
+        assert not missing, f"{path.name} plots metrics no service defines: {missing}"
+
+
+def _dockerfile_instructions(path: Path) -> list[tuple[str, str]]:
+    text = re.sub(r"\\\n", " ", path.read_text())
+    out = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            op, _, rest = line.partition(" ")
+            out.append((op.upper(), rest.strip()))
+    return out
+
+
+def test_dockerfile_is_sane() -> None:
+    path = REPO / "deploy/docker/Dockerfile"
+    instructions = _dockerfile_instructions(path)
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
+    args = dict(rest.split("=", 1) for op, rest in instructions if op == "ARG" and "=" in rest)
+    # the Python in the image is the one the project requires
+    assert args["PYTHON_VERSION"] == "3.11" and ">=3.11,<3.12" in pyproject["project"]["requires-python"]
+    froms = [rest for op, rest in instructions if op == "FROM"]
+    assert all(f.startswith("python:${PYTHON_VERSION}-slim") for f in froms)
+    # every COPY source exists in the repository and survives the .dockerignore
+    ignore = (REPO / "deploy/docker/Dockerfile.dockerignore").read_text().splitlines()
+    allowed = [line[1:].rstrip("*").rstrip("/") for line in ignore if line.startswith("!")]
+    for op, rest in instructions:
+        if op == "COPY" and "--from=" not in rest:
+            *sources, _dest = rest.split()
+            for src in sources:
+                assert (REPO / src).exists(), f"COPY {src}: not in the repository"
+                assert any(src.rstrip("/").startswith(a) for a in allowed), f"COPY {src}: excluded by dockerignore"
+    assert "tests" not in " ".join(allowed) and ".venv" not in " ".join(allowed)
+    # runs as a non-root user, the console script is the entry point, the ports are exposed
+    users = [rest for op, rest in instructions if op == "USER"]
+    assert users and users[-1] not in ("root", "0")
+    entry = json.loads(next(rest for op, rest in instructions if op == "ENTRYPOINT"))
+    assert entry == list(pyproject["project"]["scripts"])
+    exposed = {int(p) for op, rest in instructions if op == "EXPOSE" for p in rest.split()}
+    assert exposed >= {11112, *HTTP_PORT.values()}
+    env_line = " ".join(rest for op, rest in instructions if op == "ENV")
+    assert "PT_DATA_DIR=/var/lib/pneumotriage" in env_line and "PT_HTTP_HOST=0.0.0.0" in env_line
+    assert "PT_DATA_DIR" in env_var_names() and "PT_HTTP_HOST" in env_var_names()
+    # the serving image does not pull the training extra (PyTorch)
+    assert not any("[train]" in rest for op, rest in instructions if op == "RUN")
+
+
+def test_healthcheck_script_reports_health(tmp_path: Path) -> None:
+    """The container health check script against a real HTTP server: 200 -> 0, 503 -> 1, down -> 1."""
+    import subprocess
+    import sys
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    status = {"code": 200}
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(status["code"] if self.path == "/healthz" else 404)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/healthz"
+    script = str(REPO / "deploy/docker/healthcheck.py")
+    try:
+        assert subprocess.run([sys.executable, script, url], timeout=30).returncode == 0
+        status["code"] = 503
+        assert subprocess.run([sys.executable, script, url], capture_output=True, timeout=30).returncode == 1
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert subprocess.run([sys.executable, script, url], capture_output=True, timeout=30).returncode == 1
