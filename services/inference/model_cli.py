@@ -1,0 +1,130 @@
+"""`pneumotriage model ...`: train, evaluate, export (the inference service adds `deploy` to the
+same group: ``from services.inference.model_cli import model; @model.command("deploy")``).
+
+torch is imported only inside train/export (the [train] extra); evaluate needs onnxruntime only.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_REPOSITORY = REPO_ROOT / "deploy" / "triton" / "model_repository"
+DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "kermany224" / "train"
+
+app = typer.Typer(no_args_is_help=True)
+model = typer.Typer(name="model", help="Train, evaluate and export the pneumonia model.", no_args_is_help=True)
+app.add_typer(model, name="model")
+console = Console()
+
+
+def _check_images(data: Path, n: int = 16) -> list[Path]:
+    from services.inference.training.dataset import scan_folder
+
+    records = scan_folder(data)
+    step = max(1, len(records) // n)
+    return [r.path for r in records[::step]][:n]
+
+
+@model.command("train")
+def train_cmd(
+    data: Path = typer.Option(DEFAULT_DATA, help="folder with NORMAL/ and PNEUMONIA/"),
+    out: Path = typer.Option(DEFAULT_REPOSITORY, help="Triton model repository to write the new version into"),
+    version: int = typer.Option(0, help="version number (0: next free)"),
+    checkpoint: Path = typer.Option(Path("var/model/pneumonia.pt"), help="PyTorch checkpoint (for `model export`)"),
+    split_file: Path = typer.Option(None, help="patient split JSON (default: the committed training/split.json)"),
+    epochs: int = typer.Option(18),
+    batch_size: int = typer.Option(32),
+    lr: float = typer.Option(3e-3),
+    input_size: int = typer.Option(0, help="0: preprocess.INPUT_SIZE"),
+    max_minutes: float = typer.Option(15.0, help="do not start an epoch that would end after this"),
+    limit: int = typer.Option(0, help="use at most this many training images (smoke runs)"),
+    seed: int = typer.Option(1234),
+    threads: int = typer.Option(2),
+    evaluate_test: bool = typer.Option(True, help="evaluate the exported ONNX on the held-out test split"),
+) -> None:
+    """Train on CPU, calibrate on the validation split, export ONNX into the model repository."""
+    from services.inference.preprocess import INPUT_SIZE
+    from services.inference.training.split import SPLIT_FILE
+    from services.inference.training.train import TrainConfig, save_checkpoint, train
+
+    config = TrainConfig(
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        input_size=input_size or INPUT_SIZE,
+        seed=seed,
+        threads=threads,
+        max_minutes=max_minutes,
+        limit=limit or None,
+    )
+    split_path = split_file or SPLIT_FILE
+    net, info = train(data, config, split_path, console)
+    save_checkpoint(net, info, checkpoint)
+    console.print(
+        f"trained in {info['train_seconds']:.0f} s, best epoch {info['best_epoch']}, val AUC {info['val']['auc']:.4f}"
+    )
+    vdir = _export(net, info, data, out, version or None, split_path, evaluate_test)
+    console.print(f"checkpoint {checkpoint}; model version written to {vdir}")
+
+
+def _export(net, info: dict, data: Path, out: Path, version: int | None, split_path: Path, evaluate_test: bool) -> Path:
+    from services.inference.training.export import export_version
+
+    vdir = export_version(net, info, out, _check_images(data), version)
+    if evaluate_test:
+        from services.inference.evaluation import evaluate_folder
+
+        report = evaluate_folder(data, vdir, split="test", split_file=split_path, bootstrap=200, console=console)
+        meta = json.loads((vdir / "metadata.json").read_text())
+        meta["metrics"]["test"] = report["summary"]
+        (vdir / "metadata.json").write_text(json.dumps(meta, indent=1) + "\n")
+    check = json.loads((vdir / "metadata.json").read_text())["onnx_check"]
+    console.print(
+        f"ONNX vs PyTorch max abs diff: logit {check['max_abs_diff_logit']:.2e}, cam {check['max_abs_diff_cam']:.2e}"
+    )
+    return vdir
+
+
+@model.command("export")
+def export_cmd(
+    checkpoint: Path = typer.Option(Path("var/model/pneumonia.pt"), help="checkpoint written by `model train`"),
+    out: Path = typer.Option(DEFAULT_REPOSITORY, help="Triton model repository"),
+    version: int = typer.Option(0, help="version number (0: next free)"),
+    data: Path = typer.Option(DEFAULT_DATA, help="real images to check ONNX against PyTorch (and evaluate)"),
+    split_file: Path = typer.Option(None, help="patient split JSON (default: the committed one)"),
+    evaluate_test: bool = typer.Option(True),
+) -> None:
+    """Export a trained checkpoint to ONNX as a new model-repository version (checked against PyTorch)."""
+    from services.inference.training.split import SPLIT_FILE
+    from services.inference.training.train import load_checkpoint
+
+    net, info = load_checkpoint(checkpoint)
+    vdir = _export(net, info, data, out, version or None, split_file or SPLIT_FILE, evaluate_test)
+    console.print(f"model version written to {vdir}")
+
+
+@model.command("evaluate")
+def evaluate_cmd(
+    data: Path = typer.Option(DEFAULT_DATA, help="any folder laid out as NORMAL/ and PNEUMONIA/"),
+    model_dir: Path = typer.Option(None, help="model version dir (model.onnx + metadata.json); default: latest"),
+    split: str = typer.Option("all", help="all | test | val | train (the last three need the training data)"),
+    split_file: Path = typer.Option(None, help="patient split JSON (default: the committed one)"),
+    out: Path = typer.Option(Path("var/model-eval"), help="report directory (JSON + PNGs)"),
+    bootstrap: int = typer.Option(1000, help="bootstrap resamples for the 95% CIs"),
+) -> None:
+    """Evaluate the ONNX model with onnxruntime: metrics with bootstrap CIs, calibration, plots, subgroups."""
+    from services.inference.evaluation import evaluate_folder, latest_version_dir, print_summary
+
+    if split not in ("all", "test", "val", "train"):
+        raise typer.BadParameter("split must be all, test, val or train")
+    vdir = model_dir or latest_version_dir(DEFAULT_REPOSITORY / "pneumonia")
+    report = evaluate_folder(
+        data, vdir, split=split, split_file=split_file, bootstrap=bootstrap, out=out, console=console
+    )
+    print_summary(report, console)
+    console.print(f"report written to {out}")

@@ -1,0 +1,62 @@
+"""A small plain CNN for CPU inference and training: 3x3 conv + BN + ReLU stages, global average
+pooling and a linear head.
+
+Plain 3x3 convolutions with few channels run faster on CPU (oneDNN) than depthwise-separable blocks
+of the same accuracy here (measured on the 2-core build machine: ~2-3x training throughput), so
+this is a narrow VGG-style network. The last stage uses dilated convolutions instead of a fifth
+downsampling, so the class activation map keeps a stride of 16 (12 x 12 at 192 px input).
+
+GAP + linear head makes the class activation map free of gradients: ``cam = w . features + b`` per
+position, and the logit is exactly the spatial mean of the CAM. The exported graph returns both.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+
+def conv_bn(cin: int, cout: int, stride: int = 1, dilation: int = 1) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, 3, stride=stride, padding=dilation, dilation=dilation, bias=False),
+        nn.BatchNorm2d(cout),
+        nn.ReLU(inplace=True),
+    )
+
+
+@dataclass(frozen=True)
+class NetConfig:
+    channels: tuple[int, ...] = (16, 32, 64, 96, 128)
+    dropout: float = 0.2
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> NetConfig:
+        return cls(channels=tuple(d["channels"]), dropout=float(d["dropout"]))
+
+
+class PneumoniaNet(nn.Module):
+    """Input [N, 1, S, S] -> (logit [N], cam [N, S/16, S/16])."""
+
+    def __init__(self, config: NetConfig | None = None) -> None:
+        super().__init__()
+        self.config = config or NetConfig()
+        c = self.config.channels
+        layers: list[nn.Module] = [conv_bn(1, c[0], stride=2)]  # /2
+        for cin, cout in itertools.pairwise(c[:-1]):  # /4, /8, /16
+            layers += [conv_bn(cin, cout, stride=2), conv_bn(cout, cout)]
+        layers += [conv_bn(c[-2], c[-1], dilation=2), conv_bn(c[-1], c[-1], dilation=2)]
+        self.features = nn.Sequential(*layers)
+        self.dropout = nn.Dropout(self.config.dropout)
+        self.head = nn.Linear(c[-1], 1)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        f = self.features(x)  # [N, C, h, w]
+        logit = self.head(self.dropout(f.mean(dim=(2, 3)))).squeeze(1)
+        cam = torch.einsum("nchw,c->nhw", f, self.head.weight[0]) + self.head.bias[0]
+        return logit, cam

@@ -1,0 +1,275 @@
+"""Train the pneumonia CNN on CPU in bounded time, calibrate it on the validation split and export
+it into the Triton model repository.
+
+Design choices (see docs/model-card.md):
+- all images are decoded once into memory through the serving preprocessing (services/inference/
+  preprocess.py: the same resize), kept as [0, 1] float16;
+- augmentation suited to radiographs, done per batch in torch: gamma (the only intensity change that
+  survives per-image standardisation), small rotation, anisotropic scale (the training copy is
+  squashed, real DICOM is letter-boxed: scale jitter exposes the network to both), translation,
+  mild blur/noise. No horizontal flip: the heart, aortic knob and stomach bubble are lateralised and
+  a flipped chest is not an image the model will ever be shown;
+- class imbalance (about 3 pneumonia : 1 normal) handled by ``pos_weight`` in the BCE loss;
+- AdamW + one-cycle schedule, model selected on validation AUC; deterministic seed, 2 threads.
+"""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from sklearn.metrics import roc_auc_score
+
+from services.inference.preprocess import CLIP, INPUT_SIZE, load_image_file, resize_to_fit
+from services.inference.training.calibrate import choose_thresholds, fit_platt, log_loss, sigmoid
+from services.inference.training.dataset import ImageRecord, scan_folder
+from services.inference.training.network import NetConfig, PneumoniaNet
+from services.inference.training.split import SPLIT_FILE, assign, load_split, make_split, save_split
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 18
+    batch_size: int = 32
+    lr: float = 3e-3
+    weight_decay: float = 5e-4
+    input_size: int = INPUT_SIZE
+    seed: int = 1234
+    threads: int = 2
+    max_minutes: float = 15.0  # stop starting new epochs when the next one would overrun this
+    limit: int | None = None  # use at most this many training images (smoke runs)
+    net: NetConfig = field(default_factory=NetConfig)
+
+
+def progress_bar(console: Console | None = None) -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+    )
+
+
+def load_images(records: list[ImageRecord], size: int, progress: Progress | None = None) -> torch.Tensor:
+    """[N, size, size] float16 display images in [0, 1] (square sources: resized; others: letter-boxed
+    content only, padding happens after standardisation, exactly as in preprocess_array)."""
+    out = torch.zeros((len(records), size, size), dtype=torch.float16)
+    task = progress.add_task("load images", total=len(records), info="") if progress else None
+    for i, rec in enumerate(records):
+        content, (top, left, h, w) = resize_to_fit(load_image_file(rec.path), size)
+        block = torch.from_numpy(np.array(content, dtype=np.float32))
+        # mark padding with NaN so that standardise() can use content-only statistics
+        canvas = torch.full((size, size), float("nan"))
+        canvas[top : top + h, left : left + w] = block
+        out[i] = canvas.to(torch.float16)
+        if progress is not None and task is not None:
+            progress.advance(task)
+    return out
+
+
+def standardise(x: torch.Tensor) -> torch.Tensor:
+    """[N, S, S] display images with NaN padding -> [N, 1, S, S] as preprocess_array produces."""
+    x = x.float()
+    valid = ~torch.isnan(x)
+    n = valid.sum(dim=(1, 2)).clamp_min(1)
+    xz = torch.where(valid, x, torch.zeros_like(x))
+    mean = xz.sum(dim=(1, 2)) / n
+    var = (torch.where(valid, x - mean[:, None, None], torch.zeros_like(x)) ** 2).sum(dim=(1, 2)) / n
+    std = var.sqrt().clamp_min(1e-3)
+    out = ((xz - mean[:, None, None]) / std[:, None, None]).clamp(-CLIP, CLIP)
+    return torch.where(valid, out, torch.zeros_like(out)).unsqueeze(1)
+
+
+def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """x: [N, S, S] display images (NaN padding) -> augmented, standardised [N, 1, S, S]."""
+    n = x.shape[0]
+
+    def uniform(lo: float, hi: float) -> torch.Tensor:
+        return lo + (hi - lo) * torch.rand(n, generator=gen)
+
+    x = x.float().clamp(0.0, 1.0) ** torch.exp(uniform(-0.3, 0.3))[:, None, None]
+    x = standardise(x)
+    angle = uniform(-8.0, 8.0) * math.pi / 180.0
+    sx, sy = uniform(0.88, 1.15), uniform(0.88, 1.15)  # >1 zooms out (padding appears)
+    tx, ty = uniform(-0.06, 0.06), uniform(-0.06, 0.06)
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    theta = torch.stack(
+        [torch.stack([cos * sx, -sin * sy, tx], 1), torch.stack([sin * sx, cos * sy, ty], 1)], 1
+    )  # [N, 2, 3]
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    noise = uniform(0.0, 0.08)[:, None, None, None]
+    return x + noise * torch.randn(x.shape, generator=gen)
+
+
+@torch.no_grad()
+def predict_logits(model: PneumoniaNet, images: torch.Tensor, batch_size: int = 128) -> np.ndarray:
+    model.eval()
+    out = [model(standardise(images[i : i + batch_size]))[0] for i in range(0, len(images), batch_size)]
+    return torch.cat(out).numpy().astype(np.float64) if out else np.zeros(0)
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, cwd=Path(__file__).parent
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def auc_or_nan(labels: np.ndarray, scores: np.ndarray) -> float:
+    return float(roc_auc_score(labels, scores)) if len(np.unique(labels)) == 2 else float("nan")
+
+
+def train(
+    data: Path, config: TrainConfig, split_file: Path = SPLIT_FILE, console: Console | None = None
+) -> tuple[PneumoniaNet, dict]:
+    """Fit, select on val AUC, calibrate on val. Returns (model with calibrated bias, checkpoint info)."""
+    console = console or Console()
+    started = time.time()
+    torch.manual_seed(config.seed)
+    np.random.seed(config.seed)
+    torch.set_num_threads(config.threads)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+    records = scan_folder(Path(data))
+    if Path(split_file).exists():
+        split = load_split(split_file)
+    else:
+        split = make_split(records)
+        save_split(split, split_file)
+        console.print(f"wrote new split to {split_file}")
+    parts = assign(records, split)
+    train_recs, val_recs = parts["train"], parts["val"]
+    if config.limit:
+        rng = np.random.default_rng(config.seed)
+        train_recs = [train_recs[i] for i in sorted(rng.permutation(len(train_recs))[: config.limit])]
+        val_recs = [val_recs[i] for i in sorted(rng.permutation(len(val_recs))[: max(8, config.limit // 4)])]
+    if not train_recs or not val_recs:
+        raise ValueError("empty train or validation split")
+    y_train = torch.tensor([r.label for r in train_recs], dtype=torch.float32)
+    y_val = np.array([r.label for r in val_recs])
+    n_pos = float(y_train.sum())
+    pos_weight = torch.tensor((len(train_recs) - n_pos) / max(n_pos, 1.0))
+
+    model = PneumoniaNet(config.net)
+    optimiser = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    steps_per_epoch = math.ceil(len(train_recs) / config.batch_size)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(
+        optimiser, max_lr=config.lr, total_steps=config.epochs * steps_per_epoch, pct_start=0.15
+    )
+    gen = torch.Generator().manual_seed(config.seed)
+    history: list[dict] = []
+    best_auc, best_state, best_epoch = -1.0, None, -1
+
+    with progress_bar(console) as progress:
+        x_train = load_images(train_recs, config.input_size, progress)
+        x_val = load_images(val_recs, config.input_size, progress)
+        load_seconds = time.time() - started
+        epochs_task = progress.add_task("epochs", total=config.epochs, info="")
+        for epoch in range(config.epochs):
+            t0 = time.time()
+            model.train()
+            order = torch.randperm(len(train_recs), generator=gen)
+            batch_task = progress.add_task(f"epoch {epoch + 1}", total=steps_per_epoch, info="")
+            total_loss = 0.0
+            for step in range(steps_per_epoch):
+                idx = order[step * config.batch_size : (step + 1) * config.batch_size]
+                logits, _ = model(augment(x_train[idx], gen))
+                loss = F.binary_cross_entropy_with_logits(logits, y_train[idx], pos_weight=pos_weight)
+                optimiser.zero_grad(set_to_none=True)
+                loss.backward()
+                optimiser.step()
+                schedule.step()
+                total_loss += float(loss.detach()) * len(idx)
+                progress.update(batch_task, advance=1, info=f"loss {float(loss.detach()):.3f}")
+            progress.remove_task(batch_task)
+            val_logits = predict_logits(model, x_val)
+            val_auc = auc_or_nan(y_val, val_logits)
+            history.append(
+                {
+                    "epoch": epoch + 1,
+                    "train_loss": total_loss / len(train_recs),
+                    "val_auc": val_auc,
+                    "seconds": time.time() - t0,
+                }
+            )
+            if not val_auc <= best_auc:  # also true for the first (or a NaN) AUC
+                best_auc, best_epoch = val_auc, epoch + 1
+                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            progress.update(epochs_task, advance=1, info=f"val AUC {val_auc:.4f} (best {best_auc:.4f})")
+            elapsed_min = (time.time() - started) / 60
+            epoch_min = (time.time() - t0) / 60
+            if epoch + 1 < config.epochs and elapsed_min + epoch_min > config.max_minutes:
+                console.print(f"[yellow]time budget: stopping after epoch {epoch + 1} ({elapsed_min:.1f} min)")
+                break
+
+    assert best_state is not None
+    model.load_state_dict(best_state)
+    model.eval()
+    val_logits = predict_logits(model, x_val)
+    a, b = fit_platt(val_logits, y_val)
+    if a <= 0:  # degenerate (tiny smoke runs): keep the raw logits
+        a, b = 1.0, 0.0
+    with torch.no_grad():
+        model.head.bias += b / a
+    temperature = 1.0 / a
+    calibrated = sigmoid((val_logits + b / a) / temperature)
+    val_auc = auc_or_nan(y_val, val_logits)
+    info = {
+        "train_config": {k: v for k, v in vars(config).items() if k != "net"},
+        "net": config.net.to_dict(),
+        "calibration": {
+            "method": "temperature",
+            "temperature": temperature,
+            "fitted_on": "val",
+            "platt_a": a,
+            "platt_b": b,
+            "bias_shift_folded_into_head": b / a,
+        },
+        "thresholds": choose_thresholds(calibrated, y_val),
+        "history": history,
+        "best_epoch": best_epoch,
+        "train_seconds": round(time.time() - started, 1),
+        "load_seconds": round(load_seconds, 1),
+        "data_sha256": split["data_sha256"],
+        "split_seed": split["seed"],
+        "n_train": len(train_recs),
+        "n_val": len(val_recs),
+        "pos_weight": float(pos_weight),
+        "val": {
+            "auc": val_auc,
+            "log_loss_uncalibrated": log_loss(sigmoid(val_logits), y_val),
+            "log_loss_calibrated": log_loss(calibrated, y_val),
+        },
+        "git_commit": git_commit(),
+        "torch_version": torch.__version__,
+        "threads": config.threads,
+    }
+    return model, info
+
+
+def save_checkpoint(model: PneumoniaNet, info: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"state_dict": model.state_dict(), "info": info}, path)
+
+
+def load_checkpoint(path: Path) -> tuple[PneumoniaNet, dict]:
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    info = ckpt["info"]
+    model = PneumoniaNet(NetConfig.from_dict(info["net"]))
+    model.load_state_dict(ckpt["state_dict"])
+    model.eval()
+    return model, info
