@@ -9,6 +9,8 @@ import re
 from functools import cache
 from pathlib import Path
 
+from pydantic import AliasChoices
+from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings
 
 REPO = Path(__file__).resolve().parents[2]
@@ -40,18 +42,26 @@ def env_var_names() -> frozenset[str]:
     """Every environment variable some settings class reads (prefix + field name)."""
     names: set[str] = set()
     for cls in settings_classes():
-        prefix = str(cls.model_config.get("env_prefix", "")).upper()
-        for field_name in cls.model_fields:
-            names.add(prefix + field_name.upper())
+        for field_name, field in cls.model_fields.items():
+            names.update(_field_env_names(cls, field_name, field))
     return frozenset(names)
+
+
+def _field_env_names(cls: type[BaseSettings], field_name: str, field: FieldInfo) -> set[str]:
+    """prefix + name, or the field's explicit alias(es) when it has them."""
+    alias = field.validation_alias
+    if isinstance(alias, AliasChoices):
+        return {str(c).upper() for c in alias.choices if isinstance(c, str)}
+    if isinstance(alias, str):
+        return {alias.upper()}
+    return {str(cls.model_config.get("env_prefix", "")).upper() + field_name.upper()}
 
 
 def settings_default(env_name: str) -> object:
     """The default value of the setting read from env_name."""
     for cls in settings_classes():
-        prefix = str(cls.model_config.get("env_prefix", "")).upper()
         for field_name, field in cls.model_fields.items():
-            if prefix + field_name.upper() == env_name:
+            if env_name in _field_env_names(cls, field_name, field):
                 return field.default
     raise KeyError(env_name)
 
