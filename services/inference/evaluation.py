@@ -46,7 +46,7 @@ def calibrate(logits: np.ndarray, metadata: dict) -> np.ndarray:
     cal = metadata["calibration"]
     x = np.asarray(logits, dtype=np.float64)
     if cal["method"] == "temperature":
-        return 1.0 / (1.0 + np.exp(-x / float(cal["temperature"])))
+        return 0.5 * (1.0 + np.tanh(0.5 * x / float(cal["temperature"])))
     if cal["method"] == "isotonic":
         return np.interp(x, cal["x_thresholds"], cal["y_thresholds"])
     raise ValueError(f"unknown calibration method {cal['method']!r}")

@@ -13,23 +13,36 @@ import numpy as np
 
 
 def sigmoid(x: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-np.asarray(x, dtype=np.float64)))
+    return 0.5 * (1.0 + np.tanh(0.5 * np.asarray(x, dtype=np.float64)))
 
 
 def fit_platt(logits: np.ndarray, labels: np.ndarray, iters: int = 100, l2: float = 1e-6) -> tuple[float, float]:
-    """(a, b) minimising the binary log-loss of sigmoid(a * logit + b)."""
+    """(a, b) minimising the binary log-loss of sigmoid(a * logit + b): Newton's method with
+    backtracking line search, from a = 1, b = 0."""
     x = np.asarray(logits, dtype=np.float64)
     y = np.asarray(labels, dtype=np.float64)
-    w = np.array([1.0, 0.0])
     design = np.stack([x, np.ones_like(x)], axis=1)
+
+    def loss(w: np.ndarray) -> float:
+        z = design @ w
+        return float(np.sum(np.logaddexp(0.0, z) - y * z) + 0.5 * l2 * w @ w)
+
+    w = np.array([1.0, 0.0])
+    current = loss(w)
     for _ in range(iters):
         p = sigmoid(design @ w)
         grad = design.T @ (p - y) + l2 * w
         hess = (design * (p * (1 - p))[:, None]).T @ design + l2 * np.eye(2)
         step = np.linalg.solve(hess, grad)
-        w -= step
-        if np.max(np.abs(step)) < 1e-10:
+        t = 1.0
+        while t > 1e-8 and loss(w - t * step) > current:
+            t /= 2
+        w = w - t * step
+        new = loss(w)
+        if current - new < 1e-12 * max(1.0, abs(current)):
+            current = new
             break
+        current = new
     return float(w[0]), float(w[1])
 
 
