@@ -6,7 +6,8 @@ pynetdicom installs scripts with the same names into the venv.
 
 Use in a test module:
 
-    from tests.support.dicom_peers import orthanc, storescp  # noqa: F401
+    from tests.support.dicom_peers import orthanc_fixture, storescp_fixture  # noqa: F401  (fixtures
+    # named "orthanc" and "storescp"; importing them under other names keeps ruff's F811 quiet)
 
     def test_forward(orthanc):
         orthanc.add_modality("pt", "PNEUMOTRIAGE", "127.0.0.1", port)
@@ -282,8 +283,8 @@ def storescu(
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
 
 
-@pytest.fixture
-def orthanc() -> Iterator[Orthanc]:
+@pytest.fixture(name="orthanc")
+def orthanc_fixture() -> Iterator[Orthanc]:
     """A real Orthanc PACS, fresh for each test, on free loopback ports."""
     peer = Orthanc().start()
     try:
@@ -292,11 +293,16 @@ def orthanc() -> Iterator[Orthanc]:
         peer.stop()
 
 
-@pytest.fixture
-def storescp() -> Iterator[StoreSCP]:
+@pytest.fixture(name="storescp")
+def storescp_fixture() -> Iterator[StoreSCP]:
     """dcmtk storescp on a free port, writing into its own temporary directory."""
     peer = StoreSCP().start()
     try:
         yield peer
     finally:
         peer.stop()
+
+
+# the fixtures under their own names too, for `from tests.support.dicom_peers import orthanc`
+orthanc = orthanc_fixture
+storescp = storescp_fixture

@@ -1,0 +1,145 @@
+"""The running ingest service: DICOM SCP + outbox relay + /healthz and /metrics.
+
+Start order: database migrations, store directory, SCP (images are accepted even while the broker is
+down: they wait in the outbox), relay (connects to RabbitMQ in the background, retrying), HTTP.
+SIGINT/SIGTERM: stop accepting associations, let running ones finish, flush what the relay can,
+close. kill -9 is safe: an instance is acknowledged only after its file and rows are durable, and
+the relay re-sends anything not marked published (consumers are idempotent).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from typing import Any
+
+from sqlalchemy import text
+
+from services.core.broker import Broker
+from services.core.db import make_engine, make_sessionmaker, upgrade
+from services.core.db.outbox import OUTBOX_BACKLOG, OutboxRelay
+from services.core.telemetry import configure_logging, ops_app, serve_http
+from services.ingest.config import IngestSettings
+from services.ingest.models import Base, Outbox
+from services.ingest.scp import IngestSCP
+from services.ingest.store import ContentStore
+
+log = logging.getLogger(__name__)
+SERVICE = "ingest"
+
+
+class IngestService:
+    """Everything of one ingest process; `await start()` / `await stop()` (tests run it in-process)."""
+
+    def __init__(self, settings: IngestSettings | None = None) -> None:
+        self.settings = settings or IngestSettings()
+        self.engine = make_engine(self.settings.database_url_for(SERVICE))
+        self.sessions = make_sessionmaker(self.engine)
+        self.store = ContentStore(self.settings.resolved_store_dir())
+        self.broker = Broker(self.settings.amqp_url, self.settings.exchange, self.settings.quorum_queues)
+        self.relay = OutboxRelay(SERVICE, self.sessions, Outbox, self.broker, idle_seconds=0.5)
+        self.scp: IngestSCP | None = None
+        self._stop = asyncio.Event()
+        self._tasks: list[asyncio.Task[Any]] = []
+
+    async def start(self, http: bool = True) -> IngestService:
+        await upgrade(self.engine, SERVICE, Base.metadata)
+        self.store.root.mkdir(parents=True, exist_ok=True)
+        self.scp = IngestSCP(
+            self.settings, self.sessions, self.store, asyncio.get_running_loop(), on_commit=self.relay.notify
+        )
+        self.scp.start()
+        self._tasks.append(asyncio.create_task(self._run_relay(), name="ingest-relay"))
+        if http:
+            app = ops_app(SERVICE, self.health)
+            self._tasks.append(
+                asyncio.create_task(
+                    serve_http(app, self.settings.http_host, self.settings.http_port), name="ingest-http"
+                )
+            )
+        return self
+
+    @property
+    def dicom_port(self) -> int:
+        assert self.scp is not None
+        return self.scp.port
+
+    async def _run_relay(self) -> None:
+        delay = 0.5
+        while not self._stop.is_set():
+            try:
+                await self.broker.connect()
+                break
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                OUTBOX_BACKLOG.labels(SERVICE).set(await self._backlog_or_zero())
+                log.warning("broker not reachable yet; images wait in the outbox", extra={"error": repr(exc)})
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stop.wait(), timeout=delay)
+                delay = min(delay * 2, 5.0)
+        await self.relay.run(self._stop)
+
+    async def _backlog_or_zero(self) -> int:
+        try:
+            return await self.relay.backlog()
+        except Exception:
+            return 0
+
+    async def health(self) -> dict[str, Any]:
+        db_ok = True
+        try:
+            async with self.engine.connect() as conn:
+                await conn.execute(text("SELECT 1"))
+        except Exception:
+            db_ok = False
+        backlog = await self._backlog_or_zero() if db_ok else -1
+        return {
+            "dicom": self.scp is not None and self.scp.listening(),
+            "database": db_ok,
+            "store": self.store.check(),
+            # the broker being down degrades nothing: images wait in the outbox
+            "broker": {"ok": True, "connected": self.broker.is_connected, "outbox_backlog": backlog},
+        }
+
+    async def stop(self) -> None:
+        if self.scp is not None:
+            await asyncio.to_thread(self.scp.shutdown)  # running associations need the loop to finish
+        self._stop.set()
+        with contextlib.suppress(Exception):  # one last flush of the outbox, bounded
+            if self.broker.is_connected:
+                await asyncio.wait_for(self.relay.run_once(), timeout=10)
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        await self.broker.close()
+        await self.engine.dispose()
+
+    async def wait(self) -> None:
+        await self._stop.wait()
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+
+async def serve(settings: IngestSettings | None = None) -> None:
+    settings = settings or IngestSettings()
+    configure_logging(SERVICE, settings.log_level, settings.log_json)
+    service = IngestService(settings)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await service.start()
+    log.info("ingest running", extra={"dicom_port": service.dicom_port, "http_port": settings.http_port})
+    await stop.wait()
+    log.info("ingest stopping")
+    await service.stop()
+
+
+def main() -> None:
+    asyncio.run(serve())

@@ -1,0 +1,68 @@
+"""Ingest settings (env prefix PT_INGEST_, e.g. PT_INGEST_PORT); shared ones (PT_DATA_DIR, PT_AMQP_URL...)
+come from CommonSettings with the plain PT_ prefix."""
+
+from __future__ import annotations
+
+from pydantic_settings import SettingsConfigDict
+
+from services.core.settings import CommonSettings
+
+
+class IngestSettings(CommonSettings):
+    model_config = SettingsConfigDict(env_prefix="PT_INGEST_", env_file=".env", extra="ignore")
+
+    # Our DICOM application entity: title, TCP port and bind address.
+    ae_title: str = "PNEUMOTRIAGE"
+    port: int = 11112
+    host: str = "0.0.0.0"
+    # /healthz and /metrics.
+    http_port: int = 8001
+    # Calling AE titles allowed to associate, comma-separated; empty = any.
+    allowed_calling_aes: str = ""
+    # Association policy.
+    max_associations: int = 16
+    max_pdu_bytes: int = 65536 * 4
+    acse_timeout_s: float = 30.0
+    dimse_timeout_s: float = 60.0
+    network_timeout_s: float = 120.0
+    # Acceptance policy (DESIGN "Ingest acceptance").
+    triage_modalities: str = "CR,DX"
+    triage_views: str = "PA,AP"
+    # BodyPartExamined values that count as chest; when the tag is empty, a SeriesDescription /
+    # StudyDescription matching chest_description_pattern (case-insensitive regex) counts too.
+    chest_body_parts: str = "CHEST,THORAX"
+    chest_description_pattern: str = r"chest|thorax|tho?rax|cxr|lung|pulm"
+    # Oldest age (years) inside the model's intended use; older patients are triaged but marked.
+    max_intended_age_years: int = 17
+    # Refuse images with more pixels than this (rows * columns * frames) or a side longer than max_side.
+    max_pixels: int = 60_000_000
+    max_side: int = 16384
+    # Seconds a C-STORE waits for the store + DB commit before answering 0xA700.
+    commit_timeout_s: float = 60.0
+
+    def __init__(self, **values: object) -> None:
+        # PT_DATA_DIR, PT_AMQP_URL, PT_DATABASE_URL ... are shared: read them with the common prefix first.
+        common = CommonSettings()
+        merged = {k: getattr(common, k) for k in CommonSettings.model_fields if k not in values}
+        merged.update(values)
+        super().__init__(**merged)
+
+    @staticmethod
+    def _split(value: str) -> tuple[str, ...]:
+        return tuple(v.strip().upper() for v in value.split(",") if v.strip())
+
+    @property
+    def allowed_calling_ae_list(self) -> tuple[str, ...]:
+        return tuple(v.strip() for v in self.allowed_calling_aes.split(",") if v.strip())
+
+    @property
+    def triage_modality_set(self) -> frozenset[str]:
+        return frozenset(self._split(self.triage_modalities))
+
+    @property
+    def triage_view_set(self) -> frozenset[str]:
+        return frozenset(self._split(self.triage_views))
+
+    @property
+    def chest_body_part_set(self) -> frozenset[str]:
+        return frozenset(self._split(self.chest_body_parts))

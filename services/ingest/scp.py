@@ -1,0 +1,276 @@
+"""The DICOM Storage SCP (pynetdicom): C-ECHO and C-STORE, answered only after fsync + DB commit.
+
+pynetdicom runs each association in its own thread. A C-STORE is handled there: validate, write
+the file into the content-addressed store (fsync), then the database transaction (instance +
+outbox rows) runs on the service's asyncio loop (asyncio.run_coroutine_threadsafe) and the thread
+waits for the commit before the status goes back. The same SOP instance arriving on two
+associations at once is serialised by a per-UID lock, so exactly one of them creates the event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Callable, Coroutine, Iterator
+from typing import Any, TypeVar
+
+from prometheus_client import Counter, Gauge, Histogram
+from pydicom.dataset import Dataset
+from pydicom.uid import (
+    JPEG2000,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    RLELossless,
+)
+from pynetdicom import AE, AllStoragePresentationContexts, evt
+from pynetdicom.sop_class import Verification
+from pynetdicom.transport import ThreadedAssociationServer
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from services.core.telemetry import bound_correlation_id
+from services.ingest.config import IngestSettings
+from services.ingest.records import is_stored, record_refusal, record_stored
+from services.ingest.store import ContentStore, StoreError
+from services.ingest.validate import (
+    CANNOT_PARSE,
+    IMAGE_SOP_CLASSES,
+    OUT_OF_RESOURCES,
+    SUCCESS,
+    Action,
+    Decision,
+    decide,
+)
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+TRANSFER_SYNTAXES: tuple[str, ...] = (
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    DeflatedExplicitVRLittleEndian,
+    JPEGBaseline8Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEG2000Lossless,
+    JPEG2000,
+    RLELossless,
+)
+
+RECEIVED = Counter("pt_ingest_received_total", "C-STORE requests answered with success, by outcome", ["outcome"])
+REJECTED = Counter("pt_ingest_rejected_total", "C-STORE requests refused, by reason code", ["reason"])
+BYTES = Counter("pt_ingest_bytes_total", "Bytes of DICOM data written to the store")
+STORE_LATENCY = Histogram(
+    "pt_ingest_store_seconds",
+    "Seconds from a complete C-STORE request to its answer (validate + fsync + commit)",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+ASSOCIATIONS = Gauge("pt_ingest_associations_active", "Open DICOM associations")
+ASSOCIATION_EVENTS = Counter("pt_ingest_associations_total", "Association outcomes", ["outcome"])
+
+
+def status_dataset(status: int, comment: str = "") -> Dataset:
+    ds = Dataset()
+    ds.Status = status
+    if comment:
+        ds.ErrorComment = comment[:64]
+    return ds
+
+
+class IngestSCP:
+    def __init__(
+        self,
+        settings: IngestSettings,
+        sessions: async_sessionmaker[AsyncSession],
+        store: ContentStore,
+        loop: asyncio.AbstractEventLoop,
+        on_commit: Callable[[], None] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.sessions = sessions
+        self.store = store
+        self.loop = loop
+        self.on_commit = on_commit
+        self.server: ThreadedAssociationServer | None = None
+        self._locks: dict[str, threading.Lock] = {}
+        self._locks_guard = threading.Lock()
+        self.ae = self._make_ae()
+
+    # --- set-up ---------------------------------------------------------------------------------
+    def _make_ae(self) -> AE:
+        s = self.settings
+        ae = AE(ae_title=s.ae_title)
+        ae.maximum_associations = s.max_associations
+        ae.maximum_pdu_size = s.max_pdu_bytes
+        ae.acse_timeout = s.acse_timeout_s
+        ae.dimse_timeout = s.dimse_timeout_s
+        ae.network_timeout = s.network_timeout_s
+        ae.require_called_aet = True
+        if s.allowed_calling_ae_list:
+            ae.require_calling_aet = list(s.allowed_calling_ae_list)
+        ae.add_supported_context(Verification)
+        # X-ray and secondary capture classes first, then every other storage class: those are
+        # negotiated so that a misrouted CT/MR/PDF gets a per-instance refusal with a reason (0x0122)
+        # and an ImageRejected event, rather than an anonymous presentation-context rejection.
+        others = [c.abstract_syntax for c in AllStoragePresentationContexts]
+        for uid in [*sorted(IMAGE_SOP_CLASSES), *[u for u in others if u not in IMAGE_SOP_CLASSES]]:
+            ae.add_supported_context(uid, list(TRANSFER_SYNTAXES))
+        return ae
+
+    def handlers(self) -> list[tuple[Any, Callable[..., Any]]]:
+        return [
+            (evt.EVT_C_STORE, self.handle_store),
+            (evt.EVT_C_ECHO, self.handle_echo),
+            (evt.EVT_ACCEPTED, self._on_accepted),
+            (evt.EVT_REJECTED, self._on_rejected),
+            (evt.EVT_RELEASED, self._on_closed),
+            (evt.EVT_ABORTED, self._on_closed),
+        ]
+
+    def start(self) -> None:
+        s = self.settings
+        self.server = self.ae.start_server((s.host, s.port), block=False, evt_handlers=self.handlers())
+        log.info("DICOM SCP listening", extra={"ae_title": s.ae_title, "port": s.port, "host": s.host})
+
+    @property
+    def port(self) -> int:
+        assert self.server is not None
+        return int(self.server.server_address[1])
+
+    def listening(self) -> bool:
+        return self.server is not None and self.server.socket is not None and self.server.socket.fileno() >= 0
+
+    def shutdown(self) -> None:
+        """Stop accepting, let running associations finish (blocking: call from a worker thread)."""
+        if self.server is not None:
+            self.server.shutdown()
+            self.server = None
+
+    # --- association events ---------------------------------------------------------------------
+    def _on_accepted(self, event: evt.Event) -> None:
+        ASSOCIATIONS.inc()
+        ASSOCIATION_EVENTS.labels("accepted").inc()
+
+    def _on_rejected(self, event: evt.Event) -> None:
+        ASSOCIATION_EVENTS.labels("rejected").inc()
+        log.warning("association rejected", extra={"calling_ae": event.assoc.requestor.ae_title})
+
+    def _on_closed(self, event: evt.Event) -> None:
+        ASSOCIATIONS.dec()
+        ASSOCIATION_EVENTS.labels(event.event.name.lower()).inc()
+
+    def handle_echo(self, event: evt.Event) -> int:
+        return SUCCESS
+
+    # --- C-STORE --------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _uid_lock(self, uid: str) -> Iterator[None]:
+        with self._locks_guard:
+            lock = self._locks.setdefault(uid, threading.Lock())
+        with lock:
+            try:
+                yield
+            finally:
+                with self._locks_guard:
+                    self._locks.pop(uid, None)
+
+    def _on_loop(self, coro: Coroutine[Any, Any, T]) -> T:
+        future = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        try:
+            return future.result(timeout=self.settings.commit_timeout_s)
+        except BaseException:
+            future.cancel()
+            raise
+
+    def handle_store(self, event: evt.Event) -> Dataset:
+        started = time.perf_counter()
+        request = event.request
+        sop_uid = str(request.AffectedSOPInstanceUID or "")
+        calling_ae = str(event.assoc.requestor.ae_title).strip()
+        with bound_correlation_id(sop_uid or None):
+            try:
+                status = self._store(event, sop_uid, str(request.AffectedSOPClassUID or ""), calling_ae)
+            except Exception:  # never let an exception reach pynetdicom: answer and keep serving
+                log.exception("C-STORE failed unexpectedly")
+                REJECTED.labels("internal_error").inc()
+                status = status_dataset(OUT_OF_RESOURCES, "internal_error")
+            STORE_LATENCY.observe(time.perf_counter() - started)
+            return status
+
+    def _refuse(self, decision: Decision, calling_ae: str) -> Dataset:
+        REJECTED.labels(decision.reason_code).inc()
+        log.warning(
+            "C-STORE refused",
+            extra={"reason_code": decision.reason_code, "reason": decision.reason, "status": hex(decision.status)},
+        )
+        if decision.status != OUT_OF_RESOURCES:
+            try:
+                if self._on_loop(record_refusal(self.sessions, decision, calling_ae)) is not None:
+                    self._committed()
+            except Exception as exc:  # the refusal stands even when it cannot be recorded
+                log.error("cannot record the refusal", extra={"error": repr(exc)})
+        return status_dataset(decision.status, decision.reason_code)
+
+    def _committed(self) -> None:
+        if self.on_commit is not None:
+            self.loop.call_soon_threadsafe(self.on_commit)
+
+    def _store(self, event: evt.Event, sop_uid: str, sop_class: str, calling_ae: str) -> Dataset:
+        try:
+            data = event.encoded_dataset(include_meta=True)
+        except Exception as exc:
+            decision = Decision(
+                Action.REFUSE, CANNOT_PARSE, "cannot_parse", f"cannot read the data set: {type(exc).__name__}"
+            )
+            decision.sop_instance_uid, decision.sop_class_uid = sop_uid, sop_class
+            return self._refuse(decision, calling_ae)
+        with self._uid_lock(sop_uid):
+            try:
+                if sop_uid and self._on_loop(is_stored(self.sessions, sop_uid)):
+                    RECEIVED.labels("duplicate").inc()
+                    log.info("duplicate C-STORE: already stored, no new event")
+                    return status_dataset(SUCCESS)
+            except Exception as exc:
+                return self._unavailable("db_unavailable", exc)
+            decision = decide(data, self.settings, sop_class, sop_uid)
+            if decision.action is Action.REFUSE:
+                return self._refuse(decision, calling_ae)
+            try:
+                stored = self.store.put(data)
+            except StoreError as exc:
+                return self._unavailable("store_unavailable", exc)
+            try:
+                received = self._on_loop(record_stored(self.sessions, decision, stored, calling_ae))
+            except Exception as exc:
+                self.store.discard(stored)
+                return self._unavailable("db_unavailable", exc)
+        if received is None:
+            RECEIVED.labels("duplicate").inc()
+            return status_dataset(SUCCESS)
+        self._committed()
+        BYTES.inc(stored.size)
+        outcome = "accepted" if decision.triage_eligible else "stored_not_triaged"
+        RECEIVED.labels(outcome).inc()
+        log.info(
+            "C-STORE stored",
+            extra={
+                "outcome": outcome,
+                "sha256": stored.sha256,
+                "bytes": stored.size,
+                "not_triaged": decision.not_triaged_codes,
+                "outside_intended_use": decision.outside_intended_use,
+            },
+        )
+        return status_dataset(SUCCESS)
+
+    def _unavailable(self, code: str, exc: Exception) -> Dataset:
+        REJECTED.labels(code).inc()
+        log.error("C-STORE refused: out of resources", extra={"reason_code": code, "error": repr(exc)[:500]})
+        return status_dataset(OUT_OF_RESOURCES, code)

@@ -1,0 +1,275 @@
+"""Acceptance policy for one received instance (DESIGN "Ingest acceptance", docs/dicom-conformance.md).
+
+Three outcomes:
+- ACCEPT: stored and triaged (ImageReceived, triage_eligible=true);
+- STORE_ONLY: a valid image outside the triage workflow (e.g. a lateral view, not a chest, colour):
+  stored, answered 0x0000, ImageReceived with triage_eligible=false and not_triaged_reason;
+- REFUSE: not stored, answered with a failure status (ImageRejected with reason_code and status).
+
+The decision never contains patient-identifying values: only UIDs, codes and image geometry.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from dataclasses import dataclass, field
+from datetime import date
+from io import BytesIO
+
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from pydicom.uid import UID
+from pynetdicom import sop_class as sc
+
+from services.core.imaging import patient_age_years
+from services.ingest.config import IngestSettings
+
+# C-STORE statuses we answer (PS3.4 B.2.3, PS3.7 C). ErrorComment carries the reason code.
+SUCCESS = 0x0000
+SOP_CLASS_NOT_SUPPORTED = 0x0122  # Refused: SOP Class not supported
+OUT_OF_RESOURCES = 0xA700  # Refused: out of resources (store or database unavailable)
+DATASET_MISMATCH = 0xA900  # Error: data set does not match SOP class
+CANNOT_PARSE = 0xC210  # Error: cannot understand - data set cannot be parsed
+UNDECODABLE_PIXELS = 0xC211  # Error: cannot understand - pixel data cannot be decoded
+IMAGE_TOO_LARGE = 0xC212  # Error: cannot understand - dimensions beyond the configured limits
+
+# Storage SOP classes we keep (and triage when the workflow checks pass).
+XRAY_SOP_CLASSES: frozenset[str] = frozenset(
+    {
+        sc.ComputedRadiographyImageStorage,
+        sc.DigitalXRayImageStorageForPresentation,
+        sc.DigitalXRayImageStorageForProcessing,
+        sc.DigitalMammographyXRayImageStorageForPresentation,
+        sc.DigitalMammographyXRayImageStorageForProcessing,
+        sc.DigitalIntraOralXRayImageStorageForPresentation,
+        sc.DigitalIntraOralXRayImageStorageForProcessing,
+    }
+)
+SECONDARY_CAPTURE_SOP_CLASSES: frozenset[str] = frozenset(
+    {
+        sc.SecondaryCaptureImageStorage,
+        sc.MultiFrameGrayscaleByteSecondaryCaptureImageStorage,
+        sc.MultiFrameGrayscaleWordSecondaryCaptureImageStorage,
+        sc.MultiFrameSingleBitSecondaryCaptureImageStorage,
+        sc.MultiFrameTrueColorSecondaryCaptureImageStorage,
+    }
+)
+IMAGE_SOP_CLASSES = XRAY_SOP_CLASSES | SECONDARY_CAPTURE_SOP_CLASSES
+
+
+class Action(enum.StrEnum):
+    ACCEPT = "accept"
+    STORE_ONLY = "store_only"
+    REFUSE = "refuse"
+
+
+@dataclass
+class Decision:
+    action: Action
+    status: int = SUCCESS
+    reason_code: str = ""
+    reason: str = ""
+    sop_class_uid: str = ""
+    sop_instance_uid: str = ""
+    study_instance_uid: str = ""
+    series_instance_uid: str = ""
+    transfer_syntax_uid: str = ""
+    modality: str = ""
+    body_part_examined: str = ""
+    view_position: str = ""
+    rows: int = 0
+    columns: int = 0
+    frames: int = 1
+    photometric_interpretation: str = ""
+    patient_age_years: int = -1
+    outside_intended_use: bool = False
+    intended_use_note: str = ""
+    not_triaged_codes: list[str] = field(default_factory=list)
+
+    @property
+    def stored(self) -> bool:
+        return self.action is not Action.REFUSE
+
+    @property
+    def triage_eligible(self) -> bool:
+        return self.action is Action.ACCEPT
+
+
+class Refusal(Exception):
+    def __init__(self, status: int, code: str, reason: str) -> None:
+        super().__init__(reason)
+        self.status, self.code, self.reason = status, code, reason
+
+
+def _text(ds: Dataset, keyword: str) -> str:
+    try:
+        value = ds.get(keyword, "")
+    except Exception:  # a malformed element: treat as absent
+        return ""
+    if isinstance(value, pydicom.multival.MultiValue):
+        value = "\\".join(str(v) for v in value)
+    return str(value or "").strip()
+
+
+def _int(ds: Dataset, keyword: str, default: int = 0) -> int:
+    try:
+        value = ds.get(keyword)
+        return default if value in (None, "") else int(value)
+    except (TypeError, ValueError) as exc:
+        raise Refusal(DATASET_MISMATCH, "bad_image_attribute", f"{keyword} is not an integer") from exc
+
+
+def parse(data: bytes) -> Dataset:
+    """Parse a Part 10 byte string completely (every element converted), or raise Refusal."""
+    if not data:
+        raise Refusal(CANNOT_PARSE, "empty_dataset", "the data set is empty")
+    try:
+        ds = pydicom.dcmread(BytesIO(data), force=True)
+        for elem in ds.iterall():  # convert raw elements now, so a bad VR / length fails here
+            _ = elem.value
+    except (InvalidDicomError, EOFError, ValueError, TypeError, KeyError, OverflowError, NotImplementedError) as exc:
+        raise Refusal(CANNOT_PARSE, "cannot_parse", f"the data set cannot be parsed: {type(exc).__name__}") from exc
+    except Exception as exc:  # pydicom raises many kinds on fuzzed input; any is "cannot understand"
+        raise Refusal(CANNOT_PARSE, "cannot_parse", f"the data set cannot be parsed: {type(exc).__name__}") from exc
+    if len(ds) == 0:
+        raise Refusal(CANNOT_PARSE, "empty_dataset", "the data set has no elements")
+    return ds
+
+
+def _age_years(ds: Dataset) -> int | None:
+    age = patient_age_years(ds)
+    if age is not None:
+        return age
+    born, seen = _text(ds, "PatientBirthDate"), _text(ds, "StudyDate") or _text(ds, "ContentDate")
+    if len(born) >= 8 and len(seen) >= 8 and born[:8].isdigit() and seen[:8].isdigit():
+        try:
+            b = date(int(born[:4]), int(born[4:6]), int(born[6:8]))
+            s = date(int(seen[:4]), int(seen[4:6]), int(seen[6:8]))
+        except ValueError:
+            return None
+        years = s.year - b.year - ((s.month, s.day) < (b.month, b.day))
+        return years if years >= 0 else None
+    return None
+
+
+def _check_pixels(ds: Dataset, settings: IngestSettings) -> tuple[int, int, int]:
+    if "PixelData" not in ds:
+        if "FloatPixelData" in ds or "DoubleFloatPixelData" in ds:
+            raise Refusal(DATASET_MISMATCH, "float_pixel_data", "float pixel data is not an X-ray image")
+        raise Refusal(DATASET_MISMATCH, "missing_pixel_data", "the image has no Pixel Data")
+    missing = [k for k in ("Rows", "Columns", "BitsAllocated", "PhotometricInterpretation") if k not in ds]
+    if missing:
+        raise Refusal(DATASET_MISMATCH, "missing_image_attributes", f"required attributes missing: {missing}")
+    rows, cols = _int(ds, "Rows"), _int(ds, "Columns")
+    frames = _int(ds, "NumberOfFrames", 1) or 1
+    samples, bits = _int(ds, "SamplesPerPixel", 1) or 1, _int(ds, "BitsAllocated")
+    if rows <= 0 or cols <= 0 or frames <= 0 or bits not in (1, 8, 16, 32) or samples not in (1, 3):
+        raise Refusal(DATASET_MISMATCH, "bad_image_attributes", f"impossible geometry {rows}x{cols}x{frames}")
+    if max(rows, cols) > settings.max_side or rows * cols * frames > settings.max_pixels:
+        raise Refusal(IMAGE_TOO_LARGE, "image_too_large", f"{rows}x{cols}x{frames} exceeds the configured limits")
+    ts = UID(ds.file_meta.get("TransferSyntaxUID", "1.2.840.10008.1.2.1"))
+    if not ts.is_compressed:
+        expected = (rows * cols * frames * samples * bits + 7) // 8
+        actual = len(ds.PixelData)
+        if actual < expected:
+            raise Refusal(
+                DATASET_MISMATCH, "pixel_length_mismatch", f"Pixel Data holds {actual} bytes, {expected} expected"
+            )
+    try:
+        arr = ds.pixel_array
+    except Exception as exc:
+        raise Refusal(UNDECODABLE_PIXELS, "undecodable_pixels", f"pixel data cannot be decoded: {exc!s:.200}") from exc
+    if arr.size == 0:
+        raise Refusal(UNDECODABLE_PIXELS, "undecodable_pixels", "pixel data decodes to an empty array")
+    return rows, cols, frames
+
+
+def decide(
+    data: bytes, settings: IngestSettings, context_sop_class: str = "", command_sop_instance: str = ""
+) -> Decision:
+    """Validate one Part 10 encoded instance; never raises for bad input."""
+    try:
+        return _decide(data, settings, context_sop_class, command_sop_instance)
+    except Refusal as r:
+        return Decision(
+            Action.REFUSE,
+            status=r.status,
+            reason_code=r.code,
+            reason=r.reason,
+            sop_class_uid=context_sop_class,
+            sop_instance_uid=command_sop_instance,
+        )
+
+
+def _decide(data: bytes, settings: IngestSettings, context_sop_class: str, command_sop_instance: str) -> Decision:
+    ds = parse(data)
+    sop_class, sop_uid = _text(ds, "SOPClassUID"), _text(ds, "SOPInstanceUID")
+    if not sop_class or not sop_uid:
+        raise Refusal(DATASET_MISMATCH, "missing_uids", "SOP Class UID or SOP Instance UID missing")
+    if context_sop_class and sop_class != context_sop_class:
+        raise Refusal(DATASET_MISMATCH, "sop_class_mismatch", "SOP Class UID differs from the negotiated one")
+    if command_sop_instance and sop_uid != command_sop_instance:
+        raise Refusal(DATASET_MISMATCH, "sop_instance_mismatch", "SOP Instance UID differs from the C-STORE request")
+    if sop_class not in IMAGE_SOP_CLASSES:
+        name = UID(sop_class).name if UID(sop_class).is_valid else sop_class
+        raise Refusal(SOP_CLASS_NOT_SUPPORTED, "unsupported_sop_class", f"{name} is not an X-ray image class")
+    study, series = _text(ds, "StudyInstanceUID"), _text(ds, "SeriesInstanceUID")
+    if not study or not series:
+        raise Refusal(DATASET_MISMATCH, "missing_uids", "Study or Series Instance UID missing")
+    rows, cols, frames = _check_pixels(ds, settings)
+
+    decision = Decision(
+        Action.ACCEPT,
+        sop_class_uid=sop_class,
+        sop_instance_uid=sop_uid,
+        study_instance_uid=study,
+        series_instance_uid=series,
+        transfer_syntax_uid=str(ds.file_meta.get("TransferSyntaxUID", "")),
+        modality=_text(ds, "Modality").upper(),
+        body_part_examined=_text(ds, "BodyPartExamined").upper(),
+        view_position=_text(ds, "ViewPosition").upper(),
+        rows=rows,
+        columns=cols,
+        frames=frames,
+        photometric_interpretation=_text(ds, "PhotometricInterpretation").upper(),
+    )
+    reasons: list[tuple[str, str]] = []
+    if decision.modality not in settings.triage_modality_set:
+        reasons.append(("wrong_modality", f"modality {decision.modality or '(none)'} is not triaged"))
+    if decision.body_part_examined:
+        if decision.body_part_examined not in settings.chest_body_part_set:
+            reasons.append(("not_chest", f"body part {decision.body_part_examined} is not a chest"))
+    else:
+        descriptions = " ".join(_text(ds, k) for k in ("SeriesDescription", "StudyDescription", "ProtocolName"))
+        if re.search(settings.chest_description_pattern, descriptions, re.IGNORECASE):
+            pass  # chest-like description stands in for the missing body part
+        else:
+            reasons.append(("not_chest", "no body part and no chest-like description"))
+    if not decision.view_position:
+        reasons.append(("view_unknown", "view position missing"))
+    elif decision.view_position not in settings.triage_view_set:
+        reasons.append(("view_not_triaged", f"view position {decision.view_position} is not triaged"))
+    if decision.photometric_interpretation not in ("MONOCHROME1", "MONOCHROME2") or _int(ds, "SamplesPerPixel", 1) != 1:
+        reasons.append(("not_grayscale", f"{decision.photometric_interpretation} is not grayscale"))
+    if frames > 1:
+        reasons.append(("multi_frame", f"{frames} frames; only single images are triaged"))
+    if reasons:
+        decision.action = Action.STORE_ONLY
+        decision.not_triaged_codes = [code for code, _ in reasons]
+        decision.reason_code = reasons[0][0]
+        decision.reason = "; ".join(text for _, text in reasons)
+
+    age = _age_years(ds)
+    if age is None:
+        decision.intended_use_note = "patient age unknown"
+    else:
+        decision.patient_age_years = age
+        if age > settings.max_intended_age_years:
+            decision.outside_intended_use = True
+            decision.intended_use_note = (
+                f"adult patient ({age} y): outside the model's intended use "
+                f"(pediatric, 0-{settings.max_intended_age_years} y)"
+            )
+    return decision
