@@ -210,6 +210,11 @@ def train(
                 best_auc, best_epoch = val_auc, epoch + 1
                 best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
             progress.update(epochs_task, advance=1, info=f"val AUC {val_auc:.4f} (best {best_auc:.4f})")
+            if not console.is_terminal:  # logs: one line per epoch
+                h = history[-1]
+                console.print(
+                    f"epoch {h['epoch']}: loss {h['train_loss']:.4f} val AUC {val_auc:.4f} ({h['seconds']:.0f} s)"
+                )
             elapsed_min = (time.time() - started) / 60
             epoch_min = (time.time() - t0) / 60
             if epoch + 1 < config.epochs and elapsed_min + epoch_min > config.max_minutes:

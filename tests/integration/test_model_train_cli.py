@@ -1,0 +1,58 @@
+"""`pneumotriage model train | export | evaluate` end to end on a few real images (tiny and fast)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import onnxruntime as ort
+import pytest
+from typer.testing import CliRunner
+
+from services.inference.model_cli import app
+
+
+@pytest.fixture(scope="module")
+def tiny_data(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("tiny-data")
+    for cls in ("NORMAL", "PNEUMONIA"):
+        (root / cls).mkdir()
+        for src in sorted((shared_data / "kermany224" / "train" / cls).glob("*.jpeg"))[:24]:
+            (root / cls / src.name).symlink_to(src)
+    return root
+
+
+def test_train_export_evaluate(tiny_data: Path, tmp_path: Path) -> None:
+    runner = CliRunner()
+    repo, ckpt, split = tmp_path / "repo", tmp_path / "ckpt.pt", tmp_path / "split.json"
+    common = ["--data", str(tiny_data), "--out", str(repo), "--split-file", str(split)]
+    result = runner.invoke(
+        app, ["model", "train", *common, "--checkpoint", str(ckpt), "--epochs", "1", "--input-size", "64"]
+    )
+    assert result.exit_code == 0, result.output
+    v1 = repo / "pneumonia" / "1"
+    meta = json.loads((v1 / "metadata.json").read_text())
+    assert meta["input_size"] == 64 and meta["train_seconds"] > 0 and "test" in meta["metrics"]
+    assert meta["onnx_check"]["max_abs_diff_logit"] < 1e-4
+    assert split.exists() and (repo / "pneumonia" / "config.pbtxt").exists()
+    session = ort.InferenceSession(str(v1 / "model.onnx"), providers=["CPUExecutionProvider"])
+    assert session.get_inputs()[0].shape[1:] == [1, 64, 64]
+
+    result = runner.invoke(app, ["model", "export", "--checkpoint", str(ckpt), *common[:4], "--split-file", str(split)])
+    assert result.exit_code == 0, result.output
+    assert (repo / "pneumonia" / "2" / "model.onnx").exists()
+
+    out = tmp_path / "report"
+    result = runner.invoke(
+        app,
+        ["model", "evaluate", "--data", str(tiny_data), "--model-dir", str(v1), "--out", str(out), "--bootstrap", "50"],
+    )
+    assert result.exit_code == 0, result.output
+    for name in ("report.json", "predictions.csv", "roc.png", "pr.png", "reliability.png"):
+        assert (out / name).stat().st_size > 0, name
+    report = json.loads((out / "report.json").read_text())
+    assert report["n_images"] == 48 and report["n_pneumonia"] == 24
+    auc = report["metrics"]["auc"]
+    assert 0.0 <= auc["ci95"][0] <= auc["ci95"][1] <= 1.0 and 0.0 <= auc["value"] <= 1.0
+    assert set(report["subgroups"]["by_subtype"]) <= {"bacteria", "virus", "pneumonia"}
+    assert "224x224" in report["subgroups"]["by_image_size"]
