@@ -1,0 +1,168 @@
+"""The running labeling service: image.received consumer, finaliser + aggregation loop, outbox relay
+and the web app, in one asyncio process. SIGINT/SIGTERM stop it gracefully; after kill -9 nothing is
+lost: tasks, judgments and outbox rows are committed before anything is acknowledged."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from typing import Any
+
+from prometheus_client import Counter, Gauge
+from sqlalchemy import func, select
+
+from services.core.auth import SessionUser, WebSessions
+from services.core.broker import CONSUMERS, Broker
+from services.core.db import make_engine, make_sessionmaker, upgrade
+from services.core.db.outbox import OutboxRelay
+from services.core.telemetry import configure_logging, serve_http
+from services.labeling.aggregate import aggregate_job
+from services.labeling.config import LabelingSettings
+from services.labeling.consumer import ImageConsumer
+from services.labeling.job import JobDefinition, load_job
+from services.labeling.models import Base, Job, Outbox, Task, User
+from services.labeling.web.routes import WebContext, create_app
+from services.labeling.workflow import finalize_due
+
+log = logging.getLogger("services.labeling")
+FINALIZED = Counter("pt_labeling_judgments_finalized_total", "Judgments made final (published and aggregated)")
+AGGREGATE_CHANGES = Counter("pt_labeling_aggregate_changes_total", "label.aggregated revisions staged")
+OPEN_TASKS = Gauge("pt_labeling_open_tasks", "Work images still needing judgments")
+
+
+async def record_job(sessions: Any, job: JobDefinition) -> None:
+    async with sessions() as s:
+        row = await s.get(Job, job.key)
+        if row is None:
+            s.add(Job(key=job.key, digest=job.digest(), definition=job.model_dump_json()))
+        elif row.digest != job.digest():
+            raise RuntimeError(f"job {job.key} changed without a new version: bump `version` in the YAML")
+        await s.commit()
+
+
+class LabelingService:
+    def __init__(self, settings: LabelingSettings | None = None) -> None:
+        self.settings = settings or LabelingSettings()
+        self.job = load_job(self.settings.labeling_job_file)
+        self.engine = make_engine(self.settings.database_url_for("labeling"))
+        self.sessions = make_sessionmaker(self.engine)
+        self.broker = Broker(self.settings.amqp_url, self.settings.exchange, self.settings.quorum_queues)
+        self.relay = OutboxRelay("labeling", self.sessions, Outbox, self.broker)
+        self.stop = asyncio.Event()
+        self._wake = asyncio.Event()
+        self._broker_ready = False
+
+    def wake(self) -> None:
+        self._wake.set()
+        self.relay.notify()
+
+    async def health(self) -> dict[str, Any]:
+        async with self.sessions() as s:
+            await s.scalar(select(func.count()).select_from(Task))
+        return {"database": True, "broker": self.broker.is_connected and self._broker_ready}
+
+    async def user_still_enabled(self, _request: Any, user: SessionUser) -> bool:
+        async with self.sessions() as s:
+            row = await s.get(User, int(user.id))
+        return row is not None and row.role == user.role
+
+    def web_app(self) -> Any:
+        secret = self.settings.resolved_secret_key()
+        web_sessions = WebSessions(
+            secret,
+            "pt_labeling",
+            max_age_s=self.settings.session_max_age_s,
+            secure=self.settings.cookie_secure,
+            user_check=self.user_still_enabled,
+        )
+        ctx = WebContext(
+            sessions=self.sessions,
+            job=self.job,
+            render_dir=self.settings.render_dir(),
+            max_side=self.settings.labeling_render_max_side,
+            lease_s=self.settings.labeling_lease_s,
+            on_final=self.wake,
+        )
+        return create_app(ctx, web_sessions, self.health)
+
+    async def run(self) -> None:
+        await upgrade(self.engine, "labeling", Base.metadata)
+        await record_job(self.sessions, self.job)
+        tasks = [
+            asyncio.create_task(self._broker_loop(), name="broker"),
+            asyncio.create_task(self._quality_loop(), name="quality"),
+            asyncio.create_task(
+                serve_http(self.web_app(), self.settings.http_host, self.settings.labeling_http_port), name="web"
+            ),
+        ]
+        log.info("labeling service started", extra={"port": self.settings.labeling_http_port, "job": self.job.key})
+        stopper = asyncio.create_task(self.stop.wait())
+        done, _ = await asyncio.wait([*tasks, stopper], return_when=asyncio.FIRST_COMPLETED)
+        for t in done:
+            if t is not stopper and t.exception() is not None:
+                log.error("component failed", extra={"component": t.get_name(), "error": repr(t.exception())})
+        for t in [*tasks, stopper]:
+            t.cancel()
+        await asyncio.gather(*tasks, stopper, return_exceptions=True)
+        await self.broker.close()
+        await self.engine.dispose()
+        log.info("labeling service stopped")
+
+    async def _broker_loop(self) -> None:
+        consumer = ImageConsumer(
+            self.sessions, self.job, self.settings.render_dir(), self.settings.labeling_render_max_side
+        )
+        delay = 0.5
+        while True:
+            try:
+                await self.broker.connect()
+                break
+            except Exception as exc:
+                log.warning("broker not reachable yet", extra={"error": repr(exc), "retry_in_s": delay})
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
+        await self.broker.consume(CONSUMERS["labeling"], consumer.handle)
+        self._broker_ready = True
+        await self.relay.run(self.stop)
+
+    async def _quality_loop(self) -> None:
+        """Finalise answers whose undo window passed, re-aggregate, publish changes."""
+        while True:
+            try:
+                async with self.sessions() as s:
+                    n = await finalize_due(s, self.settings.labeling_undo_window_s)
+                    changed = await aggregate_job(s, self.job) if (n or self._wake.is_set()) else 0
+                    await s.commit()
+                    open_count = await s.scalar(
+                        select(func.count()).select_from(Task).where(Task.kind == "work", Task.status == "open")
+                    )
+                FINALIZED.inc(n)
+                AGGREGATE_CHANGES.inc(changed)
+                OPEN_TASKS.set(open_count or 0)
+                if n or changed:
+                    self.relay.notify()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("quality loop failed; retrying")
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout=0.5)
+                await asyncio.sleep(0.2)  # debounce bursts of answers
+            except TimeoutError:
+                pass
+
+
+def main() -> None:
+    settings = LabelingSettings()
+    configure_logging("labeling", settings.log_level, settings.log_json)
+
+    async def _main() -> None:
+        service = LabelingService(settings)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, service.stop.set)
+        await service.run()
+
+    asyncio.run(_main())

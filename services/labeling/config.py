@@ -1,0 +1,28 @@
+"""Labeling service settings (env prefix PT_, fields prefixed labeling_ -> PT_LABELING_...)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from services.core.auth import AuthSettings
+
+DEFAULT_JOB_FILE = Path(__file__).resolve().parent / "jobs" / "pneumonia-v1.yaml"
+
+
+class LabelingSettings(AuthSettings):
+    # Web app (annotators, job owner, JSON API), /healthz and /metrics.
+    labeling_http_port: int = 8003
+    # The versioned job definition (question, options, redundancy, gold ratio, quiz, trust, pay).
+    labeling_job_file: Path = DEFAULT_JOB_FILE
+    # Rendered PNGs are cached here; default <data_dir>/labeling-render.
+    labeling_render_dir: Path | None = None
+    # Longest side of the PNG sent to browsers (pixels).
+    labeling_render_max_side: int = 1024
+    # An answer can be undone until the annotator answers the next image or this many seconds pass;
+    # then it is final: published (judgment.submitted) and aggregated.
+    labeling_undo_window_s: float = 30.0
+    # How long a task handed to an annotator stays reserved for them.
+    labeling_lease_s: float = 600.0
+
+    def render_dir(self) -> Path:
+        return self.labeling_render_dir or self.data_dir / "labeling-render"

@@ -1,0 +1,78 @@
+"""image.received -> a labeling task (skip images not eligible for triage; idempotent on SOP uid)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+
+from prometheus_client import Counter
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from services.core.broker import Envelope, PermanentError
+from services.core.contracts import ImageReceived
+from services.labeling.job import JobDefinition
+from services.labeling.models import Task
+from services.labeling.render import cached_png, path_from_uri
+
+log = logging.getLogger(__name__)
+TASKS_CREATED = Counter("pt_labeling_tasks_created_total", "Labeling tasks created from image.received", ["outcome"])
+
+
+class ImageConsumer:
+    def __init__(
+        self, sessions: async_sessionmaker[AsyncSession], job: JobDefinition, render_dir: Path, max_side: int
+    ) -> None:
+        self.sessions = sessions
+        self.job = job
+        self.render_dir = render_dir
+        self.max_side = max_side
+
+    async def handle(self, envelope: Envelope) -> None:
+        msg = envelope.payload
+        if not isinstance(msg, ImageReceived):
+            raise PermanentError(f"unexpected message {type(msg).__name__}")
+        if not msg.triage_eligible:
+            TASKS_CREATED.labels("skipped_not_eligible").inc()
+            return
+        sop = msg.image.sop_instance_uid
+        if not sop or not msg.image.storage_uri:
+            raise PermanentError("image.received without sop_instance_uid or storage_uri")
+        async with self.sessions() as s:
+            if await s.scalar(select(Task.id).where(Task.sop_instance_uid == sop)) is not None:
+                TASKS_CREATED.labels("duplicate").inc()
+                return
+        try:
+            source = path_from_uri(msg.image.storage_uri)
+        except ValueError as exc:
+            raise PermanentError(str(exc)) from exc
+        if not source.exists():
+            raise FileNotFoundError("stored image not visible yet")  # transient: shared volume lag -> retry
+        task = Task(
+            kind="work",
+            sop_instance_uid=sop,
+            study_instance_uid=msg.image.study_instance_uid,
+            series_instance_uid=msg.image.series_instance_uid,
+            sop_class_uid=msg.image.sop_class_uid,
+            storage_uri=msg.image.storage_uri,
+            sha256=msg.image.sha256,
+            job_key=self.job.key,
+            needed=self.job.redundancy.judgments_per_image,
+        )
+        async with self.sessions() as s:
+            s.add(task)
+            await s.flush()
+            try:  # render once now: a broken image is refused here, not shown to annotators
+                await asyncio.to_thread(cached_png, self.render_dir, task.id, source, self.max_side)
+            except Exception as exc:
+                raise PermanentError(f"cannot render the image: {exc!r}") from exc
+            try:
+                await s.commit()
+            except IntegrityError:  # a concurrent redelivery created it first
+                await s.rollback()
+                TASKS_CREATED.labels("duplicate").inc()
+                return
+        TASKS_CREATED.labels("created").inc()
+        log.info("labeling task created", extra={"task_id": task.id})

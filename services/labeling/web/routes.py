@@ -1,0 +1,414 @@
+"""The labeling web app: server-rendered pages for annotators and the job owner, and a small JSON API
+(used by the simulated crowd and any scripted client). Every POST needs the session's CSRF token."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fastapi import APIRouter, Depends, FastAPI, Form, HTTPException, Request
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response
+from fastapi.staticfiles import StaticFiles
+from fastapi.templating import Jinja2Templates
+from pydantic import BaseModel, Field
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from services.core.auth import SessionUser, WebSessions, csrf_token, require_csrf, verify_password
+from services.core.telemetry import HealthCheck, ops_router
+from services.labeling.job import JobDefinition
+from services.labeling.models import JudgmentRow, Task, User
+from services.labeling.render import cached_png, path_from_uri
+from services.labeling.stats import job_summary
+from services.labeling.workflow import (
+    NextItem,
+    Submitted,
+    WorkflowError,
+    example_tasks,
+    gold_score,
+    may_view_image,
+    next_item,
+    pending_judgments,
+    submit,
+    undo_last,
+)
+
+HERE = Path(__file__).resolve().parent
+templates = Jinja2Templates(directory=HERE / "templates")  # autoescape on for .html
+DUMMY_HASH = "scrypt$16384$8$1$AAAAAAAAAAAAAAAAAAAAAA==$AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="
+
+
+@dataclass
+class WebContext:
+    sessions: async_sessionmaker[AsyncSession]
+    job: JobDefinition
+    render_dir: Path
+    max_side: int
+    lease_s: float
+    on_final: Any = None  # callable: judgments were finalised (wake aggregation + outbox relay)
+    rng: random.Random = field(default_factory=random.Random)
+
+
+class AnswerIn(BaseModel):
+    task_id: str = Field(max_length=64)
+    answer: str = Field(max_length=20)
+    confidence: str = Field(max_length=20)
+    reason: str | None = Field(default=None, max_length=400)
+    click_x: float | None = None
+    click_y: float | None = None
+
+
+class LoginIn(BaseModel):
+    name: str = Field(max_length=100)
+    password: str = Field(max_length=200)
+
+
+def create_app(ctx: WebContext, web_sessions: WebSessions, health: HealthCheck | None = None) -> FastAPI:
+    app = FastAPI(title="PneumoTriage labeling", docs_url=None, redoc_url=None, openapi_url=None)
+    web_sessions.install(app)
+    app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
+    app.include_router(ops_router("labeling", health))
+    annotator = web_sessions.require_role("annotator")
+    owner = web_sessions.require_role("owner")
+    router = APIRouter()
+
+    @app.exception_handler(WorkflowError)
+    async def workflow_error(request: Request, exc: WorkflowError) -> Response:
+        if "text/html" in request.headers.get("accept", ""):
+            return page(request, "error.html", {"message": exc.message}, status=exc.status)
+        return JSONResponse({"detail": exc.message}, status_code=exc.status)
+
+    def page(request: Request, name: str, extra: dict[str, Any], status: int = 200) -> HTMLResponse:
+        from services.core.auth import current_user
+
+        context = {"job": ctx.job, "csrf_token": csrf_token(request), "user": current_user(request), **extra}
+        return templates.TemplateResponse(request, name, context, status_code=status)
+
+    async def db_user(s: AsyncSession, who: SessionUser) -> User:
+        user = await s.get(User, int(who.id))
+        if user is None:
+            raise HTTPException(401, "unknown user")
+        return user
+
+    # -- sign-in ---------------------------------------------------------------------------------
+    async def check_login(name: str, password: str) -> User | None:
+        async with ctx.sessions() as s:
+            user = await s.scalar(select(User).where(User.name == name))
+        stored = user.password_hash if user else DUMMY_HASH  # same work whether or not the user exists
+        ok = await asyncio.to_thread(verify_password, password, stored)
+        return user if ok and user is not None else None
+
+    @router.get("/login", response_class=HTMLResponse)
+    async def login_page(request: Request, next: str = "/") -> HTMLResponse:
+        return page(request, "login.html", {"next": next if next.startswith("/") and "//" not in next else "/"})
+
+    @router.post("/login", dependencies=[Depends(require_csrf)])
+    async def login(
+        request: Request, name: str = Form(max_length=100), password: str = Form(max_length=200), next: str = Form("/")
+    ) -> Response:
+        user = await check_login(name, password)
+        if user is None:
+            return page(request, "login.html", {"next": next, "error": "Wrong name or password."}, status=401)
+        web_sessions.login(request, user_id=str(user.id), role=user.role, name=user.name)
+        target = next if next.startswith("/") and "//" not in next else "/"
+        return RedirectResponse(target, status_code=303)
+
+    @router.post("/logout", dependencies=[Depends(require_csrf)])
+    async def logout(request: Request) -> Response:
+        web_sessions.logout(request)
+        return RedirectResponse("/login", status_code=303)
+
+    @router.get("/")
+    async def home(request: Request) -> Response:
+        from services.core.auth import current_user
+
+        who = current_user(request)
+        if who is None:
+            return RedirectResponse("/login", status_code=303)
+        return RedirectResponse("/owner" if who.role in ("owner", "admin") else "/work", status_code=303)
+
+    # -- annotator pages -------------------------------------------------------------------------
+    @router.get("/instructions", response_class=HTMLResponse)
+    async def instructions(request: Request, who: SessionUser = Depends(annotator)) -> HTMLResponse:
+        async with ctx.sessions() as s:
+            examples = await example_tasks(s)
+        return page(request, "instructions.html", {"examples": examples})
+
+    @router.post("/instructions", dependencies=[Depends(require_csrf)])
+    async def instructions_read(request: Request, who: SessionUser = Depends(annotator)) -> Response:
+        async with ctx.sessions() as s:
+            (await db_user(s, who)).instructions_seen = True
+            await s.commit()
+        return RedirectResponse("/work", status_code=303)
+
+    @router.get("/work", response_class=HTMLResponse)
+    async def work(request: Request, fb: str | None = None, who: SessionUser = Depends(annotator)) -> Response:
+        async with ctx.sessions() as s:
+            user = await db_user(s, who)
+            item = await next_item(s, user, ctx.job, ctx.lease_s, ctx.rng)
+            await s.commit()
+            if item.state == "instructions":
+                return RedirectResponse("/instructions", status_code=303)
+            feedback = await _feedback(s, user, fb)
+            score = await gold_score(s, user.id, ctx.job)
+            done = await s.scalar(
+                select(JudgmentRow.id)
+                .where(JudgmentRow.user_id == user.id, JudgmentRow.context == "work", JudgmentRow.state != "undone")
+                .order_by(JudgmentRow.submitted_at.desc())
+                .limit(1)
+            )
+            n_done = len(
+                (
+                    await s.scalars(
+                        select(JudgmentRow.id).where(
+                            JudgmentRow.user_id == user.id,
+                            JudgmentRow.context == "work",
+                            JudgmentRow.state != "undone",
+                        )
+                    )
+                ).all()
+            )
+            can_undo = bool(await pending_judgments(s, user.id))
+            return page(
+                request,
+                "work.html",
+                {
+                    "item": item,
+                    "feedback": feedback,
+                    "score": score,
+                    "answered": n_done if done else 0,
+                    "can_undo": can_undo,
+                    "status_reason": user.status_reason,
+                    "status": user.status,
+                    "quiz_attempt": user.quiz_attempt,
+                },
+            )
+
+    async def _feedback(s: AsyncSession, user: User, judgment_id: str | None) -> dict[str, Any] | None:
+        if not judgment_id:
+            return None
+        row = await s.get(JudgmentRow, judgment_id)
+        if row is None or row.user_id != user.id or not row.is_gold:
+            return None
+        task = await s.get(Task, row.task_id)
+        assert task is not None
+        return {"correct": bool(row.correct), "gold_label": task.gold_label, "reason": task.gold_reason}
+
+    @router.post("/answer", dependencies=[Depends(require_csrf)])
+    async def answer_form(
+        request: Request,
+        task_id: str = Form(max_length=64),
+        answer: str = Form(max_length=20),
+        confidence: str = Form("sure", max_length=20),
+        reason: str = Form("", max_length=400),
+        click_x: str = Form(""),
+        click_y: str = Form(""),
+        who: SessionUser = Depends(annotator),
+    ) -> Response:
+        result = await _submit(who, AnswerIn(**_answer_fields(task_id, answer, confidence, reason, click_x, click_y)))
+        target = "/work"
+        if result.correct is False or result.quiz_finished:
+            target += f"?fb={result.judgment.id}"
+        return RedirectResponse(target, status_code=303)
+
+    def _answer_fields(task_id: str, answer: str, confidence: str, reason: str, cx: str, cy: str) -> dict[str, Any]:
+        try:
+            click = (float(cx), float(cy)) if cx and cy else None
+        except ValueError as exc:
+            raise WorkflowError(422, "click position must be numbers") from exc
+        return {
+            "task_id": task_id,
+            "answer": answer,
+            "confidence": confidence,
+            "reason": reason or None,
+            "click_x": click[0] if click else None,
+            "click_y": click[1] if click else None,
+        }
+
+    async def _submit(who: SessionUser, body: AnswerIn) -> Submitted:
+        click = (body.click_x, body.click_y) if body.click_x is not None and body.click_y is not None else None
+        async with ctx.sessions() as s:
+            user = await db_user(s, who)
+            result = await submit(
+                s,
+                user,
+                body.task_id,
+                ctx.job,
+                answer=body.answer,
+                confidence=body.confidence,
+                reason=body.reason,
+                click=click,
+            )
+            await s.commit()
+        if ctx.on_final is not None:
+            ctx.on_final()
+        return result
+
+    @router.post("/undo", dependencies=[Depends(require_csrf)])
+    async def undo_form(request: Request, who: SessionUser = Depends(annotator)) -> Response:
+        async with ctx.sessions() as s:
+            await undo_last(s, await db_user(s, who))
+            await s.commit()
+        return RedirectResponse("/work", status_code=303)
+
+    @router.get("/img/{task_id}.png")
+    async def image(task_id: str, request: Request) -> Response:
+        from services.core.auth import current_user
+
+        who = current_user(request)
+        if who is None:
+            raise HTTPException(401, "sign in first")
+        async with ctx.sessions() as s:
+            task = await s.get(Task, task_id[:64])
+            if task is None or not await may_view_image(s, int(who.id), who.role, task):
+                raise HTTPException(404, "no such image")
+        source = Path(task.source_path) if task.source_path else path_from_uri(task.storage_uri or "")
+        png = await asyncio.to_thread(cached_png, ctx.render_dir, task.id, source, ctx.max_side)
+        return FileResponse(png, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
+
+    # -- JSON API (annotators) -------------------------------------------------------------------
+    @router.get("/api/csrf")
+    async def api_csrf(request: Request) -> dict[str, str]:
+        return {"csrf_token": csrf_token(request)}
+
+    @router.post("/api/login", dependencies=[Depends(require_csrf)])
+    async def api_login(request: Request, body: LoginIn) -> JSONResponse:
+        user = await check_login(body.name, body.password)
+        if user is None:
+            raise HTTPException(401, "wrong name or password")
+        web_sessions.login(request, user_id=str(user.id), role=user.role, name=user.name)
+        return JSONResponse({"role": user.role, "csrf_token": csrf_token(request)})
+
+    @router.post("/api/instructions", dependencies=[Depends(require_csrf)])
+    async def api_instructions(who: SessionUser = Depends(annotator)) -> dict[str, bool]:
+        async with ctx.sessions() as s:
+            (await db_user(s, who)).instructions_seen = True
+            await s.commit()
+        return {"ok": True}
+
+    @router.get("/api/next")
+    async def api_next(who: SessionUser = Depends(annotator)) -> dict[str, Any]:
+        async with ctx.sessions() as s:
+            user = await db_user(s, who)
+            item: NextItem = await next_item(s, user, ctx.job, ctx.lease_s, ctx.rng)
+            await s.commit()
+        out: dict[str, Any] = {"state": item.state}
+        if item.task is not None:
+            out.update(task_id=item.task.id, image_url=f"/img/{item.task.id}.png")
+        if item.state == "quiz":
+            out.update(quiz_index=item.quiz_index, quiz_total=item.quiz_total)
+        return out
+
+    @router.post("/api/judgments", dependencies=[Depends(require_csrf)])
+    async def api_judgment(body: AnswerIn, who: SessionUser = Depends(annotator)) -> dict[str, Any]:
+        result = await _submit(who, body)
+        out: dict[str, Any] = {"judgment_id": result.judgment.id, "stopped": result.stopped}
+        if result.correct is False:  # the reason is shown after a miss, never before
+            out.update(correct=False, gold_label=result.task.gold_label, reason=result.task.gold_reason)
+        elif result.correct:
+            out["correct"] = True
+        if result.quiz_finished:
+            out.update(quiz_finished=True, quiz_passed=result.quiz_passed, quiz_score=result.quiz_score)
+        return out
+
+    @router.post("/api/undo", dependencies=[Depends(require_csrf)])
+    async def api_undo(who: SessionUser = Depends(annotator)) -> dict[str, str]:
+        async with ctx.sessions() as s:
+            task = await undo_last(s, await db_user(s, who))
+            await s.commit()
+        return {"task_id": task.id}
+
+    @router.get("/api/me")
+    async def api_me(who: SessionUser = Depends(annotator)) -> dict[str, Any]:
+        async with ctx.sessions() as s:
+            user = await db_user(s, who)
+            score = await gold_score(s, user.id, ctx.job)
+            n = len(
+                (
+                    await s.scalars(
+                        select(JudgmentRow.id).where(
+                            JudgmentRow.user_id == user.id,
+                            JudgmentRow.context == "work",
+                            JudgmentRow.state != "undone",
+                        )
+                    )
+                ).all()
+            )
+        return {
+            "annotator_id": user.pseudonym,
+            "status": user.status,
+            "quiz_passed": user.quiz_passed,
+            "judgments": n,
+            "gold_answered": score.answered,
+            "gold_accuracy": score.accuracy,
+        }
+
+    # -- owner -----------------------------------------------------------------------------------
+    @router.get("/owner", response_class=HTMLResponse)
+    async def owner_page(request: Request, who: SessionUser = Depends(owner)) -> HTMLResponse:
+        async with ctx.sessions() as s:
+            summary = await job_summary(s, ctx.job)
+        return page(request, "owner.html", {"s": summary})
+
+    @router.get("/owner/annotators/{pseudonym}", response_class=HTMLResponse)
+    async def owner_annotator(request: Request, pseudonym: str, who: SessionUser = Depends(owner)) -> HTMLResponse:
+        async with ctx.sessions() as s:
+            user = await s.scalar(select(User).where(User.pseudonym == pseudonym[:40]))
+            if user is None:
+                raise HTTPException(404, "no such annotator")
+            rows = (
+                await s.scalars(
+                    select(JudgmentRow).where(JudgmentRow.user_id == user.id).order_by(JudgmentRow.submitted_at)
+                )
+            ).all()
+        return page(request, "owner_annotator.html", {"annotator": user, "rows": rows})
+
+    @router.get("/api/owner/summary")
+    async def api_summary(who: SessionUser = Depends(owner)) -> dict[str, Any]:
+        async with ctx.sessions() as s:
+            return await job_summary(s, ctx.job)
+
+    @router.get("/api/owner/labels")
+    async def api_labels(who: SessionUser = Depends(owner)) -> dict[str, Any]:
+        async with ctx.sessions() as s:
+            tasks = (await s.scalars(select(Task).where(Task.kind == "work").order_by(Task.created_at))).all()
+            users = {u.id: u for u in (await s.scalars(select(User))).all()}
+            rows = (
+                await s.scalars(
+                    select(JudgmentRow)
+                    .where(JudgmentRow.context == "work", JudgmentRow.state != "undone")
+                    .order_by(JudgmentRow.submitted_at)
+                )
+            ).all()
+        by_task: dict[str, list[dict[str, Any]]] = {}
+        for r in rows:
+            by_task.setdefault(r.task_id, []).append(
+                {
+                    "annotator_id": users[r.user_id].pseudonym,
+                    "annotator_status": users[r.user_id].status,
+                    "answer": r.answer,
+                    "state": r.state,
+                }
+            )
+        return {
+            "pending": sum(1 for r in rows if r.state == "pending"),
+            "open": sum(1 for t in tasks if t.status == "open"),
+            "tasks": [
+                {
+                    "task_id": t.id,
+                    "final_label": t.final_label,
+                    "p_pneumonia": t.p_pneumonia,
+                    "complete": t.status == "complete",
+                    "judgments": t.judgments,
+                    "revision": t.revision,
+                    "all_judgments": by_task.get(t.id, []),
+                }
+                for t in tasks
+            ],
+        }
+
+    app.include_router(router)
+    return app
