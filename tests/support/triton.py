@@ -1,0 +1,97 @@
+"""Triton fixtures: a real tritonserver (from the nvidia-pytriton wheel, python backend running the
+ONNX with onnxruntime) on loopback, over a temporary model repository.
+
+Version 1 of the repository is the committed model (deploy/triton/model_repository/pneumonia,
+newest version) when present, else a small random-weight ONNX with the same I/O.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from services.inference.triton_python.server import LocalTriton
+from tests.support.inference_model import build_tiny_onnx, make_repository, write_version
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+COMMITTED_MODEL = REPO_ROOT / "deploy" / "triton" / "model_repository" / "pneumonia"
+
+
+def committed_version_dir() -> Path | None:
+    if not COMMITTED_MODEL.is_dir():
+        return None
+    versions = sorted(
+        (int(p.name), p)
+        for p in COMMITTED_MODEL.iterdir()
+        if p.name.isdigit() and (p / "model.onnx").exists() and (p / "metadata.json").exists()
+    )
+    return versions[-1][1] if versions else None
+
+
+def input_size() -> int:
+    from services.inference.preprocess import INPUT_SIZE
+
+    return INPUT_SIZE
+
+
+def build_repository(root: Path) -> Path:
+    """A python-backend repository with version 1 (the committed model, or a tiny one)."""
+    committed = committed_version_dir()
+    if committed is not None:
+        import json
+
+        size = int(json.loads((committed / "metadata.json").read_text())["input_size"])
+        make_repository(root, committed / "model.onnx", input_size=size)
+        shutil.copy2(committed / "metadata.json", root / "pneumonia" / "1" / "metadata.json")
+        return root
+    onnx_path = build_tiny_onnx(root.parent / f"{root.name}-tiny.onnx", input_size(), seed=0)
+    return make_repository(root, onnx_path, input_size=input_size())
+
+
+def exported_candidate(directory: Path, seed: int = 1, temperature: float = 2.0) -> Path:
+    """What `model export` would hand to `model deploy`: a dir with model.onnx + metadata.json."""
+    import json
+
+    size = input_size()
+    committed = committed_version_dir()
+    if committed is not None:
+        size = int(json.loads((committed / "metadata.json").read_text())["input_size"])
+    scratch = directory / "scratch"
+    build_tiny_onnx(scratch / "model.onnx", size, seed=seed)
+    vdir = write_version(scratch / "repo", 1, scratch / "model.onnx", temperature=temperature)
+    out = directory / f"candidate-{seed}"
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(vdir / "model.onnx", out / "model.onnx")
+    shutil.copy2(vdir / "metadata.json", out / "metadata.json")
+    return out
+
+
+@pytest.fixture(scope="session")
+def inference_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_repository(tmp_path_factory.mktemp("inference-repo") / "models")
+
+
+@pytest.fixture(scope="session")
+def triton_server(inference_repository: Path) -> Iterator[LocalTriton]:
+    """One tritonserver for the session, serving `inference_repository` (do not modify it)."""
+    server = LocalTriton(inference_repository, load_models=("pneumonia",))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.cleanup()
+
+
+@pytest.fixture
+def private_triton(tmp_path: Path) -> Iterator[LocalTriton]:
+    """A tritonserver of the test's own (tests that kill it or change its repository)."""
+    repo = build_repository(tmp_path / "models")
+    server = LocalTriton(repo, load_models=("pneumonia",), work_dir=tmp_path / "triton")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.cleanup()
