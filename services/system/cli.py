@@ -183,3 +183,113 @@ def _banner(config: object, mgmt_url: str, data_dir: Path) -> Panel:
         "  Stop:         Ctrl-C",
     ]
     return Panel("\n".join(lines), expand=False)
+
+
+def _run_cli(args: list[str], what: str) -> str:
+    """Run another service's `pneumotriage` command (services are reached only through their CLI/APIs)."""
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-m", "services.cli", *args], capture_output=True, text=True, timeout=600)
+    if res.returncode != 0:
+        console.print(f"[red]{what} failed[/red] (pneumotriage {' '.join(args[:2])} ...):\n{res.stderr[-2000:]}")
+        raise typer.Exit(1)
+    return res.stdout
+
+
+def _flags_set(url: str) -> float:
+    """Sum of pt_aggregator_flags_total on the aggregator's /metrics (no sign-in needed)."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(url, timeout=10).text
+    total = 0.0
+    for family in text_string_to_metric_families(text):
+        if family.name == "pt_aggregator_flags":
+            total += sum(s.value for s in family.samples if s.name.endswith("_total"))
+    return total
+
+
+@app.command("demo")
+def demo(
+    data: Path = typer.Option(
+        Path("../shared/data"), help="the shared data folder (kermany224/train/{NORMAL,PNEUMONIA})"
+    ),
+    n: int = typer.Option(8, min=1, max=200, help="X-rays to send"),
+    gold: int = typer.Option(20, min=2, help="gold items to import into the labeling job"),
+    host: str = typer.Option("127.0.0.1", help="where `pneumotriage up` runs"),
+    wait: float = typer.Option(90.0, help="seconds to wait for the first flags (0: do not wait)"),
+) -> None:
+    """Against a running system: create demo accounts, import gold, send a handful of real X-rays."""
+    import os
+    import random
+    import secrets
+    import time
+
+    import httpx
+    from rich.table import Table
+
+    from services.system.stack import DEFAULT_DICOM_PORT, DICOM_PORT_ENV
+
+    ports = _http_ports_from_env()
+    dicom_port = int(os.environ.get(DICOM_PORT_ENV, DEFAULT_DICOM_PORT))
+    for svc, port in ports.items():
+        try:
+            ok = httpx.get(f"http://{host}:{port}/healthz", timeout=5).status_code == 200
+        except httpx.HTTPError:
+            ok = False
+        if not ok:
+            console.print(f"[red]{svc} is not answering on {host}:{port}[/red]: start the system with `./pt up` first")
+            raise typer.Exit(2)
+
+    accounts = [
+        ("labeling", "demo-annotator", "annotator", "annotate images", ports["labeling"]),
+        ("labeling", "demo-owner", "owner", "job owner pages", ports["labeling"]),
+        ("aggregator", "demo-clinician", "clinician", "worklist", ports["aggregator"]),
+    ]
+    table = Table("who", "user", "password", "sign in at")
+    with console.status("creating demo accounts ..."):
+        for service, name, role, what, port in accounts:
+            password = secrets.token_urlsafe(9)
+            _run_cli([service, "add-user", name, "--role", role, "--password", password], f"{role} account")
+            table.add_row(what, name, password, f"http://{host}:{port}/")
+
+    train = data / "kermany224" / "train"
+    if not train.is_dir():
+        console.print(table)
+        console.print(f"[yellow]{train} not found[/yellow]: accounts are ready; send your own studies with "
+                      f"`pneumotriage send PATH --port {dicom_port}`")  # fmt: skip
+        return
+    with console.status(f"importing {gold} gold items into the labeling job ..."):
+        _run_cli(["labeling", "import-gold", "--data", str(train), "--n", str(gold)], "gold import")
+
+    rng = random.Random()
+    picks = rng.sample(sorted((train / "PNEUMONIA").glob("*.jpeg")), max(1, n - n // 3))
+    picks += rng.sample(sorted((train / "NORMAL").glob("*.jpeg")), n // 3)
+    from services.system.config import SystemSettings
+
+    out = SystemSettings().data_dir.resolve() / "demo" / time.strftime("%Y%m%d-%H%M%S")
+    with console.status(f"wrapping {len(picks)} X-rays as DICOM ..."):
+        _run_cli(
+            ["make-dicom", *map(str, picks), "--out", str(out), "--transfer-syntax", "jpeg-baseline", "--view", "AP",
+             "--uid-salt", secrets.token_hex(4)],
+            "make-dicom",
+        )  # fmt: skip
+    metrics_url = f"http://{host}:{ports['aggregator']}/metrics"
+    before = _flags_set(metrics_url)
+    with console.status(f"sending {len(picks)} studies to {host}:{dicom_port} ..."):
+        _run_cli(["send", str(out), "--host", host, "--port", str(dicom_port)], "send")
+    console.print(f"[green]sent {len(picks)} real chest X-rays[/green] (DICOM in {out})")
+    if wait > 0:
+        deadline = time.monotonic() + wait
+        with console.status("waiting for the first triage flags ..."):
+            while time.monotonic() < deadline and _flags_set(metrics_url) - before < len(picks):
+                time.sleep(1.0)
+        console.print(f"flags set so far: {int(_flags_set(metrics_url) - before)} of {len(picks)} studies")
+    console.print(table)
+    console.print(
+        f"Worklist: http://{host}:{ports['aggregator']}/ (sign in as demo-clinician). Annotators: "
+        f"http://{host}:{ports['labeling']}/ — their votes refine the flags; a simulated crowd: "
+        f"pneumotriage labeling simulate-crowd --url http://{host}:{ports['labeling']} --truth {train} "
+        "--owner demo-owner --owner-password ..."
+    )
