@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pydicom
 
 from services.system.processes import SERVICES, ChildProcess
 from services.system.rabbitmq import RabbitNode, free_port
@@ -69,6 +70,17 @@ def parse_storescu_log(text: str) -> SendResult:
     if current is not None:  # association dropped before a response: not acknowledged
         result.refused.append((current, "no response"))
     return result
+
+
+def chunk_by_study(files: list[Path], associations: int) -> list[list[Path]]:
+    studies: dict[str, list[Path]] = {}
+    for f in files:
+        uid = str(pydicom.dcmread(f, stop_before_pixels=True, specific_tags=["StudyInstanceUID"]).StudyInstanceUID)
+        studies.setdefault(uid, []).append(f)
+    chunks: list[list[Path]] = [[] for _ in range(max(1, associations))]
+    for i, group in enumerate(studies.values()):
+        chunks[i % len(chunks)].extend(group)
+    return [c for c in chunks if c]
 
 
 class SystemHarness:
@@ -166,9 +178,12 @@ class SystemHarness:
 
     # -- sending ------------------------------------------------------------------------------
     def send(self, files: Iterable[Path], associations: int = 1, timeout: float = 600.0) -> SendResult:
-        """C-STORE files with dcmtk's storescu over `associations` concurrent associations."""
-        files = [Path(f) for f in files]
-        chunks = [files[i::associations] for i in range(associations) if files[i::associations]]
+        """C-STORE files with dcmtk's storescu over `associations` concurrent associations.
+
+        Like a modality or PACS, a study's images travel on one association (studies are dealt
+        round-robin to the associations).
+        """
+        chunks = chunk_by_study([Path(f) for f in files], associations)
         started = time.monotonic()
         procs = [
             subprocess.Popen(
