@@ -1,0 +1,212 @@
+"""The running aggregator: consumer of aggregator.events, outbox relay (triage.updated), SR sender
+and the web worklist / JSON API / FHIR on PT_AGGREGATOR_HTTP_PORT — one asyncio process.
+
+Safe under kill -9: an event is acked only after the transaction that applied it (and staged its
+triage.updated + SR delivery) committed; a redelivery recomputes the same result and changes
+nothing. SIGINT/SIGTERM stop consuming, let in-flight handlers finish and exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import signal
+from typing import Any
+
+from sqlalchemy import select, text
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+
+from services.aggregator.config import AggregatorSettings
+from services.aggregator.models import Base, Image, Outbox, SrDelivery, Study
+from services.aggregator.outputs import Destination, StudyReport, build_sr, read_header, send_sr
+from services.aggregator.policy import Policy
+from services.aggregator.store import FLAGS_SET, TIME_TO_FIRST_FLAG, Change, TriageStore, as_utc
+from services.core.broker import CONSUMERS, Broker, Envelope, PermanentError
+from services.core.db import make_engine, make_sessionmaker, upgrade
+from services.core.db.outbox import OutboxRelay, utcnow
+from services.core.telemetry import configure_logging, serve_http
+
+log = logging.getLogger("services.aggregator")
+LOCK_STRIPES = 64
+
+
+class Aggregator:
+    """State shared by the consumer, the relay, the SR sender and the web app."""
+
+    def __init__(self, settings: AggregatorSettings, engine: AsyncEngine | None = None) -> None:
+        self.settings = settings
+        self.engine = engine or make_engine(settings.database_url_for("aggregator"))
+        self.sessions: async_sessionmaker[AsyncSession] = make_sessionmaker(self.engine)
+        self.policy = Policy.load(settings.policy_file)
+        self.destination = Destination.parse(settings.sr_destination) if settings.sr_destination else None
+        self.store = TriageStore(self.policy, sr_enabled=self.destination is not None)
+        self.broker = Broker(settings.amqp_url, settings.exchange, settings.quorum_queues)
+        self.relay = OutboxRelay("aggregator", self.sessions, Outbox, self.broker)
+        self._locks = [asyncio.Lock() for _ in range(LOCK_STRIPES)]
+        self._sr_wake = asyncio.Event()
+
+    def lock_for(self, study_uid: str) -> asyncio.Lock:
+        """Events of one study are applied one at a time (in this process; the DB guards replicas)."""
+        digest = hashlib.blake2b(study_uid.encode(), digest_size=4).digest()
+        return self._locks[int.from_bytes(digest, "big") % LOCK_STRIPES]
+
+    async def migrate(self) -> None:
+        await upgrade(self.engine, "aggregator", Base.metadata)
+
+    # ---- consumer ----------------------------------------------------------------------------
+    async def handle(self, env: Envelope) -> None:
+        ref = env.payload.image  # type: ignore[attr-defined]
+        if not ref.study_instance_uid or not ref.sop_instance_uid:
+            raise PermanentError(f"{env.routing_key} without study or SOP instance UID")
+        async with self.lock_for(ref.study_instance_uid), self.sessions() as session:
+            change = await self.store.apply(session, env.payload, trigger=env.message_id or env.routing_key)
+            await session.commit()
+        self.after_commit(change)
+
+    def after_commit(self, change: Change | None) -> None:
+        if change is None:
+            return
+        FLAGS_SET.labels(change.flag, change.source).inc()
+        if change.first_flag_seconds is not None:
+            TIME_TO_FIRST_FLAG.observe(change.first_flag_seconds)
+        log.info(
+            "triage updated",
+            extra={"study_uid": change.study_uid, "flag": change.flag, "previous": change.previous_flag},
+        )
+        self.relay.notify()
+        if change.sr_queued:
+            self._sr_wake.set()
+
+    async def review(self, study_uid: str, reviewer: str, action: str, flag: str | None, comment: str) -> Change:
+        async with self.lock_for(study_uid), self.sessions() as session:
+            change = await self.store.review(session, study_uid, reviewer, action, flag, comment)
+            await session.commit()
+        self.after_commit(change)
+        return change
+
+    # ---- SR delivery -------------------------------------------------------------------------
+    async def study_report(self, session: AsyncSession, study: Study) -> tuple[StudyReport, Any]:
+        images = (await session.scalars(select(Image).where(Image.study_uid == study.study_uid))).all()
+        header = None
+        for image in images:
+            header = await asyncio.to_thread(read_header, image.storage_uri)
+            if header is not None:
+                break
+        report = StudyReport(
+            study_uid=study.study_uid,
+            flag=study.flag,
+            p_pneumonia=study.p_pneumonia,
+            reason=study.reason,
+            revision=study.revision,
+            model_version=study.model_version,
+            human_judgments=study.human_judgments,
+            reviewed=bool(study.overridden_by),
+            updated_at=as_utc(study.updated_at) or utcnow(),
+            sop_uids=tuple(sorted(i.sop_uid for i in images)),
+        )
+        return report, header
+
+    async def send_pending_srs(self) -> int:
+        """Send every pending SR whose revision is still the study's current one (older ones are moot)."""
+        if self.destination is None:
+            return 0
+        sent = 0
+        async with self.sessions() as session:
+            pending = (
+                await session.scalars(select(SrDelivery).where(SrDelivery.status == "pending").order_by(SrDelivery.id))
+            ).all()
+            for delivery in pending:
+                study = await session.get(Study, delivery.study_uid)
+                if study is None or study.revision != delivery.revision:
+                    delivery.status = "superseded"
+                    continue
+                report, header = await self.study_report(session, study)
+                ds = build_sr(report, header)
+                delivery.attempts += 1
+                delivery.sop_uid = str(ds.SOPInstanceUID)
+                try:
+                    await asyncio.to_thread(send_sr, ds, self.destination, self.settings.sr_calling_ae)
+                except Exception as exc:
+                    delivery.last_error = repr(exc)[:1000]
+                    log.warning("SR not delivered yet", extra={"error": repr(exc), "attempts": delivery.attempts})
+                    continue
+                delivery.status, delivery.sent_at = "sent", utcnow()
+                sent += 1
+            await session.commit()
+        return sent
+
+    async def sr_loop(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            try:
+                await self.send_pending_srs()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("SR sender failed", extra={"error": repr(exc)})
+            self._sr_wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._sr_wake.wait(), timeout=self.settings.sr_retry_seconds)
+
+    # ---- health ------------------------------------------------------------------------------
+    async def health(self) -> dict[str, Any]:
+        db_ok = True
+        try:
+            async with self.sessions() as session:
+                await session.execute(text("SELECT 1"))
+        except Exception:
+            db_ok = False
+        return {
+            "database": db_ok,
+            "broker": self.broker.is_connected,
+            "outbox_backlog": {"ok": True, "value": await self.relay.backlog() if db_ok else None},
+        }
+
+    async def connect_broker(self, stop: asyncio.Event) -> bool:
+        delay = 0.5
+        while not stop.is_set():
+            try:
+                await self.broker.connect()
+                return True
+            except Exception as exc:
+                log.warning("broker not reachable yet", extra={"error": repr(exc), "retry_in_s": delay})
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), timeout=delay)
+                delay = min(delay * 2, 10.0)
+        return False
+
+
+async def run(settings: AggregatorSettings | None = None, stop: asyncio.Event | None = None) -> None:
+    from services.aggregator.web.app import create_app
+
+    settings = settings or AggregatorSettings()
+    configure_logging("aggregator", settings.log_level, settings.log_json)
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+    agg = Aggregator(settings)
+    await agg.migrate()
+    web = create_app(agg)
+    tasks = [asyncio.create_task(serve_http(web, settings.http_host, settings.http_port), name="http")]
+    log.info("aggregator web listening", extra={"port": settings.http_port})
+    try:
+        if await agg.connect_broker(stop):
+            await agg.broker.consume(CONSUMERS["aggregator"], agg.handle, prefetch=settings.prefetch)
+            tasks.append(asyncio.create_task(agg.relay.run(stop), name="relay"))
+            tasks.append(asyncio.create_task(agg.sr_loop(stop), name="sr"))
+            log.info("aggregator consuming", extra={"queue": CONSUMERS["aggregator"].queue})
+        stopper = asyncio.create_task(stop.wait())
+        done, _ = await asyncio.wait([stopper, *tasks], return_when=asyncio.FIRST_COMPLETED)
+        for task in done:
+            if task is not stopper and task.exception() is not None:
+                raise task.exception()  # type: ignore[misc]
+    finally:
+        log.info("aggregator stopping")
+        await agg.broker.close()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await agg.engine.dispose()

@@ -1,0 +1,135 @@
+"""CLI: `pneumotriage aggregator` (run the service), `pneumotriage aggregator add-user`, and the
+`pneumotriage triage` group (calibrate, evaluate, export-reviews)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+import typer
+
+app = typer.Typer()
+aggregator = typer.Typer(
+    help="The aggregator: fuses model and crowd into triage flags; clinician worklist on PT_AGGREGATOR_HTTP_PORT.",
+    invoke_without_command=True,
+)
+triage = typer.Typer(help="Triage policy: calibrate thresholds and fusion weights, evaluate, export reviews.")
+app.add_typer(aggregator, name="aggregator")
+app.add_typer(triage, name="triage")
+
+
+@aggregator.callback()
+def run_service(ctx: typer.Context) -> None:
+    """Run the aggregator (consumer + outbox relay + SR sender + web) until SIGINT/SIGTERM."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from services.aggregator.app import run
+
+    asyncio.run(run())
+
+
+@aggregator.command("add-user")
+def add_user(
+    name: str = typer.Argument(..., help="user name (sign-in name)"),
+    role: str = typer.Option("clinician", "--role", help="clinician | admin"),
+    password: str = typer.Option(..., "--password", prompt=True, hide_input=True, confirmation_prompt=True),
+) -> None:
+    """Create a worklist user, or reset their password and role."""
+    if role not in ("clinician", "admin"):
+        raise typer.BadParameter("role must be clinician or admin", param_hint="--role")
+    from services.aggregator.users import upsert_user
+
+    created = asyncio.run(upsert_user(name, role, password))
+    typer.echo(f"{'created' if created else 'updated'} {role} {name}")
+
+
+def _print_report(title: str, report: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{title}: {report['images']} images, pneumonia prevalence {report['prevalence']}")
+    for col in ("flag", "count", "share", "sensitivity", "specificity", "PPV", "NPV", "pneumonia rate"):
+        table.add_column(col)
+
+    def f(v: Any) -> str:
+        return "—" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v))
+
+    for flag, e in report["flags"].items():
+        table.add_row(
+            flag,
+            f(e["count"]),
+            f(e["share"]),
+            f(e.get("sensitivity")),
+            f(e.get("specificity")),
+            f(e.get("ppv")),
+            f(e.get("npv")),
+            f(e.get("pneumonia_rate")),
+        )
+    Console().print(table)
+    Console().print(f"score: {report.get('score')}")
+
+
+@triage.command("calibrate")
+def calibrate_cmd(
+    data: Path = typer.Option(..., "--data", exists=True, dir_okay=False, help="labeled images, JSON lines"),
+    out: Path = typer.Option(None, "--out", help="policy file to write (default: PT_AGGREGATOR_POLICY_FILE)"),
+    held_out: float = typer.Option(0.3, "--held-out", min=0.0, max=0.9, help="share of groups kept for evaluation"),
+    seed: int = typer.Option(0, "--seed"),
+    rule_out_sensitivity: float = typer.Option(0.95, "--rule-out-sensitivity"),
+    urgent_ppv: float = typer.Option(0.90, "--urgent-ppv"),
+    suspected_ppv: float = typer.Option(0.85, "--suspected-ppv"),
+    prevalence: float | None = typer.Option(
+        None, "--prevalence", help="pneumonia prevalence to state PPV/NPV for (default: the data's own)"
+    ),
+    report_json: Path | None = typer.Option(None, "--report", help="also write the full report as JSON"),
+) -> None:
+    """Fit the fusion weights and choose thresholds for the stated operating points; report fit and held-out numbers."""
+    from services.aggregator.calibrate import OperatingPoints, calibrate, load_jsonl
+    from services.aggregator.config import AggregatorSettings
+
+    target = out or AggregatorSettings().policy_file
+    images = load_jsonl(data)
+    ops = OperatingPoints(rule_out_sensitivity, urgent_ppv, suspected_ppv)
+    result = calibrate(images, ops, held_out=held_out, seed=seed, prevalence=prevalence)
+    result.policy.meta["data"] = data.name
+    header = (
+        "# Written by `pneumotriage triage calibrate` — do not hand-edit; re-run calibrate instead.\n"
+        f"# data: {data.name}, {len(images)} images; see docs/triage-policy.md"
+    )
+    result.policy.save(target, header)
+    t = result.policy.thresholds
+    typer.echo(f"wrote {target}")
+    typer.echo(f"thresholds: urgent >= {t.urgent:.4f}, suspected >= {t.suspected:.4f}, rule-out <= {t.rule_out:.4f}")
+    typer.echo(f"fusion: {json.dumps(result.policy.fusion.to_dict()['weights'])}")
+    _print_report("fit", result.fit_report)
+    if result.held_out_report:
+        _print_report("held out", result.held_out_report)
+    if report_json:
+        report_json.write_text(json.dumps(result.policy.to_dict(), indent=2))
+
+
+@triage.command("evaluate")
+def evaluate_cmd(
+    data: Path = typer.Option(..., "--data", exists=True, dir_okay=False),
+    policy_file: Path = typer.Option(None, "--policy", help="default: PT_AGGREGATOR_POLICY_FILE"),
+    prevalence: float | None = typer.Option(None, "--prevalence"),
+) -> None:
+    """Apply a policy file to labeled images and print per-flag numbers."""
+    from services.aggregator.calibrate import evaluate, load_jsonl
+    from services.aggregator.config import AggregatorSettings
+    from services.aggregator.policy import Policy
+
+    policy = Policy.load(policy_file or AggregatorSettings().policy_file)
+    _print_report(data.name, evaluate(policy, load_jsonl(data), prevalence))
+
+
+@triage.command("export-reviews")
+def export_reviews(out: Path = typer.Option(..., "--out", help="JSON lines, one clinician label per line")) -> None:
+    """Export clinician confirms/overrules as high-trust labels for the labeling/ML side."""
+    from services.aggregator.users import all_reviews
+
+    rows = asyncio.run(all_reviews())
+    out.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    typer.echo(f"wrote {len(rows)} reviews to {out}")

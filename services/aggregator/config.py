@@ -1,0 +1,37 @@
+"""Aggregator settings (env prefix PT_AGGREGATOR_, e.g. PT_AGGREGATOR_HTTP_PORT)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic_settings import SettingsConfigDict
+
+from services.core.auth import AuthSettings
+
+DEFAULT_POLICY_FILE = Path(__file__).resolve().parent / "policy.yaml"
+
+
+class AggregatorSettings(AuthSettings):
+    model_config = SettingsConfigDict(env_prefix="PT_AGGREGATOR_", env_file=".env", extra="ignore")
+
+    # Web worklist, JSON API, /healthz and /metrics.
+    http_port: int = 8004
+    # Fusion weights and triage thresholds, written by `pneumotriage triage calibrate`.
+    policy_file: Path = DEFAULT_POLICY_FILE
+    # Where results go back to PACS as a DICOM Basic Text SR: "host:port:AE_TITLE"; unset = no SR.
+    sr_destination: str | None = None
+    # Our AE title when we send the SR.
+    sr_calling_ae: str = "PT_AGGREGATOR"
+    # Seconds between SR delivery attempts for pending reports.
+    sr_retry_seconds: float = 5.0
+    # Broker prefetch for aggregator.events.
+    prefetch: int = 32
+    # Seconds between worklist refreshes pushed over server-sent events.
+    sse_interval_seconds: float = 2.0
+
+    def __init__(self, **values: object) -> None:
+        # PT_DATA_DIR, PT_AMQP_URL, PT_SECRET_KEY ... are shared: read them with the common prefix first.
+        common = AuthSettings()
+        merged = {k: getattr(common, k) for k in AuthSettings.model_fields if k not in values}
+        merged.update(values)
+        super().__init__(**merged)

@@ -1,0 +1,412 @@
+"""Evidence in the aggregator's DB, and the study result recomputed from it.
+
+Every event is applied in one transaction that also recomputes the study's result; when the result
+changes, the same transaction adds the audit-trail row, the `triage.updated` outbox event and (when
+an SR destination is configured) the SR delivery. Applying an event twice changes nothing: each
+write is keyed (judgment id, SOP + model + version, SOP + aggregate revision), so a redelivered or
+duplicated event recomputes the same result and no new revision is made. Events may come in any
+order: whichever arrives first creates the study and image rows.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from google.protobuf.timestamp_pb2 import Timestamp
+from prometheus_client import Counter, Histogram
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from services.aggregator.fusion import Evidence, Vote
+from services.aggregator.models import (
+    Image,
+    JudgmentRow,
+    LabelAggregateRow,
+    Outbox,
+    PredictionRow,
+    Review,
+    SrDelivery,
+    Study,
+    TriageHistory,
+)
+from services.aggregator.policy import (
+    HEALTHY,
+    NOT_TRIAGED,
+    PENDING,
+    SUSPECTED,
+    UNCERTAIN,
+    URGENCY,
+    URGENT,
+    ImageResult,
+    Policy,
+    study_result,
+)
+from services.core.broker import PermanentError
+from services.core.contracts import (
+    Answer,
+    Confidence,
+    Flag,
+    ImageReceived,
+    ImageRef,
+    ImageRejected,
+    Judgment,
+    LabelAggregate,
+    Prediction,
+    TriageUpdated,
+)
+from services.core.db.outbox import add_event, utcnow
+
+TIME_TO_FIRST_FLAG = Histogram(
+    "pt_aggregator_time_to_first_flag_seconds",
+    "From the study's first image received by ingest to its first triage flag",
+    buckets=(0.5, 1, 2, 5, 10, 30, 60, 120, 300, 900, 3600, 4 * 3600, 24 * 3600),
+)
+FLAGS_SET = Counter("pt_aggregator_flags_total", "Study flag changes, by the new flag and source", ["flag", "source"])
+OVERRIDES = Counter("pt_aggregator_overrides_total", "Clinician reviews, by action", ["action"])
+EVENTS = Counter("pt_aggregator_events_total", "Events applied, by kind and outcome", ["kind", "outcome"])
+
+ANSWER_NAMES = {
+    Answer.ANSWER_PNEUMONIA: "pneumonia",
+    Answer.ANSWER_HEALTHY: "healthy",
+    Answer.ANSWER_CANT_TELL: "cant_tell",
+}
+CONFIDENCE_NAMES = {Confidence.CONFIDENCE_SURE: "sure", Confidence.CONFIDENCE_PROBABLY: "probably"}
+FLAG_ENUM = {
+    URGENT: Flag.FLAG_URGENT,
+    SUSPECTED: Flag.FLAG_PNEUMONIA_SUSPECTED,
+    UNCERTAIN: Flag.FLAG_UNCERTAIN,
+    HEALTHY: Flag.FLAG_LIKELY_HEALTHY,
+    NOT_TRIAGED: Flag.FLAG_NOT_TRIAGED,
+    PENDING: Flag.FLAG_UNSPECIFIED,
+}
+LABEL_OF_FLAG = {URGENT: "pneumonia", SUSPECTED: "pneumonia", HEALTHY: "healthy"}
+
+
+def as_utc(value: datetime | None) -> datetime | None:
+    """SQLite hands back naive datetimes: they are UTC."""
+    if value is None:
+        return None
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def from_timestamp(ts: Timestamp) -> datetime | None:
+    if ts.seconds == 0 and ts.nanos == 0:
+        return None
+    return ts.ToDatetime(tzinfo=UTC)
+
+
+def version_key(version: str) -> tuple[tuple[int, int | str], ...]:
+    """Natural order of model versions: "2" < "10", "v1.9" < "v1.10"."""
+    parts = re.findall(r"\d+|[^\d]+", version or "")
+    return tuple((0, int(p)) if p.isdigit() else (1, p) for p in parts)
+
+
+@dataclass
+class Change:
+    """What a transaction changed in a study's result (None: nothing visible changed)."""
+
+    study_uid: str
+    flag: str
+    previous_flag: str
+    revision: int
+    source: str = "policy"
+    first_flag_seconds: float | None = None
+    sr_queued: bool = False
+
+
+class TriageStore:
+    def __init__(self, policy: Policy, sr_enabled: bool = False) -> None:
+        self.policy = policy
+        self.sr_enabled = sr_enabled
+
+    # ---- rows ------------------------------------------------------------------------------------
+    async def _study(self, s: AsyncSession, study_uid: str, arrived: datetime | None = None) -> Study:
+        study = await s.get(Study, study_uid)
+        if study is None:
+            study = Study(study_uid=study_uid, flag=PENDING, urgency=URGENCY[PENDING], arrived_at=arrived or utcnow())
+            s.add(study)
+            await s.flush()
+        elif arrived is not None and as_utc(study.arrived_at) > arrived:  # type: ignore[operator]
+            study.arrived_at = arrived
+        return study
+
+    async def _image(self, s: AsyncSession, ref: ImageRef) -> Image:
+        image = await s.get(Image, ref.sop_instance_uid)
+        if image is None:
+            image = Image(sop_uid=ref.sop_instance_uid, study_uid=ref.study_instance_uid)
+            s.add(image)
+        image.series_uid = image.series_uid or ref.series_instance_uid
+        image.storage_uri = image.storage_uri or ref.storage_uri
+        image.sha256 = image.sha256 or ref.sha256
+        await s.flush()
+        return image
+
+    # ---- events ----------------------------------------------------------------------------------
+    async def apply(self, s: AsyncSession, payload: Any, trigger: str = "") -> Change | None:
+        """Apply one event and recompute its study (the caller commits)."""
+        ref: ImageRef = payload.image
+        received = getattr(payload, "received_at", None)
+        received_at = from_timestamp(received) if received is not None else None
+        study = await self._study(s, ref.study_instance_uid, received_at)
+        image = await self._image(s, ref)
+        kind, applied = await self._apply_event(s, image, payload, received_at)
+        EVENTS.labels(kind, "applied" if applied else "duplicate").inc()
+        return await self.recompute(s, study, trigger=trigger)
+
+    async def _apply_event(
+        self, s: AsyncSession, image: Image, payload: Any, received_at: datetime | None
+    ) -> tuple[str, bool]:
+        if received_at is not None and (image.received_at is None or as_utc(image.received_at) > received_at):  # type: ignore[operator]
+            image.received_at = received_at
+        if isinstance(payload, ImageReceived):
+            new = image.eligible is None
+            if image.eligible is not False:  # a rejection is final
+                image.eligible = bool(payload.triage_eligible)
+            image.not_triaged_reason = payload.not_triaged_reason or ("" if payload.triage_eligible else "not eligible")
+            image.outside_intended_use = payload.outside_intended_use
+            image.intended_use_note = payload.intended_use_note
+            image.view_position = payload.view_position
+            image.patient_age_years = payload.patient_age_years
+            return "image.received", new
+        if isinstance(payload, ImageRejected):
+            new = image.eligible is not False
+            image.eligible = False
+            image.not_triaged_reason = payload.reason or payload.reason_code or "rejected by ingest"
+            return "image.rejected", new
+        if isinstance(payload, Prediction):
+            exists = await s.scalar(
+                select(PredictionRow.id).where(
+                    PredictionRow.sop_uid == image.sop_uid,
+                    PredictionRow.model_name == payload.model_name,
+                    PredictionRow.model_version == payload.model_version,
+                )
+            )
+            if exists is None:
+                s.add(
+                    PredictionRow(
+                        sop_uid=image.sop_uid,
+                        model_name=payload.model_name,
+                        model_version=payload.model_version,
+                        probability=float(payload.probability),
+                        logit=float(payload.logit),
+                        runtime=payload.runtime,
+                        heatmap_uri=payload.heatmap_uri,
+                        predicted_at=from_timestamp(payload.predicted_at),
+                        received_at=received_at,
+                    )
+                )
+            return "prediction.made", exists is None
+        if isinstance(payload, Judgment):
+            if not payload.judgment_id:
+                raise PermanentError("judgment without judgment_id")
+            exists = await s.get(JudgmentRow, payload.judgment_id)
+            if exists is None:
+                s.add(
+                    JudgmentRow(
+                        judgment_id=payload.judgment_id,
+                        sop_uid=image.sop_uid,
+                        annotator_id=payload.annotator_id,
+                        answer=ANSWER_NAMES.get(payload.answer, "cant_tell"),
+                        confidence=CONFIDENCE_NAMES.get(payload.confidence, ""),
+                        trust=float(payload.annotator_trust),
+                        is_gold=payload.is_gold,
+                        has_click=payload.has_click,
+                        click_x=payload.click_x,
+                        click_y=payload.click_y,
+                        submitted_at=from_timestamp(payload.submitted_at),
+                    )
+                )
+            return "judgment.submitted", exists is None
+        if isinstance(payload, LabelAggregate):
+            exists = await s.scalar(
+                select(LabelAggregateRow.id).where(
+                    LabelAggregateRow.sop_uid == image.sop_uid, LabelAggregateRow.revision == payload.revision
+                )
+            )
+            if exists is None:
+                s.add(
+                    LabelAggregateRow(
+                        sop_uid=image.sop_uid,
+                        revision=payload.revision,
+                        p_pneumonia=float(payload.p_pneumonia),
+                        judgments=payload.judgments,
+                        complete=payload.complete,
+                        method=payload.method,
+                    )
+                )
+            return "label.aggregated", exists is None
+        raise TypeError(f"unexpected event {type(payload).__name__}")
+
+    # ---- evidence --------------------------------------------------------------------------------
+    async def current_prediction(self, s: AsyncSession, sop_uid: str) -> PredictionRow | None:
+        rows = (await s.scalars(select(PredictionRow).where(PredictionRow.sop_uid == sop_uid))).all()
+        if not rows:
+            return None
+        return max(rows, key=lambda r: (version_key(r.model_version), as_utc(r.predicted_at) or as_utc(r.stored_at)))
+
+    async def evidence(self, s: AsyncSession, sop_uid: str) -> tuple[Evidence, PredictionRow | None]:
+        pred = await self.current_prediction(s, sop_uid)
+        judgments = (
+            await s.scalars(select(JudgmentRow).where(JudgmentRow.sop_uid == sop_uid).order_by(JudgmentRow.judgment_id))
+        ).all()
+        agg = await s.scalar(
+            select(LabelAggregateRow)
+            .where(LabelAggregateRow.sop_uid == sop_uid)
+            .order_by(LabelAggregateRow.revision.desc())
+            .limit(1)
+        )
+        ev = Evidence(
+            model_probability=pred.probability if pred else None,
+            votes=tuple(Vote(j.answer, j.confidence or "sure", j.trust) for j in judgments),
+            aggregate_p=agg.p_pneumonia if agg else None,
+            model_version=pred.model_version if pred else "",
+        )
+        return ev, pred
+
+    # ---- study result ----------------------------------------------------------------------------
+    async def recompute(self, s: AsyncSession, study: Study, trigger: str = "") -> Change | None:
+        images = (await s.scalars(select(Image).where(Image.study_uid == study.study_uid))).all()
+        results: list[ImageResult] = []
+        evidence_log: dict[str, Any] = {}
+        model_versions: set[str] = set()
+        humans = 0
+        for image in images:
+            if image.eligible is False:
+                image.flag, image.p_fused, image.reason = NOT_TRIAGED, None, image.not_triaged_reason
+            else:
+                ev, pred = await self.evidence(s, image.sop_uid)
+                flag, p, reason = self.policy.classify(ev)
+                if image.outside_intended_use and flag != PENDING:
+                    reason += f"; outside intended use: {image.intended_use_note or 'see model card'}"
+                image.flag, image.p_fused, image.reason = flag, p, reason
+                humans += ev.human_votes
+                if pred is not None:
+                    model_versions.add(pred.model_version)
+                evidence_log[image.sop_uid] = {
+                    "model_probability": ev.model_probability,
+                    "model_version": ev.model_version,
+                    "votes": [[v.answer, v.confidence, round(v.trust, 3)] for v in ev.votes],
+                    "aggregate_p": ev.aggregate_p,
+                    "p_fused": None if p is None else round(p, 4),
+                    "flag": flag,
+                }
+            results.append(ImageResult(image.flag, image.p_fused, image.reason))
+        flag, p, reason = study_result(results)
+        study.outside_intended_use = any(i.outside_intended_use for i in images)
+        if study.overridden_by:
+            flag, reason = study.flag, f"set by clinician review (policy says {flag}: {reason})"
+        model_version = ",".join(sorted(model_versions))
+        p_round = None if p is None else round(p, 3)
+        old_p = None if study.p_pneumonia is None else round(study.p_pneumonia, 3)
+        same = (
+            flag == study.flag
+            and p_round == old_p
+            and model_version == study.model_version
+            and humans == study.human_judgments
+        )
+        study.p_pneumonia, study.model_version, study.human_judgments = p, model_version, humans
+        if same or flag == PENDING:
+            study.reason = reason
+            return None
+        return self._new_revision(s, study, flag, reason, "policy", trigger, evidence_log, images)
+
+    def _new_revision(
+        self,
+        s: AsyncSession,
+        study: Study,
+        flag: str,
+        reason: str,
+        source: str,
+        trigger: str,
+        evidence_log: dict[str, Any],
+        images: Any,
+    ) -> Change:
+        previous = study.flag
+        now = utcnow()
+        study.revision += 1
+        study.flag, study.urgency, study.reason, study.updated_at = flag, URGENCY[flag], reason, now
+        change = Change(study.study_uid, flag, previous, study.revision, source)
+        if study.first_flag_at is None:
+            study.first_flag_at = now
+            starts = [as_utc(i.received_at) for i in images if i.received_at is not None]
+            if starts:
+                change.first_flag_seconds = max(0.0, (now - min(starts)).total_seconds())  # type: ignore[type-var]
+        s.add(
+            TriageHistory(
+                study_uid=study.study_uid,
+                revision=study.revision,
+                flag=flag,
+                previous_flag=previous,
+                p_pneumonia=study.p_pneumonia,
+                reason=reason,
+                source=source,
+                trigger=trigger[:200],
+                evidence=evidence_log,
+                created_at=now,
+            )
+        )
+        event = TriageUpdated(
+            study_instance_uid=study.study_uid,
+            flag=FLAG_ENUM[flag],
+            previous_flag=FLAG_ENUM.get(previous, Flag.FLAG_UNSPECIFIED),
+            p_pneumonia=study.p_pneumonia if study.p_pneumonia is not None else 0.0,
+            reason=reason,
+            revision=study.revision,
+            model_version=study.model_version,
+            human_judgments=study.human_judgments,
+            sop_instance_uids=sorted(i.sop_uid for i in images),
+        )
+        event.updated_at.FromDatetime(now)
+        add_event(
+            s,
+            Outbox,
+            event,
+            message_id=f"aggregator:{study.study_uid}:{study.revision}",
+            correlation_id=trigger.split(":")[1] if trigger.count(":") >= 1 else study.study_uid,
+        )
+        if self.sr_enabled and flag != previous:
+            s.add(SrDelivery(study_uid=study.study_uid, revision=study.revision))
+            change.sr_queued = True
+        return change
+
+    # ---- clinician review ------------------------------------------------------------------------
+    async def review(
+        self, s: AsyncSession, study_uid: str, reviewer: str, action: str, flag: str | None = None, comment: str = ""
+    ) -> Change:
+        """Confirm the current flag, or overrule it with another; both are stored and become the flag."""
+        study = await s.get(Study, study_uid)
+        if study is None:
+            raise KeyError(study_uid)
+        if action == "confirm":
+            new_flag = study.flag
+        elif action == "overrule":
+            if flag not in (URGENT, SUSPECTED, UNCERTAIN, HEALTHY, NOT_TRIAGED) or flag == study.flag:
+                raise ValueError("overrule needs a different flag")
+            new_flag = flag
+        else:
+            raise ValueError(f"unknown action {action!r}")
+        if new_flag == PENDING:
+            raise ValueError("nothing to confirm yet")
+        s.add(
+            Review(
+                study_uid=study_uid,
+                reviewer=reviewer,
+                action=action,
+                flag_before=study.flag,
+                flag_after=new_flag,
+                label=LABEL_OF_FLAG.get(new_flag, "cant_tell"),
+                comment=comment[:2000],
+            )
+        )
+        study.overridden_by = reviewer
+        images = (await s.scalars(select(Image).where(Image.study_uid == study_uid))).all()
+        verb = "confirmed" if action == "confirm" else f"overruled {study.flag} ->"
+        reason = f"clinician {verb} {new_flag}" + (f": {comment[:200]}" if comment else "")
+        change = self._new_revision(
+            s, study, new_flag, reason, "clinician", f"review:{study_uid}", {"review": action}, images
+        )
+        OVERRIDES.labels(action).inc()
+        return change

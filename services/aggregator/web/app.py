@@ -1,0 +1,340 @@
+"""The clinician worklist (server-rendered, FastAPI + Jinja2, a little JS for live updates and
+image controls), its JSON API (OpenAPI at /api/docs, paginated), FHIR output, /healthz and
+/metrics. Only clinicians and admins get in (annotators get 403)."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import io
+import json
+import logging
+from datetime import date
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, Literal
+
+from fastapi import Depends, FastAPI, Form, HTTPException, Query, Request, Response
+from fastapi.responses import HTMLResponse, RedirectResponse, StreamingResponse
+from fastapi.staticfiles import StaticFiles
+from fastapi.templating import Jinja2Templates
+from pydantic import BaseModel, Field
+
+from services.aggregator.models import PredictionRow, Study, User
+from services.aggregator.outputs import DISCLAIMER, fhir_diagnostic_report, path_of
+from services.aggregator.policy import FLAGS, PENDING
+from services.aggregator.web import queries
+from services.core.auth import SessionUser, WebSessions, csrf_token, current_user, require_csrf, verify_password
+from services.core.telemetry import ops_router
+
+if TYPE_CHECKING:
+    from services.aggregator.app import Aggregator
+
+log = logging.getLogger(__name__)
+HERE = Path(__file__).resolve().parent
+COOKIE = "pt_aggregator"
+ALLOWED_ROLES = ("clinician", "admin")
+
+
+class ReviewIn(BaseModel):
+    action: Literal["confirm", "overrule"]
+    flag: str | None = Field(None, description="the new flag when overruling")
+    comment: str = ""
+
+
+class Page(BaseModel):
+    items: list[dict[str, Any]]
+    page: int
+    page_size: int
+    total: int
+
+
+@functools.lru_cache(maxsize=256)
+def render_png(path: str, mtime: float, frame: int) -> bytes:
+    from services.core.imaging import display_array, read_dicom, to_png
+
+    return to_png(display_array(read_dicom(path), frame=frame), max_side=1024)
+
+
+@functools.lru_cache(maxsize=256)
+def heatmap_png(path: str, mtime: float) -> bytes:
+    """A heatmap file as a transparent colour PNG (.npy arrays are colour-mapped; PNGs pass through)."""
+    if not path.endswith(".npy"):
+        return Path(path).read_bytes()
+    import numpy as np
+    from matplotlib import colormaps
+    from PIL import Image as PILImage
+
+    arr = np.asarray(np.load(path), dtype=np.float32).squeeze()
+    lo, hi = float(arr.min()), float(arr.max())
+    arr = (arr - lo) / (hi - lo) if hi > lo else np.zeros_like(arr)
+    rgba = (colormaps["jet"](arr) * 255).astype(np.uint8)
+    rgba[..., 3] = (np.clip(arr, 0, 1) * 255).astype(np.uint8)
+    buf = io.BytesIO()
+    PILImage.fromarray(rgba, mode="RGBA").save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def create_app(agg: Aggregator) -> FastAPI:
+    settings = agg.settings
+    app = FastAPI(
+        title="PneumoTriage aggregator",
+        description=f"Clinician worklist and results API. {DISCLAIMER}",
+        version="1",
+        docs_url="/api/docs",
+        openapi_url="/api/openapi.json",
+        redoc_url=None,
+    )
+
+    async def user_still_valid(request: Request, user: SessionUser) -> bool:
+        async with agg.sessions() as s:
+            row = await s.get(User, user.id)
+        return row is not None and row.role == user.role
+
+    web = WebSessions(
+        settings.resolved_secret_key(),
+        COOKIE,
+        secure=settings.cookie_secure,
+        max_age_s=settings.session_max_age_s,
+        user_check=user_still_valid,
+    )
+    web.install(app)
+    app.include_router(ops_router("aggregator", agg.health))
+    app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
+    templates = Jinja2Templates(directory=HERE / "templates")
+    templates.env.globals["DISCLAIMER"] = DISCLAIMER
+    templates.env.globals["FLAGS"] = FLAGS
+    templates.env.globals["FLAG_LABELS"] = queries.FLAG_LABELS
+    clinician = web.require_role(*ALLOWED_ROLES)
+    Clinician = Annotated[SessionUser, Depends(clinician)]
+
+    def page(request: Request, name: str, context: dict[str, Any], status: int = 200) -> HTMLResponse:
+        base = {"user": current_user(request), "csrf_token": csrf_token(request)}
+        return templates.TemplateResponse(request, name, {**base, **context}, status_code=status)
+
+    # ---- sign in -----------------------------------------------------------------------------
+    @app.get("/login", response_class=HTMLResponse, include_in_schema=False)
+    async def login_form(request: Request, next: str = "/worklist") -> HTMLResponse:
+        return page(request, "login.html", {"next": next, "error": None})
+
+    @app.post("/login", include_in_schema=False, dependencies=[Depends(require_csrf)])
+    async def login(
+        request: Request,
+        username: Annotated[str, Form()],
+        password: Annotated[str, Form()],
+        next: Annotated[str, Form()] = "/worklist",
+    ) -> Response:
+        async with agg.sessions() as s:
+            user = await s.get(User, username)
+        ok = user is not None and await asyncio.to_thread(verify_password, password, user.password_hash)
+        if not ok or user is None:
+            return page(request, "login.html", {"next": next, "error": "Wrong user name or password."}, 401)
+        web.login(request, user_id=user.username, role=user.role, name=user.username)
+        target = next if next.startswith("/") and not next.startswith("//") else "/worklist"
+        return RedirectResponse(target, status_code=303)
+
+    @app.post("/logout", include_in_schema=False, dependencies=[Depends(require_csrf)])
+    async def logout(request: Request) -> Response:
+        web.logout(request)
+        return RedirectResponse("/login", status_code=303)
+
+    @app.get("/", include_in_schema=False)
+    async def root() -> Response:
+        return RedirectResponse("/worklist", status_code=303)
+
+    # ---- worklist ----------------------------------------------------------------------------
+    def flag_list(flag: list[str] | None) -> list[str] | None:
+        return [f for f in (flag or []) if f] or None
+
+    @app.get("/worklist", response_class=HTMLResponse, include_in_schema=False)
+    async def worklist(
+        request: Request,
+        user: Clinician,
+        flag: Annotated[list[str] | None, Query()] = None,
+        date_from: date | None = None,
+        date_to: date | None = None,
+    ) -> HTMLResponse:
+        async with agg.sessions() as s:
+            items, total = await queries.list_studies(s, flag_list(flag), date_from, date_to, 1, 500)
+            token = await queries.worklist_token(s)
+        return page(
+            request,
+            "worklist.html",
+            {
+                "items": items,
+                "total": total,
+                "selected": flag_list(flag) or [],
+                "date_from": date_from or "",
+                "date_to": date_to or "",
+                "token": token,
+                "query": request.url.query,
+            },
+        )
+
+    @app.get("/worklist/rows", response_class=HTMLResponse, include_in_schema=False)
+    async def worklist_rows(
+        request: Request,
+        user: Clinician,
+        flag: Annotated[list[str] | None, Query()] = None,
+        date_from: date | None = None,
+        date_to: date | None = None,
+    ) -> HTMLResponse:
+        async with agg.sessions() as s:
+            items, total = await queries.list_studies(s, flag_list(flag), date_from, date_to, 1, 500)
+        return page(request, "_rows.html", {"items": items, "total": total})
+
+    @app.get("/worklist/events", include_in_schema=False)
+    async def worklist_events(request: Request, user: Clinician) -> StreamingResponse:
+        """Server-sent events: one 'worklist' event each time any study's result changes."""
+
+        async def stream() -> Any:
+            last = None
+            yield "retry: 3000\n\n"
+            while not await request.is_disconnected():
+                async with agg.sessions() as s:
+                    token = await queries.worklist_token(s)
+                if token != last:
+                    if last is not None:
+                        yield f"event: worklist\ndata: {json.dumps(token)}\n\n"
+                    last = token
+                else:
+                    yield ": keep-alive\n\n"
+                await asyncio.sleep(settings.sse_interval_seconds)
+
+        return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-store"})
+
+    @app.get("/studies/{study_uid}", response_class=HTMLResponse, include_in_schema=False)
+    async def study_page(request: Request, study_uid: str, user: Clinician) -> HTMLResponse:
+        async with agg.sessions() as s:
+            detail = await queries.study_detail(s, agg.store, study_uid)
+        if detail is None:
+            raise HTTPException(404, "no such study")
+        overrule_flags = [f for f in FLAGS if f != detail["flag"]]
+        return page(request, "study.html", {"s": detail, "overrule_flags": overrule_flags})
+
+    @app.post("/studies/{study_uid}/review", include_in_schema=False, dependencies=[Depends(require_csrf)])
+    async def review_form(
+        request: Request,
+        study_uid: str,
+        user: Clinician,
+        action: Annotated[str, Form()],
+        flag: Annotated[str | None, Form()] = None,
+        comment: Annotated[str, Form()] = "",
+    ) -> Response:
+        await do_review(study_uid, user, ReviewIn(action=action, flag=flag or None, comment=comment))  # type: ignore[arg-type]
+        return RedirectResponse(f"/studies/{study_uid}", status_code=303)
+
+    async def do_review(study_uid: str, user: SessionUser, body: ReviewIn) -> dict[str, Any]:
+        try:
+            change = await agg.review(study_uid, user.name or user.id, body.action, body.flag, body.comment)
+        except KeyError as exc:
+            raise HTTPException(404, "no such study") from exc
+        except ValueError as exc:
+            raise HTTPException(422, str(exc)) from exc
+        return {"study_uid": study_uid, "flag": change.flag, "revision": change.revision}
+
+    # ---- images ------------------------------------------------------------------------------
+    async def image_file(sop_uid: str) -> tuple[Any, Path]:
+        from services.aggregator.models import Image
+
+        async with agg.sessions() as s:
+            im = await s.get(Image, sop_uid)
+        path = path_of(im.storage_uri) if im is not None else None
+        if im is None or path is None or not path.is_file():
+            raise HTTPException(404, "image not stored here")
+        return im, path
+
+    @app.get("/images/{sop_uid}.png", include_in_schema=False)
+    async def image_png(sop_uid: str, user: Clinician, frame: int = 0) -> Response:
+        _, path = await image_file(sop_uid)
+        try:
+            data = await asyncio.to_thread(render_png, str(path), path.stat().st_mtime, frame)
+        except Exception as exc:
+            raise HTTPException(422, "cannot render this image") from exc
+        return Response(data, media_type="image/png", headers={"Cache-Control": "private, max-age=300"})
+
+    @app.get("/images/{sop_uid}/heatmap.png", include_in_schema=False)
+    async def image_heatmap(sop_uid: str, user: Clinician) -> Response:
+        async with agg.sessions() as s:
+            pred: PredictionRow | None = await agg.store.current_prediction(s, sop_uid)
+        path = path_of(pred.heatmap_uri) if pred is not None and pred.heatmap_uri else None
+        if path is None or not path.is_file():
+            raise HTTPException(404, "no heatmap for this image")
+        data = await asyncio.to_thread(heatmap_png, str(path), path.stat().st_mtime)
+        return Response(data, media_type="image/png", headers={"Cache-Control": "private, max-age=300"})
+
+    # ---- JSON API ----------------------------------------------------------------------------
+    @app.get("/api/v1/studies", response_model=Page, tags=["studies"])
+    async def api_studies(
+        user: Clinician,
+        flag: Annotated[list[str] | None, Query(description=f"one or more of {', '.join(FLAGS)}, {PENDING}")] = None,
+        date_from: date | None = None,
+        date_to: date | None = None,
+        page: Annotated[int, Query(ge=1)] = 1,
+        page_size: Annotated[int, Query(ge=1, le=500)] = 50,
+    ) -> Page:
+        """Studies sorted by urgency, then arrival; filter by flag and arrival date."""
+        async with agg.sessions() as s:
+            items, total = await queries.list_studies(s, flag_list(flag), date_from, date_to, page, page_size)
+        return Page(items=items, page=page, page_size=page_size, total=total)
+
+    @app.get("/api/v1/studies/{study_uid}", tags=["studies"])
+    async def api_study(study_uid: str, user: Clinician) -> dict[str, Any]:
+        """One study: flag, score, images with model score, crowd votes and agreement, flag history."""
+        async with agg.sessions() as s:
+            detail = await queries.study_detail(s, agg.store, study_uid)
+        if detail is None:
+            raise HTTPException(404, "no such study")
+        return detail
+
+    @app.get("/api/v1/studies/{study_uid}/history", tags=["studies"])
+    async def api_history(study_uid: str, user: Clinician) -> list[dict[str, Any]]:
+        """The audit trail: every change of the study's result, why, and on which evidence."""
+        async with agg.sessions() as s:
+            if await s.get(Study, study_uid) is None:
+                raise HTTPException(404, "no such study")
+            return await queries.history(s, study_uid)
+
+    @app.post("/api/v1/studies/{study_uid}/review", tags=["studies"], dependencies=[Depends(require_csrf)])
+    async def api_review(study_uid: str, body: ReviewIn, user: Clinician) -> dict[str, Any]:
+        """Confirm the current flag or overrule it (send the session's CSRF token in X-CSRF-Token)."""
+        return await do_review(study_uid, user, body)
+
+    @app.get("/api/v1/studies/{study_uid}/fhir", tags=["fhir"])
+    async def api_fhir(study_uid: str, user: Clinician) -> Response:
+        """The study's result as a FHIR R4 DiagnosticReport (Patient and Observations contained)."""
+        async with agg.sessions() as s:
+            study = await s.get(Study, study_uid)
+            if study is None:
+                raise HTTPException(404, "no such study")
+            report, header = await agg.study_report(s, study)
+        body = json.dumps(fhir_diagnostic_report(report, header), ensure_ascii=False)
+        return Response(body, media_type="application/fhir+json")
+
+    @app.get("/api/v1/reviews", response_model=Page, tags=["reviews"])
+    async def api_reviews(
+        user: Clinician,
+        page: Annotated[int, Query(ge=1)] = 1,
+        page_size: Annotated[int, Query(ge=1, le=1000)] = 100,
+    ) -> Page:
+        """Clinician confirms/overrules as high-trust labels (for the labeling and ML side)."""
+        async with agg.sessions() as s:
+            items, total = await queries.reviews(s, page, page_size)
+        return Page(items=items, page=page, page_size=page_size, total=total)
+
+    @app.get("/api/v1/me", tags=["session"])
+    async def api_me(request: Request, user: Clinician) -> dict[str, str]:
+        """Who is signed in, and the CSRF token to send with POSTs."""
+        return {"user": user.name, "role": user.role, "csrf_token": csrf_token(request)}
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> Response:
+        if exc.status_code == 403 and "text/html" in request.headers.get("accept", ""):
+            return page(request, "forbidden.html", {"detail": exc.detail}, 403)
+        return Response(
+            json.dumps({"detail": exc.detail}),
+            status_code=exc.status_code,
+            media_type="application/json",
+            headers=getattr(exc, "headers", None),
+        )
+
+    return app
