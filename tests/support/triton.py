@@ -69,13 +69,13 @@ def exported_candidate(directory: Path, seed: int = 1, temperature: float = 2.0)
     return out
 
 
-@pytest.fixture(scope="session")
-def inference_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
+@pytest.fixture(scope="session", name="inference_repository")
+def inference_repository_fixture(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_repository(tmp_path_factory.mktemp("inference-repo") / "models")
 
 
-@pytest.fixture(scope="session")
-def triton_server(inference_repository: Path) -> Iterator[LocalTriton]:
+@pytest.fixture(scope="session", name="triton_server")
+def triton_server_fixture(inference_repository: Path) -> Iterator[LocalTriton]:
     """One tritonserver for the session, serving `inference_repository` (do not modify it)."""
     server = LocalTriton(inference_repository, load_models=("pneumonia",))
     server.start()
@@ -85,8 +85,8 @@ def triton_server(inference_repository: Path) -> Iterator[LocalTriton]:
         server.cleanup()
 
 
-@pytest.fixture
-def private_triton(tmp_path: Path) -> Iterator[LocalTriton]:
+@pytest.fixture(name="private_triton")
+def private_triton_fixture(tmp_path: Path) -> Iterator[LocalTriton]:
     """A tritonserver of the test's own (tests that kill it or change its repository)."""
     repo = build_repository(tmp_path / "models")
     server = LocalTriton(repo, load_models=("pneumonia",), work_dir=tmp_path / "triton")
