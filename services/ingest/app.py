@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import warnings
 from typing import Any
 
 from sqlalchemy import text
@@ -126,9 +127,20 @@ class IngestService:
         self._stop.set()
 
 
+def quiet_pydicom() -> None:
+    """pydicom's value warnings can quote header values (names, dates): our own validation decides, and
+    logs only codes, so in the service its warnings are off (process-wide, hence not done in tests)."""
+    import pydicom.config
+
+    pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
+    logging.getLogger("pydicom").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", module=r"pydicom(\..*)?")
+
+
 async def serve(settings: IngestSettings | None = None) -> None:
     settings = settings or IngestSettings()
     configure_logging(SERVICE, settings.log_level, settings.log_json)
+    quiet_pydicom()
     service = IngestService(settings)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()

@@ -249,7 +249,8 @@ class IngestSCP:
             try:
                 received = self._on_loop(record_stored(self.sessions, decision, stored, calling_ae))
             except Exception as exc:
-                self.store.discard(stored)
+                # The file stays: it is complete and content-addressed, and a commit that timed out
+                # here may still land; the sender retries (0xA700) and then finds it stored.
                 return self._unavailable("db_unavailable", exc)
         if received is None:
             RECEIVED.labels("duplicate").inc()

@@ -1,6 +1,7 @@
 """`pneumotriage send`: C-STORE files or folders to an SCP — a thin wrapper over pynetdicom's SCU.
 
-Each file is sent as it is on disk (pynetdicom streams the encoded data set: nothing is re-encoded),
+Each file is sent as it is on disk (pynetdicom streams the encoded data set: nothing is parsed or
+re-encoded, so broken files reach the peer as they are),
 so the association proposes exactly the files' own (SOP class, transfer syntax) pairs. More than 128
 distinct pairs are split over several associations.
 """
@@ -13,9 +14,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import pydicom
 from pydicom.errors import InvalidDicomError
-from pynetdicom import AE
+from pydicom.filereader import read_file_meta_info
+from pynetdicom import AE, _config
 from pynetdicom.presentation import build_context
 
 log = logging.getLogger(__name__)
@@ -57,13 +58,15 @@ def collect_files(paths: Iterable[Path | str]) -> list[Path]:
 
 
 def _pair(path: Path) -> tuple[str, str] | None:
+    """(SOP class, transfer syntax) from the file meta only: the data set itself is not parsed."""
     try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPClassUID"])
-        sop_class = str(ds.get("SOPClassUID") or ds.file_meta.get("MediaStorageSOPClassUID") or "")
-        ts = str(ds.file_meta.get("TransferSyntaxUID") or "")
+        meta = read_file_meta_info(path)
+        sop_class = str(meta.get("MediaStorageSOPClassUID") or "")
+        ts = str(meta.get("TransferSyntaxUID") or "")
+        has_uid = bool(meta.get("MediaStorageSOPInstanceUID"))
     except (InvalidDicomError, OSError, AttributeError, ValueError, EOFError, KeyError, TypeError):
         return None
-    return (sop_class, ts) if sop_class and ts else None
+    return (sop_class, ts) if sop_class and ts and has_uid else None
 
 
 def send_files(
@@ -100,6 +103,8 @@ def send_files(
         pairs.add(item[1])
         batches[-1].append(item)
 
+    # stream each file's encoded data set as it is on disk (no decode / re-encode on our side)
+    _config.STORE_SEND_CHUNKED_DATASET = True
     ae = AE(ae_title=calling_ae)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
     for batch in batches:
@@ -116,7 +121,7 @@ def send_files(
                     continue
                 try:
                     status = assoc.send_c_store(path)
-                except ValueError as exc:  # no accepted presentation context for this file
+                except (ValueError, AttributeError) as exc:  # no accepted context / incomplete file meta
                     done(SendResult(path, None, str(exc)[:200]))
                     continue
                 if status is None or "Status" not in status:

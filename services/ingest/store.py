@@ -88,10 +88,3 @@ class ContentStore:
         except OSError as exc:
             raise StoreError(exc.errno, f"cannot write to the image store: {exc.strerror or exc}") from exc
         return StoredFile(sha, final, len(data), created=True)
-
-    def discard(self, stored: StoredFile) -> None:
-        """Undo a put() whose database commit failed (only files this put created)."""
-        if stored.created:
-            with contextlib.suppress(OSError):
-                stored.path.unlink()
-                _fsync_dir(stored.path.parent)

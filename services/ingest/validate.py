@@ -18,13 +18,15 @@ from datetime import date
 from io import BytesIO
 
 import pydicom
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID
 from pynetdicom import sop_class as sc
 
 from services.core.imaging import patient_age_years
 from services.ingest.config import IngestSettings
+
+UNDEFINED_LENGTH = 0xFFFFFFFF
 
 # C-STORE statuses we answer (PS3.4 B.2.3, PS3.7 C). ErrorComment carries the reason code.
 SUCCESS = 0x0000
@@ -127,15 +129,25 @@ def parse(data: bytes) -> Dataset:
         raise Refusal(CANNOT_PARSE, "empty_dataset", "the data set is empty")
     try:
         ds = pydicom.dcmread(BytesIO(data), force=True)
+        _check_complete(ds)
         for elem in ds.iterall():  # convert raw elements now, so a bad VR / length fails here
             _ = elem.value
-    except (InvalidDicomError, EOFError, ValueError, TypeError, KeyError, OverflowError, NotImplementedError) as exc:
-        raise Refusal(CANNOT_PARSE, "cannot_parse", f"the data set cannot be parsed: {type(exc).__name__}") from exc
+    except Refusal:
+        raise
     except Exception as exc:  # pydicom raises many kinds on fuzzed input; any is "cannot understand"
         raise Refusal(CANNOT_PARSE, "cannot_parse", f"the data set cannot be parsed: {type(exc).__name__}") from exc
     if len(ds) == 0:
         raise Refusal(CANNOT_PARSE, "empty_dataset", "the data set has no elements")
     return ds
+
+
+def _check_complete(ds: Dataset) -> None:
+    """pydicom reads a truncated stream with only a warning: an element shorter than its length is a refusal."""
+    for tag in ds.keys():
+        elem = ds.get_item(tag)
+        if isinstance(elem, RawDataElement) and elem.value is not None and elem.length != UNDEFINED_LENGTH:
+            if len(elem.value) < elem.length:
+                raise Refusal(CANNOT_PARSE, "truncated", f"data set truncated inside element {tag}")
 
 
 def _age_years(ds: Dataset) -> int | None:
@@ -259,7 +271,7 @@ def _decide(data: bytes, settings: IngestSettings, context_sop_class: str, comma
         decision.action = Action.STORE_ONLY
         decision.not_triaged_codes = [code for code, _ in reasons]
         decision.reason_code = reasons[0][0]
-        decision.reason = "; ".join(text for _, text in reasons)
+        decision.reason = "; ".join(f"{code}: {text}" for code, text in reasons)
 
     age = _age_years(ds)
     if age is None:
