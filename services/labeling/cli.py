@@ -120,6 +120,46 @@ def import_gold_cmd(
     typer.echo(json.dumps(counts))
 
 
+@labeling.command("add-images")
+def add_images_cmd(
+    data: Path = typer.Option(..., exists=True, file_okay=False, help="folder with NORMAL/ and PNEUMONIA/ images"),
+    n: int = typer.Option(100, min=1, help="images to add, drawn at random (natural class mix)"),
+    seed: int = typer.Option(11),
+) -> None:
+    """Label an existing image archive: add work images from files, without PACS/ingest (no events are
+    published for them, they have no DICOM UIDs). Gold images are never added as work."""
+    from services.labeling.gold import IMAGE_SUFFIXES
+    from services.labeling.models import Task
+
+    async def _add(s: Any, job: Any, settings: Any) -> int:
+        import random
+
+        from sqlalchemy import select
+
+        from services.labeling.render import cached_png
+
+        known = set((await s.scalars(select(Task.source_path).where(Task.source_path.is_not(None)))).all())
+        files = sorted(
+            p.resolve()
+            for folder in ("NORMAL", "PNEUMONIA")
+            for p in (data / folder).iterdir()
+            if p.suffix.lower() in IMAGE_SUFFIXES
+        )
+        random.Random(seed).shuffle(files)
+        picked = [f for f in files if str(f) not in known][:n]
+        with Progress(TextColumn("adding images"), BarColumn(), MofNCompleteColumn(), console=console) as progress:
+            bar = progress.add_task("add", total=len(picked))
+            for f in picked:
+                task = Task(kind="work", source_path=str(f), job_key=job.key, needed=job.redundancy.judgments_per_image)
+                s.add(task)
+                await s.flush()
+                cached_png(settings.render_dir(), task.id, f, settings.labeling_render_max_side)
+                progress.advance(bar)
+        return len(picked)
+
+    typer.echo(f"added {with_db(_add)} images")
+
+
 @labeling.command("export")
 def export_cmd(out: Path = typer.Option(..., help="output folder")) -> None:
     """Write the labeled dataset (labels.csv, labels.jsonl, judgments.csv) and the job report."""
