@@ -10,6 +10,7 @@ import httpx
 import pytest
 
 from services.core.contracts import Answer, Judgment, LabelAggregate
+from services.system.rabbitmq import RabbitNode
 from tests.support.labeling_service import (  # noqa: F401
     ANNOTATOR,
     ANNOTATOR2,
@@ -18,7 +19,7 @@ from tests.support.labeling_service import (  # noqa: F401
     Api,
     LabelingServer,
     gold_answers,
-    labeling_server,
+    labeling_server_fixture,
     work_sources,
 )
 
@@ -140,7 +141,9 @@ def test_xss_reason_is_escaped(labeling_server: LabelingServer, with_images: lis
     assert "<script>alert(" not in page and "<img src=x" not in page
 
 
-def test_events_published_through_outbox(labeling_server: LabelingServer, with_images: list[str], rabbit) -> None:  # noqa: ANN001
+def test_events_published_through_outbox(
+    labeling_server: LabelingServer, with_images: list[str], rabbit: RabbitNode
+) -> None:
     """judgment.submitted and label.aggregated reach the aggregator's queue once the answers are final."""
     import asyncio
     import threading

@@ -261,8 +261,8 @@ def work_sources(shared_data: Path, n: int, offset: int = 0) -> list[tuple[Path,
     return out
 
 
-@pytest.fixture(scope="module")
-def labeling_server(rabbit: Any, shared_data: Path) -> Iterator[LabelingServer]:
+@pytest.fixture(scope="module", name="labeling_server")
+def labeling_server_fixture(rabbit: Any, shared_data: Path) -> Iterator[LabelingServer]:
     server = LabelingServer(rabbit.url, shared_data / "kermany224" / "train").start()
     try:
         yield server
