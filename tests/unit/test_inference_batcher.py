@@ -1,0 +1,80 @@
+"""The micro-batcher on a real onnxruntime session: batches bounded by max_batch, and a runtime that
+is not available yet is retried in-process until it is (nothing fails meanwhile)."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import numpy as np
+import pytest
+from prometheus_client import REGISTRY
+
+from services.inference.runtime import ModelRepository, OnnxRuntime
+from services.inference.worker import MicroBatcher
+from tests.support.inference_model import build_tiny_onnx, make_repository
+
+
+@pytest.fixture(scope="module")
+def tiny_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("batcher")
+    return make_repository(root / "models", build_tiny_onnx(root / "tiny.onnx", 64), input_size=64)
+
+
+def _inputs(n: int) -> list[np.ndarray]:
+    rng = np.random.default_rng(1)
+    return [rng.standard_normal((1, 64, 64)).astype(np.float32) for _ in range(n)]
+
+
+async def test_batches_respect_max_batch_and_results_match_single_runs(tiny_repository: Path) -> None:
+    runtime = OnnxRuntime(ModelRepository(tiny_repository, "pneumonia"), threads=1)
+    await runtime.start()
+    batcher = MicroBatcher(runtime, max_batch=4, max_wait_ms=50)
+    batcher.start()
+    try:
+        inputs = _inputs(10)
+        items = await asyncio.gather(*(batcher.submit(x) for x in inputs))
+        assert max(i.batch_size for i in items) == 4
+        assert sum(1.0 / i.batch_size for i in items) == pytest.approx(3)  # 4 + 4 + 2
+        single = runtime.run_sync(np.stack(inputs))
+        assert np.max(np.abs(np.array([i.logit for i in items]) - single.logits)) < 1e-5
+        assert all(i.model_version == "1" and i.cam.shape == single.cams.shape[1:] for i in items)
+    finally:
+        await batcher.close()
+        await runtime.close()
+
+
+async def test_unavailable_runtime_is_retried_until_it_answers(tiny_repository: Path) -> None:
+    runtime = OnnxRuntime(ModelRepository(tiny_repository, "pneumonia"), threads=1)  # not started yet
+    batcher = MicroBatcher(runtime, max_batch=8, max_wait_ms=5, max_backoff_s=0.2)
+    batcher.start()
+    before = REGISTRY.get_sample_value("pt_inference_errors_total", {"kind": "runtime_unavailable"}) or 0
+    try:
+        pending = [asyncio.ensure_future(batcher.submit(x)) for x in _inputs(3)]
+        await asyncio.sleep(1.0)
+        assert not any(p.done() for p in pending)
+        assert batcher.available is False
+        await runtime.start()
+        items = await asyncio.wait_for(asyncio.gather(*pending), 10)
+        assert len(items) == 3 and batcher.available
+        after = REGISTRY.get_sample_value("pt_inference_errors_total", {"kind": "runtime_unavailable"}) or 0
+        assert after - before >= 2
+    finally:
+        await batcher.close()
+        await runtime.close()
+
+
+async def test_cancelled_waiters_stop_the_retry(tiny_repository: Path) -> None:
+    runtime = OnnxRuntime(ModelRepository(tiny_repository, "pneumonia"), threads=1)
+    batcher = MicroBatcher(runtime, max_batch=2, max_wait_ms=1, max_backoff_s=0.05)
+    batcher.start()
+    try:
+        pending = [asyncio.ensure_future(batcher.submit(x)) for x in _inputs(2)]
+        await asyncio.sleep(0.3)
+        for p in pending:
+            p.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        await asyncio.sleep(0.3)
+        assert not batcher._inflight  # the retry loop gave up: nobody was waiting any more
+    finally:
+        await batcher.close()
