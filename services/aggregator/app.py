@@ -109,7 +109,7 @@ class Aggregator:
         return report, header
 
     async def send_pending_srs(self) -> int:
-        """Send every pending SR whose revision is still the study's current one (older ones are moot)."""
+        """Send an SR with the study's current result for every study with a pending delivery."""
         if self.destination is None:
             return 0
         sent = 0
@@ -117,9 +117,14 @@ class Aggregator:
             pending = (
                 await session.scalars(select(SrDelivery).where(SrDelivery.status == "pending").order_by(SrDelivery.id))
             ).all()
-            for delivery in pending:
+            latest: dict[str, SrDelivery] = {}
+            for delivery in pending:  # several flag changes queued for one study: one SR, the current result
+                if delivery.study_uid in latest:
+                    latest[delivery.study_uid].status = "superseded"
+                latest[delivery.study_uid] = delivery
+            for delivery in latest.values():
                 study = await session.get(Study, delivery.study_uid)
-                if study is None or study.revision != delivery.revision:
+                if study is None:
                     delivery.status = "superseded"
                     continue
                 report, header = await self.study_report(session, study)

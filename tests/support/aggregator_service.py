@@ -186,3 +186,31 @@ async def triage_tap_fixture(rabbit: RabbitNode) -> AsyncIterator[TriageTap]:
         yield tap
     finally:
         await tap.close()
+
+
+async def apply_events(agg: Aggregator, *messages: Any) -> None:
+    """Apply events straight through the store (for tests that are not about the broker)."""
+    for msg in messages:
+        async with agg.lock_for(msg.image.study_instance_uid), agg.sessions() as s:
+            change = await agg.store.apply(s, msg, trigger=message_id(msg))
+            await s.commit()
+        agg.after_commit(change)
+
+
+@pytest.fixture(name="offline_aggregator")
+async def offline_aggregator_fixture(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[Aggregator]:
+    """An Aggregator with its own DB and the test policy, not connected to a broker. Parametrize
+    indirectly with a dict of extra settings (e.g. sr_destination)."""
+    extra = getattr(request, "param", None) or {}
+    settings = AggregatorSettings(
+        data_dir=tmp_path,
+        policy_file=write_test_policy(tmp_path / "policy.yaml"),
+        secret_key="test-secret",
+        **extra,
+    )
+    agg = Aggregator(settings)
+    await agg.migrate()
+    try:
+        yield agg
+    finally:
+        await agg.engine.dispose()

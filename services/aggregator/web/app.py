@@ -1,8 +1,9 @@
 """The clinician worklist (server-rendered, FastAPI + Jinja2, a little JS for live updates and
 image controls), its JSON API (OpenAPI at /api/docs, paginated), FHIR output, /healthz and
-/metrics. Only clinicians and admins get in (annotators get 403)."""
+/metrics. Only clinicians and admins get in (annotators get 403).
 
-from __future__ import annotations
+No `from __future__ import annotations` here: FastAPI must see the route signatures' real types
+(the local `Clinician` dependency alias)."""
 
 import asyncio
 import functools
@@ -74,7 +75,7 @@ def heatmap_png(path: str, mtime: float) -> bytes:
     return buf.getvalue()
 
 
-def create_app(agg: Aggregator) -> FastAPI:
+def create_app(agg: "Aggregator") -> FastAPI:
     settings = agg.settings
     app = FastAPI(
         title="PneumoTriage aggregator",
