@@ -1,0 +1,151 @@
+"""The real aggregator service (`pneumotriage aggregator` in a subprocess) on the session's
+RabbitMQ, with users created by the real CLI, for the browser tests; and a sync publisher."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from services.core.broker import Broker
+from services.system.rabbitmq import RabbitNode, free_port
+from tests.support.aggregator_service import publish, write_test_policy
+
+PASSWORD = "correct horse battery"
+CLI = (sys.executable, "-m", "services.cli")
+
+
+def run_async(coro: Any) -> Any:
+    """Run a coroutine to completion in a fresh thread (Playwright's sync API owns this thread's loop)."""
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["value"] = asyncio.run(coro)
+        except BaseException as exc:  # re-raised in the caller
+            box["error"] = exc
+
+    t = threading.Thread(target=target)
+    t.start()
+    t.join(120)
+    if "error" in box:
+        raise box["error"]
+    return box.get("value")
+
+
+@dataclass
+class AggregatorServer:
+    url: str
+    amqp_url: str
+    data_dir: Path
+    env: dict[str, str]
+
+    def publish(self, *messages: Any) -> None:
+        async def go() -> None:
+            broker = await Broker(self.amqp_url).connect()
+            try:
+                for msg in messages:
+                    await publish(broker, msg)
+            finally:
+                await broker.close()
+
+        run_async(go())
+
+    def add_user(self, name: str, role: str) -> None:
+        if role in ("clinician", "admin"):  # through the real CLI
+            subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "services.cli",
+                    "aggregator",
+                    "add-user",
+                    name,
+                    "--role",
+                    role,
+                    "--password",
+                    PASSWORD,
+                ],
+                env=self.env,
+                check=True,
+                capture_output=True,
+                timeout=120,
+            )
+        else:  # the CLI refuses other roles; put one in the table as a misconfigured account would be
+            from services.aggregator.config import AggregatorSettings
+            from services.aggregator.users import upsert_user
+
+            run_async(upsert_user(name, role, PASSWORD, AggregatorSettings(data_dir=self.data_dir)))
+
+    def heatmap(self, name: str, center: tuple[float, float]) -> str:
+        """A generated class-activation-like map (.npy) the Prediction can point to."""
+        yy, xx = np.mgrid[0:28, 0:28] / 27.0
+        arr = np.exp(-(((xx - center[0]) ** 2) + ((yy - center[1]) ** 2)) / 0.02).astype(np.float32)
+        path = self.data_dir / f"{name}.npy"
+        np.save(path, arr)
+        return path.as_uri()
+
+
+def _wait_healthy(url: str, proc: subprocess.Popen[bytes], log: Path, timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"aggregator exited: {log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(url + "/healthz", timeout=5) as resp:
+                if resp.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.3)
+    raise RuntimeError(f"aggregator not healthy in {timeout}s: {log.read_text()[-3000:]}")
+
+
+@pytest.fixture(name="aggregator_server", scope="module")
+def aggregator_server_fixture(
+    rabbit: RabbitNode, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[AggregatorServer]:
+    data_dir = tmp_path_factory.mktemp("aggregator-web")
+    port = free_port()
+    env = dict(os.environ)
+    env.update(
+        PT_DATA_DIR=str(data_dir),
+        PT_AMQP_URL=rabbit.url,
+        PT_AGGREGATOR_HTTP_PORT=str(port),
+        PT_AGGREGATOR_POLICY_FILE=str(write_test_policy(data_dir / "policy.yaml")),
+        PT_AGGREGATOR_SSE_INTERVAL_SECONDS="0.5",
+        PT_SECRET_KEY="browser-test-secret",
+        PT_LOG_LEVEL="INFO",
+    )
+    rabbit.ctl("purge_queue", "aggregator.events", check=False)  # leftovers of other tests are not ours
+    log = data_dir / "aggregator.log"
+    proc = subprocess.Popen(
+        [*CLI, "aggregator"],
+        env=env,
+        stdout=open(log, "ab"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    server = AggregatorServer(f"http://127.0.0.1:{port}", rabbit.url, data_dir, env)
+    try:
+        _wait_healthy(server.url, proc, log)
+        yield server
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
