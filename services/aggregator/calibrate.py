@@ -101,13 +101,16 @@ def choose_thresholds(
     base: Thresholds,
     weights: np.ndarray | None = None,
 ) -> Thresholds:
-    """Thresholds meeting the operating points on (p, y).
+    """Thresholds meeting the operating points on (p, y). The rule-out is chosen first (it is the
+    safety-critical one); URGENT and PNEUMONIA_SUSPECTED only start above it.
 
     rule_out: the largest threshold (at most 0.5: never clear an image the fusion thinks more likely
     pneumonia than not) whose cleared set misses at most 1 - sensitivity of the pneumonia images;
     `blocked` marks images the conflict rule keeps out of LIKELY_HEALTHY whatever the threshold.
-    urgent / suspected: the smallest threshold such that the flagged group, and every smaller group
-    above a higher threshold, keeps PPV >= the target (weighted by `weights` for prevalence).
+    urgent: the smallest threshold such that the URGENT group (P >= urgent), and every smaller such
+    group, keeps PPV >= the urgent target. suspected: the same for the PNEUMONIA_SUSPECTED band
+    [suspected, urgent) on its own (so the band is "pneumonia likely", not diluted by urgent cases).
+    PPVs are weighted by `weights` (a stated prevalence).
     """
     w = np.ones(len(y)) if weights is None else weights
     candidates = np.unique(np.concatenate([p[p <= 0.5], [0.0]]))
@@ -123,21 +126,33 @@ def choose_thresholds(
 
     order = np.argsort(-p, kind="stable")
     ps, ys, ws = p[order], y[order], w[order]
-    ppv = np.cumsum(ws * ys) / np.maximum(np.cumsum(ws), 1e-12)
+    tp, total = np.cumsum(ws * ys), np.cumsum(ws)
 
-    def ppv_threshold(target: float) -> float:
-        best = 1.0
-        for i in range(len(ps)):
+    def ppv_cut(first: int, target: float) -> tuple[float | None, int]:
+        """Scanning down from index `first`: the lowest score whose group [first, i] — and every
+        smaller such group — keeps PPV >= target. Returns (threshold or None, end index)."""
+        best: float | None = None
+        end = first
+        base_tp = tp[first - 1] if first > 0 else 0.0
+        base_n = total[first - 1] if first > 0 else 0.0
+        for i in range(first, len(ps)):
             if i + 1 < len(ps) and ps[i + 1] == ps[i]:  # only cut between distinct scores
                 continue
-            if ppv[i] < target:
+            n = total[i] - base_n
+            if n <= 0 or (tp[i] - base_tp) / n < target:
                 break
-            if i + 1 >= ops.min_flagged:
-                best = float(ps[i])
-        return best
+            if i + 1 - first >= ops.min_flagged:
+                best, end = float(ps[i]), i + 1
+        return best, end
 
-    suspected = max(ppv_threshold(ops.suspected_ppv), float(np.nextafter(rule_out, 1.0)))
-    urgent = max(ppv_threshold(ops.urgent_ppv), suspected)
+    # The rule-out (safety) is chosen first; the pneumonia flags start above it.
+    above = p[p > rule_out]
+    floor = float(above.min()) if above.size else 1.0
+    urgent_cut, _ = ppv_cut(0, ops.urgent_ppv)
+    urgent = 1.0 if urgent_cut is None else max(urgent_cut, floor)
+    first = int((ps >= urgent).sum())
+    suspected_cut, _ = ppv_cut(first, ops.suspected_ppv)
+    suspected = urgent if suspected_cut is None else min(max(suspected_cut, floor), urgent)
     return Thresholds(
         urgent=urgent,
         suspected=suspected,
