@@ -37,7 +37,7 @@ def train_cmd(
     version: int = typer.Option(0, help="version number (0: next free)"),
     checkpoint: Path = typer.Option(Path("var/model/pneumonia.pt"), help="PyTorch checkpoint (for `model export`)"),
     split_file: Path = typer.Option(None, help="patient split JSON (default: the committed training/split.json)"),
-    epochs: int = typer.Option(18),
+    epochs: int = typer.Option(10),
     batch_size: int = typer.Option(32),
     lr: float = typer.Option(3e-3),
     input_size: int = typer.Option(0, help="0: preprocess.INPUT_SIZE"),

@@ -53,7 +53,7 @@ def log_loss(probs: np.ndarray, labels: np.ndarray) -> float:
 
 
 def choose_thresholds(
-    probs: np.ndarray, labels: np.ndarray, rule_out_sensitivity: float = 0.95, urgent_specificity: float = 0.95
+    probs: np.ndarray, labels: np.ndarray, rule_out_sensitivity: float = 0.99, urgent_specificity: float = 0.99
 ) -> dict[str, float]:
     """Operating points on calibrated validation probabilities.
 
@@ -63,6 +63,10 @@ def choose_thresholds(
       likely pneumonia, surface first);
     - ``operating``: the threshold maximising Youden's J (sensitivity + specificity - 1), the point
       at which accuracy, sensitivity, specificity, PPV, NPV and F1 are reported.
+
+    The three are kept ordered (rule_out <= operating <= urgent): with a strong model the
+    sensitivity target can sit above the specificity target, and then "likely healthy" is still
+    never granted above the operating point, nor "urgent" below it.
     """
     p = np.asarray(probs, dtype=np.float64)
     y = np.asarray(labels).astype(bool)
@@ -73,8 +77,10 @@ def choose_thresholds(
     ok_sens = candidates[sens >= rule_out_sensitivity]
     ok_spec = candidates[spec >= urgent_specificity]
     youden = candidates[int(np.argmax(sens + spec - 1.0))]
+    rule_out = float(ok_sens.max()) if ok_sens.size else 0.0
+    urgent = float(ok_spec.min()) if ok_spec.size else 1.0
     return {
-        "rule_out": float(ok_sens.max()) if ok_sens.size else 0.0,
+        "rule_out": min(rule_out, float(youden)),
         "operating": float(youden),
-        "urgent": float(ok_spec.min()) if ok_spec.size else 1.0,
+        "urgent": max(urgent, float(youden)),
     }

@@ -40,7 +40,7 @@ from services.inference.training.split import SPLIT_FILE, assign, load_split, ma
 
 @dataclass
 class TrainConfig:
-    epochs: int = 18
+    epochs: int = 10
     batch_size: int = 32
     lr: float = 3e-3
     weight_decay: float = 5e-4
