@@ -5,6 +5,7 @@ in the Triton model repository: <repo>/pneumonia/<version>/{model.onnx, metadata
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 
@@ -118,8 +119,15 @@ def next_version(model_dir: Path) -> int:
 
 
 def write_config(model_dir: Path, input_size: int, cam_size: int, max_batch: int = 32) -> Path:
+    """(Re)write config.pbtxt for the exported shapes, keeping an existing version pin (set by
+    `pneumotriage model deploy`) so that exporting a version does not silently switch serving."""
     path = model_dir / "config.pbtxt"
-    path.write_text(CONFIG_PBTXT.format(name=MODEL_NAME, s=input_size, h=cam_size, max_batch=max_batch))
+    text = CONFIG_PBTXT.format(name=MODEL_NAME, s=input_size, h=cam_size, max_batch=max_batch)
+    if path.exists():
+        pinned = re.search(r"^version_policy:.*$", path.read_text(), flags=re.MULTILINE)
+        if pinned:
+            text = re.sub(r"^version_policy:.*$", lambda _: pinned.group(0), text, flags=re.MULTILINE)
+    path.write_text(text)
     return path
 
 
