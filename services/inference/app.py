@@ -38,6 +38,7 @@ class InferenceService:
             decode_workers=settings.decode_workers,
             heatmap_dir=settings.resolved_heatmap_dir(),
             max_backoff_s=settings.retry_max_backoff_s,
+            decode_processes=settings.decode_processes,
         )
         self.worker = InferenceWorker(self.broker, self.pipeline)
         self.started = asyncio.Event()

@@ -37,8 +37,13 @@ class InferenceSettings(CommonSettings):
     max_wait_ms: float = Field(5.0, validation_alias=_env("MAX_WAIT_MS"))
     # Threads that read, verify and decode DICOM files.
     decode_workers: int = Field(2, validation_alias=_env("DECODE_WORKERS"))
+    # Decode in this many worker processes instead (0: threads). Worth it with more cores than the
+    # runtime uses (e.g. Triton on a GPU): DICOM parsing is mostly Python and holds the GIL.
+    decode_processes: int = Field(0, validation_alias=_env("DECODE_PROCESSES"))
     # onnxruntime intra-op threads for the embedded runtime (0 = onnxruntime's default).
     ort_threads: int = Field(0, validation_alias=_env("ORT_THREADS"))
+    # Let onnxruntime's threads busy-wait between runs (faster alone, slower beside the decode threads).
+    ort_spin: bool = Field(False, validation_alias=_env("ORT_SPIN"))
     # Where class-activation heatmaps go (default <data_dir>/heatmaps); "" disables them.
     heatmap_dir: Path | None = Field(None, validation_alias=_env("HEATMAP_DIR"))
     heatmaps: bool = Field(True, validation_alias=_env("HEATMAPS"))

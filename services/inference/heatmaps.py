@@ -20,6 +20,10 @@ import numpy as np
 from PIL import Image, PngImagePlugin
 
 MAX_ALPHA = 0.65
+# The CAM has ~12 x 12 cells: a small PNG carries all of it, and viewers stretch it over the image
+# with smooth (bilinear) scaling. Fast zlib level: PNG encoding was the costliest step per image.
+MAX_SIDE = 160
+COMPRESS_LEVEL = 1
 
 
 def _inferno_lut() -> np.ndarray:
@@ -38,7 +42,7 @@ def content_box(rows: int, columns: int, size: int) -> tuple[int, int, int, int]
     return (size - h) // 2, (size - w) // 2, h, w
 
 
-def render_heatmap(cam: np.ndarray, rows: int, columns: int, input_size: int, max_side: int = 512) -> Image.Image:
+def render_heatmap(cam: np.ndarray, rows: int, columns: int, input_size: int, max_side: int = MAX_SIDE) -> Image.Image:
     """RGBA heatmap of `cam` [h, w] for a rows x columns image, longest side max_side."""
     global _LUT
     if _LUT is None:
@@ -75,7 +79,7 @@ def save_heatmap(
     input_size: int,
     model_name: str,
     model_version: str,
-    max_side: int = 512,
+    max_side: int = MAX_SIDE,
 ) -> str:
     """Write the heatmap PNG (atomically) and return its file:// URI."""
     path = heatmap_path(root, sop_instance_uid, model_name, model_version)
@@ -86,7 +90,7 @@ def save_heatmap(
     info.add_text("pt:cam_max", f"{float(np.max(cam)):.6g}")
     info.add_text("pt:model", f"{model_name}:{model_version}")
     buf = io.BytesIO()
-    image.save(buf, format="PNG", pnginfo=info)
+    image.save(buf, format="PNG", pnginfo=info, compress_level=COMPRESS_LEVEL)
     fd, tmp = tempfile.mkstemp(prefix=".hm-", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:

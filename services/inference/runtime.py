@@ -214,10 +214,11 @@ class OnnxRuntime(InferenceRuntime):
 
     kind = "onnxruntime"
 
-    def __init__(self, repository: ModelRepository, version: str = "", threads: int = 0) -> None:
+    def __init__(self, repository: ModelRepository, version: str = "", threads: int = 0, spin: bool = False) -> None:
         super().__init__(repository)
         self.requested_version = version
         self.threads = threads
+        self.spin = spin
         self.session: Any = None
         self._version = ""
         self._model: ModelVersion | None = None
@@ -242,6 +243,8 @@ class OnnxRuntime(InferenceRuntime):
         if self.threads > 0:
             options.intra_op_num_threads = self.threads
         options.inter_op_num_threads = 1
+        # By default no busy-waiting between runs: the decode threads need those cores.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if self.spin else "0")
         self.session = ort.InferenceSession(
             str(model.directory / "model.onnx"), options, providers=["CPUExecutionProvider"]
         )
@@ -416,4 +419,4 @@ def make_runtime(settings: Any) -> InferenceRuntime:
         return TritonRuntime(
             settings.triton_url, repository, version=settings.model_version, timeout_s=settings.triton_timeout_s
         )
-    return OnnxRuntime(repository, version=settings.model_version, threads=settings.ort_threads)
+    return OnnxRuntime(repository, version=settings.model_version, threads=settings.ort_threads, spin=settings.ort_spin)

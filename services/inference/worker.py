@@ -17,11 +17,12 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import multiprocessing
 import time
 import urllib.parse
 import urllib.request
 from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,17 +64,32 @@ class LoadedImage:
     columns: int
 
 
+class BadImage(PermanentError):
+    """The stored image can never be predicted (kind: sha256_mismatch | undecodable | bad_uri)."""
+
+    def __init__(self, kind: str, reason: str) -> None:
+        super().__init__(kind, reason)  # both in args: survives pickling from a decode process
+        self.kind = kind
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return self.reason
+
+
 def storage_path(uri: str) -> Path:
     parsed = urllib.parse.urlparse(uri)
     if parsed.scheme == "file":
         return Path(urllib.request.url2pathname(parsed.path))
     if parsed.scheme == "":
         return Path(uri)
-    raise PermanentError(f"unsupported storage URI scheme {parsed.scheme!r}")
+    raise BadImage("bad_uri", f"unsupported storage URI scheme {parsed.scheme!r}")
 
 
 def load_image(uri: str, sha256: str, input_size: int) -> LoadedImage:
-    """Read the stored DICOM, verify its sha256, decode and preprocess it (runs in a thread)."""
+    """Read the stored DICOM, verify its sha256, decode and preprocess it (in a decode thread or
+    process). Raises BadImage for what can never succeed, FileNotFoundError (transient) otherwise."""
+    import io
+
     import pydicom
     from pydicom.errors import InvalidDicomError
 
@@ -82,19 +98,12 @@ def load_image(uri: str, sha256: str, input_size: int) -> LoadedImage:
     path = storage_path(uri)
     try:
         data = path.read_bytes()
-    except FileNotFoundError:
-        ERRORS.labels("missing_file").inc()
-        raise
     except IsADirectoryError as exc:
-        ERRORS.labels("undecodable").inc()
-        raise PermanentError(f"storage URI is a directory: {exc}") from exc
+        raise BadImage("bad_uri", f"storage URI is a directory: {exc}") from exc
     digest = hashlib.sha256(data).hexdigest()
     if sha256 and digest != sha256.lower():
-        ERRORS.labels("sha256_mismatch").inc()
-        raise PermanentError(f"sha256 mismatch: stored file has {digest}, event says {sha256}")
+        raise BadImage("sha256_mismatch", f"sha256 mismatch: stored file has {digest}, event says {sha256}")
     try:
-        import io
-
         ds = pydicom.dcmread(io.BytesIO(data))
         rows, columns = int(ds.Rows), int(ds.Columns)
         tensor = preprocess_dicom(ds, input_size)
@@ -110,12 +119,16 @@ def load_image(uri: str, sha256: str, input_size: int) -> LoadedImage:
         EOFError,
         OSError,
     ) as exc:
-        ERRORS.labels("undecodable").inc()
-        raise PermanentError(f"undecodable image: {type(exc).__name__}: {exc}"[:500]) from exc
+        raise BadImage("undecodable", f"undecodable image: {type(exc).__name__}: {exc}"[:500]) from exc
     if tensor.shape != (1, input_size, input_size) or not np.all(np.isfinite(tensor)):
-        ERRORS.labels("undecodable").inc()
-        raise PermanentError(f"preprocessing produced an unusable tensor {tensor.shape}")
+        raise BadImage("undecodable", f"preprocessing produced an unusable tensor {tensor.shape}")
     return LoadedImage(np.ascontiguousarray(tensor, dtype=np.float32), rows, columns)
+
+
+def _warm_decode_process() -> None:
+    import pydicom  # noqa: F401
+
+    import services.inference.preprocess  # noqa: F401
 
 
 @dataclass
@@ -274,10 +287,19 @@ class Pipeline:
         decode_workers: int = 2,
         heatmap_dir: Path | None = None,
         max_backoff_s: float = 10.0,
+        decode_processes: int = 0,
     ) -> None:
         self.runtime = runtime
         self.batcher = MicroBatcher(runtime, max_batch, max_wait_ms, max_backoff_s)
         self.decode_pool = ThreadPoolExecutor(max_workers=max(1, decode_workers), thread_name_prefix="decode")
+        # DICOM parsing is mostly Python (GIL-bound): processes let decoding use more than one core.
+        self.process_pool: ProcessPoolExecutor | None = None
+        if decode_processes > 0:
+            self.process_pool = ProcessPoolExecutor(
+                max_workers=decode_processes,
+                mp_context=multiprocessing.get_context("forkserver"),
+                initializer=_warm_decode_process,
+            )
         self.heatmap_dir = heatmap_dir
 
     def start(self) -> None:
@@ -286,14 +308,27 @@ class Pipeline:
     async def close(self) -> None:
         await self.batcher.close()
         self.decode_pool.shutdown(wait=False, cancel_futures=True)
+        if self.process_pool is not None:
+            self.process_pool.shutdown(wait=False, cancel_futures=True)
 
     async def predict(self, event: ImageReceived) -> Prediction:
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
         image = event.image
-        loaded = await loop.run_in_executor(
-            self.decode_pool, load_image, image.storage_uri, image.sha256, self.runtime.input_size
-        )
+        try:
+            loaded = await loop.run_in_executor(
+                self.process_pool or self.decode_pool,
+                load_image,
+                image.storage_uri,
+                image.sha256,
+                self.runtime.input_size,
+            )
+        except BadImage as exc:
+            ERRORS.labels(exc.kind).inc()
+            raise
+        except FileNotFoundError:
+            ERRORS.labels("missing_file").inc()
+            raise
         STAGE.labels("decode").observe(time.perf_counter() - started)
         item = await self.batcher.submit(loaded.tensor)
         try:

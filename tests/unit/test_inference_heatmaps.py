@@ -49,7 +49,7 @@ def test_save_writes_png_atomically_with_provenance(tmp_path: Path) -> None:
     assert uri.startswith("file://") and uri.endswith("_pneumonia-v7.png")
     path = Path(uri.removeprefix("file://"))
     with Image.open(io.BytesIO(path.read_bytes())) as img:
-        assert img.size == (224, 224)
+        assert img.size == (160, 160)
         assert img.text["pt:model"] == "pneumonia:7"
         assert float(img.text["pt:cam_max"]) == pytest.approx(2.0)
     assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temp files left
