@@ -111,7 +111,9 @@ def create_app(ctx: WebContext, web_sessions: WebSessions, health: HealthCheck |
     ) -> Response:
         user = await check_login(name, password)
         if user is None:
-            return page(request, "login.html", {"next": next, "error": "Wrong name or password."}, status=401)
+            return page(
+                request, "login.html", {"next": next, "name": name, "error": "Wrong name or password."}, status=401
+            )
         web_sessions.login(request, user_id=str(user.id), role=user.role, name=user.name)
         target = next if next.startswith("/") and "//" not in next else "/"
         return RedirectResponse(target, status_code=303)
