@@ -67,14 +67,17 @@ def test_annotator_journey(labeling_server: LabelingServer, chromium, shared_dat
         assert f"question {i + 1} of 8" in page.locator(".status").inner_text()
         press(page, WRONG[gold[current_task(page)]])
         feedback = page.locator("#feedback")
-        assert "Not quite" in feedback.inner_text() and len(feedback.inner_text()) > 40
+        assert "not quite right" in feedback.inner_text() and len(feedback.inner_text()) > 40
         if i == 0:
             page.screenshot(path=str(shots / "02-quiz-miss.png"), full_page=True)
     assert "attempt 2" in page.locator(".status").inner_text()
+    assert "Quiz attempt 1: 0 of 8 right" in page.locator("#quiz-result").inner_text()
+    assert "Not passed yet" in page.locator("#quiz-result").inner_text()
 
     # attempt 2: all right -> passed, on to work
     for _ in range(8):
         press(page, RIGHT[gold[current_task(page)]])
+    assert "You passed" in page.locator("#quiz-result").inner_text()
     assert "Answered: 0" in page.locator("#progress").inner_text()
     assert "none yet" in page.locator("#accuracy").inner_text()
 
@@ -111,7 +114,7 @@ def test_annotator_journey(labeling_server: LabelingServer, chromium, shared_dat
         task = current_task(page)
         if kinds[task] == "hidden":
             press(page, WRONG[gold[task]])
-            assert "Not quite" in page.locator("#feedback").inner_text()
+            assert "not quite right" in page.locator("#feedback").inner_text()
             assert "0% of 1" in page.locator("#accuracy").inner_text()
             page.screenshot(path=str(shots / "04-own-accuracy.png"), full_page=True)
             break

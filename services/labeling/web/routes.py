@@ -32,6 +32,7 @@ from services.labeling.workflow import (
     may_view_image,
     next_item,
     pending_judgments,
+    quiz_tasks,
     submit,
     undo_last,
 )
@@ -197,7 +198,27 @@ def create_app(ctx: WebContext, web_sessions: WebSessions, health: HealthCheck |
             return None
         task = await s.get(Task, row.task_id)
         assert task is not None
-        return {"correct": bool(row.correct), "gold_label": task.gold_label, "reason": task.gold_reason}
+        out: dict[str, Any] = {"correct": bool(row.correct), "gold_label": task.gold_label, "reason": task.gold_reason}
+        if row.context == "quiz":
+            results = (
+                await s.scalars(
+                    select(JudgmentRow.correct).where(
+                        JudgmentRow.user_id == user.id,
+                        JudgmentRow.context == "quiz",
+                        JudgmentRow.quiz_attempt == row.quiz_attempt,
+                    )
+                )
+            ).all()
+            if len(results) >= len(await quiz_tasks(s)):  # this answer finished an attempt
+                out["quiz"] = {
+                    "attempt": row.quiz_attempt + 1,
+                    "right": sum(1 for r in results if r),
+                    "total": len(results),
+                    "passed": user.quiz_passed and row.quiz_attempt == user.quiz_attempt,
+                    "pass_mark": ctx.job.gold.quiz_pass_mark,
+                    "attempts_left": max(0, ctx.job.gold.quiz_attempts - user.quiz_attempt),
+                }
+        return out
 
     @router.post("/answer", dependencies=[Depends(require_csrf)])
     async def answer_form(
