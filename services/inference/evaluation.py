@@ -60,10 +60,26 @@ def read_display_image(path: Path) -> np.ndarray:
     return load_image_file(path)
 
 
+def stretch(gray: np.ndarray, aspect: float) -> np.ndarray:
+    """Resample a display image to width/height = aspect (simulates the true aspect of a squashed copy)."""
+    from PIL import Image
+
+    h = gray.shape[0]
+    new_w = max(2, round(h * aspect))
+    img = Image.fromarray(np.asarray(gray, dtype=np.float32), mode="F")
+    return np.asarray(img.resize((new_w, h), Image.Resampling.BILINEAR), dtype=np.float32)
+
+
 def predict(
-    version_dir: Path, paths: list[Path], batch_size: int = 32, progress: Progress | None = None
+    version_dir: Path,
+    paths: list[Path],
+    batch_size: int = 32,
+    progress: Progress | None = None,
+    aspect: float | None = None,
 ) -> tuple[np.ndarray, np.ndarray, list[tuple[int, int]]]:
-    """(logits, calibrated probabilities, source image sizes (h, w)) for each path."""
+    """(logits, calibrated probabilities, source image sizes (h, w)) for each path. ``aspect``
+    (width/height) resamples every image to that aspect first: the letter-boxed, true-aspect input
+    that real DICOM gives, for a model trained on squashed copies."""
     metadata = load_metadata(version_dir)
     size = int(metadata["input_size"])
     options = ort.SessionOptions()
@@ -76,6 +92,8 @@ def predict(
         batch = []
         for path in paths[start : start + batch_size]:
             gray = read_display_image(path)
+            if aspect:
+                gray = stretch(gray, aspect)
             sizes.append((int(gray.shape[0]), int(gray.shape[1])))
             batch.append(preprocess_array(gray, size))
         logits.append(session.run(["logit"], {"image": np.stack(batch).astype(np.float32)})[0])
@@ -180,8 +198,8 @@ def with_ci(point: dict, ci: dict[str, tuple[float, float]], prefix: str = "") -
         if isinstance(v, dict):
             out[k] = with_ci(v, ci, f"{prefix}{k}.")
         else:
-            lo, hi = ci.get(f"{prefix}{k}", (float("nan"), float("nan")))
-            out[k] = {"value": float(v), "ci95": [lo, hi]}
+            lo_hi = ci.get(f"{prefix}{k}")
+            out[k] = {"value": float(v), "ci95": list(lo_hi) if lo_hi else None}
     return out
 
 
@@ -285,6 +303,7 @@ def evaluate_folder(
     bootstrap: int = 1000,
     out: Path | None = None,
     console: Console | None = None,
+    aspect: float | None = None,
 ) -> dict:
     """Predict every selected image, compute metrics with CIs; write report.json, predictions.csv and
     the PNGs into ``out`` when given. Returns the report dict."""
@@ -302,7 +321,7 @@ def evaluate_folder(
         TimeRemainingColumn(),
         console=console,
     ) as progress:
-        logits, probs, sizes = predict(version_dir, [r.path for r in records], progress=progress)
+        logits, probs, sizes = predict(version_dir, [r.path for r in records], progress=progress, aspect=aspect)
         labels = np.array([r.label for r in records])
         point = point_metrics(labels, probs, thresholds)
         task = progress.add_task("bootstrap", total=None)
@@ -313,6 +332,7 @@ def evaluate_folder(
         "model": {"name": metadata["name"], "version": metadata["version"], "dir": str(version_dir)},
         "data": str(data),
         "split": split,
+        "simulated_aspect": aspect,
         "n_images": len(records),
         "n_pneumonia": int(labels.sum()),
         "n_patients": len({r.patient for r in records}),
@@ -339,8 +359,19 @@ def evaluate_folder(
             writer.writerow(["file", "label", "patient", "subtype", "logit", "probability"])
             for rec, lg, p in zip(records, logits, probs, strict=True):
                 writer.writerow([rec.name, rec.label, rec.patient, rec.subtype, f"{lg:.6f}", f"{p:.6f}"])
-        (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
+        (out / "report.json").write_text(json.dumps(json_safe(report), indent=1) + "\n")
     return report
+
+
+def json_safe(obj):
+    """NaN/inf -> None, so report.json is strict JSON."""
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [json_safe(v) for v in obj]
+    if isinstance(obj, float) and not np.isfinite(obj):
+        return None
+    return obj
 
 
 def print_summary(report: dict, console: Console) -> None:
@@ -353,7 +384,8 @@ def print_summary(report: dict, console: Console) -> None:
     table.add_column("95% CI", justify="right")
     for k, v in report["summary"].items():
         if isinstance(v, dict):
-            table.add_row(k, f"{v['value']:.4f}", f"{v['ci95'][0]:.4f} - {v['ci95'][1]:.4f}")
+            ci = f"{v['ci95'][0]:.4f} - {v['ci95'][1]:.4f}" if v["ci95"] else ""
+            table.add_row(k, f"{v['value']:.4f}", ci)
         elif k == "threshold":
             table.add_row("operating threshold", f"{v:.4f}", "")
     console.print(table)

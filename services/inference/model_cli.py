@@ -77,11 +77,11 @@ def _export(net, info: dict, data: Path, out: Path, version: int | None, split_p
 
     vdir = export_version(net, info, out, _check_images(data), version)
     if evaluate_test:
-        from services.inference.evaluation import evaluate_folder
+        from services.inference.evaluation import evaluate_folder, json_safe
 
         report = evaluate_folder(data, vdir, split="test", split_file=split_path, bootstrap=200, console=console)
         meta = json.loads((vdir / "metadata.json").read_text())
-        meta["metrics"]["test"] = report["summary"]
+        meta["metrics"]["test"] = json_safe(report["summary"])
         (vdir / "metadata.json").write_text(json.dumps(meta, indent=1) + "\n")
     check = json.loads((vdir / "metadata.json").read_text())["onnx_check"]
     console.print(
@@ -116,6 +116,9 @@ def evaluate_cmd(
     split_file: Path = typer.Option(None, help="patient split JSON (default: the committed one)"),
     out: Path = typer.Option(Path("var/model-eval"), help="report directory (JSON + PNGs)"),
     bootstrap: int = typer.Option(1000, help="bootstrap resamples for the 95% CIs"),
+    simulate_aspect: float = typer.Option(
+        0.0, help="resample every image to this width/height first (e.g. 1.3: true-aspect, letter-boxed input)"
+    ),
 ) -> None:
     """Evaluate the ONNX model with onnxruntime: metrics with bootstrap CIs, calibration, plots, subgroups."""
     from services.inference.evaluation import evaluate_folder, latest_version_dir, print_summary
@@ -124,7 +127,14 @@ def evaluate_cmd(
         raise typer.BadParameter("split must be all, test, val or train")
     vdir = model_dir or latest_version_dir(DEFAULT_REPOSITORY / "pneumonia")
     report = evaluate_folder(
-        data, vdir, split=split, split_file=split_file, bootstrap=bootstrap, out=out, console=console
+        data,
+        vdir,
+        split=split,
+        split_file=split_file,
+        bootstrap=bootstrap,
+        out=out,
+        console=console,
+        aspect=simulate_aspect or None,
     )
     print_summary(report, console)
     console.print(f"report written to {out}")

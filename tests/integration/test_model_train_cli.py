@@ -56,3 +56,24 @@ def test_train_export_evaluate(tiny_data: Path, tmp_path: Path) -> None:
     assert 0.0 <= auc["ci95"][0] <= auc["ci95"][1] <= 1.0 and 0.0 <= auc["value"] <= 1.0
     assert set(report["subgroups"]["by_subtype"]) <= {"bacteria", "virus", "pneumonia"}
     assert "224x224" in report["subgroups"]["by_image_size"]
+
+    result = runner.invoke(
+        app,
+        [
+            "model",
+            "evaluate",
+            "--data",
+            str(tiny_data),
+            "--model-dir",
+            str(v1),
+            "--out",
+            str(tmp_path / "wide"),
+            "--bootstrap",
+            "0",
+            "--simulate-aspect",
+            "1.25",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    wide = json.loads((tmp_path / "wide" / "report.json").read_text())
+    assert wide["simulated_aspect"] == 1.25 and list(wide["subgroups"]["by_image_size"]) == ["224x280"]
