@@ -10,6 +10,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import pytest
 from prometheus_client import REGISTRY
 
 from services.core.broker import Broker
@@ -152,3 +153,31 @@ async def test_micro_batching_under_concurrency_matches_single_image_results(
         assert abs(a.logit - b.logit) < 1e-5
         assert abs(a.probability - b.probability) < 1e-5
     assert np.std([p.logit for p in single]) > 0
+
+
+async def test_decoding_in_worker_processes_gives_the_same_predictions_and_errors(
+    shared_data: Path, tmp_path: Path, inference_repository: Path
+) -> None:
+    from services.inference.runtime import OnnxRuntime
+    from services.inference.worker import BadImage, Pipeline
+
+    files = store_copies(shared_dicoms(shared_data)[:4], tmp_path / "store")
+    events = [image_received(p, uid_for(800 + i)) for i, p in enumerate(files)]
+    runtime = OnnxRuntime(ModelRepository(inference_repository, "pneumonia"), threads=1)
+    await runtime.start()
+    threads = Pipeline(runtime, max_batch=4)
+    processes = Pipeline(runtime, max_batch=4, decode_processes=1)
+    threads.start()
+    processes.start()
+    try:
+        a = await asyncio.gather(*(threads.predict(e) for e in events))
+        b = await asyncio.gather(*(processes.predict(e) for e in events))
+        assert [x.logit for x in a] == pytest.approx([y.logit for y in b], abs=1e-6)
+        bad = image_received(files[0], uid_for(899), sha256="f" * 64)
+        with pytest.raises(BadImage) as err:
+            await processes.predict(bad)
+        assert err.value.kind == "sha256_mismatch" and "sha256 mismatch" in str(err.value)
+    finally:
+        await threads.close()
+        await processes.close()
+        await runtime.close()
