@@ -84,7 +84,7 @@ def up(
             mgmt_port = settings.system_management_port if _port_free(settings.system_management_port) else free_port()
         tag = hashlib.sha256(str(data_dir).encode()).hexdigest()[:8]
         node = RabbitNode(
-            base_dir=settings.system_rabbit_dir or data_dir / "rabbitmq",
+            base_dir=_rabbit_dir(settings.system_rabbit_dir or data_dir / "rabbitmq", tag),
             port=amqp_port,
             management_port=mgmt_port,
             nodename=f"pneumotriage-{tag}@localhost",
@@ -152,6 +152,28 @@ def up(
                 node.stop()
         console.print("stopped." if code == 0 else "stopped after a failure.")
     raise typer.Exit(code)
+
+
+def _rabbit_dir(wanted: Path, tag: str) -> Path:
+    """Debian's rabbitmq-server runs as user rabbitmq: as root, its data dir must be reachable by
+    that user (a checkout under /root, mode 700, is not); else use /var/lib/rabbitmq/pneumotriage-<tag>."""
+    import os
+    import pwd
+
+    if os.geteuid() != 0:
+        return wanted
+    try:
+        rabbit_uid = pwd.getpwnam("rabbitmq").pw_uid
+    except KeyError:
+        return wanted
+    for parent in wanted.resolve().parents:
+        if parent.exists():
+            st = parent.stat()
+            if not (st.st_mode & 0o001 or (st.st_uid == rabbit_uid and st.st_mode & 0o100)):
+                fallback = Path("/var/lib/rabbitmq") / f"pneumotriage-{tag}"
+                console.print(f"[dim]{parent} is not reachable by user rabbitmq: broker data in {fallback}[/dim]")
+                return fallback
+    return wanted
 
 
 def _deadline_passed(child: object, timeout: float) -> bool:

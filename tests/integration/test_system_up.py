@@ -1,0 +1,120 @@
+"""`pneumotriage up` as a user runs it (in a fresh directory, data dir ./var): starts RabbitMQ and
+the four services, says ready with the addresses, restarts a service killed with kill -9, and on
+SIGINT stops everything (children first, then RabbitMQ) and exits 0."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+from services.system.processes import SERVICES
+from services.system.rabbitmq import free_port
+from tests.support.system_scenario import model_env
+
+
+def _wait_for(pattern: str, log: Path, proc: subprocess.Popen[bytes], timeout: float) -> re.Match[str]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        text = log.read_text(errors="replace")
+        if m := re.search(pattern, text):
+            return m
+        assert proc.poll() is None, f"`up` exited with {proc.returncode}:\n{text[-3000:]}"
+        time.sleep(0.5)
+    raise AssertionError(f"no {pattern!r} after {timeout}s:\n{log.read_text(errors='replace')[-3000:]}")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return Path(f"/proc/{pid}").exists() and "zombie" not in Path(f"/proc/{pid}/status").read_text().lower()
+
+
+def test_up_runs_restarts_and_stops_cleanly(tmp_path: Path) -> None:
+    ports = {svc: free_port() for svc in SERVICES}
+    rabbit_dir = Path(tempfile.mkdtemp(prefix="pt-up-rabbit-"))
+    amqp = free_port()
+    env = {
+        **os.environ,
+        **model_env(),
+        "PT_INGEST_PORT": str(free_port()),
+        **{f"PT_{svc.upper()}_HTTP_PORT": str(port) for svc, port in ports.items()},
+        "PT_SYSTEM_AMQP_PORT": str(amqp),
+        "PT_SYSTEM_MANAGEMENT_PORT": "0",
+        # under /tmp (reachable by the rabbitmq user; pytest's own tmp dirs are not), removed below
+        "PT_SYSTEM_RABBIT_DIR": str(rabbit_dir),
+        "PT_SYSTEM_RESTART_BACKOFF_S": "0.5",
+        "COLUMNS": "200",
+    }
+    env.pop("PT_AMQP_URL", None)
+    env.pop("PT_DATA_DIR", None)
+    log = tmp_path / "up.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "services.cli", "up"],
+            cwd=tmp_path,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        _wait_for(r"PneumoTriage is up", log, proc, timeout=240)
+        text = log.read_text()
+        pids = {name: int(pid) for name, pid in re.findall(r"started (\w+) \(pid (\d+)", text)}
+        assert set(pids) == set(SERVICES)
+        assert f":{ports['aggregator']}/" in text and "AE PNEUMOTRIAGE" in text and "pneumotriage send" in text
+        for svc, port in ports.items():
+            assert httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=10).status_code == 200, svc
+        assert (tmp_path / "var" / "logs" / "ingest.log").exists()
+        assert "RabbitMQ ready" in text
+
+        # kill -9 a service: the supervisor restarts it and it is healthy again
+        os.kill(pids["inference"], signal.SIGKILL)
+        m = _wait_for(r"restarted inference \(pid (\d+)", log, proc, timeout=60)
+        new_pid = int(m.group(1))
+        assert new_pid != pids["inference"]
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{ports['inference']}/healthz", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        else:
+            raise AssertionError("restarted inference never became healthy")
+
+        # Ctrl-C: everything stops, children first, and `up` exits 0
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=180) == 0, log.read_text()[-3000:]
+        text = log.read_text()
+        assert text.index("ingest stopped") < text.index("stopped.")
+        for pid in [new_pid, *(p for s, p in pids.items() if s != "inference")]:
+            assert not _alive(pid), f"pid {pid} survived `up`"
+        with socket.socket() as s:
+            assert s.connect_ex(("127.0.0.1", amqp)) != 0, "RabbitMQ still listening after `up` stopped"
+    finally:
+        if proc.poll() is None:  # a failure above: stop it the graceful way, then by force
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=150)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                for pid in re.findall(r"(?:started|restarted) \w+ \(pid (\d+)", log.read_text()):
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(int(pid), signal.SIGKILL)
+                proc.wait(10)
+        shutil.rmtree(rabbit_dir, ignore_errors=True)
