@@ -103,7 +103,7 @@ async def aggregate_job(s: AsyncSession, job: JobDefinition) -> int:
         conf = max(p, 1 - p)
         needed = judgments_needed(valid, conf, red.judgments_per_image, red.max_judgments, red.target_confidence)
         complete = valid > 0 and needed <= valid
-        label = "cant_tell" if valid and cant[i] * 2 >= valid else ("pneumonia" if p >= 0.5 else "healthy")
+        label = "cant_tell" if cant[i] * 2 > valid else ("pneumonia" if p >= 0.5 else "healthy")  # most said so
         new_state = (label, round(p, 3), "complete" if complete else "open", valid, method)
         old_state = (
             task.final_label,

@@ -261,7 +261,8 @@ def simulate_crowd(
 def print_result(result: dict[str, Any]) -> None:
     out = Console()
     out.print(
-        f"images {result['images']}: accuracy Dawid-Skene (service) {result['accuracy_service_em']:.3f}, "
+        f"complete images {result['images']} (open {result['images_open']}): "
+        f"accuracy Dawid-Skene (service) {result['accuracy_service_em']:.3f}, "
         f"majority vote {result['accuracy_majority_vote_all']:.3f} "
         f"(without stopped annotators {result['accuracy_majority_vote_active']:.3f}); "
         f"cost per final label {result['cost_per_final_label']} {result['currency']}"

@@ -96,6 +96,8 @@ async def run_annotator(
     rng: random.Random,
     max_judgments: int,
     truth_cache: dict[str, str],
+    idle_retries: int = 4,
+    idle_wait_s: float = 2.0,
 ) -> AnnotatorRun:
     run = AnnotatorRun(name, profile)
     async with httpx.AsyncClient(base_url=url, timeout=60) as client:
@@ -106,11 +108,17 @@ async def run_annotator(
         res.raise_for_status()
         headers = {"X-CSRF-Token": res.json()["csrf_token"]}
         (await client.post("/api/instructions", headers=headers)).raise_for_status()
+        idle = 0
         while run.judgments < max_judgments:
             nxt = (await client.get("/api/next")).json()
+            if nxt["state"] == "done" and idle < idle_retries:  # images reopen when others are stopped
+                idle += 1
+                await asyncio.sleep(idle_wait_s)
+                continue
             if nxt["state"] in ("done", "stopped"):
                 run.stopped = nxt["state"] == "stopped"
                 break
+            idle = 0
             task_id = nxt["task_id"]
             if task_id not in truth_cache:
                 png = (await client.get(nxt["image_url"])).content
@@ -187,7 +195,7 @@ async def simulate(
 def evaluate(
     runs: list[AnnotatorRun], labels: dict[str, Any], summary: dict[str, Any], truth: dict[str, str]
 ) -> dict[str, Any]:
-    images = [t for t in labels["tasks"] if t["task_id"] in truth and t["judgments"]]
+    images = [t for t in labels["tasks"] if t["task_id"] in truth and t["complete"]]
     em_right = mv_right = mv_active_right = 0
     extra_votes_disputed: list[int] = []
     extra_votes_agreed: list[int] = []
@@ -223,6 +231,7 @@ def evaluate(
         )
     return {
         "images": len(images),
+        "images_open": sum(1 for t in labels["tasks"] if not t["complete"]),
         "accuracy_service_em": em_right / n,
         "accuracy_majority_vote_all": mv_right / n,
         "accuracy_majority_vote_active": mv_active_right / n,

@@ -67,12 +67,8 @@ async def annotator_table(s: AsyncSession, job: JobDefinition) -> list[Annotator
 
 async def contested_gold(s: AsyncSession, job: JobDefinition, table: list[AnnotatorRow]) -> list[dict[str, Any]]:
     """Gold items whose label many trusted annotators dispute: check the label, fix or retire the item."""
-    trusted = {
-        u.id
-        for u in (await s.scalars(select(User).where(User.role == "annotator"))).all()
-        for row in table
-        if row.pseudonym == u.pseudonym and row.status == "active" and row.trust >= job.trust.threshold
-    }
+    trusted_names = {a.pseudonym for a in table if a.status == "active" and a.trust >= job.trust.threshold}
+    trusted = {u.id for u in (await s.scalars(select(User))).all() if u.pseudonym in trusted_names}
     gold = (await s.scalars(select(Task).where(Task.kind.in_(("quiz", "hidden"))))).all()
     rows = (
         await s.execute(

@@ -74,7 +74,8 @@ def test_trust_separates_annotators(crowd_run: dict) -> None:
 
 
 def test_dawid_skene_beats_majority_vote(crowd_run: dict) -> None:
-    assert crowd_run["images"] >= N_IMAGES - 2
+    assert crowd_run["images"] + crowd_run["images_open"] == N_IMAGES
+    assert crowd_run["images"] >= 0.8 * N_IMAGES  # complete images (a few may lack enough trusted annotators)
     assert crowd_run["accuracy_service_em"] >= crowd_run["accuracy_majority_vote_all"]
     assert crowd_run["accuracy_service_em"] >= 0.9
     assert crowd_run["cost_per_final_label"] > 0

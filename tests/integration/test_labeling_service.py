@@ -53,6 +53,10 @@ def test_tasks_from_image_received(labeling_server: LabelingServer, with_images:
     assert sorted(r[0] for r in rows) == sorted(with_images)  # one task each: duplicate and LL views skipped
     for _uid, task_id in rows:
         assert task_id not in with_images and "." not in task_id  # opaque id, not a UID
+    metrics = httpx.get(labeling_server.url + "/metrics").text
+    assert f'pt_labeling_tasks_created_total{{outcome="created"}} {float(WORK_N)}' in metrics
+    assert 'pt_labeling_tasks_created_total{outcome="duplicate"} 1.0' in metrics
+    assert 'pt_labeling_tasks_created_total{outcome="skipped_not_eligible"} 2.0' in metrics
 
 
 def test_roles_and_other_annotators_data(labeling_server: LabelingServer, with_images: list[str]) -> None:
