@@ -108,6 +108,7 @@ class IngestService:
     async def stop(self) -> None:
         if self.scp is not None:
             await asyncio.to_thread(self.scp.shutdown)  # running associations need the loop to finish
+            await self.scp.committer.stop()
         self._stop.set()
         with contextlib.suppress(Exception):  # one last flush of the outbox, bounded
             if self.broker.is_connected:

@@ -1,17 +1,22 @@
-"""Database writes of the ingest: one transaction per instance (rows + outbox event together).
+"""Database writes of the ingest: an instance's rows and its outbox event always commit together.
 
-- record_stored: study/series/instance rows + the ImageReceived outbox row, committed together;
-  returns None when the SOP instance was already stored (idempotent: no second event).
+- record_stored / GroupCommitter: study/series/instance rows + the ImageReceived outbox row in one
+  transaction (GroupCommitter: the instances of concurrent associations share one transaction);
+  None when the SOP instance was already stored (idempotent: no second event).
 - record_refusal: the rejection row (attempts counted) + one ImageRejected event per SOP instance
   and reason, however often the sender retries.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import sys
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from google.protobuf.timestamp_pb2 import Timestamp
-from sqlalchemy import select
+from sqlalchemy import insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -40,98 +45,190 @@ async def is_stored(sessions: async_sessionmaker[AsyncSession], sop_instance_uid
     return found is not None
 
 
-async def _get_or_create_study(session: AsyncSession, uid: str) -> Study:
-    study = await session.scalar(select(Study).where(Study.study_instance_uid == uid))
-    if study is None:
-        study = Study(study_instance_uid=uid, image_count=0)
-        session.add(study)
-        await session.flush()
-    return study
+async def _study(session: AsyncSession, uid: str, now: datetime) -> tuple[int, int]:
+    """(id, image count after this image) of the study, created on first sight."""
+    row = (await session.execute(select(Study.id, Study.image_count).where(Study.study_instance_uid == uid))).first()
+    if row is None:
+        inserted = await session.execute(
+            insert(Study).values(study_instance_uid=uid, image_count=1, created_at=now).returning(Study.id)
+        )
+        return int(inserted.scalar_one()), 1
+    count = int(row.image_count) + 1
+    await session.execute(update(Study).where(Study.id == row.id).values(image_count=count))
+    return int(row.id), count
 
 
-async def _get_or_create_series(session: AsyncSession, uid: str, study: Study, modality: str) -> Series:
-    series = await session.scalar(select(Series).where(Series.series_instance_uid == uid))
-    if series is None:
-        series = Series(series_instance_uid=uid, study_id=study.id, modality=modality)
-        session.add(series)
-        await session.flush()
-    return series
+async def _series(session: AsyncSession, uid: str, study_id: int, modality: str, now: datetime) -> int:
+    found = await session.scalar(select(Series.id).where(Series.series_instance_uid == uid))
+    if found is not None:
+        return int(found)
+    inserted = await session.execute(
+        insert(Series)
+        .values(series_instance_uid=uid, study_id=study_id, modality=modality, created_at=now)
+        .returning(Series.id)
+    )
+    return int(inserted.scalar_one())
+
+
+async def _add_stored(
+    session: AsyncSession, decision: Decision, stored: StoredFile, calling_ae: str
+) -> ImageReceived | None:
+    """Stage one instance and its event in the session's transaction; None when already stored."""
+    now = datetime.now(UTC)
+    if await session.scalar(select(Instance.id).where(Instance.sop_instance_uid == decision.sop_instance_uid)):
+        return None
+    study_id, study_count = await _study(session, decision.study_instance_uid, now)
+    series_id = await _series(session, decision.series_instance_uid, study_id, decision.modality, now)
+    not_triaged = decision.reason if not decision.triage_eligible else ""
+    await session.execute(
+        insert(Instance).values(
+            sop_instance_uid=decision.sop_instance_uid,
+            series_id=series_id,
+            sop_class_uid=decision.sop_class_uid,
+            transfer_syntax_uid=decision.transfer_syntax_uid,
+            sha256=stored.sha256,
+            storage_uri=stored.uri,
+            size_bytes=stored.size,
+            modality=decision.modality,
+            body_part_examined=decision.body_part_examined,
+            view_position=decision.view_position,
+            rows=decision.rows,
+            columns=decision.columns,
+            photometric_interpretation=decision.photometric_interpretation,
+            patient_age_years=decision.patient_age_years,
+            triage_eligible=decision.triage_eligible,
+            not_triaged_reason=not_triaged,
+            outside_intended_use=decision.outside_intended_use,
+            calling_ae_title=calling_ae,
+            received_at=now,
+        )
+    )
+    event = ImageReceived(
+        image=ImageRef(
+            study_instance_uid=decision.study_instance_uid,
+            series_instance_uid=decision.series_instance_uid,
+            sop_instance_uid=decision.sop_instance_uid,
+            sop_class_uid=decision.sop_class_uid,
+            storage_uri=stored.uri,
+            sha256=stored.sha256,
+        ),
+        modality=decision.modality,
+        body_part_examined=decision.body_part_examined,
+        view_position=decision.view_position,
+        transfer_syntax_uid=decision.transfer_syntax_uid,
+        rows=decision.rows,
+        columns=decision.columns,
+        photometric_interpretation=decision.photometric_interpretation,
+        patient_age_years=decision.patient_age_years,
+        triage_eligible=decision.triage_eligible,
+        outside_intended_use=decision.outside_intended_use,
+        intended_use_note=decision.intended_use_note,
+        calling_ae_title=calling_ae,
+        received_at=_timestamp(now),
+        study_image_count=study_count,
+        not_triaged_reason=not_triaged,
+    )
+    uid = decision.sop_instance_uid
+    add_event(session, Outbox, event, message_id=message_id(uid), correlation_id=uid)
+    return event
 
 
 async def record_stored(
     sessions: async_sessionmaker[AsyncSession], decision: Decision, stored: StoredFile, calling_ae: str
 ) -> ImageReceived | None:
-    """Commit the instance and its ImageReceived event; None when it was a duplicate."""
-    now = datetime.now(UTC)
+    """Commit one instance and its ImageReceived event; None when it was a duplicate."""
     async with sessions() as session:
         try:
-            if await session.scalar(select(Instance.id).where(Instance.sop_instance_uid == decision.sop_instance_uid)):
-                return None
-            study = await _get_or_create_study(session, decision.study_instance_uid)
-            series = await _get_or_create_series(session, decision.series_instance_uid, study, decision.modality)
-            study.image_count += 1
-            instance = Instance(
-                sop_instance_uid=decision.sop_instance_uid,
-                series_id=series.id,
-                sop_class_uid=decision.sop_class_uid,
-                transfer_syntax_uid=decision.transfer_syntax_uid,
-                sha256=stored.sha256,
-                storage_uri=stored.uri,
-                size_bytes=stored.size,
-                modality=decision.modality,
-                body_part_examined=decision.body_part_examined,
-                view_position=decision.view_position,
-                rows=decision.rows,
-                columns=decision.columns,
-                photometric_interpretation=decision.photometric_interpretation,
-                patient_age_years=decision.patient_age_years,
-                triage_eligible=decision.triage_eligible,
-                not_triaged_reason=decision.reason if not decision.triage_eligible else "",
-                outside_intended_use=decision.outside_intended_use,
-                calling_ae_title=calling_ae,
-                received_at=now,
-            )
-            session.add(instance)
-            event = ImageReceived(
-                image=ImageRef(
-                    study_instance_uid=decision.study_instance_uid,
-                    series_instance_uid=decision.series_instance_uid,
-                    sop_instance_uid=decision.sop_instance_uid,
-                    sop_class_uid=decision.sop_class_uid,
-                    storage_uri=stored.uri,
-                    sha256=stored.sha256,
-                ),
-                modality=decision.modality,
-                body_part_examined=decision.body_part_examined,
-                view_position=decision.view_position,
-                transfer_syntax_uid=decision.transfer_syntax_uid,
-                rows=decision.rows,
-                columns=decision.columns,
-                photometric_interpretation=decision.photometric_interpretation,
-                patient_age_years=decision.patient_age_years,
-                triage_eligible=decision.triage_eligible,
-                outside_intended_use=decision.outside_intended_use,
-                intended_use_note=decision.intended_use_note,
-                calling_ae_title=calling_ae,
-                received_at=_timestamp(now),
-                study_image_count=study.image_count,
-                not_triaged_reason=decision.reason if not decision.triage_eligible else "",
-            )
-            add_event(
-                session,
-                Outbox,
-                event,
-                message_id=message_id(decision.sop_instance_uid),
-                correlation_id=decision.sop_instance_uid,
-            )
+            event = await _add_stored(session, decision, stored, calling_ae)
             await session.commit()
         except IntegrityError:
-            # a concurrent association stored the same instance first: that one owns the event
+            # another ingest process (shared PostgreSQL) stored the same instance first: it owns the event
             await session.rollback()
             if await is_stored(sessions, decision.sop_instance_uid):
                 return None
             raise
     return event
+
+
+@dataclass
+class _Pending:
+    decision: Decision
+    stored: StoredFile
+    calling_ae: str
+    future: asyncio.Future[ImageReceived | None]
+
+
+class GroupCommitter:
+    """Commits the instances of all concurrent associations together: one transaction (one fsync)
+    for whatever arrived while the previous commit ran. Each C-STORE still gets its answer only
+    after the commit holding its rows; a failing batch is retried one instance per transaction, so
+    one bad row never fails the others."""
+
+    def __init__(self, sessions: async_sessionmaker[AsyncSession], max_batch: int = 64) -> None:
+        self.sessions = sessions
+        self.max_batch = max_batch
+        self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="ingest-group-commit")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        while not self._queue.empty():
+            item = self._queue.get_nowait()
+            if not item.future.done():
+                item.future.set_exception(RuntimeError("ingest is stopping"))
+
+    async def record(self, decision: Decision, stored: StoredFile, calling_ae: str) -> ImageReceived | None:
+        future: asyncio.Future[ImageReceived | None] = asyncio.get_running_loop().create_future()
+        await self._queue.put(_Pending(decision, stored, calling_ae, future))
+        return await future
+
+    async def _run(self) -> None:
+        while True:
+            batch = [await self._queue.get()]
+            while len(batch) < self.max_batch and not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            batch = [item for item in batch if not item.future.done()]  # cancelled: sender gave up
+            if batch:
+                await self._commit(batch)
+
+    async def _commit(self, batch: list[_Pending]) -> None:
+        try:
+            async with self.sessions() as session:
+                results = [await _add_stored(session, p.decision, p.stored, p.calling_ae) for p in batch]
+                await session.commit()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            if len(batch) == 1:
+                self._settle(batch[0], None, sys.exc_info()[1])
+                return
+            for item in batch:  # isolate the failing instance
+                try:
+                    result = await record_stored(self.sessions, item.decision, item.stored, item.calling_ae)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    self._settle(item, None, exc)
+                else:
+                    self._settle(item, result, None)
+            return
+        for item, result in zip(batch, results, strict=True):
+            self._settle(item, result, None)
+
+    @staticmethod
+    def _settle(item: _Pending, result: ImageReceived | None, exc: BaseException | None) -> None:
+        if item.future.done():
+            return
+        if exc is not None:
+            item.future.set_exception(exc)
+        else:
+            item.future.set_result(result)
 
 
 async def record_refusal(

@@ -37,7 +37,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from services.core.telemetry import bound_correlation_id
 from services.ingest.config import IngestSettings
-from services.ingest.records import is_stored, record_refusal, record_stored
+from services.ingest.records import GroupCommitter, record_refusal
 from services.ingest.store import ContentStore, StoreError
 from services.ingest.validate import (
     CANNOT_PARSE,
@@ -99,6 +99,7 @@ class IngestSCP:
         self.loop = loop
         self.on_commit = on_commit
         self.server: ThreadedAssociationServer | None = None
+        self.committer = GroupCommitter(sessions)
         self._locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
         self.ae = self._make_ae()
@@ -135,6 +136,8 @@ class IngestSCP:
         ]
 
     def start(self) -> None:
+        """Start listening (call on the event loop: the group committer runs there)."""
+        self.committer.start()
         s = self.settings
         self.server = self.ae.start_server((s.host, s.port), block=False, evt_handlers=self.handlers())
         log.info("DICOM SCP listening", extra={"ae_title": s.ae_title, "port": s.port, "host": s.host})
@@ -232,13 +235,9 @@ class IngestSCP:
             decision.sop_instance_uid, decision.sop_class_uid = sop_uid, sop_class
             return self._refuse(decision, calling_ae)
         with self._uid_lock(sop_uid):
-            try:
-                if sop_uid and self._on_loop(is_stored(self.sessions, sop_uid)):
-                    RECEIVED.labels("duplicate").inc()
-                    log.info("duplicate C-STORE: already stored, no new event")
-                    return status_dataset(SUCCESS)
-            except Exception as exc:
-                return self._unavailable("db_unavailable", exc)
+            # No separate "already stored?" query: a duplicate is validated and hashed like any
+            # instance, its identical file already exists (nothing written), and the commit step
+            # finds the SOP instance and emits nothing.
             decision = decide(data, self.settings, sop_class, sop_uid)
             if decision.action is Action.REFUSE:
                 return self._refuse(decision, calling_ae)
@@ -247,7 +246,7 @@ class IngestSCP:
             except StoreError as exc:
                 return self._unavailable("store_unavailable", exc)
             try:
-                received = self._on_loop(record_stored(self.sessions, decision, stored, calling_ae))
+                received = self._on_loop(self.committer.record(decision, stored, calling_ae))
             except Exception as exc:
                 # The file stays: it is complete and content-addressed, and a commit that timed out
                 # here may still land; the sender retries (0xA700) and then finds it stored.

@@ -1,0 +1,99 @@
+"""Group commit of instances (real SQLite file): concurrent records, duplicates, one bad row isolated."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import func, select
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from services.core.db import make_engine, make_sessionmaker, upgrade
+from services.ingest.models import Base, Instance, Outbox, Study
+from services.ingest.records import GroupCommitter
+from services.ingest.store import StoredFile
+from services.ingest.validate import Action, Decision
+
+
+def _decision(i: int, study: str = "1.2.3.4") -> Decision:
+    return Decision(
+        Action.ACCEPT,
+        sop_class_uid="1.2.840.10008.5.1.4.1.1.1.1",
+        sop_instance_uid=f"1.2.3.4.5.{i}",
+        study_instance_uid=study,
+        series_instance_uid=f"{study}.1",
+        transfer_syntax_uid="1.2.840.10008.1.2.1",
+        modality="DX",
+        body_part_examined="CHEST",
+        view_position="PA",
+        rows=10,
+        columns=10,
+        photometric_interpretation="MONOCHROME2",
+        patient_age_years=4,
+    )
+
+
+def _stored(i: int, tmp: Path) -> StoredFile:
+    return StoredFile(f"{i:064x}", tmp / f"{i}.dcm", 100, created=True)
+
+
+@pytest.fixture
+async def sessions(tmp_path: Path) -> AsyncIterator[async_sessionmaker[AsyncSession]]:
+    engine = make_engine(f"sqlite+aiosqlite:///{tmp_path / 'ingest.db'}")
+    await upgrade(engine, "ingest", Base.metadata)
+    try:
+        yield make_sessionmaker(engine)
+    finally:
+        await engine.dispose()
+
+
+async def _count(sessions: async_sessionmaker[AsyncSession], model: type) -> int:
+    async with sessions() as s:
+        return int(await s.scalar(select(func.count()).select_from(model)) or 0)
+
+
+async def test_concurrent_records_share_commits_and_stay_exact(
+    sessions: async_sessionmaker[AsyncSession], tmp_path: Path
+) -> None:
+    committer = GroupCommitter(sessions)
+    committer.start()
+    try:
+        results = await asyncio.gather(*(committer.record(_decision(i), _stored(i, tmp_path), "AE") for i in range(30)))
+        assert all(r is not None for r in results)
+        assert sorted(r.study_image_count for r in results if r) == list(range(1, 31))
+        # a repeat — also twice in the same batch — gives no new event
+        again = await asyncio.gather(*(committer.record(_decision(5), _stored(5, tmp_path), "AE") for _ in range(3)))
+        assert again == [None, None, None]
+        # a new instance arriving twice in one batch: one event
+        twice = await asyncio.gather(*(committer.record(_decision(30), _stored(30, tmp_path), "AE") for _ in range(2)))
+        assert twice[0] is not None and twice[1] is None
+    finally:
+        await committer.stop()
+    assert await _count(sessions, Instance) == 31
+    assert await _count(sessions, Outbox) == 31
+    async with sessions() as s:
+        assert await s.scalar(select(Study.image_count)) == 31
+
+
+async def test_a_failing_row_does_not_fail_its_batch(
+    sessions: async_sessionmaker[AsyncSession], tmp_path: Path
+) -> None:
+    committer = GroupCommitter(sessions)
+    committer.start()
+    bad = _decision(99)
+    bad.sop_instance_uid = None  # type: ignore[assignment]  # NOT NULL violation
+    try:
+        results = await asyncio.gather(
+            *(committer.record(_decision(i, "9.9"), _stored(i, tmp_path), "AE") for i in range(5)),
+            committer.record(bad, _stored(99, tmp_path), "AE"),
+            *(committer.record(_decision(i, "9.9"), _stored(i, tmp_path), "AE") for i in range(5, 10)),
+            return_exceptions=True,
+        )
+    finally:
+        await committer.stop()
+    assert isinstance(results[5], Exception)
+    assert all(r is not None and not isinstance(r, Exception) for i, r in enumerate(results) if i != 5)
+    assert await _count(sessions, Instance) == 10
+    assert await _count(sessions, Outbox) == 10
