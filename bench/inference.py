@@ -6,9 +6,11 @@
   (c) the same pipeline through Triton (tritonserver from nvidia-pytriton, python backend running
       the same ONNX with onnxruntime; production would use Triton's onnxruntime backend)
 
-Prints (b)/(a) and (c)/(a) throughput ratios. The broker is not in the loop (RabbitMQ publish
-confirms are measured by the system benchmarks); the pipeline is exactly what the service runs per
-message. Images: the DICOM files in ../shared/data/dicom, cycled to --images events.
+Prints (b)/(a) and (c)/(a) throughput ratios, and CPU milliseconds per image (this process, its
+decode processes and, for (c), the Triton server with its python-backend stubs): on a machine
+shared with other jobs wall-clock throughput is noise, CPU cost per image is not. The broker is
+not in the loop (RabbitMQ publish confirms are measured by the system benchmarks); the pipeline is
+exactly what the service runs per message. Images: the DICOM files in ../shared/data/dicom, cycled to --images events.
 
     python bench/inference.py                      # committed model, 240 images, batch 1/8/32
     python bench/inference.py --no-triton --json var/bench/inference.json
@@ -40,7 +42,7 @@ from services.core.contracts import ImageReceived  # noqa: E402
 from services.inference.runtime import ModelRepository, OnnxRuntime, TritonRuntime  # noqa: E402
 from services.inference.worker import Pipeline, load_image  # noqa: E402
 
-console = Console()
+console = Console(width=130)
 DEFAULT_REPOSITORY = ROOT / "deploy" / "triton" / "model_repository"
 DEFAULT_DICOM = ROOT.parent / "shared" / "data" / "dicom"
 
@@ -58,12 +60,36 @@ def events_for(files: list[Path], n: int) -> list[ImageReceived]:
     return out
 
 
-def stats(wall_s: float, n: int, latencies_ms: list[float]) -> dict[str, float]:
+def cpu_seconds(roots: tuple[int, ...]) -> float:
+    """CPU time (user + system) used so far by `roots` and all their descendant processes (Linux)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    table: dict[int, tuple[int, int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as fh:
+                raw = fh.read()
+        except OSError:
+            continue
+        fields = raw[raw.rindex(")") + 2 :].split()
+        table[int(entry)] = (int(fields[1]), int(fields[11]) + int(fields[12]))
+    keep = set(roots)
+    grew = True
+    while grew:
+        extra = {pid for pid, (ppid, _) in table.items() if ppid in keep and pid not in keep}
+        keep |= extra
+        grew = bool(extra)
+    return sum(table[pid][1] for pid in keep if pid in table) / ticks
+
+
+def stats(wall_s: float, n: int, latencies_ms: list[float], cpu_s: float = 0.0) -> dict[str, float]:
     lat = np.asarray(latencies_ms, dtype=np.float64)
     return {
         "images": n,
         "wall_s": round(wall_s, 3),
         "images_per_s": round(n / wall_s, 1),
+        "cpu_ms_per_image": round(cpu_s * 1000.0 / n, 2),
         "p50_ms": round(float(np.percentile(lat, 50)), 2),
         "p99_ms": round(float(np.percentile(lat, 99)), 2),
     }
@@ -79,13 +105,15 @@ def median_run(runs: list[dict[str, float]]) -> dict[str, float]:
 def bench_raw(runtime: OnnxRuntime, tensors: np.ndarray, batch: int) -> dict[str, float]:
     runtime.run_sync(tensors[:batch])  # warm-up
     latencies: list[float] = []
+    cpu0 = cpu_seconds((os.getpid(),))
     started = time.perf_counter()
     for i in range(0, len(tensors), batch):
         t0 = time.perf_counter()
         chunk = tensors[i : i + batch]
         runtime.run_sync(chunk)
         latencies += [(time.perf_counter() - t0) * 1000.0] * len(chunk)
-    return stats(time.perf_counter() - started, len(tensors), latencies)
+    wall = time.perf_counter() - started
+    return stats(wall, len(tensors), latencies, cpu_seconds((os.getpid(),)) - cpu0)
 
 
 async def bench_pipeline(
@@ -96,7 +124,9 @@ async def bench_pipeline(
     decode_workers: int,
     max_wait_ms: float,
     decode_processes: int = 0,
+    cpu_roots: tuple[int, ...] = (),
 ) -> dict[str, float]:
+    cpu_roots = cpu_roots or (os.getpid(),)
     pipeline = Pipeline(
         runtime,
         max_batch=batch,
@@ -118,9 +148,11 @@ async def bench_pipeline(
     try:
         await asyncio.gather(*(one(e) for e in events[: 2 * batch]))  # warm-up
         latencies.clear()
+        cpu0 = cpu_seconds(cpu_roots)
         started = time.perf_counter()
         await asyncio.gather(*(one(e) for e in events))
-        return stats(time.perf_counter() - started, len(events), latencies)
+        wall = time.perf_counter() - started
+        return stats(wall, len(events), latencies, cpu_seconds(cpu_roots) - cpu0)
     finally:
         await pipeline.close()
 
@@ -200,6 +232,7 @@ async def run(args: argparse.Namespace, files: list[Path]) -> dict:
                                 args.decode_workers,
                                 args.max_wait_ms,
                                 args.decode_processes,
+                                (os.getpid(), triton.process.pid) if triton and triton.process else (),
                             )
                         )
                         progress.advance(task)
@@ -208,6 +241,10 @@ async def run(args: argparse.Namespace, files: list[Path]) -> dict:
                 row["ratio_embedded_vs_raw"] = round(row["service_embedded"]["images_per_s"] / raw_ips, 3)
                 if "service_triton" in row:
                     row["ratio_triton_vs_raw"] = round(row["service_triton"]["images_per_s"] / raw_ips, 3)
+                raw_cpu = row["raw_onnxruntime"]["cpu_ms_per_image"]
+                for key in ("service_embedded", "service_triton"):
+                    if key in row and row[key]["cpu_ms_per_image"] > 0:
+                        row[key]["cpu_efficiency_vs_raw"] = round(raw_cpu / row[key]["cpu_ms_per_image"], 3)
                 results["rows"][str(b)] = row
     finally:
         await raw.close()
@@ -225,7 +262,7 @@ def show(results: dict) -> None:
         title=f"inference benchmark — {results['model']}, {results['images']} images, {results['cpu_count']} CPUs, "
         f"heatmaps {'on' if results['heatmaps'] else 'off'}, median of {results['repeats']}"
     )
-    for col in ("batch", "path", "images/s", "p50 ms", "p99 ms", "vs raw"):
+    for col in ("batch", "path", "images/s", "p50 ms", "p99 ms", "vs raw", "CPU ms/img", "CPU vs raw"):
         table.add_column(col, justify="right" if col not in ("path",) else "left")
     for b, row in results["rows"].items():
         for key, label, ratio in (
@@ -243,6 +280,8 @@ def show(results: dict) -> None:
                 f"{r['p50_ms']:.1f}",
                 f"{r['p99_ms']:.1f}",
                 f"{row[ratio]:.2f}" if ratio else "1.00",
+                f"{r['cpu_ms_per_image']:.2f}",
+                f"{r.get('cpu_efficiency_vs_raw', 1.0):.2f}",
             )
     console.print(table)
 

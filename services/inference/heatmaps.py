@@ -3,9 +3,9 @@
 The network's CAM covers the square, padded model input. `content_box` gives where the image sits
 on that square (the same arithmetic as preprocess.resize_to_fit; a unit test keeps them in step),
 so the map is cropped to the image, resized to the image's aspect (longest side `max_side`) and
-written as RGBA: colour from the "inferno" map, alpha growing with the evidence FOR pneumonia
-(positive CAM values; negative evidence is transparent). A viewer stretches it over the image.
-The CAM's raw range and the model version are kept in PNG text chunks. Writes are atomic.
+written as a PNG with a colour+alpha palette: colour from the "inferno" map, alpha growing with
+the evidence FOR pneumonia (positive CAM values; negative evidence is transparent). A viewer
+stretches it over the image. The CAM's raw range and the model version are kept in PNG text chunks. Writes are atomic.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ def _inferno_lut() -> np.ndarray:
 
 
 _LUT: np.ndarray | None = None
+_ALPHA = bytes(round(i / 255.0 * MAX_ALPHA * 255.0) for i in range(256))
 
 
 def content_box(rows: int, columns: int, size: int) -> tuple[int, int, int, int]:
@@ -43,7 +44,8 @@ def content_box(rows: int, columns: int, size: int) -> tuple[int, int, int, int]
 
 
 def render_heatmap(cam: np.ndarray, rows: int, columns: int, input_size: int, max_side: int = MAX_SIDE) -> Image.Image:
-    """RGBA heatmap of `cam` [h, w] for a rows x columns image, longest side max_side."""
+    """Heatmap of `cam` [h, w] for a rows x columns image, longest side max_side: a palette image
+    whose entries carry colour and alpha (`.convert("RGBA")` gives the RGBA view)."""
     global _LUT
     if _LUT is None:
         _LUT = _inferno_lut()
@@ -58,10 +60,11 @@ def render_heatmap(cam: np.ndarray, rows: int, columns: int, input_size: int, ma
     crop = np.asarray(Image.fromarray(crop, mode="F").resize((out_w, out_h), Image.Resampling.BILINEAR), np.float32)
     peak = float(np.max(cam))
     level = np.clip(crop / peak, 0.0, 1.0) if peak > 0 else np.zeros_like(crop)
-    rgba = np.empty((out_h, out_w, 4), dtype=np.uint8)
-    rgba[..., :3] = _LUT[(level * 255.0 + 0.5).astype(np.uint8)]
-    rgba[..., 3] = (level * MAX_ALPHA * 255.0 + 0.5).astype(np.uint8)
-    return Image.fromarray(rgba, mode="RGBA")
+    # a palette image (colour and alpha per level): a quarter of RGBA's bytes, ~4x faster to encode
+    img = Image.fromarray((level * 255.0 + 0.5).astype(np.uint8), mode="P")
+    img.putpalette(_LUT.reshape(-1).tolist(), rawmode="RGB")
+    img.info["transparency"] = _ALPHA
+    return img
 
 
 def heatmap_path(root: Path, sop_instance_uid: str, model_name: str, model_version: str) -> Path:
@@ -90,7 +93,7 @@ def save_heatmap(
     info.add_text("pt:cam_max", f"{float(np.max(cam)):.6g}")
     info.add_text("pt:model", f"{model_name}:{model_version}")
     buf = io.BytesIO()
-    image.save(buf, format="PNG", pnginfo=info, compress_level=COMPRESS_LEVEL)
+    image.save(buf, format="PNG", pnginfo=info, compress_level=COMPRESS_LEVEL, transparency=_ALPHA)
     fd, tmp = tempfile.mkstemp(prefix=".hm-", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:

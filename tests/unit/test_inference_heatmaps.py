@@ -34,12 +34,12 @@ def test_padding_outside_the_box_on_a_real_image(shared_data: Path) -> None:
 def test_render_keeps_aspect_and_shows_only_positive_evidence() -> None:
     cam = np.full((12, 12), -3.0, dtype=np.float32)
     cam[2:5, 4:7] = 4.0  # evidence for pneumonia in the upper part of the content
-    img = render_heatmap(cam, rows=2000, columns=1000, input_size=INPUT_SIZE, max_side=400)
-    assert img.mode == "RGBA" and img.size == (200, 400)
+    img = render_heatmap(cam, rows=2000, columns=1000, input_size=INPUT_SIZE, max_side=400).convert("RGBA")
+    assert img.size == (200, 400)
     alpha = np.asarray(img)[..., 3]
     assert alpha[-50:, :].max() == 0  # lower part: negative CAM, transparent
     assert alpha[:200, :].max() > 100
-    flat = render_heatmap(np.full((12, 12), -1.0, np.float32), 500, 500, INPUT_SIZE)
+    flat = render_heatmap(np.full((12, 12), -1.0, np.float32), 500, 500, INPUT_SIZE).convert("RGBA")
     assert np.asarray(flat)[..., 3].max() == 0
 
 
@@ -50,6 +50,8 @@ def test_save_writes_png_atomically_with_provenance(tmp_path: Path) -> None:
     path = Path(uri.removeprefix("file://"))
     with Image.open(io.BytesIO(path.read_bytes())) as img:
         assert img.size == (160, 160)
+        rgba = np.asarray(img.convert("RGBA"))
+        assert rgba[..., 3].max() > 150 and rgba[..., 3].min() == 0  # opaque where the CAM peaks
         assert img.text["pt:model"] == "pneumonia:7"
         assert float(img.text["pt:cam_max"]) == pytest.approx(2.0)
     assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temp files left
