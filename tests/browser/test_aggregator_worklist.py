@@ -1,6 +1,10 @@
 """The clinician worklist in real headless Chromium against the real aggregator service fed by
 real RabbitMQ events: order, live update, open a study (X-ray, heatmap, votes, history, disclaimer),
-overrule; and roles (annotators and strangers do not get in). Screenshots go to artifacts_dir."""
+overrule; and roles (annotators and strangers do not get in). Screenshots go to artifacts_dir.
+
+Chromium is driven on its own thread (tests/support/aggregator_browser.BrowserThread, same binary and
+flags as the `chromium` fixture) so that Playwright's running loop never sits on the main thread,
+where it would break every later asyncio test of the session."""
 
 from __future__ import annotations
 
@@ -9,7 +13,13 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from tests.support.aggregator_browser import PASSWORD, AggregatorServer, aggregator_server_fixture  # noqa: F401
+from tests.support.aggregator_browser import (  # noqa: F401
+    PASSWORD,
+    AggregatorServer,
+    BrowserThread,
+    aggregator_chromium_fixture,
+    aggregator_server_fixture,
+)
 from tests.support.aggregator_service import judgment, prediction, received
 
 pytestmark = pytest.mark.browser
@@ -38,9 +48,12 @@ def study_order(page, ours: set[str]) -> list[str]:  # type: ignore[no-untyped-d
 
 
 def test_worklist_order_live_update_study_page_and_overrule(
-    chromium, aggregator_server: AggregatorServer, shared_data: Path, artifacts_dir: Path
-) -> None:  # type: ignore[no-untyped-def]
-    server = aggregator_server
+    aggregator_chromium: BrowserThread, aggregator_server: AggregatorServer, shared_data: Path, artifacts_dir: Path
+) -> None:
+    aggregator_chromium.run(worklist_scenario, aggregator_server, shared_data, artifacts_dir)
+
+
+def worklist_scenario(chromium, server: AggregatorServer, shared_data: Path, artifacts_dir: Path) -> None:  # type: ignore[no-untyped-def]
     files = dicoms(shared_data)
     (s_healthy, i_healthy, _), (s_urgent, i_urgent, urgent_name), (s_unc, i_unc, _) = (ids(f) for f in files[:3])
     server.add_user("dr-house", "clinician")
@@ -121,9 +134,12 @@ def test_worklist_order_live_update_study_page_and_overrule(
 
 
 def test_roles_annotators_and_strangers_do_not_get_in(
-    chromium, aggregator_server: AggregatorServer, artifacts_dir: Path
-) -> None:  # type: ignore[no-untyped-def]
-    server = aggregator_server
+    aggregator_chromium: BrowserThread, aggregator_server: AggregatorServer, artifacts_dir: Path
+) -> None:
+    aggregator_chromium.run(roles_scenario, aggregator_server, artifacts_dir)
+
+
+def roles_scenario(chromium, server: AggregatorServer, artifacts_dir: Path) -> None:  # type: ignore[no-untyped-def]
     server.add_user("ann-1", "annotator")
     context = chromium.new_context()
     page = context.new_page()

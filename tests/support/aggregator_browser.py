@@ -149,3 +149,61 @@ def aggregator_server_fixture(
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(10)
+
+
+class BrowserThread:
+    """Headless Chromium (Debian's, the same launch flags as the `chromium` fixture) driven by
+    Playwright's sync API on a dedicated thread.
+
+    Playwright's sync API keeps an asyncio loop *running* on the thread that started it for as long as
+    it lives; on the main thread that breaks every later pytest-asyncio test of the session
+    ("Runner.run() cannot be called from a running event loop"). On its own thread it cannot.
+    """
+
+    def __init__(self) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="playwright")
+        self._manager: Any = None
+        self.browser: Any = None
+
+    def _start(self) -> None:
+        from playwright.sync_api import sync_playwright
+
+        from tests.conftest import CHROMIUM_ARGS
+
+        self._manager = sync_playwright()
+        playwright = self._manager.__enter__()
+        chromium = playwright.chromium
+        self.browser = chromium.launch(executable_path="/usr/bin/chromium", headless=True, args=CHROMIUM_ARGS)
+
+    def _stop(self) -> None:
+        try:
+            if self.browser is not None:
+                self.browser.close()
+        finally:
+            if self._manager is not None:
+                self._manager.__exit__(None, None, None)
+
+    def start(self) -> BrowserThread:
+        self._executor.submit(self._start).result(180)
+        return self
+
+    def run(self, scenario: Any, *args: Any, timeout: float = 400) -> Any:
+        """Run scenario(browser, *args) on the browser's thread; its exceptions re-raise here."""
+        return self._executor.submit(scenario, self.browser, *args).result(timeout)
+
+    def stop(self) -> None:
+        try:
+            self._executor.submit(self._stop).result(120)
+        finally:
+            self._executor.shutdown(wait=True)
+
+
+@pytest.fixture(name="aggregator_chromium", scope="module")
+def aggregator_chromium_fixture() -> Iterator[BrowserThread]:
+    browser = BrowserThread().start()
+    try:
+        yield browser
+    finally:
+        browser.stop()
