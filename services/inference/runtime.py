@@ -402,6 +402,12 @@ class TritonRuntime(InferenceRuntime):
         cams = cams.reshape(n, *cams.shape[-2:])
         version = str(result.get_response().model_version or self._version)
         self._version = version
+        try:
+            self.repository.get(version)
+        except ModelNotFound as exc:
+            # a deployment error (repository not mounted here, or not synced yet), not a message
+            # error: hold the messages and retry like an outage, /healthz shows it
+            raise RuntimeUnavailable(f"Triton answered with version {version} but {exc}") from exc
         return InferOutput(logits, cams, version)
 
     async def close(self) -> None:

@@ -152,3 +152,19 @@ def test_model_deploy_rolls_forward_and_back(private_triton: LocalTriton, tmp_pa
     private_triton.start()
     _, version = _triton_logits(private_triton, batch)
     assert version == "1"
+
+
+async def test_version_without_local_calibration_is_held_not_failed(
+    triton_server: LocalTriton, inference_repository: Path, tmp_path: Path
+) -> None:
+    from services.inference.runtime import RuntimeUnavailable
+
+    empty = ModelRepository(tmp_path / "not-mounted", "pneumonia")
+    runtime = TritonRuntime(triton_server.grpc_url, empty)
+    await runtime.start()
+    try:
+        batch = np.zeros((1, 1, runtime.input_size, runtime.input_size), np.float32)
+        with pytest.raises(RuntimeUnavailable, match=r"metadata\.json"):
+            await runtime.infer(batch)
+    finally:
+        await runtime.close()
