@@ -1,0 +1,272 @@
+"""Ingest benchmark: C-STORE throughput and per-image latency, ours vs dcmtk storescp vs Orthanc.
+
+The same N DX files (made with make-dicom from ../shared/data JPEGs: explicit VR little endian,
+--size x --size pixels, --bits stored, so storescu sends them without conversion) are sent over
+loopback by dcmtk's storescu to, in turn:
+
+  storescp      dcmtk's storescp writing each file to a directory (no validation, no fsync, no DB)
+  orthanc       Orthanc 1.10 (Debian) with its SQLite index and file storage
+  pneumotriage  `pneumotriage ingest` as a process: full validation incl. pixel decode, sha256,
+                content-addressed write with fsync, SQLite (WAL, synchronous=FULL) instance + outbox
+                rows in one transaction, answered after the commit; its relay publishes every event
+                to a real RabbitMQ node with publisher confirms during the run
+
+Each target starts fresh (empty storage) for each run. --senders K splits the files over K storescu
+processes (K associations at once). Throughput = images / wall time of the senders (first request
+to last response). Per-image latency = from storescu's "Sending Store Request" to its "Received
+Store Response" log line (millisecond timestamps via a log4cplus config): the data transfer plus
+the SCP's work until it answers. For ours, the time until the outbox is drained (every event
+confirmed by RabbitMQ) is printed as well.
+
+    python bench/ingest.py                          # 500 images, 512x512, 12 bit, 1 and 4 senders
+    python bench/ingest.py --n 1000 --size 1024 --senders 2 --json var/bench/ingest.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from rich.console import Console  # noqa: E402
+from rich.progress import track  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+from services.ingest.make_dicom import DicomOptions, make_dicom_file  # noqa: E402
+from services.system.rabbitmq import RabbitNode, free_port  # noqa: E402
+from tests.support.dicom_peers import STORESCU, Orthanc, StoreSCP, wait_for_port  # noqa: E402
+
+console = Console()
+SHARED = ROOT.parent / "shared" / "data" / "kermany224" / "train"
+AE = "PNEUMOTRIAGE"
+LOG_CONFIG = """\
+log4cplus.rootLogger = INFO, console
+log4cplus.appender.console = log4cplus::ConsoleAppender
+log4cplus.appender.console.ImmediateFlush = true
+log4cplus.appender.console.layout = log4cplus::PatternLayout
+log4cplus.appender.console.layout.ConversionPattern = %D{%s.%q} %m%n
+"""
+
+
+@dataclass
+class Result:
+    target: str
+    senders: int
+    images: int
+    ok: int
+    seconds: float
+    images_per_s: float
+    mb_per_s: float
+    p50_ms: float
+    p99_ms: float
+    events_drained_s: float | None = None
+    rounds: int = 1
+    latencies: list[float] = field(default_factory=list, repr=False)
+
+
+def make_files(n: int, size: int, bits: int, out: Path) -> list[Path]:
+    jpegs = sorted((SHARED / "NORMAL").glob("*.jpeg")) + sorted((SHARED / "PNEUMONIA").glob("*.jpeg"))
+    step = max(1, len(jpegs) // n)
+    chosen = (jpegs[::step] + jpegs)[:n]
+    opts = DicomOptions(transfer_syntax="explicit", bits=bits, size=size, uid_salt="bench")
+    return [make_dicom_file(p, out, opts) for p in track(chosen, description=f"make-dicom {n} x {size}px {bits} bit")]
+
+
+def send(port: int, called_ae: str, files: list[Path], senders: int, work: Path) -> tuple[float, int, list[float]]:
+    """Run K storescu processes at once; returns (wall seconds, successes, per-image latencies in s)."""
+    cfg = work / "storescu-log.cfg"
+    cfg.write_text(LOG_CONFIG)
+    chunks = [files[i::senders] for i in range(senders)]
+    procs = []
+    started = time.perf_counter()
+    for i, chunk in enumerate(chunks):
+        log = open(work / f"storescu-{i}.log", "w")
+        cmd = [STORESCU, "-lc", str(cfg), "-aet", f"BENCH{i}", "-aec", called_ae, "-to", "60", "127.0.0.1", str(port)]
+        procs.append((subprocess.Popen([*cmd, *map(str, chunk)], stdout=log, stderr=subprocess.STDOUT), log))
+    for proc, log in procs:
+        proc.wait(timeout=3600)
+        log.close()
+    wall = time.perf_counter() - started
+    ok, latencies = 0, []
+    for i in range(senders):
+        sent_at: float | None = None
+        for line in (work / f"storescu-{i}.log").read_text().splitlines():
+            stamp, _, message = line.partition(" ")
+            if message.startswith("Sending Store Request"):
+                sent_at = float(stamp)
+            elif message.startswith("Received Store Response") and sent_at is not None:
+                latencies.append(float(stamp) - sent_at)
+                ok += "(Success)" in message
+                sent_at = None
+    return wall, ok, latencies
+
+
+def summarize(target: str, senders: int, files: list[Path], wall: float, ok: int, lat: list[float]) -> Result:
+    mb = sum(f.stat().st_size for f in files) / 1e6
+    lat_sorted = sorted(lat) or [float("nan")]
+    p99 = lat_sorted[min(len(lat_sorted) - 1, round(0.99 * (len(lat_sorted) - 1)))]
+    return Result(
+        target,
+        senders,
+        len(files),
+        ok,
+        round(wall, 2),
+        round(len(files) / wall, 1),
+        round(mb / wall, 1),
+        round(statistics.median(lat_sorted) * 1000, 1),
+        round(p99 * 1000, 1),
+        latencies=lat,
+    )
+
+
+def combine(runs: list[Result]) -> Result:
+    """Median throughput over rounds; latency percentiles over every image of every round."""
+    first = runs[0]
+    lat = sorted(x for r in runs for x in r.latencies) or [float("nan")]
+    p99 = lat[min(len(lat) - 1, round(0.99 * (len(lat) - 1)))]
+    drained = [r.events_drained_s for r in runs if r.events_drained_s is not None]
+    return Result(
+        first.target,
+        first.senders,
+        first.images,
+        min(r.ok for r in runs),
+        round(statistics.median(r.seconds for r in runs), 2),
+        round(statistics.median(r.images_per_s for r in runs), 1),
+        round(statistics.median(r.mb_per_s for r in runs), 1),
+        round(statistics.median(lat) * 1000, 1),
+        round(p99 * 1000, 1),
+        round(statistics.median(drained), 2) if drained else None,
+        rounds=len(runs),
+    )
+
+
+def run_storescp(files: list[Path], senders: int, work: Path) -> Result:
+    with StoreSCP(aet=AE, base_dir=work / "storescp") as scp:
+        wall, ok, lat = send(scp.port, AE, files, senders, work)
+        assert len(scp.received()) == len(files), "storescp did not receive everything"
+    return summarize("dcmtk storescp", senders, files, wall, ok, lat)
+
+
+def run_orthanc(files: list[Path], senders: int, work: Path) -> Result:
+    with Orthanc(aet=AE, base_dir=work / "orthanc") as pacs:
+        wall, ok, lat = send(pacs.dicom_port, AE, files, senders, work)
+        count = pacs.get("/statistics")["CountInstances"]
+        assert count == len(files), f"Orthanc holds {count} instances"
+    return summarize("Orthanc", senders, files, wall, ok, lat)
+
+
+def run_ours(files: list[Path], senders: int, work: Path, rabbit: RabbitNode) -> Result:
+    data_dir = work / "pneumotriage"
+    port, http_port = free_port(), free_port()
+    env = {
+        **os.environ,
+        "PT_DATA_DIR": str(data_dir),
+        "PT_AMQP_URL": rabbit.url,
+        "PT_INGEST_PORT": str(port),
+        "PT_INGEST_HOST": "127.0.0.1",
+        "PT_INGEST_HTTP_PORT": str(http_port),
+        "PT_INGEST_AE_TITLE": AE,
+    }
+    data_dir.mkdir(parents=True)
+    with open(data_dir / "ingest.log", "ab") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "services.cli", "ingest"], env=env, stdout=log, stderr=log)
+    try:
+        wait_for_port("127.0.0.1", port, 120, proc)
+        wait_for_port("127.0.0.1", http_port, 60, proc)
+        started = time.perf_counter()
+        wall, ok, lat = send(port, AE, files, senders, work)
+        db = sqlite3.connect(data_dir / "ingest.db")
+        while True:  # until every event is confirmed by the broker
+            (backlog,) = db.execute("SELECT count(*) FROM ingest_outbox WHERE published_at IS NULL").fetchone()
+            (stored,) = db.execute("SELECT count(*) FROM ingest_instances").fetchone()
+            if backlog == 0 or time.perf_counter() - started > 600:
+                break
+            time.sleep(0.05)
+        drained = time.perf_counter() - started
+        db.close()
+        assert stored == len(files), f"ingest stored {stored} of {len(files)}"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+    result = summarize("pneumotriage ingest", senders, files, wall, ok, lat)
+    result.events_drained_s = round(drained, 2)
+    return result
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=500, help="images (>= 500 for the reported figures)")
+    ap.add_argument("--size", type=int, default=512, help="image side in pixels")
+    ap.add_argument("--bits", type=int, default=12, choices=[8, 12, 16])
+    ap.add_argument("--senders", type=int, nargs="+", default=[1, 4], help="parallel storescu processes")
+    ap.add_argument("--rounds", type=int, default=1, help="repeat all targets; median throughput is reported")
+    ap.add_argument("--json", type=Path, help="also write the results here")
+    args = ap.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="pt-bench-ingest-"))
+    rabbit = RabbitNode()
+    try:
+        files = make_files(args.n, args.size, args.bits, work / "files")
+        mb = sum(f.stat().st_size for f in files) / 1e6
+        console.print(f"{len(files)} files, {mb:.0f} MB; starting RabbitMQ for the ingest's relay")
+        rabbit.start()
+        runs: dict[tuple[str, int], list[Result]] = {}
+        for rnd in range(1, args.rounds + 1):  # targets interleaved, so load changes hit all of them
+            for senders in args.senders:
+                for name, runner in (
+                    ("storescp", lambda w, s=senders: run_storescp(files, s, w)),
+                    ("orthanc", lambda w, s=senders: run_orthanc(files, s, w)),
+                    ("ours", lambda w, s=senders: run_ours(files, s, w, rabbit)),
+                ):
+                    target_dir = work / f"{name}-{senders}-{rnd}"
+                    target_dir.mkdir()
+                    r = runner(target_dir)
+                    console.print(f"round {rnd}: {r.target}, {senders} sender(s): {r.images_per_s} images/s")
+                    runs.setdefault((name, senders), []).append(r)
+                    shutil.rmtree(target_dir, ignore_errors=True)
+        results = [combine(v) for v in runs.values()]
+    finally:
+        rabbit.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+    title = f"C-STORE over loopback: {args.n} DX images, {args.size}x{args.size}, {args.bits} bit"
+    title += f", median of {args.rounds} round(s)"
+    table = Table(title=title)
+    for col in ("target", "senders", "ok", "images/s", "MB/s", "p50 ms", "p99 ms", "events out (s)"):
+        table.add_column(col, justify="right" if col != "target" else "left")
+    for r in results:
+        drained = "" if r.events_drained_s is None else f"{r.events_drained_s}"
+        table.add_row(
+            r.target, str(r.senders), f"{r.ok}/{r.images}", str(r.images_per_s), str(r.mb_per_s),
+            str(r.p50_ms), str(r.p99_ms), drained,
+        )  # fmt: skip
+    console.print(table)
+    for senders in args.senders:
+        by = {r.target: r for r in results if r.senders == senders}
+        ours = by["pneumotriage ingest"]
+        console.print(
+            f"{senders} sender(s): ours/Orthanc throughput {ours.images_per_s / by['Orthanc'].images_per_s:.2f}x, "
+            f"ours/storescp {ours.images_per_s / by['dcmtk storescp'].images_per_s:.2f}x; "
+            f"p50 latency ours/Orthanc {ours.p50_ms / by['Orthanc'].p50_ms:.2f}x"
+        )
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        rows = [{k: v for k, v in asdict(r).items() if k != "latencies"} for r in results]
+        args.json.write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()
