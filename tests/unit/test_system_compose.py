@@ -113,10 +113,16 @@ def test_grafana_dashboard_uses_real_metrics() -> None:
         assert dash["uid"] and dash["panels"]
         used: set[str] = set()
         for panel in dash["panels"]:
+            if panel["type"] == "row":
+                continue
             assert panel["datasource"]["uid"] == ds_uid
             for target in panel["targets"]:
                 used.update(re.findall(r"\b(pt_[a-z0-9_]+)", target["expr"]))
         assert "pt_aggregator_time_to_first_flag_seconds_bucket" in used, "end-to-end latency panel"
+        for service in SERVICES:  # every service has at least one panel of its own
+            assert any(name.startswith(f"pt_{service}_") for name in used), service
+        ids = [panel["id"] for panel in dash["panels"]]
+        assert len(ids) == len(set(ids))
         missing = sorted(used - known)
         assert not missing, f"{path.name} plots metrics no service defines: {missing}"
 
