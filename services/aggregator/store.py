@@ -124,7 +124,9 @@ class TriageStore:
 
     # ---- rows ------------------------------------------------------------------------------------
     async def _study(self, s: AsyncSession, study_uid: str, arrived: datetime | None = None) -> Study:
-        study = await s.get(Study, study_uid)
+        # Row lock (PostgreSQL): replicas apply one study's events one at a time. Two replicas
+        # creating the same new study collide on the primary key; the loser's event is retried.
+        study = await s.get(Study, study_uid, with_for_update=True)
         if study is None:
             study = Study(study_uid=study_uid, flag=PENDING, urgency=URGENCY[PENDING], arrived_at=arrived or utcnow())
             s.add(study)
@@ -377,7 +379,7 @@ class TriageStore:
         self, s: AsyncSession, study_uid: str, reviewer: str, action: str, flag: str | None = None, comment: str = ""
     ) -> Change:
         """Confirm the current flag, or overrule it with another; both are stored and become the flag."""
-        study = await s.get(Study, study_uid)
+        study = await s.get(Study, study_uid, with_for_update=True)
         if study is None:
             raise KeyError(study_uid)
         if action == "confirm":
