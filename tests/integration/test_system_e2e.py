@@ -14,6 +14,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from services.system.rabbitmq import RabbitNode
+from tests.support.dicom_peers import Orthanc
 from tests.support.system_harness import SendResult, SystemHarness
 from tests.support.system_reconcile import Reconciliation, wait_reconciled
 from tests.support.system_scenario import (
@@ -28,7 +29,8 @@ from tests.support.system_scenario import (
     seed_accounts_and_gold,
 )
 
-N_IMAGES = 60
+N_IMAGES = 60  # sent by dcmtk storescu
+N_PACS = 10  # forwarded by Orthanc
 FLAGS = {"URGENT", "PNEUMONIA_SUSPECTED", "UNCERTAIN", "LIKELY_HEALTHY", "NOT_TRIAGED"}
 
 
@@ -36,39 +38,61 @@ FLAGS = {"URGENT", "PNEUMONIA_SUSPECTED", "UNCERTAIN", "LIKELY_HEALTHY", "NOT_TR
 class E2ERun:
     system: SystemHarness
     batch: Batch
+    pacs_batch: Batch
     sent: SendResult
     model_only: Reconciliation
     after_crowd: Reconciliation
     crowd_output: str
+    orthanc: Orthanc
+
+    @property
+    def studies(self) -> set[str]:
+        return self.batch.studies | self.pacs_batch.studies
 
 
 @pytest.fixture(scope="module")
 def e2e(rabbit: RabbitNode, shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[E2ERun]:
-    env = {**FAST_ENV, **model_env()}
     base = tmp_path_factory.mktemp("system-e2e")
     batch = make_batch(shared_data, base / "dicom", N_IMAGES)
-    gold = gold_folder(shared_data, base / "gold", exclude={m.source for m in batch.images})
-    truth = link_truth([(m.source, m.label) for m in batch.images], base / "truth")
-    system = SystemHarness(rabbit, base / "system", env=env).start()
+    pacs_batch = make_batch(shared_data, base / "pacs", N_PACS, seed=99)
+    sources = {m.source for m in batch.images + pacs_batch.images}
+    gold = gold_folder(shared_data, base / "gold", exclude=sources)
+    truth = link_truth([(m.source, m.label) for m in batch.images + pacs_batch.images], base / "truth")
+    # Orthanc is the PACS: it forwards studies to us and receives our DICOM SR results
+    orthanc = Orthanc(base_dir=base / "orthanc").start()
+    env = {
+        **FAST_ENV,
+        **model_env(),
+        "PT_AGGREGATOR_SR_DESTINATION": f"127.0.0.1:{orthanc.dicom_port}:{orthanc.aet}",
+        "PT_AGGREGATOR_SR_RETRY_SECONDS": "2",
+    }
+    system = SystemHarness(rabbit, base / "system", env=env)
     try:
+        system.start()
         seed_accounts_and_gold(system, gold)
         sent = system.send(batch.paths, associations=2)
         acked = batch.acked_uids(sent)
+        orthanc.add_modality("pt", system.config.ae_title, "127.0.0.1", system.dicom_port)
+        studies = {orthanc.upload(m.path)["ParentStudy"] for m in pacs_batch.images}
+        job = orthanc.store_to("pt", sorted(studies))
+        assert job.get("FailedInstancesCount", 0) == 0, job
+        acked |= {m.sop_instance_uid for m in pacs_batch.images}
         model_only = wait_reconciled(system, acked, timeout=240)
         crowd = run_crowd(system, [truth, gold])
         after = wait_reconciled(system, acked, timeout=120)
-        yield E2ERun(system, batch, sent, model_only, after, crowd)
+        yield E2ERun(system, batch, pacs_batch, sent, model_only, after, crowd, orthanc)
     finally:
         system.stop()
+        orthanc.stop()
 
 
 def test_every_image_is_acknowledged_and_accounted_for(e2e: E2ERun) -> None:
     assert len(e2e.sent.acked) == N_IMAGES, e2e.sent.refused
     for rec in (e2e.model_only, e2e.after_crowd):
         assert rec.problems() == [], rec.table()
-        assert rec.acked == {m.sop_instance_uid for m in e2e.batch.images}
+        assert rec.acked == {m.sop_instance_uid for m in e2e.batch.images + e2e.pacs_batch.images}
         assert rec.flagged() >= rec.acked
-        assert set(rec.study_flags) == e2e.batch.studies
+        assert set(rec.study_flags) == e2e.studies
         assert set(rec.study_flags.values()) <= FLAGS
         assert not rec.dead_lettered, "healthy input must not be dead-lettered"
 
@@ -83,7 +107,7 @@ def test_crowd_votes_reach_the_aggregator(e2e: E2ERun) -> None:
         n_judgments = conn.execute("SELECT count(*) FROM aggregator_judgments").fetchone()[0]
     assert "accuracy" in e2e.crowd_output
     assert n_judgments >= N_IMAGES, "the crowd's judgments were published and consumed"
-    assert n_voted == len(e2e.batch.studies), "every study carries human votes after the crowd ran"
+    assert n_voted == len(e2e.studies), "every study carries human votes after the crowd ran"
 
 
 def _metric(text: str, family_name: str, sample_name: str) -> float:
@@ -97,12 +121,12 @@ def test_end_to_end_latency_metric(e2e: E2ERun) -> None:
     text = e2e.system.metrics_text("aggregator")
     count = _metric(text, "pt_aggregator_time_to_first_flag_seconds", "pt_aggregator_time_to_first_flag_seconds_count")
     total = _metric(text, "pt_aggregator_time_to_first_flag_seconds", "pt_aggregator_time_to_first_flag_seconds_sum")
-    assert count == len(e2e.batch.studies), "one first-flag observation per study"
+    assert count == len(e2e.studies), "one first-flag observation per study"
     assert 0 < total / count < 600
 
 
 def test_correlation_id_follows_an_image_through_every_service(e2e: E2ERun) -> None:
-    for image in e2e.batch.images[:5]:
+    for image in e2e.batch.images[:3] + e2e.pacs_batch.images[:2]:
         uid = image.sop_instance_uid
         found: dict[str, int] = {}
         for service in ("ingest", "inference", "labeling", "aggregator"):
@@ -132,9 +156,9 @@ def test_flags_visible_in_worklist_api_and_chromium(e2e: E2ERun, chromium: objec
         resp = page.request.get("/api/v1/studies?page_size=500")
         assert resp.ok, f"{resp.status} {resp.text()[:500]}"
         api = resp.json()
-        assert api["total"] == len(e2e.batch.studies)
+        assert api["total"] == len(e2e.studies)
         by_study = {item["study_uid"]: item["flag"] for item in api["items"]}
-        assert set(by_study) == e2e.batch.studies
+        assert set(by_study) == e2e.studies
         assert set(by_study.values()) <= FLAGS
         assert by_study == {s: e2e.after_crowd.study_flags[s] for s in by_study}
         # the worklist page shows them, most urgent first
@@ -148,3 +172,19 @@ def test_flags_visible_in_worklist_api_and_chromium(e2e: E2ERun, chromium: objec
         page.screenshot(path=str(artifacts_dir / "system-e2e-worklist.png"), full_page=True)
     finally:
         context.close()
+
+
+def test_results_reach_the_pacs_as_dicom_sr(e2e: E2ERun) -> None:
+    """The aggregator C-STOREs a DICOM SR per study result to the PACS (Orthanc), which parses it."""
+
+    def sr_studies() -> set[str]:
+        found = e2e.orthanc.request(
+            "POST", "/tools/find", {"Level": "Series", "Query": {"Modality": "SR"}, "Expand": True}
+        )
+        studies = set()
+        for series in found:
+            study = e2e.orthanc.get(f"/studies/{series['ParentStudy']}")
+            studies.add(study["MainDicomTags"]["StudyInstanceUID"])
+        return studies
+
+    SystemHarness.wait_for(lambda: sr_studies() >= e2e.studies, timeout=120, what="an SR in the PACS for every study")
