@@ -27,17 +27,17 @@ class RssSampler(threading.Thread):
         self.system = system
         self.interval = interval
         self.samples: dict[str, list[tuple[float, int]]] = {s: [] for s in system.children}
-        self._stop = threading.Event()
+        self._halt = threading.Event()
 
     def run(self) -> None:
-        while not self._stop.wait(self.interval):
+        while not self._halt.wait(self.interval):
             now = time.monotonic()
             for svc, rss in self.system.rss().items():
                 if rss:
                     self.samples[svc].append((now, rss))
 
     def stop(self) -> None:
-        self._stop.set()
+        self._halt.set()
         self.join(10)
 
     def peak_between(self, svc: str, t0: float, t1: float) -> int:
