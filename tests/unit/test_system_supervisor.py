@@ -85,3 +85,33 @@ def test_rss_is_sampled_from_proc(tmp_path: Path) -> None:
     finally:
         child.terminate(10)
     assert child.rss_bytes() is None
+
+
+def test_rabbit_data_dir_must_be_reachable_by_the_rabbitmq_user(tmp_path: Path) -> None:
+    """As root, a data dir under a 0700 directory (e.g. a checkout in /root) is unreachable for
+    Debian's rabbitmq-server, which drops to user rabbitmq: `up` then keeps broker data elsewhere."""
+    import os
+    import pwd
+
+    import pytest
+
+    from services.system.cli import _rabbit_dir
+
+    if os.geteuid() != 0:
+        assert _rabbit_dir(tmp_path / "rabbitmq", "t") == tmp_path / "rabbitmq"
+        return
+    try:
+        pwd.getpwnam("rabbitmq")
+    except KeyError:
+        pytest.skip("no rabbitmq user (rabbitmq-server not installed)")
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    os.chmod(private, 0o700)
+    assert _rabbit_dir(private / "var" / "rabbitmq", "abc") == Path("/var/lib/rabbitmq/pneumotriage-abc")
+    public = Path("/tmp") / f"pt-public-{os.getpid()}"
+    public.mkdir(mode=0o755, exist_ok=True)
+    try:
+        os.chmod(public, 0o755)
+        assert _rabbit_dir(public / "var" / "rabbitmq", "abc") == public / "var" / "rabbitmq"
+    finally:
+        public.rmdir()
