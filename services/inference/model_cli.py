@@ -72,10 +72,30 @@ def train_cmd(
     console.print(f"checkpoint {checkpoint}; model version written to {vdir}")
 
 
-def _export(net, info: dict, data: Path, out: Path, version: int | None, split_path: Path, evaluate_test: bool) -> Path:
+def _export(
+    net,
+    info: dict,
+    data: Path,
+    out: Path,
+    version: int | None,
+    split_path: Path,
+    evaluate_test: bool,
+    rethreshold: bool = False,
+) -> Path:
     from services.inference.training.export import export_version
 
     vdir = export_version(net, info, out, _check_images(data), version)
+    if rethreshold:  # operating points from the exported ONNX on the validation split, current rule
+        import numpy as np
+
+        from services.inference.evaluation import predict, select_records
+        from services.inference.training.calibrate import choose_thresholds
+
+        records = select_records(data, "val", split_path)
+        _, probs, _ = predict(vdir, [r.path for r in records])
+        meta = json.loads((vdir / "metadata.json").read_text())
+        meta["thresholds"] = choose_thresholds(probs, np.array([r.label for r in records]))
+        (vdir / "metadata.json").write_text(json.dumps(meta, indent=1) + "\n")
     if evaluate_test:
         from services.inference.evaluation import evaluate_folder, json_safe
 
@@ -98,13 +118,16 @@ def export_cmd(
     data: Path = typer.Option(DEFAULT_DATA, help="real images to check ONNX against PyTorch (and evaluate)"),
     split_file: Path = typer.Option(None, help="patient split JSON (default: the committed one)"),
     evaluate_test: bool = typer.Option(True),
+    rethreshold: bool = typer.Option(
+        False, help="recompute the operating thresholds on the validation split with the current rule"
+    ),
 ) -> None:
     """Export a trained checkpoint to ONNX as a new model-repository version (checked against PyTorch)."""
     from services.inference.training.split import SPLIT_FILE
     from services.inference.training.train import load_checkpoint
 
     net, info = load_checkpoint(checkpoint)
-    vdir = _export(net, info, data, out, version or None, split_file or SPLIT_FILE, evaluate_test)
+    vdir = _export(net, info, data, out, version or None, split_file or SPLIT_FILE, evaluate_test, rethreshold)
     console.print(f"model version written to {vdir}")
 
 

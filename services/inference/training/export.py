@@ -164,6 +164,7 @@ def export_version(
         "train_seconds": info["train_seconds"],
         "data_sha256": info["data_sha256"],
         "git_commit": info["git_commit"],
+        "git_dirty": info.get("git_dirty"),
         "opset": OPSET,
         "onnx_check": check,
         "metrics": {"val": info["val"], **(extra_metrics or {})},

@@ -142,6 +142,21 @@ def git_commit() -> str:
         return "unknown"
 
 
+def git_dirty() -> bool:
+    """True when the model code differs from the recorded commit (uncommitted changes)."""
+    try:
+        out = subprocess.run(
+            ["git", "status", "--porcelain", "--", "services/inference"],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=Path(__file__).resolve().parents[3],
+        ).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return True
+    return bool(out.strip())
+
+
 def auc_or_nan(labels: np.ndarray, scores: np.ndarray) -> float:
     return float(roc_auc_score(labels, scores)) if len(np.unique(labels)) == 2 else float("nan")
 
@@ -277,6 +292,7 @@ def train(
             "log_loss_calibrated": log_loss(calibrated, y_val),
         },
         "git_commit": git_commit(),
+        "git_dirty": git_dirty(),
         "torch_version": torch.__version__,
         "threads": config.threads,
     }
