@@ -146,7 +146,7 @@ def git_dirty() -> bool:
     """True when the model code differs from the recorded commit (uncommitted changes)."""
     try:
         out = subprocess.run(
-            ["git", "status", "--porcelain", "--", "services/inference"],
+            ["git", "status", "--porcelain", "--", "services/inference/training", "services/inference/preprocess.py"],
             capture_output=True,
             text=True,
             check=True,
