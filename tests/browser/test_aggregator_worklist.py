@@ -161,3 +161,17 @@ def roles_scenario(chromium, server: AggregatorServer, artifacts_dir: Path) -> N
         assert "Wrong user name or password" in page.content()
     finally:
         context.close()
+
+
+def test_service_logs_carry_no_phi(aggregator_server: AggregatorServer, shared_data: Path) -> None:
+    """After the scenarios above (the service read patient names/ids from DICOM for display), its
+    JSON logs hold none of them."""
+    import json
+
+    log = (aggregator_server.data_dir / "aggregator.log").read_text()
+    lines = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
+    assert any(entry.get("msg") == "triage updated" for entry in lines), "the log is the service's"
+    for path in dicoms(shared_data)[:4]:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        for value in (str(ds.PatientName), str(ds.PatientID), str(ds.PatientName).replace("^", " ")):
+            assert value not in log
