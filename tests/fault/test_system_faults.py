@@ -118,3 +118,26 @@ def test_store_unwritable_mid_run(system_factory, shared_data: Path, tmp_path: P
     # nothing half-written: every file in the store is a stored instance's complete file
     files = [p for p in (system.data_dir / "store").rglob("*") if p.is_file()]
     assert len(files) == rec.store_files == len(rec.ingest_instances)
+
+
+@pytest.mark.slow
+@pytest.mark.postgres
+def test_postgres_down_mid_run(rabbit: RabbitNode, shared_data: Path, tmp_path: Path) -> None:
+    """All four services on one PostgreSQL (the production setup); the server is stopped for 15 s
+    mid-run and started again: C-STOREs during the outage are refused (0xA700) and re-sent,
+    consumers retry, nothing acknowledged is lost or doubled."""
+    from tests.support.postgres import PostgresCluster
+    from tests.support.system_faults import postgres_outage
+
+    cluster = PostgresCluster().start()
+    system = SystemHarness(rabbit, tmp_path / "system", env={**FAST_ENV, **model_env(), "PT_DATABASE_URL": cluster.url})
+    try:
+        system.start()
+        assert not list(system.data_dir.glob("*.db")), "no SQLite file: every service is on PostgreSQL"
+        batch = batch_of(shared_data, tmp_path, BIG)
+        rec, _sent = run_with_fault(system, batch, lambda: postgres_outage(cluster, 15.0), settle_timeout=400)
+        assert_accounted(rec)
+        assert len(rec.acked) == BIG
+    finally:
+        system.stop()
+        cluster.stop()

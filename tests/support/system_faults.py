@@ -18,18 +18,14 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from tests.support.system_harness import SendResult, SystemHarness
-from tests.support.system_reconcile import Reconciliation, wait_reconciled
+from tests.support.system_reconcile import DbReader, Reconciliation, wait_reconciled
 from tests.support.system_scenario import Batch
 
 
 def ingest_count(system: SystemHarness) -> int:
-    db = system.data_dir / "ingest.db"
-    if not db.exists():
-        return 0
     try:
-        with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)) as conn:
-            return int(conn.execute("SELECT count(*) FROM ingest_instances").fetchone()[0])
-    except sqlite3.OperationalError:
+        return int(DbReader(system).query("ingest", "SELECT count(*) FROM ingest_instances")[0][0])
+    except Exception:  # the database may be the thing that is down
         return 0
 
 
@@ -55,6 +51,7 @@ def run_with_fault(
     fault()
     sender.join(timeout=900)
     total = box["sent"]
+    print(f"first pass: {len(total.acked)} acknowledged, {len(total.refused)} refused or not sent (re-sent below)")
     for _ in range(resend_rounds):
         retry = [path for path, _status in total.refused]
         if not retry:
@@ -128,3 +125,21 @@ def store_unwritable_for(system: SystemHarness, seconds: float) -> None:
         time.sleep(seconds)
     finally:
         subprocess.run(["chattr", "-R", "-i", str(store)], check=True, capture_output=True)
+
+
+def postgres_outage(cluster: object, seconds: float) -> None:
+    """Stop the PostgreSQL server (fast shutdown: connections are cut) and start it again."""
+    from tests.support.postgres import _as_postgres, _bin
+
+    data, sock_dir, port = cluster.data, cluster.dir, cluster.port  # type: ignore[attr-defined]
+    subprocess.run(_as_postgres([_bin("pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop"]), check=True,
+                   capture_output=True, timeout=120)  # fmt: skip
+    try:
+        time.sleep(seconds)
+    finally:
+        opts = f"-p {port} -k {sock_dir} -c listen_addresses=127.0.0.1 -c fsync=on"
+        subprocess.run(
+            _as_postgres([_bin("pg_ctl"), "-D", str(data), "-l", str(sock_dir / "log"), "-w", "-t", "60",
+                          "-o", opts, "start"]),
+            check=True, capture_output=True, timeout=120,
+        )  # fmt: skip

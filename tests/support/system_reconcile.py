@@ -39,6 +39,32 @@ def _query(db: Path, sql: str) -> list[tuple]:
         conn.close()
 
 
+class DbReader:
+    """Read-only SQL against a service's tables: its SQLite file, or the shared PostgreSQL."""
+
+    def __init__(self, system: SystemHarness) -> None:
+        self.data_dir = system.data_dir
+        url = system.config.common_env().get("PT_DATABASE_URL", "")
+        self.pg_dsn = url.replace("postgresql+asyncpg://", "postgresql://", 1) if url else ""
+
+    def query(self, service: str, sql: str) -> list[tuple]:
+        if not self.pg_dsn:
+            return _query(self.data_dir / f"{service}.db", sql)
+        with ThreadPoolExecutor(1) as pool:
+            return pool.submit(asyncio.run, self._pg(sql)).result()
+
+    async def _pg(self, sql: str) -> list[tuple]:
+        import asyncpg
+
+        conn = await asyncpg.connect(self.pg_dsn, timeout=30)
+        try:
+            return [tuple(r) for r in await conn.fetch(sql)]
+        except asyncpg.UndefinedTableError:
+            return []
+        finally:
+            await conn.close()
+
+
 async def _peek_dead_letters(amqp_url: str) -> dict[str, list[tuple[str, str]]]:
     """(correlation id, reason) of every dead-lettered message; they stay in their queues."""
     out: dict[str, list[tuple[str, str]]] = {}
@@ -163,9 +189,9 @@ class Reconciliation:
 
 
 def reconcile(system: SystemHarness, acked: set[str], verify_hashes: bool = True) -> Reconciliation:
-    data = system.data_dir
+    db = DbReader(system)
     r = Reconciliation(acked=set(acked))
-    rows = _query(data / "ingest.db", "SELECT sop_instance_uid, sha256, storage_uri FROM ingest_instances")
+    rows = db.query("ingest", "SELECT sop_instance_uid, sha256, storage_uri FROM ingest_instances")
     r.ingest_rows = len(rows)
     r.ingest_instances = {sop: (sha, uri) for sop, sha, uri in rows}
     for sop, (sha, uri) in r.ingest_instances.items():
@@ -177,26 +203,25 @@ def reconcile(system: SystemHarness, acked: set[str], verify_hashes: bool = True
         if verify_hashes and hashlib.sha256(path.read_bytes()).hexdigest() != sha:
             r.store_bad_hash.append(sop)
     for svc in ("ingest", "labeling", "aggregator", "inference"):
-        n = _query(data / f"{svc}.db", f"SELECT count(*) FROM {svc}_outbox WHERE published_at IS NULL")
+        n = db.query(svc, f"SELECT count(*) FROM {svc}_outbox WHERE published_at IS NULL")
         if n:
             r.outbox_backlog[svc] = int(n[0][0])
     r.queue_depths = system.queue_depths()
     # in a thread of its own: Playwright's sync API keeps an event loop in this one
     with ThreadPoolExecutor(1) as pool:
         r.dead_letters = pool.submit(asyncio.run, _peek_dead_letters(system.amqp_url)).result()
-    agg = data / "aggregator.db"
-    r.predictions = Counter(s for (s,) in _query(agg, "SELECT sop_uid FROM aggregator_predictions"))
+    r.predictions = Counter(s for (s,) in db.query("aggregator", "SELECT sop_uid FROM aggregator_predictions"))
     r.labeling_tasks = Counter(
-        s for (s,) in _query(data / "labeling.db", "SELECT sop_instance_uid FROM labeling_tasks WHERE kind = 'work'")
+        s for (s,) in db.query("labeling", "SELECT sop_instance_uid FROM labeling_tasks WHERE kind = 'work'")
     )
-    for sop, study, flag in _query(agg, "SELECT sop_uid, study_uid, flag FROM aggregator_images"):
+    for sop, study, flag in db.query("aggregator", "SELECT sop_uid, study_uid, flag FROM aggregator_images"):
         r.image_flags[sop] = flag
         r.image_study[sop] = study
-    for study, flag in _query(agg, "SELECT study_uid, flag FROM aggregator_studies"):
+    for study, flag in db.query("aggregator", "SELECT study_uid, flag FROM aggregator_studies"):
         r.study_flags[study] = flag
         r.study_rows[study] += 1
     revisions: dict[str, list[int]] = {}
-    for study, rev in _query(agg, "SELECT study_uid, revision FROM aggregator_triage_history"):
+    for study, rev in db.query("aggregator", "SELECT study_uid, revision FROM aggregator_triage_history"):
         revisions.setdefault(study, []).append(int(rev))
     r.history_gaps = [s for s, revs in revisions.items() if sorted(revs) != list(range(1, len(revs) + 1))]
     return r
