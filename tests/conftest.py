@@ -75,9 +75,14 @@ CHROMIUM_ARGS = [
 ]
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 def chromium() -> Iterator[object]:
-    """A real headless Chromium (Debian's /usr/bin/chromium) driven by Playwright."""
+    """A real headless Chromium (Debian's /usr/bin/chromium) driven by Playwright's sync API.
+
+    Function-scoped on purpose: while the sync API is active it owns a running event loop on the
+    main thread, which would break every pytest-asyncio test after it. Request it after any async
+    fixture the test needs.
+    """
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
