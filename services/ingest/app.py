@@ -43,13 +43,14 @@ class IngestService:
         self.relay = OutboxRelay(SERVICE, self.sessions, Outbox, self.broker, idle_seconds=0.5)
         self.scp: IngestSCP | None = None
         self._stop = asyncio.Event()
+        self._notify_pending = False
         self._tasks: list[asyncio.Task[Any]] = []
 
     async def start(self, http: bool = True) -> IngestService:
         await upgrade(self.engine, SERVICE, Base.metadata)
         self.store.root.mkdir(parents=True, exist_ok=True)
         self.scp = IngestSCP(
-            self.settings, self.sessions, self.store, asyncio.get_running_loop(), on_commit=self.relay.notify
+            self.settings, self.sessions, self.store, asyncio.get_running_loop(), on_commit=self._events_committed
         )
         self.scp.start()
         self._tasks.append(asyncio.create_task(self._run_relay(), name="ingest-relay"))
@@ -61,6 +62,19 @@ class IngestService:
                 )
             )
         return self
+
+    def _events_committed(self) -> None:
+        """Wake the relay shortly after new events commit: one wake-up per burst, so the relay
+        publishes them as one batch (one query, one commit) rather than one round per image."""
+        if self._notify_pending:
+            return
+        self._notify_pending = True
+
+        def fire() -> None:
+            self._notify_pending = False
+            self.relay.notify()
+
+        asyncio.get_running_loop().call_later(self.settings.relay_coalesce_s, fire)
 
     @property
     def dicom_port(self) -> int:

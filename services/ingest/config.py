@@ -37,6 +37,8 @@ class IngestSettings(CommonSettings):
     # Refuse images with more pixels than this (rows * columns * frames) or a side longer than max_side.
     max_pixels: int = 60_000_000
     max_side: int = 16384
+    # Seconds the outbox relay waits after a commit before publishing, to send a burst as one batch.
+    relay_coalesce_s: float = 0.2
     # Seconds a C-STORE waits for the store + DB commit before answering 0xA700.
     commit_timeout_s: float = 60.0
 

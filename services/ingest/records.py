@@ -14,9 +14,12 @@ import contextlib
 import sys
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 from google.protobuf.timestamp_pb2 import Timestamp
-from sqlalchemy import insert, select, update
+from sqlalchemy import insert, select
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -45,29 +48,31 @@ async def is_stored(sessions: async_sessionmaker[AsyncSession], sop_instance_uid
     return found is not None
 
 
+def _upsert(session: AsyncSession, model: type) -> Any:
+    """INSERT ... ON CONFLICT for the session's dialect (SQLite and PostgreSQL both have it)."""
+    bind = session.bind
+    if bind is not None and bind.dialect.name == "postgresql":
+        return pg_insert(model)
+    return sqlite_insert(model)
+
+
 async def _study(session: AsyncSession, uid: str, now: datetime) -> tuple[int, int]:
-    """(id, image count after this image) of the study, created on first sight."""
-    row = (await session.execute(select(Study.id, Study.image_count).where(Study.study_instance_uid == uid))).first()
-    if row is None:
-        inserted = await session.execute(
-            insert(Study).values(study_instance_uid=uid, image_count=1, created_at=now).returning(Study.id)
-        )
-        return int(inserted.scalar_one()), 1
-    count = int(row.image_count) + 1
-    await session.execute(update(Study).where(Study.id == row.id).values(image_count=count))
-    return int(row.id), count
+    """(id, image count including this image) of the study, created on first sight: one statement."""
+    stmt = _upsert(session, Study).values(study_instance_uid=uid, image_count=1, created_at=now)
+    stmt = stmt.on_conflict_do_update(
+        index_elements=[Study.study_instance_uid], set_={"image_count": Study.image_count + 1}
+    ).returning(Study.id, Study.image_count)
+    row = (await session.execute(stmt)).one()
+    return int(row.id), int(row.image_count)
 
 
 async def _series(session: AsyncSession, uid: str, study_id: int, modality: str, now: datetime) -> int:
-    found = await session.scalar(select(Series.id).where(Series.series_instance_uid == uid))
-    if found is not None:
-        return int(found)
-    inserted = await session.execute(
-        insert(Series)
-        .values(series_instance_uid=uid, study_id=study_id, modality=modality, created_at=now)
-        .returning(Series.id)
-    )
-    return int(inserted.scalar_one())
+    values = {"series_instance_uid": uid, "study_id": study_id, "modality": modality, "created_at": now}
+    stmt = _upsert(session, Series).values(**values)
+    stmt = stmt.on_conflict_do_update(  # a no-op update, so that RETURNING gives the existing id too
+        index_elements=[Series.series_instance_uid], set_={"series_instance_uid": stmt.excluded.series_instance_uid}
+    ).returning(Series.id)
+    return int((await session.execute(stmt)).scalar_one())
 
 
 async def _add_stored(

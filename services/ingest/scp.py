@@ -102,6 +102,7 @@ class IngestSCP:
         self.committer = GroupCommitter(sessions)
         self._locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
+        self._open: set[int] = set()
         self.ae = self._make_ae()
 
     # --- set-up ---------------------------------------------------------------------------------
@@ -158,6 +159,8 @@ class IngestSCP:
 
     # --- association events ---------------------------------------------------------------------
     def _on_accepted(self, event: evt.Event) -> None:
+        with self._locks_guard:
+            self._open.add(id(event.assoc))
         ASSOCIATIONS.inc()
         ASSOCIATION_EVENTS.labels("accepted").inc()
 
@@ -166,7 +169,11 @@ class IngestSCP:
         log.warning("association rejected", extra={"calling_ae": event.assoc.requestor.ae_title})
 
     def _on_closed(self, event: evt.Event) -> None:
-        ASSOCIATIONS.dec()
+        with self._locks_guard:
+            was_open = id(event.assoc) in self._open
+            self._open.discard(id(event.assoc))
+        if was_open:
+            ASSOCIATIONS.dec()
         ASSOCIATION_EVENTS.labels(event.event.name.lower()).inc()
 
     def handle_echo(self, event: evt.Event) -> int:

@@ -103,8 +103,26 @@ def send_files(
         pairs.add(item[1])
         batches[-1].append(item)
 
-    # stream each file's encoded data set as it is on disk (no decode / re-encode on our side)
+    # stream each file's encoded data set as it is on disk (no decode / re-encode on our side);
+    # a pynetdicom global, restored afterwards for other users in the same process
+    chunked = _config.STORE_SEND_CHUNKED_DATASET
     _config.STORE_SEND_CHUNKED_DATASET = True
+    try:
+        _send_batches(batches, host, port, called_ae, calling_ae, timeout, done)
+    finally:
+        _config.STORE_SEND_CHUNKED_DATASET = chunked
+    return summary
+
+
+def _send_batches(
+    batches: list[list[tuple[Path, tuple[str, str]]]],
+    host: str,
+    port: int,
+    called_ae: str,
+    calling_ae: str,
+    timeout: float,
+    done: Callable[[SendResult], None],
+) -> None:
     ae = AE(ae_title=calling_ae)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
     for batch in batches:
@@ -131,4 +149,3 @@ def send_files(
         finally:
             if assoc.is_established:
                 assoc.release()
-    return summary
