@@ -189,8 +189,9 @@ def _check_pixels(ds: Dataset, settings: IngestSettings) -> tuple[int, int, int]
             raise Refusal(
                 DATASET_MISMATCH, "pixel_length_mismatch", f"Pixel Data holds {actual} bytes, {expected} expected"
             )
+        return rows, cols, frames  # complete native pixel data: nothing to decode
     try:
-        arr = ds.pixel_array
+        arr = ds.pixel_array  # compressed: decode (every frame) to prove the stream is sound
     except Exception as exc:
         raise Refusal(UNDECODABLE_PIXELS, "undecodable_pixels", f"pixel data cannot be decoded: {exc!s:.200}") from exc
     if arr.size == 0:
