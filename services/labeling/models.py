@@ -5,7 +5,7 @@ from __future__ import annotations
 import secrets
 from datetime import datetime
 
-from sqlalchemy import Boolean, DateTime, Float, ForeignKey, Integer, String, Text, UniqueConstraint
+from sqlalchemy import Boolean, DateTime, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint, text
 from sqlalchemy.orm import Mapped, mapped_column
 
 from services.core.db.base import make_base
@@ -86,6 +86,19 @@ class Lease(Base):
 
 class JudgmentRow(Base):
     __tablename__ = "labeling_judgments"
+    # one live answer per annotator, image and quiz attempt, even under concurrent double submission
+    __table_args__ = (
+        Index(
+            "uq_labeling_judgments_live",
+            "task_id",
+            "user_id",
+            "context",
+            "quiz_attempt",
+            unique=True,
+            sqlite_where=text("state != 'undone'"),
+            postgresql_where=text("state != 'undone'"),
+        ),
+    )
     id: Mapped[str] = mapped_column(String(40), primary_key=True, default=opaque_id)
     task_id: Mapped[str] = mapped_column(ForeignKey("labeling_tasks.id"), index=True)
     user_id: Mapped[int] = mapped_column(ForeignKey("labeling_users.id"), index=True)

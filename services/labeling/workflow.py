@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from google.protobuf.timestamp_pb2 import Timestamp
-from sqlalchemy import case, func, select
+from sqlalchemy import case, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.core.contracts import Answer, Confidence, ImageRef, Judgment
@@ -351,8 +351,17 @@ async def finalize(s: AsyncSession, row: JudgmentRow) -> None:
     """Make a pending answer final and stage judgment.submitted (work images only) in the outbox."""
     if row.state != "pending":
         return
-    row.state = "final"
-    row.finalized_at = utcnow()
+    # conditional update: of two concurrent finalisers (the annotator's next answer, the sweeper) one wins
+    now = utcnow()
+    won = await s.execute(
+        update(JudgmentRow)
+        .where(JudgmentRow.id == row.id, JudgmentRow.state == "pending")
+        .values(state="final", finalized_at=now)
+        .execution_options(synchronize_session=False)
+    )
+    if won.rowcount != 1:
+        return
+    s.expire(row, ["state", "finalized_at"])
     task = await s.get(Task, row.task_id)
     user = await s.get(User, row.user_id)
     assert task is not None and user is not None

@@ -181,3 +181,28 @@ async def test_decoding_in_worker_processes_gives_the_same_predictions_and_error
         await threads.close()
         await processes.close()
         await runtime.close()
+
+
+async def test_graceful_stop_finishes_in_flight_and_returns_the_rest_to_the_queue(
+    broker: Broker, rabbit: RabbitNode, shared_data: Path, tmp_path: Path, inference_repository: Path
+) -> None:
+    files = store_copies(shared_dicoms(shared_data), tmp_path / "store")
+    events = [image_received(files[i % len(files)], uid_for(1000 + i)) for i in range(40)]
+    # batches never fill (2 in flight, batch of 4): ~20 images/s, so the stop lands mid-run
+    settings = service_settings(
+        rabbit.url, tmp_path, inference_repository, prefetch=2, max_batch=4, max_wait_ms=100, heatmaps=False
+    )
+    async with running_service(settings):
+        await publish_events(broker, events)
+        first = await collect_predictions(broker, 5, timeout=60)
+    # stopped: what was in flight was published, the rest is back in the queue, unharmed
+    rest = await collect_predictions(broker, 40, timeout=3)
+    depth = rabbit.queue_depths()["inference.images"]
+    predicted = {p.image.sop_instance_uid for p, _ in first + rest}
+    assert depth > 0, "the run finished before the stop: nothing was tested"
+    assert len(predicted) + depth == len(events)
+    assert await dead_letters(broker) == []
+
+    async with running_service(settings):  # a new consumer finishes the job
+        more = await collect_predictions(broker, depth, timeout=60, settle=0.5)
+    assert predicted | {p.image.sop_instance_uid for p, _ in more} == {e.image.sop_instance_uid for e in events}

@@ -1,11 +1,13 @@
-"""End to end, every part real: dcmtk storescu sends 60 real chest X-rays (DX, JPEG baseline) ->
-ingest -> RabbitMQ -> inference + labeling -> a simulated crowd answers through the labeling HTTP
-API -> aggregator -> flags in the worklist JSON API and in headless Chromium. Every image is
-accounted for, and one image's SOPInstanceUID is found in all four services' JSON logs."""
+"""End to end, every part real: dcmtk storescu sends 50 real chest X-rays (DX, JPEG baseline) and
+Orthanc, as the PACS, forwards 6 more -> ingest -> RabbitMQ -> inference + labeling -> a simulated
+crowd answers through the labeling HTTP API -> aggregator -> flags in the worklist JSON API and in
+headless Chromium, and DICOM SR results back in Orthanc. Every image is accounted for, and an
+image's SOPInstanceUID is found as correlation_id in all four services' JSON logs."""
 
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,8 +31,8 @@ from tests.support.system_scenario import (
     seed_accounts_and_gold,
 )
 
-N_IMAGES = 60  # sent by dcmtk storescu
-N_PACS = 10  # forwarded by Orthanc
+N_IMAGES = 50  # sent by dcmtk storescu
+N_PACS = 6  # forwarded by Orthanc
 FLAGS = {"URGENT", "PNEUMONIA_SUSPECTED", "UNCERTAIN", "LIKELY_HEALTHY", "NOT_TRIAGED"}
 
 
@@ -77,9 +79,13 @@ def e2e(rabbit: RabbitNode, shared_data: Path, tmp_path_factory: pytest.TempPath
         job = orthanc.store_to("pt", sorted(studies))
         assert job.get("FailedInstancesCount", 0) == 0, job
         acked |= {m.sop_instance_uid for m in pacs_batch.images}
+        t0 = time.monotonic()
         model_only = wait_reconciled(system, acked, timeout=240)
-        crowd = run_crowd(system, [truth, gold])
+        t1 = time.monotonic()
+        crowd = run_crowd(system, [truth, gold], annotators="expert:3,careless:1")
+        t2 = time.monotonic()
         after = wait_reconciled(system, acked, timeout=120)
+        print(f"model-only flags {t1 - t0:.1f} s, crowd {t2 - t1:.1f} s, settle {time.monotonic() - t2:.1f} s")
         yield E2ERun(system, batch, pacs_batch, sent, model_only, after, crowd, orthanc)
     finally:
         system.stop()

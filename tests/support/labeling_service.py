@@ -162,7 +162,7 @@ class LabelingServer:
             text=True,
             timeout=300,
         )
-        assert res.returncode == 0, res.stderr[-3000:]
+        assert res.returncode == 0, res.stderr[-3000:] + "\n--- service log ---\n" + self.log()
         return res.stdout
 
     def start(self) -> LabelingServer:
@@ -190,7 +190,7 @@ class LabelingServer:
 
     def log(self) -> str:
         p = self.base / "service.log"
-        return p.read_text()[-4000:] if p.exists() else ""
+        return p.read_text()[-12000:] if p.exists() else ""
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:

@@ -15,6 +15,7 @@ from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from pydantic import BaseModel, Field
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from services.core.auth import SessionUser, WebSessions, csrf_token, require_csrf, verify_password
@@ -75,6 +76,11 @@ def create_app(ctx: WebContext, web_sessions: WebSessions, health: HealthCheck |
     annotator = web_sessions.require_role("annotator")
     owner = web_sessions.require_role("owner")
     router = APIRouter()
+
+    @app.exception_handler(IntegrityError)
+    async def conflict(request: Request, exc: IntegrityError) -> Response:
+        # a concurrent request (double click, two tabs) got there first; nothing was written
+        return await workflow_error(request, WorkflowError(409, "that was already done (concurrent request)"))
 
     @app.exception_handler(WorkflowError)
     async def workflow_error(request: Request, exc: WorkflowError) -> Response:
