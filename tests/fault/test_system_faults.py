@@ -4,7 +4,7 @@ stopped and started; a service's database locked past its busy timeout; the imag
 unwritable. Afterwards every C-STORE-acknowledged image has exactly one current triage result (or
 a dead-letter entry with its reason), nothing is duplicated, and DB, broker and store reconcile.
 
-The default run keeps two small variants (kill -9 of ingest, broker outage; 40 images each);
+The default run keeps two small variants (kill -9 of ingest, broker outage; 24 images each);
 `-m slow` runs every fault on 300 images.
 """
 
@@ -27,7 +27,7 @@ from tests.support.system_faults import (
 from tests.support.system_harness import SystemHarness
 from tests.support.system_scenario import FAST_ENV, Batch, make_batch, model_env
 
-SMALL, BIG = 40, 300
+SMALL, BIG = 24, 300
 
 
 @pytest.fixture
