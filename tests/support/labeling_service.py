@@ -166,10 +166,19 @@ class LabelingServer:
         return res.stdout
 
     def start(self) -> LabelingServer:
+        """Create users and gold with the CLI, then launch the service and wait until it is healthy."""
         self.cli("add-user", OWNER[0], "--role", "owner", "--password", OWNER[1])
         for name, pw in (ANNOTATOR, ANNOTATOR2):
             self.cli("add-user", name, "--role", "annotator", "--password", pw)
         self.cli("import-gold", "--data", str(self.gold_data), "--n", str(self.n_gold))
+        return self.launch()
+
+    def kill9(self) -> None:
+        assert self.process is not None
+        os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait(10)
+
+    def launch(self) -> LabelingServer:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "services.cli", "labeling"],
             env=self.env,
