@@ -231,3 +231,23 @@ def test_no_phi_in_any_page_or_api_response(labeling_server: LabelingServer, wit
             assert marker.encode() not in body, (res.url, marker)
         for uid in with_images:  # no DICOM UID either: nothing an annotator could join to PHI elsewhere
             assert uid.encode() not in body, res.url
+
+
+def test_concurrent_double_submission_counts_once(labeling_server: LabelingServer, with_images: list[str]) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    ann = Api(labeling_server.url, *ANNOTATOR2)
+    pass_quiz(ann, labeling_server)
+    nxt = ann.get("/api/next").json()
+    assert nxt["state"] == "work"
+    body = {"task_id": nxt["task_id"], "answer": "healthy", "confidence": "sure"}
+    with ThreadPoolExecutor(6) as pool:
+        codes = list(pool.map(lambda _: ann.post("/api/judgments", json=body).status_code, range(6)))
+    assert sorted(codes) == [200] + [409] * 5
+    live = labeling_server.query(
+        "SELECT count(*) FROM labeling_judgments j JOIN labeling_users u ON u.id=j.user_id "
+        "WHERE u.name=? AND j.task_id=? AND j.state!='undone'",
+        ANNOTATOR2[0],
+        nxt["task_id"],
+    )
+    assert live[0][0] == 1
