@@ -291,6 +291,7 @@ def train(
             "log_loss_uncalibrated": log_loss(sigmoid(val_logits), y_val),
             "log_loss_calibrated": log_loss(calibrated, y_val),
         },
+        "trained_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "git_commit": git_commit(),
         "git_dirty": git_dirty(),
         "torch_version": torch.__version__,
