@@ -49,7 +49,7 @@ class Page(BaseModel):
     total: int
 
 
-@functools.lru_cache(maxsize=256)
+@functools.lru_cache(maxsize=64)  # ~64 rendered X-rays (<= 1024 px PNGs) in memory
 def render_png(path: str, mtime: float, frame: int) -> bytes:
     from services.core.imaging import display_array, read_dicom, to_png
 
