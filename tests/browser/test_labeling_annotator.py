@@ -9,6 +9,7 @@ import pytest
 
 from tests.support.labeling_service import (  # noqa: F401
     ANNOTATOR,
+    OWNER,
     LabelingServer,
     gold_answers,
     labeling_server_fixture,
@@ -121,4 +122,28 @@ def test_annotator_journey(labeling_server: LabelingServer, chromium, shared_dat
         press(page, "h")
     else:
         pytest.fail("no hidden test question was served")
+    # an annotator cannot open the owner pages
+    res = page.goto(server.url + "/owner")
+    assert res is not None and res.status == 403
+    context.close()
+
+
+def test_owner_pages(labeling_server: LabelingServer, chromium, artifacts_dir: Path) -> None:
+    context = chromium.new_context(viewport={"width": 1366, "height": 768})
+    page = context.new_page()
+    page.set_default_timeout(30_000)
+    page.goto(labeling_server.url + "/")
+    page.get_by_label("Name").fill(OWNER[0])
+    page.get_by_label("Password").fill(OWNER[1])
+    page.get_by_role("button", name="Sign in").click()
+    page.wait_for_url("**/owner")
+    assert page.locator("#images").inner_text().strip().isdigit()
+    for heading in ("Progress", "Annotators", "Contested test questions"):
+        assert page.get_by_role("heading", name=heading).is_visible()
+    pseudonym = labeling_server.query("SELECT pseudonym FROM labeling_users WHERE name=?", ANNOTATOR[0])[0][0]
+    assert pseudonym in page.locator("#annotators").inner_text()
+    page.screenshot(path=str(artifacts_dir / "labeling" / "05-owner.png"), full_page=True)
+    page.get_by_role("link", name=pseudonym).click()
+    page.wait_for_url(f"**/owner/annotators/{pseudonym}")
+    assert pseudonym in page.locator("h1").inner_text()
     context.close()
