@@ -14,7 +14,7 @@ from services.aggregator.app import Aggregator
 from services.aggregator.config import AggregatorSettings
 from services.aggregator.models import SrDelivery, Study
 from services.aggregator.outputs import Destination
-from services.aggregator.users import upsert_user
+from services.aggregator.users import all_reviews, upsert_user
 from services.aggregator.web.app import COOKIE, create_app
 from services.core.auth import WebSessions
 from tests.support.aggregator_service import (  # noqa: F401
@@ -181,6 +181,9 @@ async def test_api_lists_studies_by_urgency_and_reviews_are_exported(
         history = (await client.get("/api/v1/studies/9.1/history")).json()
         assert history[0]["source"] == "clinician" and history[0]["flag"] == "UNCERTAIN"
         assert (await client.get("/api/openapi.json")).json()["paths"]["/api/v1/studies"]
+    # the same labels through the CLI's export (`pneumotriage triage export-reviews`)
+    exported_rows = await all_reviews(agg.settings)
+    assert [(r["study_uid"], r["label"], r["action"]) for r in exported_rows] == [("9.1", "cant_tell", "overrule")]
     # the clinician's flag stays when more evidence arrives
     await apply_events(agg, judgment("9.1.1", "jx", False, study="9.1"))
     async with agg.sessions() as s:
