@@ -49,7 +49,7 @@ from services.ingest.make_dicom import DicomOptions, make_dicom_file  # noqa: E4
 from services.system.rabbitmq import RabbitNode, free_port  # noqa: E402
 from tests.support.dicom_peers import STORESCU, Orthanc, StoreSCP, wait_for_port  # noqa: E402
 
-console = Console()
+console = Console(width=120)
 SHARED = ROOT.parent / "shared" / "data" / "kermany224" / "train"
 AE = "PNEUMOTRIAGE"
 LOG_CONFIG = """\
@@ -246,7 +246,7 @@ def main() -> None:
     title += f", median of {args.rounds} round(s)"
     table = Table(title=title)
     for col in ("target", "senders", "ok", "images/s", "MB/s", "p50 ms", "p99 ms", "events out (s)"):
-        table.add_column(col, justify="right" if col != "target" else "left")
+        table.add_column(col, justify="right" if col != "target" else "left", no_wrap=True)
     for r in results:
         drained = "" if r.events_drained_s is None else f"{r.events_drained_s}"
         table.add_row(

@@ -16,7 +16,6 @@ Python encoder for them is maintained.
 
 from __future__ import annotations
 
-import datetime as dt
 import hashlib
 import re
 import subprocess
@@ -285,7 +284,9 @@ def write_dicom(ds: Dataset, path: Path | str) -> Path:
     return path
 
 
-def make_dicom_file(image_path: Path | str, out_dir: Path | str, options: DicomOptions | None = None, **kw: object):
+def make_dicom_file(
+    image_path: Path | str, out_dir: Path | str, options: DicomOptions | None = None, **kw: object
+) -> Path:
     """make_dicom + write_dicom into out_dir/<image stem>.dcm (suffixed with the syntax when not explicit)."""
     opts = options or DicomOptions()
     if kw:
@@ -294,7 +295,3 @@ def make_dicom_file(image_path: Path | str, out_dir: Path | str, options: DicomO
     stem = Path(image_path).stem
     suffix = "" if opts.transfer_syntax == "explicit" else f".{opts.transfer_syntax}"
     return write_dicom(ds, Path(out_dir) / f"{stem}{opts.uid_salt and '.' + opts.uid_salt}{suffix}.dcm")
-
-
-def today() -> str:
-    return dt.date.today().strftime("%Y%m%d")
