@@ -182,6 +182,23 @@ def _deadline_passed(child: object, timeout: float) -> bool:
     return time.monotonic() - child.started_at > timeout  # type: ignore[attr-defined]
 
 
+def _cli_name() -> str:
+    """How to call `pneumotriage` from this shell: plain when on PATH, else the venv's script."""
+    import shutil
+    import sys
+
+    script = Path(sys.executable).parent / "pneumotriage"
+    on_path = shutil.which("pneumotriage")
+    if on_path and Path(on_path).resolve() == script.resolve():
+        return "pneumotriage"
+    if script.exists():
+        try:
+            return str(script.relative_to(Path.cwd()))
+        except ValueError:
+            return str(script)
+    return "pneumotriage"
+
+
 def _banner(config: object, mgmt_url: str, data_dir: Path) -> Panel:
     from services.system.stack import StackConfig
 
@@ -197,11 +214,12 @@ def _banner(config: object, mgmt_url: str, data_dir: Path) -> Panel:
     ]
     if mgmt_url:
         lines.append(f"  RabbitMQ management       {mgmt_url}")
+    cli = _cli_name()
     lines += [
         f"  data, logs                {data_dir}  ({data_dir / 'logs'})",
         "",
-        "  First study:  [bold]pneumotriage demo[/bold]   (accounts + a handful of real X-rays), or",
-        f"                pneumotriage send ../shared/data/dicom/ --port {config.dicom_port}",
+        f"  First study:  [bold]{cli} demo[/bold]   (accounts + a handful of real X-rays), or",
+        f"                {cli} send ../shared/data/dicom/ --port {config.dicom_port}",
         "  Stop:         Ctrl-C",
     ]
     return Panel("\n".join(lines), expand=False)
