@@ -251,3 +251,13 @@ def test_concurrent_double_submission_counts_once(labeling_server: LabelingServe
         nxt["task_id"],
     )
     assert live[0][0] == 1
+
+
+@pytest.mark.parametrize("target", ["//evil.example/x", "/\\evil.example", "https://evil.example"])
+def test_sign_in_does_not_redirect_off_site(labeling_server: LabelingServer, target: str) -> None:
+    client = httpx.Client(base_url=labeling_server.url, follow_redirects=False)
+    token = client.get("/api/csrf").json()["csrf_token"]
+    res = client.post(
+        "/login", data={"name": ANNOTATOR[0], "password": ANNOTATOR[1], "next": target, "csrf_token": token}
+    )
+    assert res.status_code == 303 and res.headers["location"] == "/"

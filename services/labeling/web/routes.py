@@ -43,6 +43,11 @@ templates = Jinja2Templates(directory=HERE / "templates")  # autoescape on for .
 DUMMY_HASH = "scrypt$16384$8$1$AAAAAAAAAAAAAAAAAAAAAA==$AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="
 
 
+def safe_next(target: str) -> str:
+    """Only same-site paths after sign-in (no open redirect via //host or /\\host)."""
+    return target if target.startswith("/") and not target.startswith("//") and "\\" not in target else "/"
+
+
 @dataclass
 class WebContext:
     sessions: async_sessionmaker[AsyncSession]
@@ -110,7 +115,7 @@ def create_app(ctx: WebContext, web_sessions: WebSessions, health: HealthCheck |
 
     @router.get("/login", response_class=HTMLResponse)
     async def login_page(request: Request, next: str = "/") -> HTMLResponse:
-        return page(request, "login.html", {"next": next if next.startswith("/") and "//" not in next else "/"})
+        return page(request, "login.html", {"next": safe_next(next)})
 
     @router.post("/login", dependencies=[Depends(require_csrf)])
     async def login(
@@ -122,8 +127,7 @@ def create_app(ctx: WebContext, web_sessions: WebSessions, health: HealthCheck |
                 request, "login.html", {"next": next, "name": name, "error": "Wrong name or password."}, status=401
             )
         web_sessions.login(request, user_id=str(user.id), role=user.role, name=user.name)
-        target = next if next.startswith("/") and "//" not in next else "/"
-        return RedirectResponse(target, status_code=303)
+        return RedirectResponse(safe_next(next), status_code=303)
 
     @router.post("/logout", dependencies=[Depends(require_csrf)])
     async def logout(request: Request) -> Response:
