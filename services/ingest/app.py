@@ -22,6 +22,7 @@ from services.core.broker import Broker
 from services.core.db import make_engine, make_sessionmaker, upgrade
 from services.core.db.outbox import OUTBOX_BACKLOG, OutboxRelay
 from services.core.telemetry import configure_logging, ops_app, serve_http
+from services.ingest.commit import LoopCommitter, ThreadCommitter, make_committer
 from services.ingest.config import IngestSettings
 from services.ingest.models import Base, Outbox
 from services.ingest.scp import IngestSCP
@@ -42,6 +43,7 @@ class IngestService:
         self.broker = Broker(self.settings.amqp_url, self.settings.exchange, self.settings.quorum_queues)
         self.relay = OutboxRelay(SERVICE, self.sessions, Outbox, self.broker, idle_seconds=0.5)
         self.scp: IngestSCP | None = None
+        self.committer: ThreadCommitter | LoopCommitter | None = None
         self._stop = asyncio.Event()
         self._notify_pending = False
         self._tasks: list[asyncio.Task[Any]] = []
@@ -49,8 +51,11 @@ class IngestService:
     async def start(self, http: bool = True) -> IngestService:
         await upgrade(self.engine, SERVICE, Base.metadata)
         self.store.root.mkdir(parents=True, exist_ok=True)
+        loop = asyncio.get_running_loop()
+        self.committer = make_committer(self.settings.database_url_for(SERVICE), self.engine, loop)
+        self.committer.start()
         self.scp = IngestSCP(
-            self.settings, self.sessions, self.store, asyncio.get_running_loop(), on_commit=self._events_committed
+            self.settings, self.sessions, self.store, loop, self.committer, on_commit=self._events_committed
         )
         self.scp.start()
         self._tasks.append(asyncio.create_task(self._run_relay(), name="ingest-relay"))
@@ -123,6 +128,8 @@ class IngestService:
         if self.scp is not None:
             await asyncio.to_thread(self.scp.shutdown)  # running associations need the loop to finish
             await self.scp.committer.stop()
+        elif self.committer is not None:
+            await self.committer.stop()
         self._stop.set()
         with contextlib.suppress(Exception):  # one last flush of the outbox, bounded
             if self.broker.is_connected:

@@ -36,8 +36,9 @@ from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from services.core.telemetry import bound_correlation_id
+from services.ingest.commit import LoopCommitter, ThreadCommitter
 from services.ingest.config import IngestSettings
-from services.ingest.records import GroupCommitter, record_refusal
+from services.ingest.records import record_refusal
 from services.ingest.store import ContentStore, StoreError
 from services.ingest.validate import (
     CANNOT_PARSE,
@@ -91,6 +92,7 @@ class IngestSCP:
         sessions: async_sessionmaker[AsyncSession],
         store: ContentStore,
         loop: asyncio.AbstractEventLoop,
+        committer: ThreadCommitter | LoopCommitter,
         on_commit: Callable[[], None] | None = None,
     ) -> None:
         self.settings = settings
@@ -99,7 +101,7 @@ class IngestSCP:
         self.loop = loop
         self.on_commit = on_commit
         self.server: ThreadedAssociationServer | None = None
-        self.committer = GroupCommitter(sessions)
+        self.committer = committer
         self._locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
         self._open: set[int] = set()
@@ -137,8 +139,7 @@ class IngestSCP:
         ]
 
     def start(self) -> None:
-        """Start listening (call on the event loop: the group committer runs there)."""
-        self.committer.start()
+        """Start listening (the committer must be running)."""
         s = self.settings
         self.server = self.ae.start_server((s.host, s.port), block=False, evt_handlers=self.handlers())
         log.info("DICOM SCP listening", extra={"ae_title": s.ae_title, "port": s.port, "host": s.host})
@@ -253,7 +254,12 @@ class IngestSCP:
             except StoreError as exc:
                 return self._unavailable("store_unavailable", exc)
             try:
-                received = self._on_loop(self.committer.record(decision, stored, calling_ae))
+                future = self.committer.submit(decision, stored, calling_ae)
+                try:
+                    received = future.result(timeout=self.settings.commit_timeout_s)
+                except BaseException:
+                    future.cancel()  # still queued: it is dropped; already committing: it may land
+                    raise
             except Exception as exc:
                 # The file stays: it is complete and content-addressed, and a commit that timed out
                 # here may still land; the sender retries (0xA700) and then finds it stored.

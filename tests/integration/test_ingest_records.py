@@ -1,4 +1,5 @@
-"""Group commit of instances (real SQLite file): concurrent records, duplicates, one bad row isolated."""
+"""Group commit of instances (real SQLite file), through both committers (writer thread; event loop as
+used with PostgreSQL): concurrent records, duplicates, one bad row isolated."""
 
 from __future__ import annotations
 
@@ -8,11 +9,12 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import func, select
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
+from services.core.contracts import ImageReceived
 from services.core.db import make_engine, make_sessionmaker, upgrade
+from services.ingest.commit import LoopCommitter, ThreadCommitter
 from services.ingest.models import Base, Instance, Outbox, Study
-from services.ingest.records import GroupCommitter
 from services.ingest.store import StoredFile
 from services.ingest.validate import Action, Decision
 
@@ -40,13 +42,39 @@ def _stored(i: int, tmp: Path) -> StoredFile:
 
 
 @pytest.fixture
-async def sessions(tmp_path: Path) -> AsyncIterator[async_sessionmaker[AsyncSession]]:
-    engine = make_engine(f"sqlite+aiosqlite:///{tmp_path / 'ingest.db'}")
+async def db(tmp_path: Path) -> AsyncIterator[tuple[str, AsyncEngine]]:
+    url = f"sqlite+aiosqlite:///{tmp_path / 'ingest.db'}"
+    engine = make_engine(url)
     await upgrade(engine, "ingest", Base.metadata)
     try:
-        yield make_sessionmaker(engine)
+        yield url, engine
     finally:
         await engine.dispose()
+
+
+@pytest.fixture(params=["thread", "loop"])
+async def committer(request: pytest.FixtureRequest, db: tuple[str, AsyncEngine]) -> AsyncIterator[Committer]:
+    url, engine = db
+    c: Committer = (
+        ThreadCommitter(url) if request.param == "thread" else LoopCommitter(engine, asyncio.get_running_loop())
+    )
+    c.start()
+    try:
+        yield c
+    finally:
+        await c.stop()
+
+
+@pytest.fixture
+def sessions(db: tuple[str, AsyncEngine]) -> async_sessionmaker[AsyncSession]:
+    return make_sessionmaker(db[1])
+
+
+Committer = ThreadCommitter | LoopCommitter
+
+
+async def record(c: Committer, decision: Decision, stored: StoredFile) -> ImageReceived | None:
+    return await asyncio.wrap_future(c.submit(decision, stored, "AE"))
 
 
 async def _count(sessions: async_sessionmaker[AsyncSession], model: type) -> int:
@@ -55,22 +83,17 @@ async def _count(sessions: async_sessionmaker[AsyncSession], model: type) -> int
 
 
 async def test_concurrent_records_share_commits_and_stay_exact(
-    sessions: async_sessionmaker[AsyncSession], tmp_path: Path
+    committer: Committer, sessions: async_sessionmaker[AsyncSession], tmp_path: Path
 ) -> None:
-    committer = GroupCommitter(sessions)
-    committer.start()
-    try:
-        results = await asyncio.gather(*(committer.record(_decision(i), _stored(i, tmp_path), "AE") for i in range(30)))
-        assert all(r is not None for r in results)
-        assert sorted(r.study_image_count for r in results if r) == list(range(1, 31))
-        # a repeat — also twice in the same batch — gives no new event
-        again = await asyncio.gather(*(committer.record(_decision(5), _stored(5, tmp_path), "AE") for _ in range(3)))
-        assert again == [None, None, None]
-        # a new instance arriving twice in one batch: one event
-        twice = await asyncio.gather(*(committer.record(_decision(30), _stored(30, tmp_path), "AE") for _ in range(2)))
-        assert twice[0] is not None and twice[1] is None
-    finally:
-        await committer.stop()
+    results = await asyncio.gather(*(record(committer, _decision(i), _stored(i, tmp_path)) for i in range(30)))
+    assert all(r is not None for r in results)
+    assert sorted(r.study_image_count for r in results if r) == list(range(1, 31))
+    # a repeat — also three times at once — gives no new event
+    again = await asyncio.gather(*(record(committer, _decision(5), _stored(5, tmp_path)) for _ in range(3)))
+    assert again == [None, None, None]
+    # a new instance arriving twice at once: one event
+    twice = await asyncio.gather(*(record(committer, _decision(30), _stored(30, tmp_path)) for _ in range(2)))
+    assert sorted(r is None for r in twice) == [False, True]
     assert await _count(sessions, Instance) == 31
     assert await _count(sessions, Outbox) == 31
     async with sessions() as s:
@@ -78,21 +101,16 @@ async def test_concurrent_records_share_commits_and_stay_exact(
 
 
 async def test_a_failing_row_does_not_fail_its_batch(
-    sessions: async_sessionmaker[AsyncSession], tmp_path: Path
+    committer: Committer, sessions: async_sessionmaker[AsyncSession], tmp_path: Path
 ) -> None:
-    committer = GroupCommitter(sessions)
-    committer.start()
     bad = _decision(99)
     bad.sop_instance_uid = None  # type: ignore[assignment]  # NOT NULL violation
-    try:
-        results = await asyncio.gather(
-            *(committer.record(_decision(i, "9.9"), _stored(i, tmp_path), "AE") for i in range(5)),
-            committer.record(bad, _stored(99, tmp_path), "AE"),
-            *(committer.record(_decision(i, "9.9"), _stored(i, tmp_path), "AE") for i in range(5, 10)),
-            return_exceptions=True,
-        )
-    finally:
-        await committer.stop()
+    results = await asyncio.gather(
+        *(record(committer, _decision(i, "9.9"), _stored(i, tmp_path)) for i in range(5)),
+        record(committer, bad, _stored(99, tmp_path)),
+        *(record(committer, _decision(i, "9.9"), _stored(i, tmp_path)) for i in range(5, 10)),
+        return_exceptions=True,
+    )
     assert isinstance(results[5], Exception)
     assert all(r is not None and not isinstance(r, Exception) for i, r in enumerate(results) if i != 5)
     assert await _count(sessions, Instance) == 10
