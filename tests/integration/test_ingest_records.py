@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from services.core.contracts import ImageReceived
@@ -17,6 +17,7 @@ from services.ingest.commit import LoopCommitter, ThreadCommitter
 from services.ingest.models import Base, Instance, Outbox, Study
 from services.ingest.store import StoredFile
 from services.ingest.validate import Action, Decision
+from tests.support.postgres import postgres  # noqa: F401
 
 
 def _decision(i: int, study: str = "1.2.3.4") -> Decision:
@@ -41,23 +42,31 @@ def _stored(i: int, tmp: Path) -> StoredFile:
     return StoredFile(f"{i:064x}", tmp / f"{i}.dcm", 100, created=True)
 
 
-@pytest.fixture
-async def db(tmp_path: Path) -> AsyncIterator[tuple[str, AsyncEngine]]:
+KINDS = ["thread-sqlite", "loop-sqlite", pytest.param("loop-postgres", marks=pytest.mark.postgres)]
+
+
+@pytest.fixture(params=KINDS)
+async def db(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[tuple[str, str, AsyncEngine]]:
+    kind, backend = request.param.split("-")
     url = f"sqlite+aiosqlite:///{tmp_path / 'ingest.db'}"
+    if backend == "postgres":
+        url = request.getfixturevalue("postgres").url
     engine = make_engine(url)
     await upgrade(engine, "ingest", Base.metadata)
+    if backend == "postgres":  # a shared cluster: start from empty ingest tables
+        async with engine.begin() as conn:
+            for table in ("ingest_outbox", "ingest_instances", "ingest_series", "ingest_studies"):
+                await conn.execute(text(f"DELETE FROM {table}"))
     try:
-        yield url, engine
+        yield kind, url, engine
     finally:
         await engine.dispose()
 
 
-@pytest.fixture(params=["thread", "loop"])
-async def committer(request: pytest.FixtureRequest, db: tuple[str, AsyncEngine]) -> AsyncIterator[Committer]:
-    url, engine = db
-    c: Committer = (
-        ThreadCommitter(url) if request.param == "thread" else LoopCommitter(engine, asyncio.get_running_loop())
-    )
+@pytest.fixture
+async def committer(db: tuple[str, str, AsyncEngine]) -> AsyncIterator[Committer]:
+    kind, url, engine = db
+    c: Committer = ThreadCommitter(url) if kind == "thread" else LoopCommitter(engine, asyncio.get_running_loop())
     c.start()
     try:
         yield c
@@ -66,8 +75,8 @@ async def committer(request: pytest.FixtureRequest, db: tuple[str, AsyncEngine])
 
 
 @pytest.fixture
-def sessions(db: tuple[str, AsyncEngine]) -> async_sessionmaker[AsyncSession]:
-    return make_sessionmaker(db[1])
+def sessions(db: tuple[str, str, AsyncEngine]) -> async_sessionmaker[AsyncSession]:
+    return make_sessionmaker(db[2])
 
 
 Committer = ThreadCommitter | LoopCommitter
