@@ -1,10 +1,12 @@
 """The DICOM Storage SCP (pynetdicom): C-ECHO and C-STORE, answered only after fsync + DB commit.
 
 pynetdicom runs each association in its own thread. A C-STORE is handled there: validate, write
-the file into the content-addressed store (fsync), then the database transaction (instance +
-outbox rows) runs on the service's asyncio loop (asyncio.run_coroutine_threadsafe) and the thread
-waits for the commit before the status goes back. The same SOP instance arriving on two
-associations at once is serialised by a per-UID lock, so exactly one of them creates the event.
+the file into the content-addressed store (fsync), then hand the instance to the committer
+(commit.py: instance + outbox rows in one transaction, group-committed with whatever the other
+associations sent meanwhile) and wait for that commit before the status goes back. Refusals are
+recorded on the service's event loop (asyncio.run_coroutine_threadsafe). The same SOP instance
+arriving on two associations at once is serialised by a per-UID lock, and the commit finds a
+stored instance again, so exactly one event is ever created for it.
 """
 
 from __future__ import annotations
