@@ -31,7 +31,7 @@ class IngestSettings(CommonSettings):
     # BodyPartExamined values that count as chest; when the tag is empty, a SeriesDescription /
     # StudyDescription matching chest_description_pattern (case-insensitive regex) counts too.
     chest_body_parts: str = "CHEST,THORAX"
-    chest_description_pattern: str = r"chest|thorax|tho?rax|cxr|lung|pulm"
+    chest_description_pattern: str = r"chest|thorax|cxr|lung|pulm"
     # Oldest age (years) inside the model's intended use; older patients are triaged but marked.
     max_intended_age_years: int = 17
     # Refuse images with more pixels than this (rows * columns * frames) or a side longer than max_side.
