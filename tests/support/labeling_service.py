@@ -133,7 +133,14 @@ def publish(amqp_url: str, events: list[ImageReceived], duplicate_first: bool = 
 
 
 class LabelingServer:
-    def __init__(self, amqp_url: str, gold_data: Path, n_gold: int = 20, hidden_ratio: float = 0.2) -> None:
+    def __init__(
+        self,
+        amqp_url: str,
+        gold_data: Path,
+        n_gold: int = 20,
+        hidden_ratio: float = 0.2,
+        database_url: str | None = None,
+    ) -> None:
         self.base = Path(tempfile.mkdtemp(prefix="pt-labeling-"))
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -150,6 +157,8 @@ class LabelingServer:
             "PT_LABELING_JOB_FILE": str(job),
             "PT_LOG_LEVEL": "INFO",
         }
+        if database_url:
+            self.env["PT_DATABASE_URL"] = database_url
         self.gold_data, self.n_gold = gold_data, n_gold
         self.process: subprocess.Popen[bytes] | None = None
         self.db = self.base / "var" / "labeling.db"
