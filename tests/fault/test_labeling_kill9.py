@@ -7,6 +7,8 @@ import asyncio
 import threading
 from pathlib import Path
 
+import pytest
+
 from services.core.broker import Broker, PermanentError, decode
 from services.system.rabbitmq import RabbitNode
 from tests.support.labeling_service import (  # noqa: F401
@@ -42,6 +44,7 @@ def judgment_ids_on_broker(url: str) -> list[str]:
     return got
 
 
+@pytest.mark.slow  # ~40 s: keeps the default run short
 def test_kill9_loses_no_acknowledged_answer(
     labeling_server: LabelingServer, shared_data: Path, rabbit: RabbitNode
 ) -> None:

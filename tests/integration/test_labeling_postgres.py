@@ -14,7 +14,7 @@ from services.system.rabbitmq import RabbitNode
 from tests.support.labeling_service import ANNOTATOR, OWNER, Api, LabelingServer, work_sources
 from tests.support.postgres import PostgresCluster, postgres  # noqa: F401
 
-pytestmark = pytest.mark.postgres
+pytestmark = [pytest.mark.postgres, pytest.mark.slow]  # ~45 s: keeps the default run short
 
 
 @pytest.fixture(scope="module")
