@@ -14,7 +14,7 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Redirect
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from pydantic import BaseModel, Field
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -41,6 +41,18 @@ from services.labeling.workflow import (
 HERE = Path(__file__).resolve().parent
 templates = Jinja2Templates(directory=HERE / "templates")  # autoescape on for .html
 DUMMY_HASH = "scrypt$16384$8$1$AAAAAAAAAAAAAAAAAAAAAA==$AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="
+
+
+async def answered_count(s: AsyncSession, user_id: int) -> int:
+    """Work answers of an annotator that stand (not undone): their progress."""
+    return int(
+        await s.scalar(
+            select(func.count()).where(
+                JudgmentRow.user_id == user_id, JudgmentRow.context == "work", JudgmentRow.state != "undone"
+            )
+        )
+        or 0
+    )
 
 
 def safe_next(target: str) -> str:
@@ -167,23 +179,7 @@ def create_app(ctx: WebContext, web_sessions: WebSessions, health: HealthCheck |
                 return RedirectResponse("/instructions", status_code=303)
             feedback = await _feedback(s, user, fb)
             score = await gold_score(s, user.id, ctx.job)
-            done = await s.scalar(
-                select(JudgmentRow.id)
-                .where(JudgmentRow.user_id == user.id, JudgmentRow.context == "work", JudgmentRow.state != "undone")
-                .order_by(JudgmentRow.submitted_at.desc())
-                .limit(1)
-            )
-            n_done = len(
-                (
-                    await s.scalars(
-                        select(JudgmentRow.id).where(
-                            JudgmentRow.user_id == user.id,
-                            JudgmentRow.context == "work",
-                            JudgmentRow.state != "undone",
-                        )
-                    )
-                ).all()
-            )
+            n_done = await answered_count(s, user.id)
             can_undo = bool(await pending_judgments(s, user.id))
             return page(
                 request,
@@ -192,7 +188,7 @@ def create_app(ctx: WebContext, web_sessions: WebSessions, health: HealthCheck |
                     "item": item,
                     "feedback": feedback,
                     "score": score,
-                    "answered": n_done if done else 0,
+                    "answered": n_done,
                     "can_undo": can_undo,
                     "status_reason": user.status_reason,
                     "status": user.status,
@@ -359,17 +355,7 @@ def create_app(ctx: WebContext, web_sessions: WebSessions, health: HealthCheck |
         async with ctx.sessions() as s:
             user = await db_user(s, who)
             score = await gold_score(s, user.id, ctx.job)
-            n = len(
-                (
-                    await s.scalars(
-                        select(JudgmentRow.id).where(
-                            JudgmentRow.user_id == user.id,
-                            JudgmentRow.context == "work",
-                            JudgmentRow.state != "undone",
-                        )
-                    )
-                ).all()
-            )
+            n = await answered_count(s, user.id)
         return {
             "annotator_id": user.pseudonym,
             "status": user.status,
