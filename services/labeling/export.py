@@ -23,6 +23,7 @@ DATASET_COLUMNS = [
     "sop_instance_uid",
     "study_instance_uid",
     "sha256",
+    "source_file",
     "final_label",
     "p_pneumonia",
     "confidence",
@@ -76,6 +77,7 @@ async def export_dataset(s: AsyncSession, job: JobDefinition, out: Path) -> dict
             "sop_instance_uid": t.sop_instance_uid,
             "study_instance_uid": t.study_instance_uid,
             "sha256": t.sha256,
+            "source_file": t.source_path,  # images added from files (add-images) instead of PACS
             "final_label": t.final_label,
             "p_pneumonia": None if t.p_pneumonia is None else round(t.p_pneumonia, 6),
             "confidence": None if t.confidence is None else round(t.confidence, 6),
