@@ -26,7 +26,7 @@ def crowd_run(rabbit: RabbitNode, shared_data: Path, tmp_path_factory: pytest.Te
     server = LabelingServer(rabbit.url, train, n_gold=20, hidden_ratio=0.3).start()
     try:
         sources = work_sources(shared_data, N_IMAGES, offset=200)
-        server.add_work_images([p for p, _ in sources])
+        uids = server.add_work_images([p for p, _ in sources])
         server.wait_for("SELECT count(*) FROM labeling_tasks WHERE kind='work'", lambda r: r[0][0] >= N_IMAGES, 120)
         truth_dir = tmp_path_factory.mktemp("truth")
         for path, label in [*sources, *choose_gold(train, 20)]:
@@ -56,6 +56,7 @@ def crowd_run(rabbit: RabbitNode, shared_data: Path, tmp_path_factory: pytest.Te
         server.cli("export", "--out", str(out / "dataset"))
         server.cli("export-job", "--format", "appen", "--out", str(out / "appen"))
         result["_export"] = out
+        result["_uids"] = uids
         result["_server_log"] = server.log()
         yield result
     finally:
@@ -90,7 +91,7 @@ def test_dynamic_judgments_spend_votes_on_disputed_images(crowd_run: dict) -> No
 def test_exports(crowd_run: dict) -> None:
     out: Path = crowd_run["_export"]
     labels = list(csv.DictReader(open(out / "dataset" / "labels.csv")))
-    assert len(labels) == N_IMAGES
+    assert {r["sop_instance_uid"] for r in labels} == set(crowd_run["_uids"])
     assert {r["final_label"] for r in labels} <= {"pneumonia", "healthy", "cant_tell", ""}
     records = [json.loads(line) for line in open(out / "dataset" / "labels.jsonl")]
     work = [r for r in records if not r["is_gold"]]

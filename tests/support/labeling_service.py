@@ -132,6 +132,37 @@ def publish(amqp_url: str, events: list[ImageReceived], duplicate_first: bool = 
         raise errors[0]
 
 
+def purge_labeling_queues(amqp_url: str) -> None:
+    """Drop image.received events other tests left for the labeling queue on the shared broker node."""
+    from services.core.broker import CONSUMERS
+
+    spec = CONSUMERS["labeling"]
+
+    async def _go() -> None:
+        broker = await Broker(amqp_url).connect()
+        try:
+            assert broker.connection is not None
+            channel = await broker.connection.channel()
+            for name in (spec.queue, spec.dlq, *(spec.retry_queue(d) for d in spec.retry_delays_ms)):
+                await (await channel.get_queue(name)).purge()
+        finally:
+            await broker.close()
+
+    errors: list[BaseException] = []
+    t = threading.Thread(target=lambda: _run_catching(_go, errors))
+    t.start()
+    t.join(60)
+    if errors:
+        raise errors[0]
+
+
+def _run_catching(fn: Any, errors: list[BaseException]) -> None:
+    try:
+        asyncio.run(fn())
+    except BaseException as exc:
+        errors.append(exc)
+
+
 class LabelingServer:
     def __init__(
         self,
@@ -180,6 +211,7 @@ class LabelingServer:
         for name, pw in (ANNOTATOR, ANNOTATOR2):
             self.cli("add-user", name, "--role", "annotator", "--password", pw)
         self.cli("import-gold", "--data", str(self.gold_data), "--n", str(self.n_gold))
+        purge_labeling_queues(self.env["PT_AMQP_URL"])
         return self.launch()
 
     def kill9(self) -> None:
