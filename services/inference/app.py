@@ -18,7 +18,7 @@ import signal
 from typing import Any
 
 from services.core.broker import CONSUMERS, Broker
-from services.core.telemetry import configure_logging, ops_app, serve_http
+from services.core.telemetry import configure_logging, ops_app
 from services.inference.config import InferenceSettings
 from services.inference.runtime import InferenceRuntime, make_runtime
 from services.inference.worker import RUNTIME_UP, InferenceWorker, Pipeline
@@ -42,6 +42,7 @@ class InferenceService:
         )
         self.worker = InferenceWorker(self.broker, self.pipeline)
         self.started = asyncio.Event()
+        self._http: Any = None
 
     async def health(self) -> dict[str, Any]:
         runtime_ok = await self.runtime.ready() and self.pipeline.batcher.available
@@ -64,9 +65,32 @@ class InferenceService:
                 delay = min(delay * 2, 10.0)
         return False
 
+    async def _serve_ops(self) -> None:
+        """/healthz + /metrics. Like telemetry.serve_http, but stopped through should_exit so the
+        listening socket is closed at once (a cancelled uvicorn keeps the port bound), and a port
+        that cannot be bound is an ordinary error here instead of uvicorn's sys.exit."""
+        import uvicorn
+
+        s = self.settings
+        config = uvicorn.Config(
+            ops_app("inference", self.health),
+            host=s.http_host,
+            port=s.http_port,
+            log_level="warning",
+            access_log=False,
+            lifespan="off",
+        )
+        self._http = uvicorn.Server(config)
+        self._http.capture_signals = contextlib.nullcontext  # type: ignore[method-assign]  # we own signals
+        try:
+            await self._http.serve()
+        except SystemExit:
+            raise RuntimeError(f"cannot serve HTTP on {s.http_host}:{s.http_port} (port in use?)") from None
+
     async def run(self, stop: asyncio.Event) -> None:
         s = self.settings
-        http = asyncio.create_task(serve_http(ops_app("inference", self.health), s.http_host, s.http_port))
+        http = asyncio.create_task(self._serve_ops(), name="inference-ops-http")
+        stopped = asyncio.create_task(stop.wait())
         try:
             await self.runtime.start()
             if not await self._connect_broker(stop):
@@ -78,17 +102,26 @@ class InferenceService:
                 extra={"runtime": self.runtime.describe(), "http_port": s.http_port, "prefetch": s.prefetch},
             )
             self.started.set()
-            await stop.wait()
+            await asyncio.wait({stopped, http}, return_when=asyncio.FIRST_COMPLETED)
+            if http.done():
+                http.result()  # the ops server died: a fatal error for the service
+                raise RuntimeError("the ops HTTP server stopped unexpectedly")
             log.info("stopping: draining in-flight images")
             drained = await self.worker.drain(s.drain_timeout_s)
             if not drained:
                 log.warning("drain timed out; unacked messages return to the queue")
         finally:
+            stopped.cancel()
             await self.broker.close()
+            self.worker.release()
             await self.pipeline.close()
             await self.runtime.close()
-            http.cancel()
-            await asyncio.gather(http, return_exceptions=True)
+            if self._http is not None:
+                self._http.should_exit = True
+            try:
+                await asyncio.wait_for(asyncio.shield(http), 10)
+            except Exception:  # already reported, or a port that never opened
+                http.cancel()
             log.info("inference service stopped")
 
 

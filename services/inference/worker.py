@@ -393,7 +393,7 @@ class InferenceWorker:
         self._idle = asyncio.Event()
         self._idle.set()
         self.stopping = False
-        self._never = asyncio.Event()
+        self._released = asyncio.Event()
 
     async def publish(self, prediction: Prediction) -> None:
         t0 = time.perf_counter()
@@ -411,8 +411,10 @@ class InferenceWorker:
 
     async def handle(self, envelope: Envelope) -> None:
         if self.stopping:
-            # Shutting down: hold the message unacked; closing the channel returns it to the queue.
-            await self._never.wait()
+            # Shutting down: hold the message unacked until the connection is closed (which returns
+            # it to the queue), then end without an ack.
+            await self._released.wait()
+            raise asyncio.CancelledError
         self._active += 1
         self._idle.clear()
         try:
@@ -475,6 +477,10 @@ class InferenceWorker:
                 "latency_ms": round(prediction.latency_ms, 1),
             },
         )
+
+    def release(self) -> None:
+        """After the broker connection is closed: let held handlers end (their messages were requeued)."""
+        self._released.set()
 
     async def drain(self, timeout: float) -> bool:
         """Stop taking new messages and wait for in-flight ones (True when all finished)."""

@@ -15,7 +15,7 @@ from prometheus_client import REGISTRY
 
 from services.core.broker import Broker
 from services.inference.runtime import ModelRepository
-from services.system.rabbitmq import RabbitNode
+from services.system.rabbitmq import RabbitNode, free_port
 from tests.support.inference_service import (
     collect_predictions,
     dead_letters,
@@ -203,6 +203,7 @@ async def test_graceful_stop_finishes_in_flight_and_returns_the_rest_to_the_queu
     assert len(predicted) + depth == len(events)
     assert await dead_letters(broker) == []
 
+    settings = settings.model_copy(update={"http_port": free_port()})
     async with running_service(settings):  # a new consumer finishes the job
         more = await collect_predictions(broker, depth, timeout=60, settle=0.5)
     assert predicted | {p.image.sop_instance_uid for p, _ in more} == {e.image.sop_instance_uid for e in events}
