@@ -128,8 +128,13 @@ async def serve_http(app: Any, host: str, port: int) -> None:
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False, lifespan="on")
     server = uvicorn.Server(config)
     server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign]  # the service owns signals
+    task = asyncio.ensure_future(server.serve())
     try:
-        await server.serve()
+        await asyncio.shield(task)
     except asyncio.CancelledError:
+        # Ask uvicorn to finish in-flight requests and close, instead of cancelling it mid-request
+        # (which works but prints a CancelledError traceback).
         server.should_exit = True
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(task, timeout=10)
         raise

@@ -56,3 +56,32 @@ async def test_healthz_check_that_raises_is_degraded_not_a_crash() -> None:
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
         resp = await client.get("/healthz")
     assert resp.status_code == 503 and "db gone" in resp.text
+
+
+async def test_serve_http_answers_then_stops_cleanly_when_cancelled() -> None:
+    import asyncio
+
+    from services.core.telemetry import serve_http
+    from services.system.rabbitmq import free_port
+
+    port = free_port()
+    task = asyncio.create_task(serve_http(ops_app("test"), "127.0.0.1", port))
+    async with httpx.AsyncClient() as client:
+        for _ in range(100):
+            try:
+                resp = await client.get(f"http://127.0.0.1:{port}/healthz")
+                break
+            except httpx.ConnectError:
+                await asyncio.sleep(0.05)
+        assert resp.status_code == 200
+    task.cancel()
+    try:
+        await task
+    except asyncio.CancelledError:
+        pass
+    async with httpx.AsyncClient() as client:
+        try:
+            await client.get(f"http://127.0.0.1:{port}/healthz")
+            raise AssertionError("server still answering after cancel")
+        except httpx.ConnectError:
+            pass
