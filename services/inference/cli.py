@@ -97,10 +97,10 @@ def predict_cmd(
     table = Table("file", "P(pneumonia)", "logit", "model", "runtime", "ms")
     for path, res in sorted(asyncio.run(go()), key=lambda r: str(r[0])):
         if isinstance(res, Exception):
-            table.add_row(str(path), f"[red]{res}[/red]", "", "", "", "")
+            table.add_row(path.name, f"[red]{res}[/red]", "", "", "", "")
         else:
             table.add_row(
-                str(path),
+                path.name,
                 f"{res.probability:.4f}",
                 f"{res.logit:+.3f}",
                 f"{res.model_name} v{res.model_version}",
