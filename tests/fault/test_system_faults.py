@@ -48,6 +48,18 @@ def batch_of(shared_data: Path, tmp_path: Path, n: int) -> Batch:
     return make_batch(shared_data, tmp_path / "dicom", n, seed=n)
 
 
+def _counter(text: str, family: str, **labels: str) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return sum(
+        sample.value
+        for fam in text_string_to_metric_families(text)
+        if fam.name == family
+        for sample in fam.samples
+        if sample.name.endswith("_total") and all(sample.labels.get(k) == v for k, v in labels.items())
+    )
+
+
 def assert_accounted(rec: object) -> None:
     problems = rec.problems()  # type: ignore[attr-defined]
     assert problems == [], rec.table()  # type: ignore[attr-defined]
@@ -104,6 +116,11 @@ def test_database_locked_past_busy_timeout(system_factory, shared_data: Path, tm
     rec, _sent = run_with_fault(system, batch, lambda: lock_db_for(system, service, 40.0), settle_timeout=400)
     assert_accounted(rec)
     assert all(c.alive() for c in system.children.values()), "no service died of a locked database"
+    if service in ("aggregator", "labeling"):  # the lock really bit: handlers failed and were retried
+        queue = f"{service}.{'events' if service == 'aggregator' else 'images'}"
+        retried = _counter(system.metrics_text(service), "pt_broker_messages_consumed", queue=queue, outcome="retried")
+        print(f"{queue}: {retried:.0f} deliveries retried while the database was locked")
+        assert retried > 0
 
 
 @pytest.mark.slow
