@@ -20,6 +20,7 @@ any other exception for transient faults (retried with back-off, then dead-lette
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -191,6 +192,23 @@ class Broker:
         self._channel = await self.connection.channel(publisher_confirms=True)
         self._exchange = await declare_topology(self._channel, self.exchange_name, self.quorum)
         return self
+
+    async def connect_with_retry(self, stop: asyncio.Event, max_delay: float = 10.0) -> bool:
+        """Connect, retrying with exponential back-off until it works (True) or `stop` is set (False).
+
+        Services start before the broker is reachable (or while it restarts) without crashing.
+        """
+        delay = 0.5
+        while not stop.is_set():
+            try:
+                await self.connect()
+                return True
+            except Exception as exc:
+                log.warning("broker not reachable yet", extra={"error": repr(exc), "retry_in_s": delay})
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), timeout=delay)
+                delay = min(delay * 2, max_delay)
+        return False
 
     async def close(self) -> None:
         if self.connection is not None:

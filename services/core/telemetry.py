@@ -131,6 +131,8 @@ async def serve_http(app: Any, host: str, port: int) -> None:
     task = asyncio.ensure_future(server.serve())
     try:
         await asyncio.shield(task)
+    except SystemExit:  # uvicorn exits the process when it cannot bind: make it an ordinary error
+        raise RuntimeError(f"cannot serve HTTP on {host}:{port} (port in use?)") from None
     except asyncio.CancelledError:
         # Ask uvicorn to finish in-flight requests and close, instead of cancelling it mid-request
         # (which works but prints a CancelledError traceback).

@@ -125,3 +125,21 @@ async def test_undecodable_body_is_dead_lettered(broker: Broker) -> None:
     assert msg is not None and "undecodable" in msg.headers["x-death-reason"]
     assert not called
     await msg.ack()
+
+
+async def test_connect_with_retry_waits_for_the_broker_and_gives_up_on_stop(rabbit: RabbitNode) -> None:
+    stop = asyncio.Event()
+    rabbit.stop_app()
+    try:
+        b = Broker(rabbit.url)
+        attempt = asyncio.create_task(b.connect_with_retry(stop, max_delay=0.5))
+        await asyncio.sleep(1.5)
+        assert not attempt.done(), "must keep retrying while the broker is down"
+    finally:
+        rabbit.start_app()
+    assert await asyncio.wait_for(attempt, 30) is True
+    assert b.is_connected
+    await b.close()
+
+    stop.set()
+    assert await Broker("amqp://guest:guest@127.0.0.1:1/").connect_with_retry(stop) is False
