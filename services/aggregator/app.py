@@ -171,19 +171,6 @@ class Aggregator:
             "outbox_backlog": {"ok": True, "value": await self.relay.backlog() if db_ok else None},
         }
 
-    async def connect_broker(self, stop: asyncio.Event) -> bool:
-        delay = 0.5
-        while not stop.is_set():
-            try:
-                await self.broker.connect()
-                return True
-            except Exception as exc:
-                log.warning("broker not reachable yet", extra={"error": repr(exc), "retry_in_s": delay})
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), timeout=delay)
-                delay = min(delay * 2, 10.0)
-        return False
-
 
 async def run(settings: AggregatorSettings | None = None, stop: asyncio.Event | None = None) -> None:
     from services.aggregator.web.app import create_app
@@ -201,7 +188,7 @@ async def run(settings: AggregatorSettings | None = None, stop: asyncio.Event | 
     tasks = [asyncio.create_task(serve_http(web, settings.http_host, settings.http_port), name="http")]
     log.info("aggregator web listening", extra={"port": settings.http_port})
     try:
-        if await agg.connect_broker(stop):
+        if await agg.broker.connect_with_retry(stop):
             await agg.broker.consume(CONSUMERS["aggregator"], agg.handle, prefetch=settings.prefetch)
             tasks.append(asyncio.create_task(agg.relay.run(stop), name="relay"))
             tasks.append(asyncio.create_task(agg.sr_loop(stop), name="sr"))

@@ -113,15 +113,8 @@ class LabelingService:
         consumer = ImageConsumer(
             self.sessions, self.job, self.settings.render_dir(), self.settings.labeling_render_max_side
         )
-        delay = 0.5
-        while True:
-            try:
-                await self.broker.connect()
-                break
-            except Exception as exc:
-                log.warning("broker not reachable yet", extra={"error": repr(exc), "retry_in_s": delay})
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 10.0)
+        if not await self.broker.connect_with_retry(self.stop):
+            return
         await self.broker.consume(CONSUMERS["labeling"], consumer.handle)
         self._broker_ready = True
         await self.relay.run(self.stop)
