@@ -60,8 +60,9 @@ def events_for(files: list[Path], n: int) -> list[ImageReceived]:
     return out
 
 
-def cpu_seconds(roots: tuple[int, ...]) -> float:
-    """CPU time (user + system) used so far by `roots` and all their descendant processes (Linux)."""
+def cpu_seconds(pids: tuple[int, ...] = (), trees: tuple[int, ...] = ()) -> float:
+    """CPU time (user + system) used so far by this process, by `pids`, and by the processes in
+    `trees` with all their descendants (Linux /proc; processes must live across both readings)."""
     ticks = os.sysconf("SC_CLK_TCK")
     table: dict[int, tuple[int, int]] = {}
     for entry in os.listdir("/proc"):
@@ -74,12 +75,13 @@ def cpu_seconds(roots: tuple[int, ...]) -> float:
             continue
         fields = raw[raw.rindex(")") + 2 :].split()
         table[int(entry)] = (int(fields[1]), int(fields[11]) + int(fields[12]))
-    keep = set(roots)
+    keep = set(trees)
     grew = True
     while grew:
         extra = {pid for pid, (ppid, _) in table.items() if ppid in keep and pid not in keep}
         keep |= extra
         grew = bool(extra)
+    keep |= {os.getpid(), *pids}
     return sum(table[pid][1] for pid in keep if pid in table) / ticks
 
 
@@ -105,7 +107,7 @@ def median_run(runs: list[dict[str, float]]) -> dict[str, float]:
 def bench_raw(runtime: OnnxRuntime, tensors: np.ndarray, batch: int) -> dict[str, float]:
     runtime.run_sync(tensors[:batch])  # warm-up
     latencies: list[float] = []
-    cpu0 = cpu_seconds((os.getpid(),))
+    cpu0 = cpu_seconds()
     started = time.perf_counter()
     for i in range(0, len(tensors), batch):
         t0 = time.perf_counter()
@@ -113,7 +115,7 @@ def bench_raw(runtime: OnnxRuntime, tensors: np.ndarray, batch: int) -> dict[str
         runtime.run_sync(chunk)
         latencies += [(time.perf_counter() - t0) * 1000.0] * len(chunk)
     wall = time.perf_counter() - started
-    return stats(wall, len(tensors), latencies, cpu_seconds((os.getpid(),)) - cpu0)
+    return stats(wall, len(tensors), latencies, cpu_seconds() - cpu0)
 
 
 async def bench_pipeline(
@@ -124,9 +126,8 @@ async def bench_pipeline(
     decode_workers: int,
     max_wait_ms: float,
     decode_processes: int = 0,
-    cpu_roots: tuple[int, ...] = (),
+    cpu_trees: tuple[int, ...] = (),
 ) -> dict[str, float]:
-    cpu_roots = cpu_roots or (os.getpid(),)
     pipeline = Pipeline(
         runtime,
         max_batch=batch,
@@ -148,11 +149,13 @@ async def bench_pipeline(
     try:
         await asyncio.gather(*(one(e) for e in events[: 2 * batch]))  # warm-up
         latencies.clear()
-        cpu0 = cpu_seconds(cpu_roots)
+        pool = pipeline.process_pool
+        workers = tuple(pool._processes) if pool is not None else ()  # decode processes (alive until close)
+        cpu0 = cpu_seconds(workers, cpu_trees)
         started = time.perf_counter()
         await asyncio.gather(*(one(e) for e in events))
         wall = time.perf_counter() - started
-        return stats(wall, len(events), latencies, cpu_seconds(cpu_roots) - cpu0)
+        return stats(wall, len(events), latencies, cpu_seconds(workers, cpu_trees) - cpu0)
     finally:
         await pipeline.close()
 
@@ -232,7 +235,7 @@ async def run(args: argparse.Namespace, files: list[Path]) -> dict:
                                 args.decode_workers,
                                 args.max_wait_ms,
                                 args.decode_processes,
-                                (os.getpid(), triton.process.pid) if triton and triton.process else (),
+                                (triton.process.pid,) if triton and triton.process else (),
                             )
                         )
                         progress.advance(task)
