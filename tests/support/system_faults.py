@@ -71,11 +71,17 @@ def kill_and_restart(system: SystemHarness, service: str, down_s: float = 2.0) -
 
 
 def broker_outage(system: SystemHarness, down_s: float = 10.0) -> None:
-    system.rabbit.stop_app()
+    # rabbitmqctl can be slow on a loaded machine: give it time, the outage is what matters
+    system.rabbit.ctl("stop_app", timeout=180)
     try:
         time.sleep(down_s)
     finally:
-        system.rabbit.start_app()
+        try:
+            system.rabbit.start_app()
+        except subprocess.CalledProcessError:
+            # on a loaded machine the broker can take longer than start_app's 30 s await: wait longer
+            system.rabbit.ctl("start_app", timeout=120, check=False)
+            system.rabbit.wait_ready(timeout=180)
 
 
 @contextlib.contextmanager
