@@ -38,7 +38,9 @@ output [
   {{
     name: "logit"
     data_type: TYPE_FP32
-    dims: [ ]
+    # Triton needs non-empty dims: the model's per-item scalar is presented as [1]
+    dims: [ 1 ]
+    reshape: {{ shape: [ ] }}
   }},
   {{
     name: "cam"
