@@ -18,7 +18,7 @@ import signal
 from typing import Any
 
 from services.core.broker import CONSUMERS, Broker
-from services.core.telemetry import configure_logging, ops_app
+from services.core.telemetry import configure_logging, ops_app, serve_http
 from services.inference.config import InferenceSettings
 from services.inference.runtime import InferenceRuntime, make_runtime
 from services.inference.worker import RUNTIME_UP, InferenceWorker, Pipeline
@@ -42,7 +42,6 @@ class InferenceService:
         )
         self.worker = InferenceWorker(self.broker, self.pipeline)
         self.started = asyncio.Event()
-        self._http: Any = None
 
     async def health(self) -> dict[str, Any]:
         runtime_ok = await self.runtime.ready() and self.pipeline.batcher.available
@@ -52,48 +51,15 @@ class InferenceService:
             "runtime": {"ok": runtime_ok, **self.runtime.describe()},
         }
 
-    async def _connect_broker(self, stop: asyncio.Event) -> bool:
-        delay = 0.5
-        while not stop.is_set():
-            try:
-                await self.broker.connect()
-                return True
-            except Exception as exc:
-                log.warning("broker not reachable, retrying", extra={"error": repr(exc), "delay_s": delay})
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), delay)
-                delay = min(delay * 2, 10.0)
-        return False
-
-    async def _serve_ops(self) -> None:
-        """/healthz + /metrics. Like telemetry.serve_http, but stopped through should_exit so the
-        listening socket is closed at once (a cancelled uvicorn keeps the port bound), and a port
-        that cannot be bound is an ordinary error here instead of uvicorn's sys.exit."""
-        import uvicorn
-
-        s = self.settings
-        config = uvicorn.Config(
-            ops_app("inference", self.health),
-            host=s.http_host,
-            port=s.http_port,
-            log_level="warning",
-            access_log=False,
-            lifespan="off",
-        )
-        self._http = uvicorn.Server(config)
-        self._http.capture_signals = contextlib.nullcontext  # type: ignore[method-assign]  # we own signals
-        try:
-            await self._http.serve()
-        except SystemExit:
-            raise RuntimeError(f"cannot serve HTTP on {s.http_host}:{s.http_port} (port in use?)") from None
-
     async def run(self, stop: asyncio.Event) -> None:
         s = self.settings
-        http = asyncio.create_task(self._serve_ops(), name="inference-ops-http")
+        http = asyncio.create_task(
+            serve_http(ops_app("inference", self.health), s.http_host, s.http_port), name="inference-ops-http"
+        )
         stopped = asyncio.create_task(stop.wait())
         try:
             await self.runtime.start()
-            if not await self._connect_broker(stop):
+            if not await self.broker.connect_with_retry(stop):
                 return
             self.pipeline.start()
             await self.broker.consume(CONSUMERS["inference"], self.worker.handle, prefetch=s.prefetch)
@@ -116,12 +82,9 @@ class InferenceService:
             self.worker.release()
             await self.pipeline.close()
             await self.runtime.close()
-            if self._http is not None:
-                self._http.should_exit = True
-            try:
-                await asyncio.wait_for(asyncio.shield(http), 10)
-            except Exception:  # already reported, or a port that never opened
-                http.cancel()
+            http.cancel()  # serve_http closes uvicorn gracefully (socket released) on cancel
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await http
             log.info("inference service stopped")
 
 
