@@ -236,9 +236,15 @@ def wait_reconciled(
     deadline = time.monotonic() + timeout
     while True:
         r = reconcile(system, acked, verify_hashes=False)
-        if not r.problems(check_labeling) or time.monotonic() > deadline:
+        if not r.problems(check_labeling):
+            # Settled without hashing; confirm with the full check. Late events (a vote that lands
+            # between the two looks, with its outbox row not yet relayed) mean: keep polling.
+            r = reconcile(system, acked, verify_hashes=True)
+            if not r.problems(check_labeling):
+                break
+        if time.monotonic() > deadline:
+            r = reconcile(system, acked, verify_hashes=True)
             break
         time.sleep(2.0)
-    r = reconcile(system, acked, verify_hashes=True)
     print(r.table())
     return r
