@@ -35,15 +35,15 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from services.core.contracts import ROUTING_KEY_BY_MESSAGE, ImageReceived, ImageRef
-from services.core.db.engine import _sqlite_pragmas
+from services.core.contracts import ImageReceived, ImageRef
+from services.core.db.engine import sqlite_pragmas
+from services.core.db.outbox import outbox_row
 from services.ingest.models import Instance, Outbox, Series, Study
 from services.ingest.records import message_id, to_timestamp
 from services.ingest.store import StoredFile
 from services.ingest.validate import Decision
 
 log = logging.getLogger(__name__)
-ROUTING_KEY = ROUTING_KEY_BY_MESSAGE[ImageReceived.DESCRIPTOR.full_name]
 
 
 @dataclass
@@ -134,15 +134,10 @@ def add_stored(conn: Connection, decision: Decision, stored: StoredFile, calling
         study_image_count=study_count,
         not_triaged_reason=not_triaged,
     )
-    # the outbox row, exactly as services.core.db.outbox.add_event writes it (Core, no ORM session here)
+    # the same outbox row add_event writes, inserted with Core (no ORM session on this thread)
     conn.execute(
         insert(Outbox).values(
-            message_id=message_id(uid),
-            routing_key=ROUTING_KEY,
-            payload=received.SerializeToString(),
-            correlation_id=uid,
-            created_at=now,
-            attempts=0,
+            **outbox_row(received, message_id=message_id(uid), correlation_id=uid), created_at=now, attempts=0
         )
     )
     return received
@@ -201,7 +196,7 @@ class ThreadCommitter(_Committer):
     def __init__(self, sqlite_url: str) -> None:
         url = make_url(sqlite_url).set(drivername="sqlite")
         self.engine: Engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
-        event.listen(self.engine, "connect", _sqlite_pragmas)
+        event.listen(self.engine, "connect", sqlite_pragmas)
         self._queue: queue.Queue[Pending | None] = queue.Queue()
         self._thread: threading.Thread | None = None
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from datetime import UTC, datetime
+from typing import Any
 
 from google.protobuf.message import Message
 from prometheus_client import Gauge
@@ -43,6 +44,16 @@ class OutboxMixin:
     last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
 
 
+def outbox_row(message: Message, *, message_id: str, correlation_id: str | None = None) -> dict[str, Any]:
+    """Column values of the outbox row for `message` (for callers that insert with SQLAlchemy Core)."""
+    return {
+        "message_id": message_id,
+        "routing_key": ROUTING_KEY_BY_MESSAGE[message.DESCRIPTOR.full_name],
+        "payload": message.SerializeToString(),
+        "correlation_id": correlation_id,
+    }
+
+
 def add_event(
     session: AsyncSession,
     model: type[OutboxMixin],
@@ -52,13 +63,7 @@ def add_event(
     correlation_id: str | None = None,
 ) -> OutboxMixin:
     """Stage an event in the caller's transaction (commit is the caller's)."""
-    routing_key = ROUTING_KEY_BY_MESSAGE[message.DESCRIPTOR.full_name]
-    row = model(
-        message_id=message_id,
-        routing_key=routing_key,
-        payload=message.SerializeToString(),
-        correlation_id=correlation_id,
-    )
+    row = model(**outbox_row(message, message_id=message_id, correlation_id=correlation_id))
     session.add(row)
     return row
 
