@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import signal
 import socket
 import threading
@@ -26,6 +27,17 @@ def _port_free(port: int, host: str = "127.0.0.1") -> bool:
     return True
 
 
+def _persistent_secret(path: Path) -> str:
+    """Read the secret in `path`, creating it (random, mode 0600) the first time."""
+    import secrets
+
+    if not path.exists():
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(32))
+    return path.read_text().strip()
+
+
 def _http_ports_from_env() -> dict[str, int]:
     import os
 
@@ -41,8 +53,6 @@ def up(
     management: bool = typer.Option(True, help="Enable RabbitMQ's management UI on the local node."),
 ) -> None:
     """Run RabbitMQ (unless PT_AMQP_URL is set) and the four services; Ctrl-C stops everything."""
-    import os
-
     from honcho.colour import get_colours
     from honcho.printer import Message, Printer
 
@@ -95,6 +105,10 @@ def up(
         amqp_url = node.url
         mgmt_url = f"http://127.0.0.1:{mgmt_port}/ (guest/guest)" if mgmt_port else ""
         console.print(f"[green]RabbitMQ ready[/green] at {amqp_url}")
+
+    # One session-signing key for the web services, kept across restarts (a crashed and restarted
+    # service must not sign everybody out): PT_SECRET_KEY when given, else <data_dir>/secret_key.
+    os.environ.setdefault("PT_SECRET_KEY", _persistent_secret(data_dir / "secret_key"))
 
     config = StackConfig(
         data_dir=data_dir,

@@ -115,3 +115,14 @@ def test_rabbit_data_dir_must_be_reachable_by_the_rabbitmq_user(tmp_path: Path) 
         assert _rabbit_dir(public / "var" / "rabbitmq", "abc") == public / "var" / "rabbitmq"
     finally:
         public.rmdir()
+
+
+def test_up_keeps_one_session_secret_across_restarts(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import stat
+
+    from services.system.cli import _persistent_secret
+
+    first = _persistent_secret(tmp_path / "secret_key")
+    assert len(first) == 64
+    assert stat.S_IMODE((tmp_path / "secret_key").stat().st_mode) == 0o600
+    assert _persistent_secret(tmp_path / "secret_key") == first
