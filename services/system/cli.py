@@ -39,7 +39,6 @@ def _persistent_secret(path: Path) -> str:
 
 
 def _http_ports_from_env() -> dict[str, int]:
-    import os
 
     from services.system.processes import DEFAULT_HTTP_PORTS
     from services.system.stack import HTTP_PORT_ENV
@@ -171,7 +170,6 @@ def up(
 def _rabbit_dir(wanted: Path, tag: str) -> Path:
     """Debian's rabbitmq-server runs as user rabbitmq: as root, its data dir must be reachable by
     that user (a checkout under /root, mode 700, is not); else use /var/lib/rabbitmq/pneumotriage-<tag>."""
-    import os
     import pwd
 
     if os.geteuid() != 0:
@@ -275,7 +273,6 @@ def demo(
     wait: float = typer.Option(90.0, help="seconds to wait for the first flags (0: do not wait)"),
 ) -> None:
     """Against a running system: create demo accounts, import gold, send a handful of real X-rays."""
-    import os
     import random
     import secrets
     import time
