@@ -39,7 +39,6 @@ def _persistent_secret(path: Path) -> str:
 
 
 def _http_ports_from_env() -> dict[str, int]:
-
     from services.system.processes import DEFAULT_HTTP_PORTS
     from services.system.stack import HTTP_PORT_ENV
 
