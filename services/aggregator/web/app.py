@@ -42,6 +42,25 @@ class ReviewIn(BaseModel):
     comment: str = ""
 
 
+class StudyFilter(BaseModel):
+    """The worklist's filter: flags (empty = all) and an arrival-date range."""
+
+    flags: list[str] | None = None
+    date_from: date | None = None
+    date_to: date | None = None
+
+
+def study_filter(
+    flag: Annotated[list[str] | None, Query(description=f"one or more of {', '.join(FLAGS)}, {PENDING}")] = None,
+    date_from: date | None = None,
+    date_to: date | None = None,
+) -> StudyFilter:
+    return StudyFilter(flags=[f for f in (flag or []) if f] or None, date_from=date_from, date_to=date_to)
+
+
+Filter = Annotated[StudyFilter, Depends(study_filter)]
+
+
 class Page(BaseModel):
     items: list[dict[str, Any]]
     page: int
@@ -143,19 +162,14 @@ def create_app(agg: "Aggregator") -> FastAPI:
         return RedirectResponse("/worklist", status_code=303)
 
     # ---- worklist ----------------------------------------------------------------------------
-    def flag_list(flag: list[str] | None) -> list[str] | None:
-        return [f for f in (flag or []) if f] or None
-
     @app.get("/worklist", response_class=HTMLResponse, include_in_schema=False)
     async def worklist(
         request: Request,
         user: Clinician,
-        flag: Annotated[list[str] | None, Query()] = None,
-        date_from: date | None = None,
-        date_to: date | None = None,
+        filt: Filter,
     ) -> HTMLResponse:
         async with agg.sessions() as s:
-            items, total = await queries.list_studies(s, flag_list(flag), date_from, date_to, 1, 500)
+            items, total = await queries.list_studies(s, filt.flags, filt.date_from, filt.date_to, 1, 500)
             token = await queries.worklist_token(s)
         return page(
             request,
@@ -163,9 +177,9 @@ def create_app(agg: "Aggregator") -> FastAPI:
             {
                 "items": items,
                 "total": total,
-                "selected": flag_list(flag) or [],
-                "date_from": date_from or "",
-                "date_to": date_to or "",
+                "selected": filt.flags or [],
+                "date_from": filt.date_from or "",
+                "date_to": filt.date_to or "",
                 "token": token,
                 "query": request.url.query,
             },
@@ -175,12 +189,10 @@ def create_app(agg: "Aggregator") -> FastAPI:
     async def worklist_rows(
         request: Request,
         user: Clinician,
-        flag: Annotated[list[str] | None, Query()] = None,
-        date_from: date | None = None,
-        date_to: date | None = None,
+        filt: Filter,
     ) -> HTMLResponse:
         async with agg.sessions() as s:
-            items, total = await queries.list_studies(s, flag_list(flag), date_from, date_to, 1, 500)
+            items, total = await queries.list_studies(s, filt.flags, filt.date_from, filt.date_to, 1, 500)
         return page(request, "_rows.html", {"items": items, "total": total})
 
     @app.get("/worklist/events", include_in_schema=False)
@@ -267,15 +279,13 @@ def create_app(agg: "Aggregator") -> FastAPI:
     @app.get("/api/v1/studies", response_model=Page, tags=["studies"])
     async def api_studies(
         user: Clinician,
-        flag: Annotated[list[str] | None, Query(description=f"one or more of {', '.join(FLAGS)}, {PENDING}")] = None,
-        date_from: date | None = None,
-        date_to: date | None = None,
+        filt: Filter,
         page: Annotated[int, Query(ge=1)] = 1,
         page_size: Annotated[int, Query(ge=1, le=500)] = 50,
     ) -> Page:
         """Studies sorted by urgency, then arrival; filter by flag and arrival date."""
         async with agg.sessions() as s:
-            items, total = await queries.list_studies(s, flag_list(flag), date_from, date_to, page, page_size)
+            items, total = await queries.list_studies(s, filt.flags, filt.date_from, filt.date_to, page, page_size)
         return Page(items=items, page=page, page_size=page_size, total=total)
 
     @app.get("/api/v1/studies/{study_uid}", tags=["studies"])
