@@ -114,8 +114,8 @@ class RabbitNode:
         self.ctl("start_app")
         self.ctl("await_startup", "--timeout", "30", timeout=45)
 
-    def queue_depths(self) -> dict[str, int]:
-        res = self.ctl("list_queues", "name", "messages", "--no-table-headers")
+    def queue_depths(self, vhost: str = "/") -> dict[str, int]:
+        res = self.ctl("list_queues", "-p", vhost, "name", "messages", "--no-table-headers")
         out: dict[str, int] = {}
         for line in res.stdout.splitlines():
             parts = line.split()

@@ -221,13 +221,7 @@ class SystemHarness:
         return httpx.get(self.url(service, "/metrics"), timeout=30).text
 
     def queue_depths(self) -> dict[str, int]:
-        res = self.rabbit.ctl("list_queues", "-p", self.vhost, "name", "messages", "--no-table-headers")
-        out: dict[str, int] = {}
-        for line in res.stdout.splitlines():
-            parts = line.split()
-            if len(parts) == 2 and parts[1].isdigit():
-                out[parts[0]] = int(parts[1])
-        return out
+        return self.rabbit.queue_depths(self.vhost)
 
     def rss(self) -> dict[str, int | None]:
         return {name: child.rss_bytes() for name, child in self.children.items()}
