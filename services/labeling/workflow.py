@@ -83,6 +83,18 @@ async def quiz_tasks(s: AsyncSession) -> list[Task]:
     return list((await s.scalars(select(Task).where(Task.kind == "quiz").order_by(Task.created_at, Task.id))).all())
 
 
+async def quiz_answers(s: AsyncSession, user_id: int, attempt: int) -> list[bool]:
+    """Whether each quiz answer of one attempt was right."""
+    rows = await s.scalars(
+        select(JudgmentRow.correct).where(
+            JudgmentRow.user_id == user_id,
+            JudgmentRow.context == "quiz",
+            JudgmentRow.quiz_attempt == attempt,
+        )
+    )
+    return [bool(r) for r in rows.all()]
+
+
 async def example_tasks(s: AsyncSession) -> list[Task]:
     return list((await s.scalars(select(Task).where(Task.kind == "example").order_by(Task.gold_label, Task.id))).all())
 
@@ -301,15 +313,7 @@ async def _submit_quiz(
     await s.flush()
     result = Submitted(row, task, correct)
     quiz = await quiz_tasks(s)
-    answers = (
-        await s.scalars(
-            select(JudgmentRow.correct).where(
-                JudgmentRow.user_id == user.id,
-                JudgmentRow.context == "quiz",
-                JudgmentRow.quiz_attempt == user.quiz_attempt,
-            )
-        )
-    ).all()
+    answers = await quiz_answers(s, user.id, user.quiz_attempt)
     if len(answers) >= len(quiz):
         score = sum(1 for a in answers if a) / max(len(answers), 1)
         result.quiz_finished, result.quiz_score = True, score

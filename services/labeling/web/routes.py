@@ -33,6 +33,7 @@ from services.labeling.workflow import (
     may_view_image,
     next_item,
     pending_judgments,
+    quiz_answers,
     quiz_tasks,
     submit,
     undo_last,
@@ -206,15 +207,7 @@ def create_app(ctx: WebContext, web_sessions: WebSessions, health: HealthCheck |
         assert task is not None
         out: dict[str, Any] = {"correct": bool(row.correct), "gold_label": task.gold_label, "reason": task.gold_reason}
         if row.context == "quiz":
-            results = (
-                await s.scalars(
-                    select(JudgmentRow.correct).where(
-                        JudgmentRow.user_id == user.id,
-                        JudgmentRow.context == "quiz",
-                        JudgmentRow.quiz_attempt == row.quiz_attempt,
-                    )
-                )
-            ).all()
+            results = await quiz_answers(s, user.id, row.quiz_attempt)
             if len(results) >= len(await quiz_tasks(s)):  # this answer finished an attempt
                 out["quiz"] = {
                     "attempt": row.quiz_attempt + 1,
