@@ -17,6 +17,9 @@ from services.system.rabbitmq import RabbitNode
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("PT_SHARED_DATA", REPO_ROOT.parent / "shared" / "data")).resolve()
 ARTIFACTS = REPO_ROOT / "test-artifacts"
+# Fixtures sign cookies with short, readable keys ("test-secret"); production refuses those. The
+# tests of that refusal pass allow_insecure_secrets=False explicitly (tests/unit/test_auth.py).
+os.environ.setdefault("PT_ALLOW_INSECURE_SECRETS", "true")
 
 
 @pytest.fixture(scope="session")

@@ -1,31 +1,44 @@
-"""Shared web authentication mechanics: password hashes, roles, signed session cookies, CSRF tokens
-and the FastAPI dependencies `require_role` / `require_csrf`.
+"""Shared web authentication mechanics: password hashes, roles, signed session cookies bound to the
+user's database row, CSRF tokens, the one sign-in path (constant time, throttled) and the FastAPI
+dependencies `require_role` / `require_csrf`.
 
-Users live in each service's own table; this module only provides the mechanics.
+Users live in each service's own table; the service hands in two look-ups returning `Account`s:
 
-    sessions = WebSessions(secret_key, cookie_name="pt_labeling")
+    sessions = WebSessions(secret_key, "pt_labeling", find_account=by_name, load_account=by_id)
     sessions.install(app)                          # loads/saves the session cookie on every request
-    sessions.login(request, user_id="7", role="annotator", name="ann1")   # after checking the password
+    account = await sessions.sign_in(request, name, password)   # None: wrong; LoginThrottled: 429
     @app.get("/queue")
     async def queue(user: SessionUser = Depends(sessions.require_role("annotator"))): ...
     @app.post("/answer", dependencies=[Depends(require_csrf)]) ...
 
 The session is a dict signed with itsdangerous (URLSafeTimedSerializer, salted with the cookie name),
-stored in an HttpOnly, SameSite=Lax cookie. Every session - anonymous ones too, so the sign-in form
+stored in an HttpOnly, SameSite=Lax cookie. It holds the user's id and an HMAC of the user's stored
+password hash (as Django's session auth hash): on every request the row is loaded from the database,
+the HMAC compared, and the role and name are the database's. A cookie forged with a leaked signing
+key therefore names nobody (the forger does not know the salted hash), and a password change or a
+deleted user ends every session of that user. Every session - anonymous ones too, so the sign-in form
 is protected - carries a random CSRF token; a POST must echo it in the form field `csrf_token` or the
 `X-CSRF-Token` header (session-bound synchronizer token, compared in constant time). The token is
 rotated at sign-in and sign-out. The admin role passes every role check.
+
+PT_SECRET_KEY must be at least 32 bytes and not a known placeholder (`check_secret_key`) unless
+PT_ALLOW_INSECURE_SECRETS=true (tests, local experiments).
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
 import logging
 import secrets
+import threading
+import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from functools import cache
 from typing import Any
 from urllib.parse import quote
 
@@ -45,19 +58,80 @@ CSRF_HEADER = "x-csrf-token"
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**14, 8, 1
 
 
+MIN_SECRET_BYTES = 32
+# Values shipped in examples and manifests (deploy/k8s/secrets.yaml, .env.example, docs) or that a
+# person types when asked for "a secret": refused outside PT_ALLOW_INSECURE_SECRETS.
+KNOWN_PLACEHOLDERS = frozenset(
+    {
+        "change-me-to-a-long-random-string",
+        "change-me",
+        "changeme",
+        "secret",
+        "password",
+        "pneumotriage",
+        "admin",
+        "test-secret",
+        "replace-with-the-output-of-openssl-rand-hex-32",
+    }
+)
+PLACEHOLDER_MARKERS = ("change-me", "changeme", "change_me", "replace-with", "placeholder", "example")
+
+
+class InsecureSecretError(RuntimeError):
+    """A secret that must not protect a running service (placeholder, too short, low entropy)."""
+
+
+def secret_problem(value: str) -> str | None:
+    """Why `value` is not acceptable as a signing key, or None when it is."""
+    lowered = value.strip().lower()
+    if lowered in KNOWN_PLACEHOLDERS or any(m in lowered for m in PLACEHOLDER_MARKERS):
+        return "it is a known placeholder"
+    if len(value.encode()) < MIN_SECRET_BYTES:
+        return f"it is shorter than {MIN_SECRET_BYTES} bytes"
+    if len(set(value)) < 8:
+        return "it has fewer than 8 distinct characters"
+    return None
+
+
+def check_secret_key(value: str, *, allow_insecure: bool, name: str = "PT_SECRET_KEY") -> str:
+    """`value` when it is a usable signing key; InsecureSecretError otherwise (a warning in dev mode)."""
+    problem = secret_problem(value)
+    if problem is None:
+        return value
+    message = f"{name} is refused: {problem}. Generate one with `openssl rand -hex 32`"
+    if not allow_insecure:
+        raise InsecureSecretError(message + " (or set PT_ALLOW_INSECURE_SECRETS=true for a throwaway setup).")
+    log.warning(message + "; accepted only because PT_ALLOW_INSECURE_SECRETS is set")
+    return value
+
+
 class AuthSettings(CommonSettings):
     """Mix into a service's settings: PT_SECRET_KEY signs session cookies (all replicas must share it)."""
 
     secret_key: str | None = None
+    # Accept a placeholder or short PT_SECRET_KEY (with a warning): tests and throwaway setups only.
+    allow_insecure_secrets: bool = False
     # Set true behind HTTPS so cookies are only sent over TLS.
     cookie_secure: bool = False
     session_max_age_s: int = 12 * 3600
+    # Failed sign-ins allowed per account name, and per client address, within login_window_s;
+    # more answer 429 with Retry-After until the oldest failure leaves the window.
+    login_max_failures: int = 5
+    login_max_failures_per_client: int = 30
+    login_window_s: float = 300.0
+    # Largest request body the web apps read (413 above it).
+    http_max_body_bytes: int = 1_048_576
 
     def resolved_secret_key(self) -> str:
+        """PT_SECRET_KEY, checked (InsecureSecretError for a placeholder or a short key); unset: a
+        random per-process key (sessions end when the process restarts)."""
         if self.secret_key:
-            return self.secret_key
+            return check_secret_key(self.secret_key, allow_insecure=self.allow_insecure_secrets)
         log.warning("PT_SECRET_KEY is not set: using a random key, sessions end when the process restarts")
         return secrets.token_urlsafe(32)
+
+    def login_throttle(self) -> LoginThrottle:
+        return LoginThrottle(self.login_max_failures, self.login_max_failures_per_client, self.login_window_s)
 
 
 # -- passwords -------------------------------------------------------------------------------------
@@ -71,6 +145,13 @@ def hash_password(password: str) -> str:
     digest = hashlib.scrypt(password.encode(), salt=salt, n=SCRYPT_N, r=SCRYPT_R, p=SCRYPT_P, dklen=32)
     b64 = base64.b64encode
     return f"scrypt${SCRYPT_N}${SCRYPT_R}${SCRYPT_P}${b64(salt).decode()}${b64(digest).decode()}"
+
+
+@cache
+def dummy_hash() -> str:
+    """A real hash of a random password with the current cost: checked for unknown user names so that
+    "no such user" takes as long as "wrong password"."""
+    return hash_password(secrets.token_urlsafe(16))
 
 
 def verify_password(password: str, stored: str) -> bool:
@@ -94,6 +175,81 @@ def verify_password(password: str, stored: str) -> bool:
     return hmac.compare_digest(actual, expected)
 
 
+# -- sign-in throttling ----------------------------------------------------------------------------
+
+
+class LoginThrottled(HTTPException):
+    """429 with Retry-After: too many failed sign-ins for this account name or from this client."""
+
+    def __init__(self, retry_after_s: float) -> None:
+        self.retry_after_s = max(1, int(retry_after_s + 0.999))
+        super().__init__(
+            429,
+            f"Too many failed sign-ins. Try again in {self.retry_after_s} seconds.",
+            headers={"Retry-After": str(self.retry_after_s)},
+        )
+
+
+class LoginThrottle:
+    """Sliding-window counts of failed sign-ins per account name and per client address (in this
+    process: with N replicas behind a balancer an attacker gets up to N times the budget).
+
+    Unknown names are counted like known ones, so a 429 says nothing about whether a user exists.
+    """
+
+    MAX_KEYS = 100_000  # bound memory under a spray of random names/addresses
+
+    def __init__(self, per_account: int = 5, per_client: int = 30, window_s: float = 300.0) -> None:
+        self.per_account = per_account
+        self.per_client = per_client
+        self.window_s = window_s
+        self._failures: dict[str, deque[float]] = {}
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def _keys(name: str, client: str) -> tuple[str, str]:
+        return "account:" + name.strip().lower(), "client:" + client
+
+    def _recent(self, key: str, now: float) -> deque[float]:
+        q = self._failures.get(key)
+        if q is None:
+            return deque()
+        while q and q[0] <= now - self.window_s:
+            q.popleft()
+        if not q:
+            del self._failures[key]
+        return q
+
+    def retry_after(self, name: str, client: str, now: float | None = None) -> float | None:
+        """Seconds until another attempt is allowed, or None when it is allowed now."""
+        now = time.monotonic() if now is None else now
+        account, addr = self._keys(name, client)
+        waits = []
+        with self._lock:
+            for key, limit in ((account, self.per_account), (addr, self.per_client)):
+                q = self._recent(key, now)
+                if limit > 0 and len(q) >= limit:
+                    waits.append(q[len(q) - limit] + self.window_s - now)
+        return max(waits) if waits else None
+
+    def failed(self, name: str, client: str, now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            if len(self._failures) >= self.MAX_KEYS:
+                for key in list(self._failures):
+                    self._recent(key, now)
+                if len(self._failures) >= self.MAX_KEYS:  # still full: forget the oldest half
+                    for key in list(self._failures)[: self.MAX_KEYS // 2]:
+                        del self._failures[key]
+            for key in self._keys(name, client):
+                self._failures.setdefault(key, deque()).append(now)
+
+    def succeeded(self, name: str) -> None:
+        """A correct password clears the account's count (not the client's)."""
+        with self._lock:
+            self._failures.pop(self._keys(name, "")[0], None)
+
+
 # -- sessions --------------------------------------------------------------------------------------
 
 
@@ -104,11 +260,25 @@ class SessionUser:
     name: str
 
 
-UserCheck = Callable[[Request, SessionUser], Awaitable[bool]]
+@dataclass(frozen=True)
+class Account:
+    """A user row as the web layer needs it (each service maps its own User table to this)."""
+
+    id: str
+    role: str
+    name: str
+    password_hash: str
+
+
+AccountLookup = Callable[[str], Awaitable[Account | None]]
 
 
 def _new_session() -> dict[str, Any]:
     return {"csrf": secrets.token_urlsafe(32)}
+
+
+def client_address(request: Request) -> str:
+    return request.client.host if request.client else "unknown"
 
 
 class WebSessions:
@@ -117,18 +287,27 @@ class WebSessions:
         secret_key: str,
         cookie_name: str,
         *,
+        find_account: AccountLookup,
+        load_account: AccountLookup,
         login_path: str = "/login",
         max_age_s: int = 12 * 3600,
         secure: bool = False,
-        user_check: UserCheck | None = None,
+        throttle: LoginThrottle | None = None,
     ) -> None:
-        """user_check(request, user) -> False ends the session (e.g. the user was disabled in the DB)."""
+        """find_account(name) and load_account(id) read the service's user table (None: no such user)."""
         self.cookie_name = cookie_name
         self.login_path = login_path
         self.max_age_s = max_age_s
         self.secure = secure
-        self.user_check = user_check
+        self.find_account = find_account
+        self.load_account = load_account
+        self.throttle = throttle or LoginThrottle()
         self._serializer = URLSafeTimedSerializer(secret_key, salt=f"pt-session:{cookie_name}")
+        self._auth_key = hmac.new(secret_key.encode(), b"pt-session-auth:" + cookie_name.encode(), "sha256").digest()
+
+    def auth_hash(self, account: Account) -> str:
+        """Binds a session to the row: changes when the password does; unknown to a cookie forger."""
+        return hmac.new(self._auth_key, account.password_hash.encode(), "sha256").hexdigest()
 
     # cookie <-> dict
     def load(self, cookie: str | None) -> dict[str, Any] | None:
@@ -143,14 +322,31 @@ class WebSessions:
     def dump(self, data: dict[str, Any]) -> str:
         return str(self._serializer.dumps(data))
 
+    async def _session_user(self, session: dict[str, Any]) -> SessionUser | None:
+        """The signed-in user per the database, or None (anonymous, deleted, password changed, forged)."""
+        uid, sent = session.get("uid"), session.get("auth")
+        if not uid or not isinstance(sent, str):
+            return None
+        account = await self.load_account(str(uid))
+        if account is None or account.role not in ROLES:
+            return None
+        if not hmac.compare_digest(sent.encode(), self.auth_hash(account).encode()):
+            log.warning("session refused: it does not match the user's record", extra={"user_id": str(uid)})
+            return None
+        return SessionUser(id=account.id, role=account.role, name=account.name)
+
     def install(self, app: FastAPI) -> None:
-        """Add the middleware that loads the session into request.state and writes it back when changed."""
+        """Add the middleware that loads the session (and its user, from the database) into
+        request.state and writes the cookie back when the session changed."""
 
         @app.middleware("http")
         async def _session_middleware(request: Request, call_next: Any) -> Response:
             data = self.load(request.cookies.get(self.cookie_name))
             request.state.session = data if data is not None else _new_session()
             request.state.session_changed = data is None
+            request.state.user = await self._session_user(request.state.session) if data is not None else None
+            if data is not None and data.get("uid") and request.state.user is None:
+                self.logout(request)  # the user is gone, changed password, or the cookie was forged
             response: Response = await call_next(request)
             if request.state.session_changed:
                 response.set_cookie(
@@ -166,18 +362,44 @@ class WebSessions:
 
         app.state.web_sessions = self
 
-    def login(self, request: Request, *, user_id: str, role: str, name: str) -> None:
-        if role not in ROLES:
-            raise ValueError(f"unknown role {role!r}")
-        request.state.session = {**_new_session(), "uid": str(user_id), "role": role, "name": name}
+    async def sign_in(self, request: Request, name: str, password: str) -> Account | None:
+        """The one sign-in path of every app: throttle (LoginThrottled = 429), then a password check
+        that costs the same for unknown names, then a fresh session bound to the user's row."""
+        client = client_address(request)
+        wait = self.throttle.retry_after(name, client)
+        if wait is not None:
+            log.warning(
+                "sign-in throttled",
+                extra={"cookie": self.cookie_name, "account": name[:100], "client": client, "retry_after_s": wait},
+            )
+            raise LoginThrottled(wait)
+        account = await self.find_account(name)
+        stored = account.password_hash if account is not None else dummy_hash()
+        ok = await asyncio.to_thread(verify_password, password, stored)
+        if not ok or account is None:
+            self.throttle.failed(name, client)
+            log.info("sign-in failed", extra={"cookie": self.cookie_name, "account": name[:100], "client": client})
+            return None
+        self.throttle.succeeded(name)
+        self.login(request, account)
+        log.info("signed in", extra={"cookie": self.cookie_name, "account": account.name, "client": client})
+        return account
+
+    def login(self, request: Request, account: Account) -> None:
+        if account.role not in ROLES:
+            raise ValueError(f"unknown role {account.role!r}")
+        request.state.session = {**_new_session(), "uid": account.id, "auth": self.auth_hash(account)}
         request.state.session_changed = True
+        request.state.user = SessionUser(id=account.id, role=account.role, name=account.name)
 
     def logout(self, request: Request) -> None:
         request.state.session = _new_session()
         request.state.session_changed = True
+        request.state.user = None
 
     def require_role(self, *roles: str) -> Callable[[Request], Awaitable[SessionUser]]:
-        """Dependency: the signed-in user when their role is one of roles (admin always passes).
+        """Dependency: the signed-in user when their role (from the database) is one of roles (admin
+        always passes).
 
         Not signed in: 401, or a 303 redirect to the sign-in page for browser (HTML) requests.
         Signed in with another role: 403.
@@ -188,9 +410,6 @@ class WebSessions:
 
         async def dependency(request: Request) -> SessionUser:
             user = current_user(request)
-            if user is not None and self.user_check is not None and not await self.user_check(request, user):
-                self.logout(request)
-                user = None
             if user is None:
                 if "text/html" in request.headers.get("accept", ""):
                     target = quote(request.url.path + (f"?{request.url.query}" if request.url.query else ""))
@@ -211,10 +430,10 @@ def session_of(request: Request) -> dict[str, Any]:
 
 
 def current_user(request: Request) -> SessionUser | None:
-    s = session_of(request)
-    if not s.get("uid") or s.get("role") not in ROLES:
-        return None
-    return SessionUser(id=str(s["uid"]), role=str(s["role"]), name=str(s.get("name", "")))
+    """The signed-in user as the database has them (set by the session middleware), or None."""
+    session_of(request)
+    user = getattr(request.state, "user", None)
+    return user if isinstance(user, SessionUser) else None
 
 
 def csrf_token(request: Request) -> str:

@@ -7,12 +7,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import sys
 from typing import Any
 
 from prometheus_client import Counter, Gauge
 from sqlalchemy import func, select
 
-from services.core.auth import SessionUser, WebSessions
+from services.core.auth import Account, WebSessions
 from services.core.broker import CONSUMERS, Broker
 from services.core.db import make_engine, make_sessionmaker, upgrade
 from services.core.db.outbox import OutboxRelay
@@ -62,19 +63,28 @@ class LabelingService:
             await s.scalar(select(func.count()).select_from(Task))
         return {"database": True, "broker": self.broker.is_connected and self._broker_ready}
 
-    async def user_still_enabled(self, _request: Any, user: SessionUser) -> bool:
+    async def account_by_name(self, name: str) -> Account | None:
         async with self.sessions() as s:
-            row = await s.get(User, int(user.id))
-        return row is not None and row.role == user.role
+            row = await s.scalar(select(User).where(User.name == name[:100]))
+        return None if row is None else Account(str(row.id), row.role, row.name, row.password_hash)
+
+    async def account_by_id(self, user_id: str) -> Account | None:
+        if not user_id.isdigit() or len(user_id) > 18:
+            return None
+        async with self.sessions() as s:
+            row = await s.get(User, int(user_id))
+        return None if row is None else Account(str(row.id), row.role, row.name, row.password_hash)
 
     def web_app(self) -> Any:
         secret = self.settings.resolved_secret_key()
         web_sessions = WebSessions(
             secret,
             "pt_labeling",
+            find_account=self.account_by_name,
+            load_account=self.account_by_id,
             max_age_s=self.settings.session_max_age_s,
             secure=self.settings.cookie_secure,
-            user_check=self.user_still_enabled,
+            throttle=self.settings.login_throttle(),
         )
         ctx = WebContext(
             sessions=self.sessions,
@@ -84,30 +94,37 @@ class LabelingService:
             lease_s=self.settings.labeling_lease_s,
             on_final=self.wake,
         )
-        return create_app(ctx, web_sessions, self.health)
+        return create_app(ctx, web_sessions, self.health, max_body_bytes=self.settings.http_max_body_bytes)
 
-    async def run(self) -> None:
+    async def run(self) -> int:
+        """Serve until stopped (0) or until a component fails (1: the process must exit non-zero so
+        that a supervisor restarts it, instead of reading the failure as a clean stop)."""
         await upgrade(self.engine, "labeling", Base.metadata)
         await record_job(self.sessions, self.job)
+        web = self.web_app()  # refuses a placeholder PT_SECRET_KEY before anything starts
         tasks = [
             asyncio.create_task(self._broker_loop(), name="broker"),
             asyncio.create_task(self._quality_loop(), name="quality"),
-            asyncio.create_task(
-                serve_http(self.web_app(), self.settings.http_host, self.settings.labeling_http_port), name="web"
-            ),
+            asyncio.create_task(serve_http(web, self.settings.http_host, self.settings.labeling_http_port), name="web"),
         ]
         log.info("labeling service started", extra={"port": self.settings.labeling_http_port, "job": self.job.key})
         stopper = asyncio.create_task(self.stop.wait())
         done, _ = await asyncio.wait([*tasks, stopper], return_when=asyncio.FIRST_COMPLETED)
+        failed = False
         for t in done:
-            if t is not stopper and t.exception() is not None:
-                log.error("component failed", extra={"component": t.get_name(), "error": repr(t.exception())})
+            if t is stopper:
+                continue
+            error = t.exception()
+            if error is not None or not self.stop.is_set():
+                failed = True
+                log.error("component failed", extra={"component": t.get_name(), "error": repr(error or "ended")})
         for t in [*tasks, stopper]:
             t.cancel()
         await asyncio.gather(*tasks, stopper, return_exceptions=True)
         await self.broker.close()
         await self.engine.dispose()
-        log.info("labeling service stopped")
+        log.info("labeling service stopped", extra={"failed": failed})
+        return 1 if failed else 0
 
     async def _broker_loop(self) -> None:
         consumer = ImageConsumer(
@@ -151,11 +168,11 @@ def main() -> None:
     settings = LabelingSettings()
     configure_logging("labeling", settings.log_level, settings.log_json)
 
-    async def _main() -> None:
+    async def _main() -> int:
         service = LabelingService(settings)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, service.stop.set)
-        await service.run()
+        return await service.run()
 
-    asyncio.run(_main())
+    sys.exit(asyncio.run(_main()))

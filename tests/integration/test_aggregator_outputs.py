@@ -109,6 +109,10 @@ def test_destination_parsing() -> None:
         Destination.parse("pacs.local")
 
 
+async def no_one(_key: str) -> None:
+    return None
+
+
 async def signed_in_client(agg: Aggregator, role: str = "clinician") -> httpx.AsyncClient:
     """A client signed in through the login form as a user of `role`."""
     app = create_app(agg)
@@ -204,7 +208,9 @@ async def test_annotators_cannot_reach_the_worklist_or_api(offline_aggregator: A
         assert res.status_code == 303 and res.headers["location"].startswith("/login")
         # A validly signed session for a user the aggregator does not know (e.g. a labeling
         # annotator's, were the secret shared) is dropped, not trusted.
-        web = WebSessions(offline_aggregator.settings.resolved_secret_key(), COOKIE)
+        web = WebSessions(
+            offline_aggregator.settings.resolved_secret_key(), COOKIE, find_account=no_one, load_account=no_one
+        )
         anonymous.cookies.set(COOKIE, web.dump({"csrf": "t", "uid": "ann1", "role": "clinician", "name": "ann1"}))
         assert (await anonymous.get("/api/v1/studies")).status_code == 401
         health = await anonymous.get("/healthz")  # no broker in this test: degraded, and says why

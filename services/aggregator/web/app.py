@@ -1,5 +1,5 @@
 """The clinician worklist (server-rendered, FastAPI + Jinja2, a little JS for live updates and
-image controls), its JSON API (OpenAPI at /api/docs, paginated), FHIR output, /healthz and
+image controls), its JSON API (OpenAPI document at /api/openapi.json, paginated), FHIR output, /healthz and
 /metrics. Only clinicians and admins get in (annotators get 403).
 
 No `from __future__ import annotations` here: FastAPI must see the route signatures' real types
@@ -24,8 +24,17 @@ from services.aggregator.models import PredictionRow, Study, User
 from services.aggregator.outputs import DISCLAIMER, fhir_diagnostic_report, path_of
 from services.aggregator.policy import FLAGS, PENDING
 from services.aggregator.web import queries
-from services.core.auth import SessionUser, WebSessions, csrf_token, current_user, require_csrf, verify_password
+from services.core.auth import (
+    Account,
+    LoginThrottled,
+    SessionUser,
+    WebSessions,
+    csrf_token,
+    current_user,
+    require_csrf,
+)
 from services.core.telemetry import ops_router
+from services.core.web_hardening import harden
 
 if TYPE_CHECKING:
     from services.aggregator.app import Aggregator
@@ -36,10 +45,19 @@ COOKIE = "pt_aggregator"
 ALLOWED_ROLES = ("clinician", "admin")
 
 
+MAX_PAGE = 100_000  # page * page_size stays far inside a 64-bit OFFSET
+MAX_COMMENT = 4000
+# Arrival-date filters outside these years are typing errors (and 9999-12-31 + 1 day overflows).
+DATE_MIN, DATE_MAX = date(1900, 1, 1), date(2999, 12, 31)
+DateParam = Annotated[
+    date | None, Query(description=f"{DATE_MIN.isoformat()} to {DATE_MAX.isoformat()}", ge=DATE_MIN, le=DATE_MAX)
+]
+
+
 class ReviewIn(BaseModel):
     action: Literal["confirm", "overrule"]
-    flag: str | None = Field(None, description="the new flag when overruling")
-    comment: str = ""
+    flag: str | None = Field(None, description="the new flag when overruling", max_length=40)
+    comment: str = Field("", max_length=MAX_COMMENT)
 
 
 class StudyFilter(BaseModel):
@@ -52,8 +70,8 @@ class StudyFilter(BaseModel):
 
 def study_filter(
     flag: Annotated[list[str] | None, Query(description=f"one or more of {', '.join(FLAGS)}, {PENDING}")] = None,
-    date_from: date | None = None,
-    date_to: date | None = None,
+    date_from: DateParam = None,
+    date_to: DateParam = None,
 ) -> StudyFilter:
     return StudyFilter(flags=[f for f in (flag or []) if f] or None, date_from=date_from, date_to=date_to)
 
@@ -100,24 +118,27 @@ def create_app(agg: "Aggregator") -> FastAPI:
         title="PneumoTriage aggregator",
         description=f"Clinician worklist and results API. {DISCLAIMER}",
         version="1",
-        docs_url="/api/docs",
+        docs_url=None,  # Swagger UI would load its JS/CSS from a public CDN: /api/openapi.json only
         openapi_url="/api/openapi.json",
         redoc_url=None,
     )
 
-    async def user_still_valid(request: Request, user: SessionUser) -> bool:
+    async def load_account(username: str) -> Account | None:
         async with agg.sessions() as s:
-            row = await s.get(User, user.id)
-        return row is not None and row.role == user.role
+            row = await s.get(User, username[:100])
+        return None if row is None else Account(row.username, row.role, row.username, row.password_hash)
 
     web = WebSessions(
         settings.resolved_secret_key(),
         COOKIE,
+        find_account=load_account,
+        load_account=load_account,
         secure=settings.cookie_secure,
         max_age_s=settings.session_max_age_s,
-        user_check=user_still_valid,
+        throttle=settings.login_throttle(),
     )
     web.install(app)
+    harden(app, settings.http_max_body_bytes)
     app.include_router(ops_router("aggregator", agg.health))
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
     templates = Jinja2Templates(directory=HERE / "templates")
@@ -127,9 +148,15 @@ def create_app(agg: "Aggregator") -> FastAPI:
     clinician = web.require_role(*ALLOWED_ROLES)
     Clinician = Annotated[SessionUser, Depends(clinician)]
 
-    def page(request: Request, name: str, context: dict[str, Any], status: int = 200) -> HTMLResponse:
+    def page(
+        request: Request,
+        name: str,
+        context: dict[str, Any],
+        status: int = 200,
+        headers: dict[str, str] | None = None,
+    ) -> HTMLResponse:
         base = {"user": current_user(request), "csrf_token": csrf_token(request)}
-        return templates.TemplateResponse(request, name, {**base, **context}, status_code=status)
+        return templates.TemplateResponse(request, name, {**base, **context}, status_code=status, headers=headers)
 
     # ---- sign in -----------------------------------------------------------------------------
     @app.get("/login", response_class=HTMLResponse, include_in_schema=False)
@@ -139,16 +166,17 @@ def create_app(agg: "Aggregator") -> FastAPI:
     @app.post("/login", include_in_schema=False, dependencies=[Depends(require_csrf)])
     async def login(
         request: Request,
-        username: Annotated[str, Form()],
-        password: Annotated[str, Form()],
-        next: Annotated[str, Form()] = "/worklist",
+        username: Annotated[str, Form(max_length=100)],
+        password: Annotated[str, Form(max_length=200)],
+        next: Annotated[str, Form(max_length=2000)] = "/worklist",
     ) -> Response:
-        async with agg.sessions() as s:
-            user = await s.get(User, username)
-        ok = user is not None and await asyncio.to_thread(verify_password, password, user.password_hash)
-        if not ok or user is None:
+        try:
+            account = await web.sign_in(request, username, password)
+        except LoginThrottled as exc:
+            context = {"next": next, "error": exc.detail}
+            return page(request, "login.html", context, 429, headers=exc.headers)
+        if account is None:
             return page(request, "login.html", {"next": next, "error": "Wrong user name or password."}, 401)
-        web.login(request, user_id=user.username, role=user.role, name=user.username)
         target = next if next.startswith("/") and not next.startswith("//") else "/worklist"
         return RedirectResponse(target, status_code=303)
 
@@ -229,9 +257,9 @@ def create_app(agg: "Aggregator") -> FastAPI:
         request: Request,
         study_uid: str,
         user: Clinician,
-        action: Annotated[str, Form()],
-        flag: Annotated[str | None, Form()] = None,
-        comment: Annotated[str, Form()] = "",
+        action: Annotated[str, Form(max_length=20)],
+        flag: Annotated[str | None, Form(max_length=40)] = None,
+        comment: Annotated[str, Form(max_length=MAX_COMMENT)] = "",
     ) -> Response:
         await do_review(study_uid, user, ReviewIn(action=action, flag=flag or None, comment=comment))  # type: ignore[arg-type]
         return RedirectResponse(f"/studies/{study_uid}", status_code=303)
@@ -257,7 +285,7 @@ def create_app(agg: "Aggregator") -> FastAPI:
         return im, path
 
     @app.get("/images/{sop_uid}.png", include_in_schema=False)
-    async def image_png(sop_uid: str, user: Clinician, frame: int = 0) -> Response:
+    async def image_png(sop_uid: str, user: Clinician, frame: Annotated[int, Query(ge=0, le=10_000)] = 0) -> Response:
         _, path = await image_file(sop_uid)
         try:
             data = await asyncio.to_thread(render_png, str(path), path.stat().st_mtime, frame)
@@ -280,7 +308,7 @@ def create_app(agg: "Aggregator") -> FastAPI:
     async def api_studies(
         user: Clinician,
         filt: Filter,
-        page: Annotated[int, Query(ge=1)] = 1,
+        page: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 1,
         page_size: Annotated[int, Query(ge=1, le=500)] = 50,
     ) -> Page:
         """Studies sorted by urgency, then arrival; filter by flag and arrival date."""
@@ -324,7 +352,7 @@ def create_app(agg: "Aggregator") -> FastAPI:
     @app.get("/api/v1/reviews", response_model=Page, tags=["reviews"])
     async def api_reviews(
         user: Clinician,
-        page: Annotated[int, Query(ge=1)] = 1,
+        page: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 1,
         page_size: Annotated[int, Query(ge=1, le=1000)] = 100,
     ) -> Page:
         """Clinician confirms/overrules as high-trust labels (for the labeling and ML side)."""

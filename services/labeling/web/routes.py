@@ -18,8 +18,9 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from services.core.auth import SessionUser, WebSessions, csrf_token, require_csrf, verify_password
+from services.core.auth import LoginThrottled, SessionUser, WebSessions, csrf_token, require_csrf
 from services.core.telemetry import HealthCheck, ops_router
+from services.core.web_hardening import harden
 from services.labeling.job import JobDefinition
 from services.labeling.models import JudgmentRow, Task, User
 from services.labeling.render import cached_png, path_from_uri
@@ -41,7 +42,6 @@ from services.labeling.workflow import (
 
 HERE = Path(__file__).resolve().parent
 templates = Jinja2Templates(directory=HERE / "templates")  # autoescape on for .html
-DUMMY_HASH = "scrypt$16384$8$1$AAAAAAAAAAAAAAAAAAAAAA==$AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="
 
 
 async def answered_count(s: AsyncSession, user_id: int) -> int:
@@ -86,9 +86,15 @@ class LoginIn(BaseModel):
     password: str = Field(max_length=200)
 
 
-def create_app(ctx: WebContext, web_sessions: WebSessions, health: HealthCheck | None = None) -> FastAPI:
+def create_app(
+    ctx: WebContext,
+    web_sessions: WebSessions,
+    health: HealthCheck | None = None,
+    max_body_bytes: int = 1_048_576,
+) -> FastAPI:
     app = FastAPI(title="PneumoTriage labeling", docs_url=None, redoc_url=None, openapi_url=None)
     web_sessions.install(app)
+    harden(app, max_body_bytes)
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
     app.include_router(ops_router("labeling", health))
     annotator = web_sessions.require_role("annotator")
@@ -118,14 +124,7 @@ def create_app(ctx: WebContext, web_sessions: WebSessions, health: HealthCheck |
             raise HTTPException(401, "unknown user")
         return user
 
-    # -- sign-in ---------------------------------------------------------------------------------
-    async def check_login(name: str, password: str) -> User | None:
-        async with ctx.sessions() as s:
-            user = await s.scalar(select(User).where(User.name == name))
-        stored = user.password_hash if user else DUMMY_HASH  # same work whether or not the user exists
-        ok = await asyncio.to_thread(verify_password, password, stored)
-        return user if ok and user is not None else None
-
+    # -- sign-in (services.core.auth: one path, throttled, constant time for unknown names) --------
     @router.get("/login", response_class=HTMLResponse)
     async def login_page(request: Request, next: str = "/") -> HTMLResponse:
         return page(request, "login.html", {"next": safe_next(next)})
@@ -134,12 +133,16 @@ def create_app(ctx: WebContext, web_sessions: WebSessions, health: HealthCheck |
     async def login(
         request: Request, name: str = Form(max_length=100), password: str = Form(max_length=200), next: str = Form("/")
     ) -> Response:
-        user = await check_login(name, password)
+        try:
+            user = await web_sessions.sign_in(request, name, password)
+        except LoginThrottled as exc:
+            response = page(request, "login.html", {"next": next, "name": name, "error": exc.detail}, status=429)
+            response.headers.update(exc.headers or {})
+            return response
         if user is None:
             return page(
                 request, "login.html", {"next": next, "name": name, "error": "Wrong name or password."}, status=401
             )
-        web_sessions.login(request, user_id=str(user.id), role=user.role, name=user.name)
         return RedirectResponse(safe_next(next), status_code=303)
 
     @router.post("/logout", dependencies=[Depends(require_csrf)])
@@ -298,10 +301,9 @@ def create_app(ctx: WebContext, web_sessions: WebSessions, health: HealthCheck |
 
     @router.post("/api/login", dependencies=[Depends(require_csrf)])
     async def api_login(request: Request, body: LoginIn) -> JSONResponse:
-        user = await check_login(body.name, body.password)
+        user = await web_sessions.sign_in(request, body.name, body.password)  # LoginThrottled: 429
         if user is None:
             raise HTTPException(401, "wrong name or password")
-        web_sessions.login(request, user_id=str(user.id), role=user.role, name=user.name)
         return JSONResponse({"role": user.role, "csrf_token": csrf_token(request)})
 
     @router.post("/api/instructions", dependencies=[Depends(require_csrf)])
