@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import contextlib
 import re
+import statistics
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -73,7 +75,7 @@ async def test_cookie_forged_with_the_signing_key_is_refused(offline_aggregator:
     await upsert_user("dr-real", "clinician", PASSWORD, agg.settings)
     key = agg.settings.resolved_secret_key()
     forger = URLSafeTimedSerializer(key, salt=f"pt-session:{COOKIE}")
-    cookie = forger.dumps({"csrf": "t", "uid": "dr-real", "role": "admin", "name": "dr-real"})
+    cookie = forger.dumps({"csrf": "t", "uid": "dr-real", "role": "clinician", "name": "Dr Anyone"})
     async with client_for(create_app(agg)) as attacker:
         attacker.cookies.set(COOKIE, cookie)
         assert (await attacker.get("/api/v1/studies")).status_code == 401
@@ -97,6 +99,29 @@ async def test_cookie_forged_with_the_signing_key_is_refused(offline_aggregator:
         assert res.status_code == 200
     async with agg.sessions() as s:
         assert [r.reviewer for r in (await s.scalars(select(Review))).all()] == ["dr-real"]
+
+
+# -- 4. user names do not leak by timing ----------------------------------------------------------
+
+
+async def test_worklist_sign_in_takes_as_long_for_unknown_names(offline_aggregator: Aggregator) -> None:
+    """Before: ~3 ms for an unknown name, ~36 ms for a known one (no hash computed). Now both pay one
+    scrypt. Ratio of medians measured in the same run (no absolute time is asserted)."""
+    agg = offline_aggregator
+    await upsert_user("dr-t", "clinician", PASSWORD, agg.settings)
+    async with client_for(create_app(agg)) as client:
+        token = await form_token(client)
+
+        async def timed(name: str) -> float:
+            start = time.perf_counter()
+            res = await client.post("/login", data={"username": name, "password": "wrong", "csrf_token": token})
+            assert res.status_code == 401
+            return time.perf_counter() - start
+
+        await timed("dr-t")  # warm-up
+        known = statistics.median([await timed("dr-t") for _ in range(4)])
+        unknown = statistics.median([await timed(f"ghost-{i}") for i in range(4)])
+    assert unknown > 0.5 * known, (unknown, known)
 
 
 # -- 5. throttled sign-in ------------------------------------------------------------------------
