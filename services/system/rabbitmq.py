@@ -16,6 +16,8 @@ import tempfile
 import time
 from pathlib import Path
 
+LOOPBACK_DIST_ARGS = "-kernel inet_dist_use_interface {127,0,0,1}"
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -59,6 +61,13 @@ class RabbitNode:
             RABBITMQ_PID_FILE=str(self.base / "pid"),
             RABBITMQ_ENABLED_PLUGINS_FILE=str(self.base / "enabled_plugins"),
             RABBITMQ_CONFIG_FILE=str(self.base / "rabbitmq"),
+            # Erlang distribution (inter-node and CLI traffic: whoever reaches it with the cookie runs
+            # code on the node) and epmd listen on loopback only. epmd is shared by every node on the
+            # machine: when one is already running, it keeps the address it was started with.
+            ERL_EPMD_ADDRESS="127.0.0.1",
+            RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS=" ".join(
+                a for a in (env.get("RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS", ""), LOOPBACK_DIST_ARGS) if a
+            ),
         )
         return env
 
