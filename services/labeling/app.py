@@ -139,10 +139,12 @@ class LabelingService:
     async def _quality_loop(self) -> None:
         """Finalise answers whose undo window passed, re-aggregate, publish changes."""
         while True:
+            woken = self._wake.is_set()
+            self._wake.clear()  # before the work: an answer committed during it wakes the next round
             try:
                 async with self.sessions() as s:
                     n = await finalize_due(s, self.settings.labeling_undo_window_s)
-                    changed = await aggregate_job(s, self.job) if (n or self._wake.is_set()) else 0
+                    changed = await aggregate_job(s, self.job) if (n or woken) else 0
                     await s.commit()
                     open_count = await s.scalar(
                         select(func.count()).select_from(Task).where(Task.kind == "work", Task.status == "open")
@@ -156,7 +158,6 @@ class LabelingService:
                 raise
             except Exception:
                 log.exception("quality loop failed; retrying")
-            self._wake.clear()
             try:
                 await asyncio.wait_for(self._wake.wait(), timeout=0.5)
                 await asyncio.sleep(0.2)  # debounce bursts of answers

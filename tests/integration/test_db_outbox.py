@@ -119,3 +119,50 @@ async def test_outbox_survives_broker_outage_without_loss_or_duplicates(
         await msg.ack()
     assert sorted(uids) == sorted(f"2.{i}" for i in range(20))
     await broker.close()
+
+
+async def test_notify_during_a_run_is_not_lost(engine: AsyncEngine, rabbit: RabbitNode) -> None:
+    """A producer that commits and notifies while the relay is publishing an earlier batch is served
+    by the next round at once, not after the idle poll (30 s here). The relay is held inside its
+    publish for real: a RabbitMQ memory alarm blocks publishers until it is cleared."""
+    sessions = make_sessionmaker(engine)
+    broker = await Broker(rabbit.url).connect()
+    await purge_all(broker)
+    relay = OutboxRelay("kerneltest", sessions, Outbox, broker, idle_seconds=30.0)
+    stop = asyncio.Event()
+    task = asyncio.create_task(relay.run(stop))
+
+    async def stage(uid: str) -> None:
+        async with sessions() as session:
+            session.add(Thing(sop_uid=uid))
+            add_event(session, Outbox, _event(uid), message_id=f"test:{uid}")
+            await session.commit()
+        relay.notify()
+
+    def connection_states() -> list[str]:
+        return rabbit.ctl("list_connections", "state", "--no-table-headers").stdout.split()
+
+    try:
+        await asyncio.sleep(0)  # the first (empty) round runs, then the relay waits up to 30 s
+        rabbit.ctl("set_vm_memory_high_watermark", "0")  # every publisher blocks from now on
+        await stage("3.1")
+        for _ in range(300):  # the relay has selected 3.1 and is blocked publishing it
+            if "blocked" in await asyncio.to_thread(connection_states):
+                break
+            await asyncio.sleep(0.1)
+        else:
+            raise AssertionError("the relay never published")
+        await stage("3.2")  # committed after the relay's SELECT, notified during its run
+    finally:
+        rabbit.ctl("set_vm_memory_high_watermark", "0.4")
+    try:
+        for _ in range(50):  # 5 s, far below the 30 s poll
+            if await relay.backlog() == 0:
+                break
+            await asyncio.sleep(0.1)
+        assert await relay.backlog() == 0, "the notify during the run was lost until the next poll"
+    finally:
+        stop.set()
+        relay.notify()
+        await asyncio.wait_for(task, 15)
+        await broker.close()

@@ -136,6 +136,9 @@ class OutboxRelay:
         backoff = self.idle_seconds
         stop = stop or asyncio.Event()
         while not stop.is_set():
+            # Clear before the work, not after: a notify() that arrives while run_once() runs (its
+            # events may have committed after our SELECT) must wake the next round immediately.
+            self._wake.clear()
             try:
                 sent = await self.run_once()
                 OUTBOX_BACKLOG.labels(self.service).set(await self.backlog())
@@ -147,7 +150,6 @@ class OutboxRelay:
             except Exception as exc:
                 log.warning("outbox relay cannot publish yet", extra={"error": repr(exc), "retry_in_s": backoff})
                 backoff = min(backoff * 2, self.max_backoff_seconds)
-            self._wake.clear()
             try:
                 await asyncio.wait_for(self._wake.wait(), timeout=backoff)
             except TimeoutError:
