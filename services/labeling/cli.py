@@ -106,7 +106,7 @@ def import_gold_cmd(
 
         async def _import(s: Any, job: Any, settings: Any) -> dict[str, int]:
             counts = await import_gold(s, job, chosen, load_reasons(reasons))
-            await s.flush()
+            await s.commit()  # render with no write transaction open (the running service keeps writing)
             from sqlalchemy import select
 
             from services.labeling.models import Task
@@ -129,7 +129,7 @@ def add_images_cmd(
     """Label an existing image archive: add work images from files, without PACS/ingest (no events are
     published for them, they have no DICOM UIDs). Gold images are never added as work."""
     from services.labeling.gold import IMAGE_SUFFIXES
-    from services.labeling.models import Task
+    from services.labeling.models import Task, opaque_id
 
     async def _add(s: Any, job: Any, settings: Any) -> int:
         import random
@@ -149,12 +149,19 @@ def add_images_cmd(
         picked = [f for f in files if str(f) not in known][:n]
         with Progress(TextColumn("adding images"), BarColumn(), MofNCompleteColumn(), console=console) as progress:
             bar = progress.add_task("add", total=len(picked))
-            for f in picked:
-                task = Task(kind="work", source_path=str(f), job_key=job.key, needed=job.redundancy.judgments_per_image)
-                s.add(task)
-                await s.flush()
+            tasks = []
+            for f in picked:  # render first, with no write transaction open; insert all at the end
+                task = Task(
+                    id=opaque_id(),
+                    kind="work",
+                    source_path=str(f),
+                    job_key=job.key,
+                    needed=job.redundancy.judgments_per_image,
+                )
                 cached_png(settings.render_dir(), task.id, f, settings.labeling_render_max_side)
+                tasks.append(task)
                 progress.advance(bar)
+        s.add_all(tasks)
         return len(picked)
 
     typer.echo(f"added {with_db(_add)} images")

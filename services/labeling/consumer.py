@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 from prometheus_client import Counter
@@ -14,21 +15,31 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from services.core.broker import Envelope, PermanentError
 from services.core.contracts import ImageReceived
 from services.labeling.job import JobDefinition
-from services.labeling.models import Task
+from services.labeling.models import Task, opaque_id
 from services.labeling.render import cached_png, path_from_uri
 
 log = logging.getLogger(__name__)
 TASKS_CREATED = Counter("pt_labeling_tasks_created_total", "Labeling tasks created from image.received", ["outcome"])
 
 
+Render = Callable[[Path, str, Path, int], Path]
+
+
 class ImageConsumer:
     def __init__(
-        self, sessions: async_sessionmaker[AsyncSession], job: JobDefinition, render_dir: Path, max_side: int
+        self,
+        sessions: async_sessionmaker[AsyncSession],
+        job: JobDefinition,
+        render_dir: Path,
+        max_side: int,
+        render: Render = cached_png,
     ) -> None:
+        """render(cache_dir, task_id, source, max_side) -> PNG path; runs with no transaction open."""
         self.sessions = sessions
         self.job = job
         self.render_dir = render_dir
         self.max_side = max_side
+        self.render = render
 
     async def handle(self, envelope: Envelope) -> None:
         msg = envelope.payload
@@ -51,6 +62,7 @@ class ImageConsumer:
         if not source.exists():
             raise FileNotFoundError("stored image not visible yet")  # transient: shared volume lag -> retry
         task = Task(
+            id=opaque_id(),  # known before the insert: the PNG is rendered first, outside any transaction
             kind="work",
             sop_instance_uid=sop,
             study_instance_uid=msg.image.study_instance_uid,
@@ -61,17 +73,19 @@ class ImageConsumer:
             job_key=self.job.key,
             needed=self.job.redundancy.judgments_per_image,
         )
+        # Render once now (a broken image is refused here, not shown to annotators), before the
+        # write transaction: the slow decode must not hold SQLite's single writer lock.
+        try:
+            png = await asyncio.to_thread(self.render, self.render_dir, task.id, source, self.max_side)
+        except Exception as exc:
+            raise PermanentError(f"cannot render the image: {exc!r}") from exc
         async with self.sessions() as s:
             s.add(task)
-            await s.flush()
-            try:  # render once now: a broken image is refused here, not shown to annotators
-                await asyncio.to_thread(cached_png, self.render_dir, task.id, source, self.max_side)
-            except Exception as exc:
-                raise PermanentError(f"cannot render the image: {exc!r}") from exc
             try:
                 await s.commit()
             except IntegrityError:  # a concurrent redelivery created it first
                 await s.rollback()
+                png.unlink(missing_ok=True)  # our PNG, under our unused task id
                 TASKS_CREATED.labels("duplicate").inc()
                 return
         TASKS_CREATED.labels("created").inc()
