@@ -125,9 +125,11 @@ class RabbitCluster:
         self.down.discard(index)
 
     def stop(self) -> None:
-        for i in reversed(range(len(self.nodes))):
-            if i not in self.down:
-                self.nodes[i].shutdown()
+        up = [node for i, node in enumerate(self.nodes) if i not in self.down]
+        if up:
+            with ThreadPoolExecutor(len(up)) as pool:
+                list(pool.map(lambda node: node.shutdown(), up))
+        self.down = set(range(len(self.nodes)))
         shutil.rmtree(self.base, ignore_errors=True)
 
     def __enter__(self) -> RabbitCluster:

@@ -241,6 +241,10 @@ class SystemHarness:
     def metrics_text(self, service: str) -> str:
         return httpx.get(self.url(service, "/metrics"), timeout=30).text
 
+    def metrics_text_of(self, name: str) -> str:
+        """/metrics of one process by its replica name ("inference-2")."""
+        return httpx.get(self.config.replica_url(name, "/metrics"), timeout=30).text
+
     def queue_depths(self) -> dict[str, int]:
         return self.rabbit.queue_depths(self.vhost)
 
