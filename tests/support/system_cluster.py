@@ -13,13 +13,17 @@ every queue with one consumer per replica, the Erlang distribution bound to loop
 from __future__ import annotations
 
 import subprocess
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 from services.system.postgres import PostgresServer
 from services.system.processes import SERVICES
 from services.system.rabbit_cluster import RabbitCluster
-from tests.support.system_harness import SystemHarness
-from tests.support.system_scenario import FAST_ENV, model_env
+from tests.support.system_harness import SendResult, SystemHarness
+from tests.support.system_reconcile import Reconciliation, wait_reconciled
+from tests.support.system_scenario import FAST_ENV, Batch, model_env
 
 CONSUMED_QUEUES = {"inference.images": "inference", "labeling.images": "labeling", "aggregator.events": "aggregator"}
 
@@ -102,3 +106,73 @@ class ScaleOut:
                 if len(parts := line.split()) >= 4 and parts[3].endswith(f":{node.dist_port}")
             ]
         return out
+
+
+# ---- the fault run with replicas ---------------------------------------------------------------
+def _wait_stored(system: SystemHarness, sender: threading.Thread, target: int, timeout: float = 600.0) -> int:
+    from tests.support.system_faults import ingest_count
+
+    deadline = time.monotonic() + timeout
+    while sender.is_alive() and time.monotonic() < deadline:
+        n = ingest_count(system)
+        if n >= target:
+            return n
+        time.sleep(0.2)
+    return ingest_count(system)
+
+
+def replica_faults(run: ScaleOut, batch: Batch, associations: int = 4, settle_timeout: float = 900.0,
+                   log: Callable[[str], None] = print) -> tuple[Reconciliation, SendResult, list[str]]:  # fmt: skip
+    """Send the batch over `associations`; meanwhile: kill -9 one replica of every service (and
+    restart it), stop one RabbitMQ node (and start it again), restart PostgreSQL. Then re-send what
+    was not acknowledged (as a PACS does) and reconcile. Returns the reconciliation, what the sender
+    saw and a log of the faults with the stored count at each."""
+    system = run.system
+    assert system is not None
+    n = len(batch.images)
+    events: list[str] = []
+
+    def note(msg: str) -> None:
+        from tests.support.system_faults import ingest_count
+
+        line = f"{msg} (ingest holds {ingest_count(system)}/{n})"
+        events.append(line)
+        log(line)
+
+    box: dict[str, SendResult] = {}
+    sender = threading.Thread(target=lambda: box.setdefault("sent", system.send(batch.paths, associations)))
+    sender.start()
+    _wait_stored(system, sender, int(n * 0.2))
+    victims = [names[-1] for svc in SERVICES if len(names := system.replicas_of(svc)) > 1]
+    for name in victims:
+        system.kill9(name)
+    note(f"kill -9 {', '.join(victims)}")
+    for name in victims:
+        system.restart(name)
+    note("restarted them")
+    _wait_stored(system, sender, int(n * 0.45))
+    node = len(run.cluster.nodes) - 1
+    run.cluster.stop_node(node)
+    note(f"RabbitMQ node {run.cluster.nodes[node].nodename} stopped")
+    time.sleep(10)
+    run.cluster.start_node(node)
+    note("RabbitMQ node started again")
+    _wait_stored(system, sender, int(n * 0.7))
+    run.postgres.stop_server("fast")
+    note("PostgreSQL stopped")
+    time.sleep(5)
+    run.postgres.start_server()
+    note("PostgreSQL started again")
+    sender.join(timeout=1800)
+    total = box["sent"]
+    note(f"first pass: {len(total.acked)} acknowledged, {len(total.refused)} refused or not sent")
+    for _ in range(3):
+        retry = [path for path, _status in total.refused]
+        if not retry:
+            break
+        again = system.send(retry, associations=1)
+        total.refused = again.refused
+        total.acked += again.acked
+    note(f"after re-sending: {len(total.acked)} acknowledged, {len(total.refused)} never acknowledged")
+    rec = wait_reconciled(system, batch.acked_uids(total), timeout=settle_timeout)
+    return rec, total, events
