@@ -128,9 +128,17 @@ def flagged_studies(db: DbReader) -> int:
     return int(rows[0][0]) if rows else 0
 
 
+def db_bytes(system: SystemHarness, db: DbReader) -> int:
+    """Size of every service's tables: the PostgreSQL database, or the SQLite files (+ WAL)."""
+    if db.pg_dsn:
+        return int(db.query("ingest", "SELECT pg_database_size(current_database())")[0][0])
+    return sum(p.stat().st_size for p in system.data_dir.glob("*.db*"))
+
+
 def measure(system: SystemHarness, batch: Batch, associations: int, meter: CpuMeter, timeout: float) -> dict:
     db = DbReader(system)
     studies = len(batch.studies)
+    size_before = db_bytes(system, db)
     meter.start()
     t0 = time.time()
     sent = system.send(batch.paths, associations=associations)
@@ -161,6 +169,7 @@ def measure(system: SystemHarness, batch: Batch, associations: int, meter: CpuMe
             "p95": round(pct(latencies, 0.95), 2),
             "mean": round(statistics.fmean(latencies), 2) if latencies else None,
         },
+        "db_bytes_per_image": round((db_bytes(system, db) - size_before) / max(1, len(sent.acked))),
         "cpu_s": cpu,
         "cores_used": round(sum(cpu.values()) / span, 2),
     }

@@ -122,11 +122,12 @@ def _wait_stored(system: SystemHarness, sender: threading.Thread, target: int, t
 
 
 def replica_faults(run: ScaleOut, batch: Batch, associations: int = 4, settle_timeout: float = 900.0,
-                   log: Callable[[str], None] = print) -> tuple[Reconciliation, SendResult, list[str]]:  # fmt: skip
-    """Send the batch over `associations`; meanwhile: kill -9 one replica of every service (and
-    restart it), stop one RabbitMQ node (and start it again), restart PostgreSQL. Then re-send what
-    was not acknowledged (as a PACS does) and reconcile. Returns the reconciliation, what the sender
-    saw and a log of the faults with the stored count at each."""
+                   resend_rounds: int = 10, log: Callable[[str], None] = print,
+                   ) -> tuple[Reconciliation, SendResult, list[str]]:  # fmt: skip
+    """Send the batch over `associations` (re-sending what was not acknowledged, as a PACS does);
+    meanwhile kill -9 one replica of every service (and restart it), stop one RabbitMQ node (and
+    start it again), restart PostgreSQL. Then reconcile. Returns the reconciliation, what the
+    sender saw and a log of the faults with the stored count at each."""
     system = run.system
     assert system is not None
     n = len(batch.images)
@@ -140,9 +141,28 @@ def replica_faults(run: ScaleOut, batch: Batch, associations: int = 4, settle_ti
         log(line)
 
     box: dict[str, SendResult] = {}
-    sender = threading.Thread(target=lambda: box.setdefault("sent", system.send(batch.paths, associations)))
+
+    def pacs() -> None:
+        """Send everything, then keep re-sending what was not acknowledged (a PACS's retry queue),
+        so images keep arriving through every fault below."""
+        total = system.send(batch.paths, associations)
+        note(f"first pass: {len(total.acked)} acknowledged, {len(total.refused)} refused or not sent")
+        for _round in range(resend_rounds):
+            retry = [path for path, _status in total.refused]
+            if not retry:
+                break
+            time.sleep(2.0)
+            again = system.send(retry, associations=min(associations, len(retry)))
+            total.refused = again.refused
+            total.acked += again.acked
+            note(f"re-sent {len(retry)}: {len(again.acked)} acknowledged")
+        box["sent"] = total
+
+    sender = threading.Thread(target=pacs)
     sender.start()
-    _wait_stored(system, sender, int(n * 0.2))
+    # faults while C-STOREs arrive: kill -9 first (the killed SCP's associations end; the PACS
+    # re-sends their images), then one broker node down for 10 s, then a PostgreSQL restart
+    _wait_stored(system, sender, int(n * 0.15))
     victims = [names[-1] for svc in SERVICES if len(names := system.replicas_of(svc)) > 1]
     for name in victims:
         system.kill9(name)
@@ -150,29 +170,21 @@ def replica_faults(run: ScaleOut, batch: Batch, associations: int = 4, settle_ti
     for name in victims:
         system.restart(name)
     note("restarted them")
-    _wait_stored(system, sender, int(n * 0.45))
+    _wait_stored(system, sender, int(n * 0.35))
     node = len(run.cluster.nodes) - 1
     run.cluster.stop_node(node)
     note(f"RabbitMQ node {run.cluster.nodes[node].nodename} stopped")
     time.sleep(10)
     run.cluster.start_node(node)
     note("RabbitMQ node started again")
-    _wait_stored(system, sender, int(n * 0.7))
+    _wait_stored(system, sender, int(n * 0.55))
     run.postgres.stop_server("fast")
     note("PostgreSQL stopped")
     time.sleep(5)
     run.postgres.start_server()
     note("PostgreSQL started again")
-    sender.join(timeout=1800)
+    sender.join(timeout=3600)
     total = box["sent"]
-    note(f"first pass: {len(total.acked)} acknowledged, {len(total.refused)} refused or not sent")
-    for _ in range(3):
-        retry = [path for path, _status in total.refused]
-        if not retry:
-            break
-        again = system.send(retry, associations=1)
-        total.refused = again.refused
-        total.acked += again.acked
-    note(f"after re-sending: {len(total.acked)} acknowledged, {len(total.refused)} never acknowledged")
+    note(f"sender done: {len(total.acked)} acknowledged, {len(total.refused)} never acknowledged")
     rec = wait_reconciled(system, batch.acked_uids(total), timeout=settle_timeout)
     return rec, total, events
