@@ -16,6 +16,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from services.system.postgres import PostgresServer
@@ -52,10 +53,11 @@ class ScaleOut:
 
     def start(self) -> ScaleOut:
         try:
-            if self._own_postgres:
-                self.postgres.start()
-            if self._own_cluster:
-                self.cluster.start()
+            with ThreadPoolExecutor(2) as pool:  # both take seconds of mostly waiting: at once
+                started = [pool.submit(self.postgres.start)] if self._own_postgres else []
+                started += [pool.submit(self.cluster.start)] if self._own_cluster else []
+                for f in started:
+                    f.result()
             self.system = SystemHarness(
                 self.cluster,
                 self.base_dir / "system",
@@ -136,7 +138,11 @@ def replica_faults(run: ScaleOut, batch: Batch, associations: int = 4, settle_ti
     def note(msg: str) -> None:
         from tests.support.system_faults import ingest_count
 
-        line = f"{msg} (ingest holds {ingest_count(system)}/{n})"
+        try:
+            queued = sum(v for q, v in system.queue_depths().items() if q in CONSUMED_QUEUES)
+        except Exception:  # the node answering rabbitmqctl may be the one that is down
+            queued = -1
+        line = f"{msg} (ingest holds {ingest_count(system)}/{n}; {queued} messages waiting for consumers)"
         events.append(line)
         log(line)
 
