@@ -172,6 +172,8 @@ def measure(system: SystemHarness, batch: Batch, associations: int, meter: CpuMe
         "db_bytes_per_image": round((db_bytes(system, db) - size_before) / max(1, len(sent.acked))),
         "cpu_s": cpu,
         "cores_used": round(sum(cpu.values()) / span, 2),
+        # machine-independent-ish: what one image costs in CPU, summed over every part
+        "cpu_s_per_image": round(sum(cpu.values()) / max(1, len(sent.acked)), 4),
     }
 
 
@@ -248,7 +250,7 @@ def run(n: int, associations: int, replicas: list[int], workdir: Path, timeout: 
 def report(results: dict) -> None:
     meta = results["_meta"]
     table = Table(title=f"scaling: {meta['images']} images, {meta['associations']} associations")
-    for col in ("set-up", "images/s", "p50 s", "p95 s", "cores used", "CPU s by part"):
+    for col in ("set-up", "images/s", "p50 s", "p95 s", "cores used", "CPU s/image", "DB bytes/image", "CPU s by part"):
         table.add_column(col)
     for name, r in results.items():
         if name.startswith("_"):
@@ -256,7 +258,8 @@ def report(results: dict) -> None:
         lat = r["accept_to_first_flag_s"]
         parts = ", ".join(f"{k} {v:.0f}" for k, v in sorted(r["cpu_s"].items(), key=lambda kv: -kv[1]))
         table.add_row(name, f"{r['images_per_s']:.2f}", f"{lat['p50']:.2f}", f"{lat['p95']:.2f}",
-                      f"{r['cores_used']:.2f}", parts)  # fmt: skip
+                      f"{r['cores_used']:.2f}", f"{r['cpu_s_per_image']:.3f}", str(r["db_bytes_per_image"]),
+                      parts)  # fmt: skip
     console.print(table)
 
 
