@@ -173,8 +173,8 @@ def replica_faults(run: ScaleOut, batch: Batch, associations: int = 4, settle_ti
     for name in victims:
         system.kill9(name)
     note(f"kill -9 {', '.join(victims)}")
-    for name in victims:
-        system.restart(name)
+    with ThreadPoolExecutor(len(victims) or 1) as pool:  # each restart waits for /healthz: at once
+        list(pool.map(system.restart, victims))
     note("restarted them")
     _wait_stored(system, sender, int(n * 0.35))
     node = len(run.cluster.nodes) - 1
