@@ -38,7 +38,7 @@ class StackConfig:
     replicas: dict[str, int] = field(default_factory=dict)
     replica_http_ports: dict[str, list[int]] = field(default_factory=dict)
     replica_dicom_ports: list[int] = field(default_factory=list)
-    # Broker nodes of a cluster: replica k of the i-th service connects to amqp_urls[(i + k) % n]
+    # Broker nodes of a cluster: replica k (1..) of the i-th service uses amqp_urls[(i + k - 1) % n]
     # (spread over the nodes; a client reconnects to its node when that node comes back).
     amqp_urls: list[str] = field(default_factory=list)
 

@@ -3,6 +3,7 @@ process) must keep them correct:
 
 - migrations: replicas that start together on an empty database migrate it once (an advisory
   lock per service), none of them fails;
+- outbox relays: replicas draining one outbox publish each event once;
 - the aggregator: replicas that see the same new study at once create it once and apply its
   events one at a time (INSERT ... ON CONFLICT DO NOTHING + SELECT ... FOR UPDATE), with no
   conflict to retry, and the audit trail's revisions stay 1..n.
@@ -25,7 +26,13 @@ from services.aggregator.app import Aggregator
 from services.aggregator.config import AggregatorSettings
 from services.aggregator.models import Base as AggregatorBase
 from services.aggregator.models import Image, PredictionRow, Study, TriageHistory
-from services.core.db import make_engine
+from services.core.broker import Broker
+from services.core.contracts import ImageReceived, ImageRef
+from services.core.db import make_engine, make_sessionmaker, upgrade
+from services.core.db.outbox import OutboxRelay, add_event
+from services.ingest.models import Base as IngestBase
+from services.ingest.models import Outbox as IngestOutbox
+from services.system.rabbitmq import RabbitNode
 from tests.support.aggregator_service import judgment, message_id, prediction, received, write_test_policy
 from tests.support.postgres import PostgresServer, postgres  # noqa: F401
 
@@ -137,3 +144,52 @@ async def test_aggregator_replicas_create_and_update_one_study_without_conflicts
     finally:
         for agg in replicas:
             await agg.engine.dispose()
+
+
+async def test_outbox_relays_of_three_replicas_publish_each_event_once(
+    postgres: PostgresServer,  # noqa: F811
+    rabbit: RabbitNode,
+) -> None:
+    """Three relays (three replicas' engines and broker connections) drain one outbox at once:
+    `FOR UPDATE SKIP LOCKED` gives each pending row to one of them, so every event reaches the
+    queue exactly once and the work is shared."""
+    url = await fresh_database(postgres)
+    vhost = f"pt-relays-{uuid.uuid4().hex[:8]}"
+    rabbit.ctl("add_vhost", vhost)
+    rabbit.ctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
+    amqp = f"amqp://guest:guest@127.0.0.1:{rabbit.port}/{vhost}"
+    engines = [make_engine(url) for _ in range(3)]
+    brokers: list[Broker] = []
+    n = 150
+    try:
+        await upgrade(engines[0], "ingest", IngestBase.metadata)
+        sessions = [make_sessionmaker(e) for e in engines]
+        async with sessions[0]() as s:
+            for i in range(n):
+                event = ImageReceived(image=ImageRef(sop_instance_uid=f"9.{i}", sha256="ab" * 32))
+                add_event(s, IngestOutbox, event, message_id=f"relay-test:{i}", correlation_id=f"9.{i}")
+            await s.commit()
+        brokers = [await Broker(amqp).connect() for _ in range(3)]
+        relays = [OutboxRelay("ingest", sessions[i], IngestOutbox, brokers[i], batch_size=10) for i in range(3)]
+        published = [0, 0, 0]
+
+        async def drain(i: int) -> None:
+            while await relays[i].backlog():
+                published[i] += await relays[i].run_once()
+                await asyncio.sleep(0)
+
+        await asyncio.gather(*(drain(i) for i in range(3)))
+        assert sum(published) == n and sum(1 for p in published if p) >= 2, published
+        channel = await brokers[0].connection.channel()  # type: ignore[union-attr]
+        queue = await channel.get_queue("inference.images")
+        uids: list[str] = []
+        while (msg := await queue.get(fail=False, timeout=10)) is not None:
+            uids.append(ImageReceived.FromString(msg.body).image.sop_instance_uid)
+            await msg.ack()
+        assert sorted(uids) == sorted(f"9.{i}" for i in range(n)), "each event published exactly once"
+    finally:
+        for b in brokers:
+            await b.close()
+        for e in engines:
+            await e.dispose()
+        rabbit.ctl("delete_vhost", vhost, check=False)
