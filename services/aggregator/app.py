@@ -117,8 +117,15 @@ class Aggregator:
             return 0
         sent = 0
         async with self.sessions() as session:
+            # SKIP LOCKED (PostgreSQL): a delivery another replica is sending right now is left to
+            # it, so two replicas never send the same SR twice.
             pending = (
-                await session.scalars(select(SrDelivery).where(SrDelivery.status == "pending").order_by(SrDelivery.id))
+                await session.scalars(
+                    select(SrDelivery)
+                    .where(SrDelivery.status == "pending")
+                    .order_by(SrDelivery.id)
+                    .with_for_update(skip_locked=True)
+                )
             ).all()
             latest: dict[str, SrDelivery] = {}
             for delivery in pending:  # several flag changes queued for one study: one SR, the current result

@@ -85,6 +85,15 @@ FLAG_ENUM = {
 LABEL_OF_FLAG = {URGENT: "pneumonia", SUSPECTED: "pneumonia", HEALTHY: "healthy"}
 
 
+def _insert_for(s: AsyncSession) -> Any:
+    """The dialect's INSERT (PostgreSQL or SQLite), which has ON CONFLICT DO NOTHING."""
+    if s.get_bind().dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert
+    return insert
+
+
 def as_utc(value: datetime | None) -> datetime | None:
     """SQLite hands back naive datetimes: they are UTC."""
     if value is None:
@@ -124,13 +133,20 @@ class TriageStore:
 
     # ---- rows ------------------------------------------------------------------------------------
     async def _study(self, s: AsyncSession, study_uid: str, arrived: datetime | None = None) -> Study:
-        # Row lock (PostgreSQL): replicas apply one study's events one at a time. Two replicas
-        # creating the same new study collide on the primary key; the loser's event is retried.
+        # The DB, not a process, serialises a study's events: SELECT ... FOR UPDATE on the study row
+        # (PostgreSQL) makes every other replica's transaction on this study wait for our commit.
+        # A new study is created with INSERT ... ON CONFLICT DO NOTHING, then locked: when two
+        # replicas see the same new study at once, the second INSERT waits for the first's commit
+        # and becomes a no-op, so neither fails on the primary key (no retry, no wasted work).
         study = await s.get(Study, study_uid, with_for_update=True)
         if study is None:
-            study = Study(study_uid=study_uid, flag=PENDING, urgency=URGENCY[PENDING], arrived_at=arrived or utcnow())
-            s.add(study)
-            await s.flush()
+            await s.execute(
+                _insert_for(s)(Study)
+                .values(study_uid=study_uid, flag=PENDING, urgency=URGENCY[PENDING], arrived_at=arrived or utcnow())
+                .on_conflict_do_nothing(index_elements=[Study.study_uid])
+            )
+            study = await s.get(Study, study_uid, with_for_update=True)
+            assert study is not None
         elif arrived is not None and as_utc(study.arrived_at) > arrived:  # type: ignore[operator]
             study.arrived_at = arrived
         return study

@@ -33,13 +33,20 @@ OPEN_TASKS = Gauge("pt_labeling_open_tasks", "Work images still needing judgment
 
 
 async def record_job(sessions: Any, job: JobDefinition) -> None:
-    async with sessions() as s:
-        row = await s.get(Job, job.key)
-        if row is None:
-            s.add(Job(key=job.key, digest=job.digest(), definition=job.model_dump_json()))
-        elif row.digest != job.digest():
-            raise RuntimeError(f"job {job.key} changed without a new version: bump `version` in the YAML")
-        await s.commit()
+    from sqlalchemy.exc import IntegrityError
+
+    for _attempt in range(2):
+        async with sessions() as s:
+            row = await s.get(Job, job.key)
+            if row is None:
+                s.add(Job(key=job.key, digest=job.digest(), definition=job.model_dump_json()))
+            elif row.digest != job.digest():
+                raise RuntimeError(f"job {job.key} changed without a new version: bump `version` in the YAML")
+            try:
+                await s.commit()
+                return
+            except IntegrityError:  # a replica starting at the same moment recorded it: check it
+                await s.rollback()
 
 
 class LabelingService:

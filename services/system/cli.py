@@ -49,6 +49,15 @@ def _http_ports_from_env() -> dict[str, int]:
 def up(
     logs: bool = typer.Option(False, "--logs", help="Echo every service's log lines here (always in <data_dir>/logs)."),
     management: bool = typer.Option(True, help="Enable RabbitMQ's management UI on the local node."),
+    replicas: int = typer.Option(
+        1, min=1, max=8, help="Processes per service (needs PostgreSQL: --cluster or PT_DATABASE_URL)."
+    ),
+    cluster: bool = typer.Option(
+        False,
+        "--cluster",
+        help="Rehearse the production topology: a throwaway 3-node RabbitMQ cluster (quorum queues) and "
+        "PostgreSQL server on this machine, instead of one node and SQLite.",
+    ),
 ) -> None:
     """Run RabbitMQ (unless PT_AMQP_URL is set) and the four services; Ctrl-C stops everything."""
     from honcho.colour import get_colours
@@ -72,10 +81,18 @@ def up(
             )
             raise typer.Exit(2)
 
+    if replicas > 1 and not (cluster or settings.database_url):
+        console.print("[red]--replicas > 1 needs PostgreSQL[/red]: add --cluster, or set PT_DATABASE_URL")
+        raise typer.Exit(2)
     node: RabbitNode | None = None
     amqp_url = settings.amqp_url
     mgmt_url = ""
     stop = threading.Event()
+    scale_out = _ScaleOut(replicas, http_ports, dicom_port)
+    for what, port in scale_out.extra_ports():
+        if not _port_free(port, settings.http_host):
+            console.print(f"[red]port {port} ({what}) is in use[/red]")
+            raise typer.Exit(2)
 
     def on_signal(signum: int, _frame: object) -> None:
         if not stop.is_set():
@@ -85,7 +102,15 @@ def up(
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
 
-    if not settings.amqp_url_given():
+    if cluster:
+        try:
+            scale_out.start_backends(settings, stop)
+        except Exception as exc:
+            console.print(f"[red]cluster start-up failed:[/red] {exc}")
+            scale_out.stop_backends()
+            raise typer.Exit(1) from exc
+        amqp_url = scale_out.amqp_url or amqp_url
+    elif not settings.amqp_url_given():
         amqp_port = settings.system_amqp_port if _port_free(settings.system_amqp_port) else free_port()
         mgmt_port = None
         if management and settings.system_management_port:
@@ -115,10 +140,12 @@ def up(
         http_ports=http_ports,
         dicom_port=dicom_port,
         ae_title=os.environ.get(AE_TITLE_ENV, DEFAULT_AE_TITLE),
+        **scale_out.stack_fields(),
     )
+    names = [spec.name for spec in config.specs()]
     printer = Printer(console.file)
-    printer.width = max(len(s) for s in config.services) + 1
-    colours = dict(zip(config.services, get_colours(), strict=False))
+    printer.width = max(len(n) for n in names) + 1
+    colours = dict(zip(names, get_colours(), strict=False))
 
     def sink(name: str, line: str) -> None:
         import datetime
@@ -162,8 +189,72 @@ def up(
         if node is not None:
             with console.status("stopping RabbitMQ ..."):
                 node.stop()
+        if cluster:
+            with console.status("stopping the RabbitMQ cluster and PostgreSQL ..."):
+                scale_out.stop_backends()
         console.print("stopped." if code == 0 else "stopped after a failure.")
     raise typer.Exit(code)
+
+
+class _ScaleOut:
+    """What `up --replicas N --cluster` adds: replica ports (replica k of a service listens on its
+    HTTP port + 100·(k-1); ingest replica k on the DICOM port + (k-1), same AE title), and the
+    throwaway 3-node RabbitMQ cluster + PostgreSQL server (data in temp dirs, removed on exit)."""
+
+    def __init__(self, replicas: int, http_ports: dict[str, int], dicom_port: int) -> None:
+        self.replicas = replicas
+        self.http_ports = http_ports
+        self.dicom_port = dicom_port
+        self.cluster: object | None = None
+        self.postgres: object | None = None
+        self.amqp_url = ""
+        self.amqp_urls: list[str] = []
+        self.env: dict[str, str] = {}
+
+    def replica_http_ports(self) -> dict[str, list[int]]:
+        return {svc: [port + 100 * k for k in range(1, self.replicas)] for svc, port in self.http_ports.items()}
+
+    def replica_dicom_ports(self) -> list[int]:
+        return [self.dicom_port + k for k in range(1, self.replicas)]
+
+    def extra_ports(self) -> list[tuple[str, int]]:
+        out = [(f"{svc}-{k + 2}", p) for svc, ports in self.replica_http_ports().items() for k, p in enumerate(ports)]
+        return out + [(f"ingest-{k + 2} DICOM", p) for k, p in enumerate(self.replica_dicom_ports())]
+
+    def start_backends(self, settings: object, stop: threading.Event) -> None:
+        from services.system.postgres import PostgresServer
+        from services.system.rabbit_cluster import RabbitCluster
+
+        if not getattr(settings, "database_url", None):
+            with console.status("starting PostgreSQL (initdb + pg_ctl) ..."):
+                self.postgres = PostgresServer().start()
+            self.env["PT_DATABASE_URL"] = self.postgres.url  # type: ignore[attr-defined]
+            console.print(f"[green]PostgreSQL ready[/green] at {self.postgres.dsn}")  # type: ignore[attr-defined]
+        if not settings.amqp_url_given():  # type: ignore[attr-defined]
+            with console.status("starting a 3-node RabbitMQ cluster ..."):
+                self.cluster = RabbitCluster(3).start()
+            self.amqp_urls = list(self.cluster.urls)  # type: ignore[attr-defined]
+            self.amqp_url = self.amqp_urls[0]
+            console.print(f"[green]RabbitMQ cluster ready[/green]: {', '.join(self.amqp_urls)}")
+        self.env["PT_QUORUM_QUEUES"] = "true"
+
+    def stack_fields(self) -> dict[str, object]:
+        replicas = dict.fromkeys(self.http_ports, self.replicas)
+        return {
+            "replicas": replicas,
+            "replica_http_ports": self.replica_http_ports(),
+            "replica_dicom_ports": self.replica_dicom_ports(),
+            "amqp_urls": self.amqp_urls,
+            "env": dict(self.env),
+        }
+
+    def stop_backends(self) -> None:
+        if self.cluster is not None:
+            self.cluster.stop()  # type: ignore[attr-defined]
+            self.cluster = None
+        if self.postgres is not None:
+            self.postgres.stop()  # type: ignore[attr-defined]
+            self.postgres = None
 
 
 def _rabbit_dir(wanted: Path, tag: str) -> Path:
@@ -217,12 +308,18 @@ def _banner(config: object, mgmt_url: str, data_dir: Path) -> Panel:
     lines = [
         "[bold green]PneumoTriage is up[/bold green] — a diagnostic aid, not a diagnosis.",
         "",
-        f"  DICOM (C-STORE / C-ECHO)  AE [bold]{config.ae_title}[/bold] at {config.host}:{config.dicom_port}",
+        f"  DICOM (C-STORE / C-ECHO)  AE [bold]{config.ae_title}[/bold] at {config.host}:"
+        + ", ".join(str(p) for p in config.dicom_ports),
         f"  clinician worklist        {config.url('aggregator', '/')}",
         f"  labeling (annotators)     {config.url('labeling', '/')}",
         f"  ingest / inference ops    {config.url('ingest', '/healthz')}  {config.url('inference', '/healthz')}",
         "  metrics                   every service's /metrics",
     ]
+    extra = [name for svc in config.services for name in config.replica_names(svc)[1:]]
+    if extra:
+        lines.append(f"  replicas                  {', '.join(f'{n} {config.replica_url(n)}' for n in extra)}")
+    if config.amqp_urls:
+        lines.append(f"  RabbitMQ cluster          {', '.join(config.amqp_urls)} (quorum queues)")
     if mgmt_url:
         lines.append(f"  RabbitMQ management       {mgmt_url}")
     cli = _cli_name()

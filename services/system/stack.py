@@ -31,6 +31,31 @@ class StackConfig:
     env: dict[str, str] = field(default_factory=dict)
     service_env: dict[str, dict[str, str]] = field(default_factory=dict)
     services: tuple[str, ...] = SERVICES
+    # Replicas per service (default 1). Replica 1 keeps the service's name and ports; replica k > 1
+    # is named "<service>-k" and takes its HTTP port from replica_http_ports[service][k - 2] (and,
+    # for ingest, its DICOM port from replica_dicom_ports[k - 2]: several ingest processes listen
+    # on several ports under one AE title; a load balancer or the sender spreads associations).
+    replicas: dict[str, int] = field(default_factory=dict)
+    replica_http_ports: dict[str, list[int]] = field(default_factory=dict)
+    replica_dicom_ports: list[int] = field(default_factory=list)
+    # Broker nodes of a cluster: replica k (1..) of the i-th service uses amqp_urls[(i + k - 1) % n]
+    # (spread over the nodes; a client reconnects to its node when that node comes back).
+    amqp_urls: list[str] = field(default_factory=list)
+
+    def replica_names(self, service: str) -> list[str]:
+        return [service] + [f"{service}-{k}" for k in range(2, self.replicas.get(service, 1) + 1)]
+
+    @property
+    def dicom_ports(self) -> list[int]:
+        """Every ingest replica's DICOM port (the first is `dicom_port`)."""
+        n = self.replicas.get("ingest", 1) if "ingest" in self.services else 1
+        return [self.dicom_port, *self.replica_dicom_ports[: n - 1]]
+
+    def replica_url(self, name: str, path: str = "") -> str:
+        """URL of a replica by its name ("aggregator", "aggregator-2", ...)."""
+        service, _, k = name.partition("-")
+        port = self.http_ports[service] if not k else self.replica_http_ports[service][int(k) - 2]
+        return f"http://{self.host}:{port}{path}"
 
     def url(self, service: str, path: str = "") -> str:
         return f"http://{self.host}:{self.http_ports[service]}{path}"
@@ -51,12 +76,19 @@ class StackConfig:
 
     def specs(self) -> list[ServiceSpec]:
         common = self.common_env()
-        return [
-            ServiceSpec(
-                name=svc,
-                argv=service_argv(svc),
-                env={**common, **self.service_env.get(svc, {})},
-                health_url=self.url(svc, "/healthz"),
-            )
-            for svc in self.services
-        ]
+        out: list[ServiceSpec] = []
+        for i, svc in enumerate(self.services):
+            for k, name in enumerate(self.replica_names(svc), start=1):
+                env = {**common, **self.service_env.get(svc, {})}
+                if k > 1:
+                    env[HTTP_PORT_ENV[svc]] = str(self.replica_http_ports[svc][k - 2])
+                    if svc == "ingest":
+                        env[DICOM_PORT_ENV] = str(self.replica_dicom_ports[k - 2])
+                if self.amqp_urls:
+                    env["PT_AMQP_URL"] = self.amqp_urls[(i + k - 1) % len(self.amqp_urls)]
+                out.append(
+                    ServiceSpec(
+                        name=name, argv=service_argv(svc), env=env, health_url=self.replica_url(name, "/healthz")
+                    )
+                )
+        return out

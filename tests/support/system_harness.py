@@ -29,6 +29,7 @@ import httpx
 import pydicom
 
 from services.system.processes import SERVICES, ChildProcess
+from services.system.rabbit_cluster import RabbitCluster
 from services.system.rabbitmq import RabbitNode, free_port
 from services.system.stack import StackConfig
 
@@ -87,16 +88,21 @@ def chunk_by_study(files: list[Path], associations: int) -> list[list[Path]]:
 class SystemHarness:
     def __init__(
         self,
-        rabbit: RabbitNode,
+        rabbit: RabbitNode | RabbitCluster,
         base_dir: Path,
         services: tuple[str, ...] = SERVICES,
         env: dict[str, str] | None = None,
         service_env: dict[str, dict[str, str]] | None = None,
+        replicas: dict[str, int] | None = None,
     ) -> None:
+        """`rabbit` is one node or a RabbitCluster (replicas then spread over its nodes);
+        `replicas` runs several processes of a service (names "<service>-2", ...)."""
         self.rabbit = rabbit
         self.base_dir = Path(base_dir)
         self.vhost = f"pt-sys-{uuid.uuid4().hex[:8]}"
         self.amqp_url = f"amqp://guest:guest@127.0.0.1:{rabbit.port}/{self.vhost}"
+        replicas = {svc: n for svc, n in (replicas or {}).items() if n > 1}
+        cluster_ports = rabbit.ports if isinstance(rabbit, RabbitCluster) else []
         self.config = StackConfig(
             data_dir=self.base_dir / "var",
             amqp_url=self.amqp_url,
@@ -105,6 +111,10 @@ class SystemHarness:
             env={"PT_LOG_JSON": "true", "PT_LOG_LEVEL": "INFO", "PT_SECRET_KEY": "system-test-secret", **(env or {})},
             service_env=service_env or {},
             services=services,
+            replicas=replicas,
+            replica_http_ports={svc: [free_port() for _ in range(n - 1)] for svc, n in replicas.items()},
+            replica_dicom_ports=[free_port() for _ in range(replicas.get("ingest", 1) - 1)],
+            amqp_urls=[f"amqp://guest:guest@127.0.0.1:{p}/{self.vhost}" for p in cluster_ports],
         )
         self.children: dict[str, ChildProcess] = {
             spec.name: ChildProcess(spec, self.base_dir / "logs" / f"{spec.name}.log") for spec in self.config.specs()
@@ -158,6 +168,15 @@ class SystemHarness:
         return self.config.dicom_port
 
     @property
+    def dicom_ports(self) -> list[int]:
+        """Every ingest replica's DICOM port."""
+        return self.config.dicom_ports
+
+    def replicas_of(self, service: str) -> list[str]:
+        """Names of the service's processes ("inference", "inference-2", ...)."""
+        return self.config.replica_names(service)
+
+    @property
     def data_dir(self) -> Path:
         return self.config.data_dir
 
@@ -185,19 +204,21 @@ class SystemHarness:
         """C-STORE files with dcmtk's storescu over `associations` concurrent associations.
 
         Like a modality or PACS, a study's images travel on one association (studies are dealt
-        round-robin to the associations).
+        round-robin to the associations). With several ingest replicas the associations are dealt
+        round-robin to their DICOM ports (one AE title), as a TCP load balancer would.
         """
         chunks = chunk_by_study([Path(f) for f in files], associations)
+        ports = self.dicom_ports
         started = time.monotonic()
         procs = [
             subprocess.Popen(
                 [STORESCU, "-v", "-xy", "-aet", "SYSTEST", "-aec", self.config.ae_title, "-to", "60", "-ta", "60",
-                 "-td", "120", "127.0.0.1", str(self.dicom_port), *map(str, chunk)],
+                 "-td", "120", "127.0.0.1", str(ports[i % len(ports)]), *map(str, chunk)],
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
                 text=True,
             )
-            for chunk in chunks
+            for i, chunk in enumerate(chunks)
         ]  # fmt: skip
         result = SendResult()
         deadline = time.monotonic() + timeout
@@ -219,6 +240,10 @@ class SystemHarness:
 
     def metrics_text(self, service: str) -> str:
         return httpx.get(self.url(service, "/metrics"), timeout=30).text
+
+    def metrics_text_of(self, name: str) -> str:
+        """/metrics of one process by its replica name ("inference-2")."""
+        return httpx.get(self.config.replica_url(name, "/metrics"), timeout=30).text
 
     def queue_depths(self) -> dict[str, int]:
         return self.rabbit.queue_depths(self.vhost)

@@ -62,6 +62,7 @@ def test_service_container_matches_the_code(service: str) -> None:
     assert env["PT_DATA_DIR"] == "/var/lib/pneumotriage"
     assert env["PT_DATABASE_URL"].startswith("postgresql+asyncpg://") and "@postgres:5432/" in env["PT_DATABASE_URL"]
     assert "@rabbitmq:5672/" in env["PT_AMQP_URL"]
+    assert env["PT_QUORUM_QUEUES"] == "true", "the settings `up --cluster` and the replica tests prove"
     port = HTTP_PORT[service]
     assert env[_PORT_ENV[service]] == str(port)
     assert f"http://127.0.0.1:{port}/healthz" in svc["healthcheck"]["test"]

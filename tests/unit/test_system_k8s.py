@@ -100,6 +100,23 @@ def test_keda_scales_each_consumer_on_its_queue() -> None:
                 assert secrets[ref["name"]]["stringData"][ref["key"]].startswith("amqp://")
 
 
+def test_every_service_has_a_disruption_budget_and_a_readiness_probe_on_its_dependencies() -> None:
+    """What the replica fault run proved (one replica of each service may die; a restarted one
+    takes work only when /healthz says broker and database answer) holds in the cluster too:
+    a drain never takes the last replica, and traffic/work waits for readiness."""
+    budgets = by_kind("PodDisruptionBudget")
+    deployments = by_kind("Deployment")
+    for service in ("ingest", "inference", "labeling", "aggregator"):
+        selectors = [b["spec"]["selector"]["matchLabels"] for b in budgets.values()]
+        labels = deployments[service]["spec"]["template"]["metadata"]["labels"]
+        assert any(sel.items() <= labels.items() for sel in selectors), f"{service}: no PodDisruptionBudget"
+        budget = next(b for b in budgets.values() if b["spec"]["selector"]["matchLabels"].items() <= labels.items())
+        assert budget["spec"].get("minAvailable") == 1 or budget["spec"].get("maxUnavailable") == 1
+        container = deployments[service]["spec"]["template"]["spec"]["containers"][0]
+        assert container["readinessProbe"]["httpGet"]["path"] == "/healthz"  # 503 unless broker + DB answer
+    assert "postgresql+asyncpg://" in by_kind("Secret")["pneumotriage-secrets"]["stringData"]["PT_DATABASE_URL"]
+
+
 def _containers(deploy: dict[str, Any]) -> list[dict[str, Any]]:
     pod = deploy["spec"]["template"]["spec"]
     return [*pod.get("initContainers", []), *pod["containers"]]

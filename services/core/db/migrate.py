@@ -7,11 +7,12 @@ services/<service>/migrations/ and records them in its own version table
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import MetaData
+from sqlalchemy import MetaData, text
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -40,7 +41,18 @@ async def upgrade(
         command.upgrade(cfg, revision)
 
     async with engine.begin() as conn:
+        if conn.dialect.name == "postgresql":
+            # Replicas starting together: one runs the migrations, the others wait here for its
+            # commit and then find nothing to do. A transaction-scoped advisory lock per service
+            # (released at commit/rollback, also when the process dies).
+            await conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": migration_lock_key(service)})
         await conn.run_sync(_run)
+
+
+def migration_lock_key(service: str) -> int:
+    """A stable signed 64-bit key for pg_advisory_xact_lock, one per service's history."""
+    digest = hashlib.blake2b(f"pneumotriage-migrations:{service}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big", signed=True)
 
 
 async def make_revision(
