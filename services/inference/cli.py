@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from services.inference.config import DEFAULT_MODEL_REPOSITORY
+from services.inference.gate_cli import register as register_gate_commands
 
 console = Console()
 app = typer.Typer(no_args_is_help=True)
@@ -148,4 +149,5 @@ except ModuleNotFoundError as exc:  # pragma: no cover - before model_cli.py exi
     model_group = typer.Typer(name="model", help="Model lifecycle.", no_args_is_help=True)
 
 model_group.command("deploy")(deploy_command)
+register_gate_commands(model_group)  # gate-fit, gate-evaluate, drift-reference (issue 10)
 app.add_typer(model_group, name="model")
