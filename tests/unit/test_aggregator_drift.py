@@ -113,3 +113,33 @@ async def test_no_reference_never_fires(offline_aggregator: Aggregator, tmp_path
         await apply_events(agg, prediction(f"1.2.826.0.1.79.{i}", 0.99, "1", study=f"1.2.826.0.1.80.{i}"))
     status = await agg.drift.check()
     assert status.status == "no reference" and not status.alarm
+
+
+@pytest.mark.parametrize("offline_aggregator", [{}], indirect=True)
+async def test_worklist_banner_and_api_follow_the_alarm(offline_aggregator: Aggregator, reference_dir: Path) -> None:
+    import contextlib
+
+    from tests.integration.test_aggregator_outputs import signed_in_client
+
+    agg = offline_aggregator
+    agg.drift.config = DriftConfig(reference_dir, window=150, min_n=100)
+    rng = np.random.default_rng(9)
+    for i, z in enumerate(stream(rng, 150)):
+        await apply_events(
+            agg, prediction(f"1.2.826.0.1.81.{i}", float(sigmoid(z)), "1", study=f"1.2.826.0.1.83.{i}", logit=float(z))
+        )
+    await agg.drift.check()
+    async with contextlib.aclosing(await signed_in_client(agg)) as client:
+        page = await client.get("/worklist")
+        assert page.status_code == 200 and "Model drift" not in page.text
+        assert (await client.get("/api/v1/drift")).json()["alarm"] is False
+        for i, z in enumerate(stream(rng, 150, shift=3.0)):
+            await apply_events(
+                agg,
+                prediction(f"1.2.826.0.1.82.{i}", float(sigmoid(z)), "1", study=f"1.2.826.0.1.84.{i}", logit=float(z)),
+            )
+        await agg.drift.check()
+        page = await client.get("/worklist")
+        assert 'id="drift-banner"' in page.text and "PSI" in page.text
+        body = (await client.get("/api/v1/drift")).json()
+        assert body["alarm"] is True and body["psi"] >= 0.25 and body["model_version"] == "1"
