@@ -71,7 +71,12 @@ def predict_cmd(
     async def go() -> list[tuple[Path, object]]:
         runtime = make_runtime(settings)
         await runtime.start()
-        pipeline = Pipeline(runtime, max_batch=settings.max_batch, decode_workers=settings.decode_workers)
+        pipeline = Pipeline(
+            runtime,
+            max_batch=settings.max_batch,
+            decode_workers=settings.decode_workers,
+            gate_file=settings.resolved_gate_file(),
+        )
         pipeline.start()
         results: list[tuple[Path, object]] = []
         try:
@@ -95,10 +100,10 @@ def predict_cmd(
             await runtime.close()
         return results
 
-    table = Table("file", "P(pneumonia)", "logit", "model", "runtime", "ms")
+    table = Table("file", "P(pneumonia)", "logit", "model", "runtime", "ms", "input gate")
     for path, res in sorted(asyncio.run(go()), key=lambda r: str(r[0])):
         if isinstance(res, Exception):
-            table.add_row(path.name, f"[red]{res}[/red]", "", "", "", "")
+            table.add_row(path.name, f"[red]{res}[/red]", "", "", "", "", "")
         else:
             table.add_row(
                 path.name,
@@ -107,6 +112,7 @@ def predict_cmd(
                 f"{res.model_name} v{res.model_version}",
                 res.runtime,
                 f"{res.latency_ms:.1f}",
+                f"{res.gate_verdict}: {res.gate_reason}" if res.gate_reason else res.gate_verdict,
             )
     console.print(table)
 

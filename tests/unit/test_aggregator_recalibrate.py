@@ -6,6 +6,7 @@ aggregator applying the active version."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import numpy as np
@@ -158,3 +159,37 @@ async def test_versions_rollback_and_the_aggregator_applies_the_active_one(tmp_p
     assert Aggregator(settings).site is None
     with pytest.raises(ValueError):
         rc.activate(directory, 7)
+
+
+@pytest.mark.parametrize("offline_aggregator", [{}], indirect=True)
+async def test_cli_guard_write_list_and_rollback(
+    offline_aggregator: Aggregator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from click.testing import Result
+    from typer.testing import CliRunner
+
+    from services.cli import app
+
+    logits, y = shifted_site(40, seed=6)
+    await feed_site(offline_aggregator, logits, y, labeled=0, crowd=40)
+    monkeypatch.setenv("PT_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("PT_AGGREGATOR_POLICY_FILE", str(tmp_path / "policy.yaml"))
+    runner = CliRunner()
+
+    async def invoke(args: list[str]) -> Result:  # the command runs its own event loop: in a thread
+        return await asyncio.to_thread(runner.invoke, app, args)
+
+    guarded = await invoke(["triage", "recalibrate"])
+    assert guarded.exit_code == 2 and "at least 100" in guarded.output
+    assert not (tmp_path / "site-calibration").exists()
+    args = ["triage", "recalibrate", "--min-labels", "30", "--min-per-class", "5", "--bootstrap", "20"]
+    dry = await invoke([*args, "--dry-run"])
+    assert dry.exit_code == 0 and "Platt" in dry.output and not (tmp_path / "site-calibration").exists()
+    wrote = await invoke(args)
+    assert wrote.exit_code == 0, wrote.output
+    assert rc.active_version(tmp_path / "site-calibration") == 1
+    listed = await invoke(["triage", "recalibrate", "--list"])
+    assert "* v1" in listed.output and "active: v1" in listed.output
+    back = await invoke(["triage", "recalibrate", "--rollback"])
+    assert back.exit_code == 0 and "none (model calibration)" in back.output
+    assert rc.active_version(tmp_path / "site-calibration") is None
