@@ -50,6 +50,7 @@ NON_RADIOGRAPH_MODALITIES = frozenset(
 )
 
 LAYOUT = 16  # side of the equalised layout grid
+PREVIEW_SIDE = 256  # gate_image subsamples larger images to about this (shorter side) first
 N_FEATURES = LAYOUT * LAYOUT + 2 * LAYOUT + 16
 
 
@@ -263,8 +264,11 @@ def _is_colour(ds: Any) -> bool:
     return bool(spread > 0.03 * max(float(rgb.max()), 1.0))
 
 
-def assess(gray: np.ndarray, ds: Any = None, model: GateModel | None = None) -> GateVerdict:
-    """The gate's verdict for one decoded display image (and its header, when there is one)."""
+def assess(
+    gray: np.ndarray, ds: Any = None, model: GateModel | None = None, shape: tuple[int, int] | None = None
+) -> GateVerdict:
+    """The gate's verdict for one decoded display image (and its header, when there is one).
+    ``shape``: the full image's (rows, columns) when ``gray`` is a subsampled preview."""
     rules = model.rules if model is not None else GateRules()
     out = GateVerdict(OK, version=model.version if model is not None else "rules")
     modality = str(getattr(ds, "Modality", "") or "").upper() if ds is not None else ""
@@ -272,7 +276,7 @@ def assess(gray: np.ndarray, ds: Any = None, model: GateModel | None = None) -> 
         out.worse(REFUSE, f"modality {modality} is not a chest radiograph")
     if _is_colour(ds):
         out.worse(REFUSE, "colour image: not a chest radiograph")
-    rows, cols = int(gray.shape[0]), int(gray.shape[1])
+    rows, cols = (int(shape[0]), int(shape[1])) if shape else (int(gray.shape[0]), int(gray.shape[1]))
     size = f"{cols} × {rows} px"
     spacing = _spacing_mm(ds)
     if spacing is not None:
@@ -308,12 +312,20 @@ def assess(gray: np.ndarray, ds: Any = None, model: GateModel | None = None) -> 
     return out
 
 
+def assess_dataset(ds: Any, model: GateModel | None) -> GateVerdict:
+    """The verdict for a decoded DICOM data set, from a subsampled display preview (the features need
+    ~64 px; the full-size display image is the preprocessing's job)."""
+    from services.core.imaging import display_array
+
+    rows, cols = int(ds.Rows), int(ds.Columns)
+    step = max(1, min(rows, cols) // PREVIEW_SIDE)
+    return assess(display_array(ds, step=step), ds, model, shape=(rows, cols))
+
+
 def gate_image(ds: Any, gate_file: str) -> GateVerdict:
     """The verdict for a decoded DICOM data set (in a decode thread or process). A gate that fails
     must not stop triage: the image becomes borderline (UNCERTAIN) with the reason."""
-    from services.core.imaging import display_array
-
     try:
-        return assess(display_array(ds), ds, load_gate(gate_file))
+        return assess_dataset(ds, load_gate(gate_file))
     except Exception as exc:  # never lose a prediction to the gate itself
         return GateVerdict(BORDERLINE, f"input gate could not assess the image ({type(exc).__name__})", version="error")

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from services.inference.gate import GateModel, GateRules, assess, features
+from services.inference.gate import GateModel, GateRules, assess, assess_dataset, features
 
 
 def load_gray(path: Path) -> np.ndarray:
@@ -422,7 +422,7 @@ def evaluate_gate(model: GateModel, data: Path, limit: int = 0, seed: int = 0) -
     for transform in TRANSFORMS:
         tally(
             f"chest_dicom_{transform}",
-            [assess(arr, ds, model).verdict for ds, arr in held_out_dicom(dicom_subset, transform, rng)],
+            [assess_dataset(ds, model).verdict for ds, _ in held_out_dicom(dicom_subset, transform, rng)],
         )
     negatives = non_chest_corpus(seed + 1)
     tally("non_chest", [assess(arr, ds, model).verdict for _, ds, arr in negatives])

@@ -13,7 +13,16 @@ import pydicom
 import pytest
 
 from services.core.imaging import display_array
-from services.inference.gate import BORDERLINE, DEFAULT_GATE_FILE, OK, REFUSE, GateModel, assess, gate_image
+from services.inference.gate import (
+    BORDERLINE,
+    DEFAULT_GATE_FILE,
+    OK,
+    REFUSE,
+    GateModel,
+    assess,
+    assess_dataset,
+    gate_image,
+)
 from services.inference.gate_fit import (
     bundled_dicom_images,
     chest_dicom,
@@ -51,7 +60,7 @@ def test_other_bit_depths_photometric_and_aspect_are_not_refused(
 ) -> None:
     rng = np.random.default_rng(0)
     sample = held_out[::3][:80]
-    verdicts = [assess(arr, ds, gate).verdict for ds, arr in held_out_dicom(sample, transform, rng)]
+    verdicts = [assess_dataset(ds, gate).verdict for ds, _ in held_out_dicom(sample, transform, rng)]
     assert verdicts.count(REFUSE) / len(verdicts) <= 0.0125, (transform, verdicts.count(REFUSE))
 
 
