@@ -74,7 +74,7 @@ async def test_monitor_reads_the_database_and_exports_metrics(
     offline_aggregator: Aggregator, reference_dir: Path
 ) -> None:
     agg = offline_aggregator
-    agg.drift.config = DriftConfig(reference_dir, window=400, min_n=100)
+    agg.drift.config = DriftConfig(reference_dir, window=200, min_n=60)
     rng = np.random.default_rng(7)
 
     async def feed(logits: np.ndarray, start: int, **kw: str) -> None:
@@ -87,16 +87,16 @@ async def test_monitor_reads_the_database_and_exports_metrics(
 
     status = await agg.drift.check()
     assert status.status == "no data" and not status.alarm
-    await feed(stream(rng, 200), 0)
+    await feed(stream(rng, 100), 0)
     status = await agg.drift.check()
     assert status.status == "ok", status.message
     assert REGISTRY.get_sample_value("pt_aggregator_drift_alarm") == 0
     # gate-refused images do not count as scores (a burst of test patterns is not model drift) ...
-    await feed(np.full(150, 6.0), 1000, gate_verdict="refuse", gate_reason="does not look like a chest")
+    await feed(np.full(70, 6.0), 1000, gate_verdict="refuse", gate_reason="does not look like a chest")
     status = await agg.drift.check()
     assert status.status == "ok" and status.gate_refused_share is not None and status.gate_refused_share > 0.4
     # ... but a shifted stream of accepted images fires the alarm
-    await feed(stream(rng, 200, shift=3.0), 2000)
+    await feed(stream(rng, 100, shift=3.0), 2000)
     status = await agg.drift.check()
     assert status.alarm, status.message
     assert REGISTRY.get_sample_value("pt_aggregator_drift_alarm") == 1
@@ -122,9 +122,9 @@ async def test_worklist_banner_and_api_follow_the_alarm(offline_aggregator: Aggr
     from tests.integration.test_aggregator_outputs import signed_in_client
 
     agg = offline_aggregator
-    agg.drift.config = DriftConfig(reference_dir, window=150, min_n=100)
+    agg.drift.config = DriftConfig(reference_dir, window=80, min_n=60)
     rng = np.random.default_rng(9)
-    for i, z in enumerate(stream(rng, 150)):
+    for i, z in enumerate(stream(rng, 80)):
         await apply_events(
             agg, prediction(f"1.2.826.0.1.81.{i}", float(sigmoid(z)), "1", study=f"1.2.826.0.1.83.{i}", logit=float(z))
         )
@@ -133,7 +133,7 @@ async def test_worklist_banner_and_api_follow_the_alarm(offline_aggregator: Aggr
         page = await client.get("/worklist")
         assert page.status_code == 200 and "Model drift" not in page.text
         assert (await client.get("/api/v1/drift")).json()["alarm"] is False
-        for i, z in enumerate(stream(rng, 150, shift=3.0)):
+        for i, z in enumerate(stream(rng, 80, shift=3.0)):
             await apply_events(
                 agg,
                 prediction(f"1.2.826.0.1.82.{i}", float(sigmoid(z)), "1", study=f"1.2.826.0.1.84.{i}", logit=float(z)),
