@@ -30,6 +30,7 @@ use (``none`` = the model's own calibration). ``--rollback`` activates the previ
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -253,8 +254,11 @@ def fit_site_calibration(
     sources: dict[str, int] = {}
     for lab in mine:
         sources[lab.source] = sources.get(lab.source, 0) + 1
+    digest = hashlib.sha256("".join(f"{lab.sop_uid}:{lab.label}:{lab.source}\n" for lab in mine).encode())
     meta = {
         "labels": len(mine),
+        "labels_sha256": digest.hexdigest(),  # which labels this version was fitted on
+        "policy_thresholds_before": {k: float(v) for k, v in vars(policy.thresholds).items()},
         "pneumonia": n_pos,
         "healthy": n_neg,
         "sources": sources,
