@@ -19,9 +19,11 @@ from sqlalchemy import select, text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from services.aggregator.config import AggregatorSettings
+from services.aggregator.drift import DriftConfig, DriftMonitor
 from services.aggregator.models import Base, Image, Outbox, SrDelivery, Study
 from services.aggregator.outputs import Destination, StudyReport, build_sr, read_header, send_sr
 from services.aggregator.policy import Policy
+from services.aggregator.recalibrate import load_active
 from services.aggregator.store import FLAGS_SET, TIME_TO_FIRST_FLAG, Change, TriageStore, as_utc
 from services.core.broker import CONSUMERS, Broker, Envelope, PermanentError
 from services.core.db import make_engine, make_sessionmaker, upgrade
@@ -42,6 +44,10 @@ class Aggregator:
         self.policy = Policy.load(settings.policy_file)
         self.destination = Destination.parse(settings.sr_destination) if settings.sr_destination else None
         self.store = TriageStore(self.policy, sr_enabled=self.destination is not None)
+        self.site = load_active(settings.resolved_site_calibration_dir())
+        if self.site is not None:  # this site's recalibration: its probabilities and thresholds
+            self.policy.thresholds = self.site.thresholds
+            self.store.site = self.site
         self.broker = Broker(settings.amqp_url, settings.exchange, settings.quorum_queues)
         self.relay = OutboxRelay("aggregator", self.sessions, Outbox, self.broker)
         # SQLite has one writer: concurrent handlers would only contend in its busy-wait (slow), so
@@ -49,6 +55,16 @@ class Aggregator:
         stripes = 1 if self.engine.dialect.name == "sqlite" else LOCK_STRIPES
         self._locks = [asyncio.Lock() for _ in range(stripes)]
         self._sr_wake = asyncio.Event()
+        self.drift = DriftMonitor(
+            self.sessions,
+            DriftConfig(
+                settings.drift_reference_dir,
+                settings.drift_window,
+                settings.drift_min_n,
+                settings.drift_psi_alarm,
+                settings.drift_rate_z,
+            ),
+        )
 
     def lock_for(self, study_uid: str) -> asyncio.Lock:
         """Events of one study are applied one at a time (in this process; the DB guards replicas)."""
@@ -193,6 +209,7 @@ async def run(settings: AggregatorSettings | None = None, stop: asyncio.Event | 
     await agg.migrate()
     web = create_app(agg)
     tasks = [asyncio.create_task(serve_http(web, settings.http_host, settings.http_port), name="http")]
+    tasks.append(asyncio.create_task(agg.drift.run(stop, settings.drift_interval_s), name="drift"))
     log.info("aggregator web listening", extra={"port": settings.http_port})
     try:
         if await agg.broker.connect_with_retry(stop):

@@ -133,3 +133,83 @@ def export_reviews(out: Path = typer.Option(..., "--out", help="JSON lines, one 
     rows = asyncio.run(all_reviews())
     out.write_text("".join(json.dumps(r) + "\n" for r in rows))
     typer.echo(f"wrote {len(rows)} reviews to {out}")
+
+
+@triage.command("recalibrate")
+def recalibrate_cmd(
+    min_labels: int = typer.Option(100, "--min-labels", help="refuse to fit with fewer confirmed labels"),
+    min_per_class: int = typer.Option(20, "--min-per-class", help="... or fewer of either class"),
+    crowd_confidence: float = typer.Option(0.95, "--crowd-confidence", help="crowd consensus counts from here"),
+    bootstrap: int = typer.Option(200, "--bootstrap", help="bootstrap resamples for the 95 % intervals"),
+    seed: int = typer.Option(0, "--seed"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="fit and report, write nothing"),
+    rollback: bool = typer.Option(False, "--rollback", help="activate the previously active version"),
+    off: bool = typer.Option(False, "--off", help="use the model's own calibration and the policy file again"),
+    activate_version: int | None = typer.Option(None, "--activate", help="activate this version"),
+    list_versions: bool = typer.Option(False, "--list", help="list the versions and the active one"),
+) -> None:
+    """Refit the model's probabilities (Platt) and the thresholds from this site's confirmed labels
+    (clinician reviews, high-trust crowd consensus); versioned, with roll-back. Restart the
+    aggregator to apply."""
+    from services.aggregator import recalibrate as rc
+    from services.aggregator.calibrate import OperatingPoints
+    from services.aggregator.config import AggregatorSettings
+    from services.aggregator.policy import Policy
+
+    settings = AggregatorSettings()
+    directory = settings.resolved_site_calibration_dir()
+    if list_versions:
+        active = rc.active_version(directory)
+        for v in rc.versions(directory):
+            cal = rc.load_version(directory, v)
+            mark = "*" if v == active else " "
+            typer.echo(
+                f"{mark} v{v}  {cal.created_at}  model {cal.model_name} v{cal.model_version}  "
+                f"labels {cal.meta.get('labels')}  a={cal.a:.3f} b={cal.b:.3f}  "
+                f"rule-out <= {cal.thresholds.rule_out:.3f}"
+            )
+        typer.echo(f"active: {'none (model calibration)' if active is None else f'v{active}'}")
+        return
+    if rollback or off or activate_version is not None:
+        if rollback:
+            now = rc.rollback(directory)
+        else:
+            now = None if off else activate_version
+            rc.activate(directory, now)
+        typer.echo(f"active site calibration: {'none (model calibration)' if now is None else f'v{now}'}")
+        typer.echo("restart the aggregator to apply")
+        return
+
+    async def labels() -> list[rc.SiteLabel]:
+        from services.core.db import make_engine, make_sessionmaker
+
+        engine = make_engine(settings.database_url_for("aggregator"))
+        try:
+            async with make_sessionmaker(engine)() as session:
+                return await rc.collect_labels(session, crowd_confidence)
+        finally:
+            await engine.dispose()
+
+    found = asyncio.run(labels())
+    policy = Policy.load(settings.policy_file)
+    try:
+        cal = rc.fit_site_calibration(
+            found, policy, OperatingPoints(), min_labels, min_per_class, bootstrap=bootstrap, seed=seed
+        )
+    except rc.NotEnoughLabels as exc:
+        typer.echo(f"not recalibrated: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    m = cal.meta
+    typer.echo(f"model {cal.model_name} v{cal.model_version}: {m['labels']} labels {m['sources']}")
+    typer.echo(f"Platt: P = sigmoid({cal.a:.3f} * logit + {cal.b:.3f})  95% CI a {m['ci95_bootstrap']['a']}")
+    t = cal.thresholds
+    typer.echo(f"thresholds: urgent >= {t.urgent:.4f}, suspected >= {t.suspected:.4f}, rule-out <= {t.rule_out:.4f}")
+    typer.echo(f"rule-out on these labels, before: {m['before_on_same_labels']}  after: {m['fit']}")
+    typer.echo(
+        f"out-of-bag 95% CI: sensitivity {m['ci95_bootstrap']['sensitivity']}, "
+        f"specificity {m['ci95_bootstrap']['specificity']}"
+    )
+    if dry_run:
+        return
+    path = rc.save_new_version(directory, cal)
+    typer.echo(f"wrote {path} (active); restart the aggregator to apply; `--rollback` undoes it")

@@ -9,6 +9,7 @@ from pydantic_settings import SettingsConfigDict
 from services.core.auth import AuthSettings
 
 DEFAULT_POLICY_FILE = Path(__file__).resolve().parent / "policy.yaml"
+DEFAULT_MODEL_REPOSITORY = Path(__file__).resolve().parents[2] / "deploy" / "triton" / "model_repository"
 
 
 class AggregatorSettings(AuthSettings):
@@ -28,6 +29,21 @@ class AggregatorSettings(AuthSettings):
     prefetch: int = 32
     # Seconds between worklist refreshes pushed over server-sent events.
     sse_interval_seconds: float = 2.0
+    # Drift monitor (services/aggregator/drift.py): where each model version's drift_reference.json
+    # is (<dir>/<model>/<version>/), how many recent predictions are compared, from how many on
+    # it may fire, and its thresholds; how often it checks.
+    drift_reference_dir: Path = DEFAULT_MODEL_REPOSITORY
+    drift_window: int = 300
+    drift_min_n: int = 100
+    drift_psi_alarm: float = 0.25
+    drift_rate_z: float = 4.0
+    drift_interval_s: float = 30.0
+    # Versions of this site's recalibration (`pneumotriage triage recalibrate`); default
+    # <PT_DATA_DIR>/site-calibration. The active one is read at start.
+    site_calibration_dir: Path | None = None
+
+    def resolved_site_calibration_dir(self) -> Path:
+        return self.site_calibration_dir or self.data_dir / "site-calibration"
 
     def __init__(self, **values: object) -> None:
         # PT_DATA_DIR, PT_AMQP_URL, PT_SECRET_KEY ... are shared: read them with the common prefix first.

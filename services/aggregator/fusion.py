@@ -65,6 +65,8 @@ class Evidence:
     votes: tuple[Vote, ...] = ()
     aggregate_p: float | None = None
     model_version: str = ""
+    gate: str = ""  # the inference input gate: "" | "ok" | "borderline" | "refuse"
+    gate_reason: str = ""
 
     @property
     def has_model(self) -> bool:

@@ -78,6 +78,10 @@ class PredictionRow(Base):
     predicted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     received_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     stored_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    # The inference input gate: "ok" | "borderline" | "refuse" ("" = no gate ran), and why.
+    gate_verdict: Mapped[str] = mapped_column(String(16), default="", server_default="")
+    gate_reason: Mapped[str] = mapped_column(Text, default="", server_default="")
+    gate_score: Mapped[float | None] = mapped_column(Float, nullable=True)
 
 
 class JudgmentRow(Base):

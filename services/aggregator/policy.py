@@ -7,7 +7,9 @@ Flags, most urgent first (the worklist's sort order):
 * UNCERTAIN            in between, or below the rule-out threshold while the model and the humans
                        disagree (one of them alone says pneumonia), or no model score yet: a
                        radiologist should look early.
-* NOT_TRIAGED          failed acceptance (wrong view, not a chest X-ray, ...): the reason is shown.
+* NOT_TRIAGED          failed acceptance (wrong view, not a chest X-ray, ...) or refused by the
+                       inference input gate (not a frontal chest radiograph, too small): the
+                       reason is shown. A gate "borderline" verdict makes the image UNCERTAIN.
 * LIKELY_HEALTHY       fused P <= rule-out threshold (chosen for sensitivity >= 0.95), with a model
                        score, and neither the model nor the crowd alone leaning pneumonia. Still read
                        routinely — cleared fast, never discarded.
@@ -63,11 +65,16 @@ class Policy:
     # ---- image level -------------------------------------------------------------------------
     def classify(self, evidence: Evidence) -> tuple[str, float | None, str]:
         """(flag, fused P(pneumonia) or None, reason) for one triage-eligible image."""
+        if evidence.gate == "refuse":  # the input gate: the model may not judge this image
+            return NOT_TRIAGED, None, f"input gate: {evidence.gate_reason or 'not an image the model may judge'}"
         if not evidence.has_model and evidence.human_votes == 0 and evidence.aggregate_p is None:
             return PENDING, None, "waiting for the model and the crowd"
         p = self.fusion.posterior(evidence)
         t = self.thresholds
         src = self._sources(evidence)
+        if evidence.gate == "borderline":  # no automatic flag: a radiologist looks first
+            why = evidence.gate_reason or "the image may not be one the model may judge"
+            return UNCERTAIN, p, f"input gate: {why}; P(pneumonia) {p:.2f} not used for a flag ({src})"
         if p >= t.urgent:
             return URGENT, p, f"P(pneumonia) {p:.2f} >= urgent threshold {t.urgent:.2f} ({src})"
         if p >= t.suspected:

@@ -130,6 +130,7 @@ class TriageStore:
     def __init__(self, policy: Policy, sr_enabled: bool = False) -> None:
         self.policy = policy
         self.sr_enabled = sr_enabled
+        self.site: Any = None  # the active site calibration (services/aggregator/recalibrate.py), if any
 
     # ---- rows ------------------------------------------------------------------------------------
     async def _study(self, s: AsyncSession, study_uid: str, arrived: datetime | None = None) -> Study:
@@ -214,6 +215,9 @@ class TriageStore:
                         heatmap_uri=payload.heatmap_uri,
                         predicted_at=from_timestamp(payload.predicted_at),
                         received_at=received_at,
+                        gate_verdict=payload.gate_verdict,
+                        gate_reason=payload.gate_reason,
+                        gate_score=payload.gate_score if payload.gate_verdict else None,
                     )
                 )
             return "prediction.made", exists is None
@@ -276,11 +280,16 @@ class TriageStore:
             .order_by(LabelAggregateRow.revision.desc())
             .limit(1)
         )
+        model_p = pred.probability if pred else None
+        if pred is not None and self.site is not None and self.site.applies_to(pred.model_name, pred.model_version):
+            model_p = self.site.probability(pred.logit)  # recalibrated on this site's confirmed labels
         ev = Evidence(
-            model_probability=pred.probability if pred else None,
+            model_probability=model_p,
             votes=tuple(Vote(j.answer, j.confidence or "sure", j.trust) for j in judgments),
             aggregate_p=agg.p_pneumonia if agg else None,
             model_version=pred.model_version if pred else "",
+            gate=pred.gate_verdict if pred else "",
+            gate_reason=pred.gate_reason if pred else "",
         )
         return ev, pred
 

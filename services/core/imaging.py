@@ -68,11 +68,14 @@ def read_dicom(source: str | Path | BinaryIO, stop_before_pixels: bool = False) 
     return pydicom.dcmread(source, stop_before_pixels=stop_before_pixels)
 
 
-def display_array(ds: Dataset, frame: int = 0) -> np.ndarray:
-    """Grayscale float32 image in [0, 1], bright = dense (bone white), as a reader would see it."""
+def display_array(ds: Dataset, frame: int = 0, step: int = 1) -> np.ndarray:
+    """Grayscale float32 image in [0, 1], bright = dense (bone white), as a reader would see it.
+    ``step`` > 1 keeps every step-th row and column first (a cheap preview, e.g. for the input gate)."""
     pixels = ds.pixel_array
     if int(getattr(ds, "NumberOfFrames", 1) or 1) > 1:
         pixels = pixels[frame]
+    if step > 1:
+        pixels = pixels[::step, ::step]
     if pixels.ndim == 3:  # colour secondary capture of a grey image: take luminance
         pixels = pixels[..., :3].astype(np.float32) @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
     if pixels.ndim != 2:

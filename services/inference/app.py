@@ -39,6 +39,7 @@ class InferenceService:
             heatmap_dir=settings.resolved_heatmap_dir(),
             max_backoff_s=settings.retry_max_backoff_s,
             decode_processes=settings.decode_processes,
+            gate_file=settings.resolved_gate_file(),
         )
         self.worker = InferenceWorker(self.broker, self.pipeline)
         self.started = asyncio.Event()

@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from services.inference.config import DEFAULT_MODEL_REPOSITORY
+from services.inference.gate_cli import register as register_gate_commands
 
 console = Console()
 app = typer.Typer(no_args_is_help=True)
@@ -70,7 +71,12 @@ def predict_cmd(
     async def go() -> list[tuple[Path, object]]:
         runtime = make_runtime(settings)
         await runtime.start()
-        pipeline = Pipeline(runtime, max_batch=settings.max_batch, decode_workers=settings.decode_workers)
+        pipeline = Pipeline(
+            runtime,
+            max_batch=settings.max_batch,
+            decode_workers=settings.decode_workers,
+            gate_file=settings.resolved_gate_file(),
+        )
         pipeline.start()
         results: list[tuple[Path, object]] = []
         try:
@@ -94,10 +100,10 @@ def predict_cmd(
             await runtime.close()
         return results
 
-    table = Table("file", "P(pneumonia)", "logit", "model", "runtime", "ms")
+    table = Table("file", "P(pneumonia)", "logit", "model", "runtime", "ms", "input gate")
     for path, res in sorted(asyncio.run(go()), key=lambda r: str(r[0])):
         if isinstance(res, Exception):
-            table.add_row(path.name, f"[red]{res}[/red]", "", "", "", "")
+            table.add_row(path.name, f"[red]{res}[/red]", "", "", "", "", "")
         else:
             table.add_row(
                 path.name,
@@ -106,6 +112,7 @@ def predict_cmd(
                 f"{res.model_name} v{res.model_version}",
                 res.runtime,
                 f"{res.latency_ms:.1f}",
+                f"{res.gate_verdict}: {res.gate_reason}" if res.gate_reason else res.gate_verdict,
             )
     console.print(table)
 
@@ -148,4 +155,5 @@ except ModuleNotFoundError as exc:  # pragma: no cover - before model_cli.py exi
     model_group = typer.Typer(name="model", help="Model lifecycle.", no_args_is_help=True)
 
 model_group.command("deploy")(deploy_command)
+register_gate_commands(model_group)  # gate-fit, gate-evaluate, drift-reference (issue 10)
 app.add_typer(model_group, name="model")

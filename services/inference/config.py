@@ -10,6 +10,7 @@ from pydantic_settings import SettingsConfigDict
 from services.core.settings import CommonSettings
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_GATE_FILE = Path(__file__).resolve().parent / "gate_model.json"
 DEFAULT_MODEL_REPOSITORY = REPO_ROOT / "deploy" / "triton" / "model_repository"
 
 
@@ -52,6 +53,14 @@ class InferenceSettings(CommonSettings):
     retry_max_backoff_s: float = Field(10.0, validation_alias=_env("RETRY_MAX_BACKOFF_S"))
     # How long a graceful stop waits for in-flight images before closing the broker connection.
     drain_timeout_s: float = Field(20.0, validation_alias=_env("DRAIN_TIMEOUT_S"))
+
+    # The input gate (docs/triage-policy.md#input-gate): refuse / mark borderline what the model may
+    # not judge (non-chest, too small, odd field of view). Off only for experiments.
+    gate: bool = Field(True, validation_alias=_env("GATE"))
+    gate_file: Path = Field(DEFAULT_GATE_FILE, validation_alias=_env("GATE_FILE"))
+
+    def resolved_gate_file(self) -> Path | None:
+        return self.gate_file if self.gate else None
 
     def resolved_heatmap_dir(self) -> Path | None:
         if not self.heatmaps:

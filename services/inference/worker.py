@@ -32,6 +32,7 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from services.core.broker import Broker, Envelope, PermanentError
 from services.core.contracts import ImageReceived, ImageRef, Prediction
+from services.inference.gate import GateVerdict, gate_image
 from services.inference.heatmaps import save_heatmap
 from services.inference.runtime import InferenceRuntime, InferOutput, RuntimeUnavailable
 
@@ -54,6 +55,7 @@ ERRORS = Counter("pt_inference_errors_total", "Errors by kind", ["kind"])
 PREDICTIONS = Counter("pt_inference_predictions_total", "Predictions published", ["model_version", "runtime"])
 SKIPPED = Counter("pt_inference_skipped_total", "image.received events acked without a prediction", ["reason"])
 DUPLICATES = Counter("pt_inference_duplicates_total", "Redelivered/duplicate messages answered from the cache")
+GATE = Counter("pt_inference_gate_total", "Input gate verdicts (ok | borderline | refuse)", ["verdict"])
 RUNTIME_UP = Gauge("pt_inference_runtime_available", "1 while the model runtime answers, 0 while it is retried")
 
 
@@ -62,6 +64,7 @@ class LoadedImage:
     tensor: np.ndarray  # [1, S, S] float32
     rows: int
     columns: int
+    gate: GateVerdict | None = None  # the input gate's verdict (None: gate off)
 
 
 class BadImage(PermanentError):
@@ -85,7 +88,7 @@ def storage_path(uri: str) -> Path:
     raise BadImage("bad_uri", f"unsupported storage URI scheme {parsed.scheme!r}")
 
 
-def load_image(uri: str, sha256: str, input_size: int) -> LoadedImage:
+def load_image(uri: str, sha256: str, input_size: int, gate_file: str | None = None) -> LoadedImage:
     """Read the stored DICOM, verify its sha256, decode and preprocess it (in a decode thread or
     process). Raises BadImage for what can never succeed, FileNotFoundError (transient) otherwise."""
     import io
@@ -122,7 +125,8 @@ def load_image(uri: str, sha256: str, input_size: int) -> LoadedImage:
         raise BadImage("undecodable", f"undecodable image: {type(exc).__name__}: {exc}"[:500]) from exc
     if tensor.shape != (1, input_size, input_size) or not np.all(np.isfinite(tensor)):
         raise BadImage("undecodable", f"preprocessing produced an unusable tensor {tensor.shape}")
-    return LoadedImage(np.ascontiguousarray(tensor, dtype=np.float32), rows, columns)
+    gate = gate_image(ds, gate_file) if gate_file else None
+    return LoadedImage(np.ascontiguousarray(tensor, dtype=np.float32), rows, columns, gate)
 
 
 def _warm_decode_process() -> None:
@@ -288,8 +292,10 @@ class Pipeline:
         heatmap_dir: Path | None = None,
         max_backoff_s: float = 10.0,
         decode_processes: int = 0,
+        gate_file: Path | None = None,
     ) -> None:
         self.runtime = runtime
+        self.gate_file = str(gate_file) if gate_file else None  # the input gate (services/inference/gate.py)
         self.batcher = MicroBatcher(runtime, max_batch, max_wait_ms, max_backoff_s)
         self.decode_pool = ThreadPoolExecutor(max_workers=max(1, decode_workers), thread_name_prefix="decode")
         # DICOM parsing is mostly Python (GIL-bound): processes let decoding use more than one core.
@@ -322,6 +328,7 @@ class Pipeline:
                 image.storage_uri,
                 image.sha256,
                 self.runtime.input_size,
+                self.gate_file,
             )
         except BadImage as exc:
             ERRORS.labels(exc.kind).inc()
@@ -370,6 +377,12 @@ class Pipeline:
             heatmap_uri=heatmap_uri,
             predicted_at=_now(),
         )
+        if loaded.gate is not None:
+            GATE.labels(loaded.gate.verdict).inc()
+            prediction.gate_verdict = loaded.gate.verdict
+            prediction.gate_reason = loaded.gate.reason
+            prediction.gate_score = loaded.gate.score or 0.0
+            prediction.gate_version = loaded.gate.version
         prediction.image.CopyFrom(image)
         if event.HasField("received_at"):
             prediction.received_at.CopyFrom(event.received_at)

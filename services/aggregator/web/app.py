@@ -145,6 +145,7 @@ def create_app(agg: "Aggregator") -> FastAPI:
     templates.env.globals["DISCLAIMER"] = DISCLAIMER
     templates.env.globals["FLAGS"] = FLAGS
     templates.env.globals["FLAG_LABELS"] = queries.FLAG_LABELS
+    templates.env.globals["drift_status"] = lambda: agg.drift.status  # the worklist's drift banner
     clinician = web.require_role(*ALLOWED_ROLES)
     Clinician = Annotated[SessionUser, Depends(clinician)]
 
@@ -359,6 +360,11 @@ def create_app(agg: "Aggregator") -> FastAPI:
         async with agg.sessions() as s:
             items, total = await queries.reviews(s, page, page_size)
         return Page(items=items, page=page, page_size=page_size, total=total)
+
+    @app.get("/api/v1/drift", tags=["model"])
+    async def api_drift(user: Clinician) -> dict[str, Any]:
+        """The drift monitor: recent predictions against the model version's validation reference."""
+        return agg.drift.status.to_dict()
 
     @app.get("/api/v1/me", tags=["session"])
     async def api_me(request: Request, user: Clinician) -> dict[str, str]:

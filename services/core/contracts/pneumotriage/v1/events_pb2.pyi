@@ -116,7 +116,7 @@ class ImageRejected(_message.Message):
     def __init__(self, image: _Optional[_Union[ImageRef, _Mapping]] = ..., reason_code: _Optional[str] = ..., reason: _Optional[str] = ..., dicom_status: _Optional[int] = ..., stored: _Optional[bool] = ..., calling_ae_title: _Optional[str] = ..., received_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class Prediction(_message.Message):
-    __slots__ = ("image", "probability", "logit", "model_name", "model_version", "runtime", "latency_ms", "heatmap_uri", "predicted_at", "received_at")
+    __slots__ = ("image", "probability", "logit", "model_name", "model_version", "runtime", "latency_ms", "heatmap_uri", "predicted_at", "received_at", "gate_verdict", "gate_reason", "gate_score", "gate_version")
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     PROBABILITY_FIELD_NUMBER: _ClassVar[int]
     LOGIT_FIELD_NUMBER: _ClassVar[int]
@@ -127,6 +127,10 @@ class Prediction(_message.Message):
     HEATMAP_URI_FIELD_NUMBER: _ClassVar[int]
     PREDICTED_AT_FIELD_NUMBER: _ClassVar[int]
     RECEIVED_AT_FIELD_NUMBER: _ClassVar[int]
+    GATE_VERDICT_FIELD_NUMBER: _ClassVar[int]
+    GATE_REASON_FIELD_NUMBER: _ClassVar[int]
+    GATE_SCORE_FIELD_NUMBER: _ClassVar[int]
+    GATE_VERSION_FIELD_NUMBER: _ClassVar[int]
     image: ImageRef
     probability: float
     logit: float
@@ -137,7 +141,11 @@ class Prediction(_message.Message):
     heatmap_uri: str
     predicted_at: _timestamp_pb2.Timestamp
     received_at: _timestamp_pb2.Timestamp
-    def __init__(self, image: _Optional[_Union[ImageRef, _Mapping]] = ..., probability: _Optional[float] = ..., logit: _Optional[float] = ..., model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., runtime: _Optional[str] = ..., latency_ms: _Optional[float] = ..., heatmap_uri: _Optional[str] = ..., predicted_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., received_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    gate_verdict: str
+    gate_reason: str
+    gate_score: float
+    gate_version: str
+    def __init__(self, image: _Optional[_Union[ImageRef, _Mapping]] = ..., probability: _Optional[float] = ..., logit: _Optional[float] = ..., model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., runtime: _Optional[str] = ..., latency_ms: _Optional[float] = ..., heatmap_uri: _Optional[str] = ..., predicted_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., received_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., gate_verdict: _Optional[str] = ..., gate_reason: _Optional[str] = ..., gate_score: _Optional[float] = ..., gate_version: _Optional[str] = ...) -> None: ...
 
 class Judgment(_message.Message):
     __slots__ = ("image", "judgment_id", "task_id", "annotator_id", "answer", "confidence", "cant_tell_reason", "annotator_trust", "is_gold", "has_click", "click_x", "click_y", "seconds_spent", "submitted_at", "job_version")

@@ -1,0 +1,336 @@
+"""Site recalibration: refit the model's probabilities and the triage thresholds from this site's
+confirmed labels (`pneumotriage triage recalibrate`), versioned, with roll-back.
+
+Why: a hospital's images differ from the training data (detector, processing, population); the
+model's ranking may survive while its probabilities — and so every fixed threshold — do not.
+
+Labels (from the aggregator's own database, nothing leaves the site):
+
+* clinician reviews (confirm/overrule): the study's final flag as a label (URGENT / SUSPECTED =
+  pneumonia, LIKELY_HEALTHY = healthy; UNCERTAIN / NOT_TRIAGED give no label). A healthy label
+  applies to every image of the study, a pneumonia label only to a single-image study (which image
+  shows it is otherwise unknown);
+* high-trust crowd consensus: the labeling service's latest complete aggregate with confidence
+  >= ``crowd_confidence`` (0.95) and at least ``crowd_judgments`` (3) judgments. A clinician's label
+  wins over the crowd's for the same image.
+
+Images the input gate refused are left out. What is fitted, for one model version:
+
+1. Platt scaling of the raw logit, P = sigmoid(a * logit + b), a > 0 (the ranking is kept);
+2. the triage thresholds, re-chosen with `triage calibrate`'s rule (rule-out sensitivity >= 0.95,
+   URGENT PPV >= 0.90, ...) on the fused posterior with the recalibrated model probability.
+
+Guard: at least ``min_labels`` (100) labels and ``min_per_class`` (20) of each class, else nothing
+is written. 95 % bootstrap intervals (resampling the labels, refitting both steps) are reported for
+a, b, the thresholds and the rule-out sensitivity / specificity. Each run writes a new version
+``site-calibration-vN.yaml`` into ``PT_AGGREGATOR_SITE_CALIBRATION_DIR``; ``ACTIVE`` names the one in
+use (``none`` = the model's own calibration). ``--rollback`` activates the previous version,
+``--off`` none. The aggregator reads the active version when it starts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from services.aggregator.calibrate import OperatingPoints, choose_thresholds
+from services.aggregator.fusion import Evidence, sigmoid
+from services.aggregator.models import Image, LabelAggregateRow, PredictionRow, Review, Study
+from services.aggregator.policy import HEALTHY, SUSPECTED, URGENT, Policy, Thresholds
+
+ACTIVE_FILE = "ACTIVE"
+LABEL_OF_FLAG = {URGENT: 1, SUSPECTED: 1, HEALTHY: 0}
+
+
+class NotEnoughLabels(ValueError):
+    """The minimum-count guard: too few confirmed labels to recalibrate."""
+
+
+@dataclass(frozen=True)
+class SiteLabel:
+    sop_uid: str
+    logit: float
+    probability: float  # as published (the model's own calibration)
+    label: int
+    source: str  # clinician | crowd
+    model_name: str
+    model_version: str
+
+
+@dataclass
+class SiteCalibration:
+    version: int
+    model_name: str
+    model_version: str
+    a: float
+    b: float
+    thresholds: Thresholds
+    created_at: str = ""
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def probability(self, logit: float) -> float:
+        return sigmoid(self.a * logit + self.b)
+
+    def applies_to(self, model_name: str, model_version: str) -> bool:
+        return (model_name, model_version) == (self.model_name, self.model_version)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "version": self.version,
+            "model_name": self.model_name,
+            "model_version": self.model_version,
+            "created_at": self.created_at,
+            "platt": {"a": self.a, "b": self.b},
+            "thresholds": {k: float(v) for k, v in vars(self.thresholds).items()},
+            "meta": self.meta,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> SiteCalibration:
+        return cls(
+            version=int(d["version"]),
+            model_name=str(d["model_name"]),
+            model_version=str(d["model_version"]),
+            a=float(d["platt"]["a"]),
+            b=float(d["platt"]["b"]),
+            thresholds=Thresholds(**{k: float(v) for k, v in dict(d["thresholds"]).items()}),
+            created_at=str(d.get("created_at", "")),
+            meta=dict(d.get("meta", {})),
+        )
+
+
+# ---- labels ----------------------------------------------------------------------------------
+async def collect_labels(s: AsyncSession, crowd_confidence: float = 0.95, crowd_judgments: int = 3) -> list[SiteLabel]:
+    """Every image with a model prediction and a confirmed label (clinician over crowd)."""
+    preds: dict[str, PredictionRow] = {}
+    for row in (await s.scalars(select(PredictionRow).order_by(PredictionRow.id))).all():
+        preds[row.sop_uid] = row  # the newest prediction per image
+    labels: dict[str, tuple[int, str]] = {}
+    latest_agg: dict[str, LabelAggregateRow] = {}
+    for agg in (await s.scalars(select(LabelAggregateRow).order_by(LabelAggregateRow.revision))).all():
+        latest_agg[agg.sop_uid] = agg
+    for sop, agg in latest_agg.items():
+        confident = max(agg.p_pneumonia, 1 - agg.p_pneumonia) >= crowd_confidence
+        if agg.complete and agg.judgments >= crowd_judgments and confident:
+            labels[sop] = (int(agg.p_pneumonia >= 0.5), "crowd")
+    latest_review: dict[str, Review] = {}
+    for review in (await s.scalars(select(Review).order_by(Review.id))).all():
+        latest_review[review.study_uid] = review
+    for study_uid, review in latest_review.items():
+        label = LABEL_OF_FLAG.get(review.flag_after)
+        if label is None:
+            continue
+        study = await s.get(Study, study_uid)
+        if study is None or study.flag != review.flag_after:  # reviewed again since, or changed
+            continue
+        images = (await s.scalars(select(Image.sop_uid).where(Image.study_uid == study_uid))).all()
+        if label == 1 and len(images) != 1:
+            continue
+        for sop in images:
+            labels[sop] = (label, "clinician")
+    out = []
+    for sop, (label, source) in sorted(labels.items()):
+        pred = preds.get(sop)
+        if pred is None or pred.gate_verdict == "refuse":
+            continue
+        out.append(
+            SiteLabel(
+                sop, float(pred.logit), float(pred.probability), label, source, pred.model_name, pred.model_version
+            )
+        )
+    return out
+
+
+# ---- fitting ---------------------------------------------------------------------------------
+def platt(logits: np.ndarray, a: float, b: float) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-(a * np.asarray(logits, dtype=np.float64) + b)))
+
+
+def fit_platt(logits: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    from sklearn.linear_model import LogisticRegression
+
+    lr = LogisticRegression(C=1e4, max_iter=1000)
+    lr.fit(logits.reshape(-1, 1), y)
+    a, b = float(lr.coef_[0][0]), float(lr.intercept_[0])
+    if not a > 0:
+        raise ValueError(f"the model's scores do not rank this site's labels (Platt slope {a:.3f} <= 0)")
+    return a, b
+
+
+def site_thresholds(
+    logits: np.ndarray, y: np.ndarray, a: float, b: float, policy: Policy, ops: OperatingPoints
+) -> Thresholds:
+    evidence = [Evidence(model_probability=sigmoid(a * float(z) + b)) for z in logits]
+    p = np.array([policy.fusion.posterior(e) for e in evidence])
+    blocked = np.array([bool(policy.rule_out_blockers(e)) for e in evidence])
+    return choose_thresholds(p, y, blocked, ops, policy.thresholds)
+
+
+def rule_out_metrics(
+    probabilities: np.ndarray, y: np.ndarray, policy: Policy, thresholds: Thresholds
+) -> dict[str, float | None]:
+    """Model-only evidence: the rule-out's sensitivity (pneumonia not cleared) and specificity
+    (healthy cleared as LIKELY_HEALTHY) with the given model probabilities and thresholds."""
+    trial = Policy(policy.fusion, thresholds)
+    flags = np.array([trial.classify(Evidence(model_probability=float(p)))[0] for p in probabilities])
+    cleared = flags == HEALTHY
+    pos, neg = y == 1, y == 0
+    return {
+        "sensitivity": float((~cleared & pos).sum() / pos.sum()) if pos.any() else None,
+        "specificity": float((cleared & neg).sum() / neg.sum()) if neg.any() else None,
+    }
+
+
+def _ci(values: Sequence[float]) -> list[float] | None:
+    v = [x for x in values if x is not None and math.isfinite(x)]
+    if len(v) < 10:
+        return None
+    lo, hi = np.quantile(v, [0.025, 0.975])
+    return [round(float(lo), 4), round(float(hi), 4)]
+
+
+def fit_site_calibration(
+    labels: Sequence[SiteLabel],
+    policy: Policy,
+    ops: OperatingPoints | None = None,
+    min_labels: int = 100,
+    min_per_class: int = 20,
+    bootstrap: int = 200,
+    seed: int = 0,
+    model: tuple[str, str] | None = None,
+) -> SiteCalibration:
+    """Platt + thresholds from the labels of one model version (the most labeled one by default)."""
+    ops = ops or OperatingPoints()
+    if model is None:
+        counts: dict[tuple[str, str], int] = {}
+        for lab in labels:
+            counts[(lab.model_name, lab.model_version)] = counts.get((lab.model_name, lab.model_version), 0) + 1
+        if not counts:
+            raise NotEnoughLabels("no confirmed labels with a model prediction yet")
+        model = max(counts, key=lambda k: counts[k])
+    mine = [lab for lab in labels if (lab.model_name, lab.model_version) == model]
+    y = np.array([lab.label for lab in mine], dtype=int)
+    x = np.array([lab.logit for lab in mine], dtype=np.float64)
+    n_pos, n_neg = int(y.sum()), int((1 - y).sum())
+    if len(mine) < min_labels or min(n_pos, n_neg) < min_per_class:
+        raise NotEnoughLabels(
+            f"{len(mine)} confirmed labels for model {model[0]} v{model[1]} ({n_pos} pneumonia, {n_neg} healthy): "
+            f"at least {min_labels} and {min_per_class} of each class are needed"
+        )
+    a, b = fit_platt(x, y)
+    thresholds = site_thresholds(x, y, a, b, policy, ops)
+    published = np.array([lab.probability for lab in mine], dtype=np.float64)
+    before = rule_out_metrics(published, y, policy, policy.thresholds)
+    after = rule_out_metrics(platt(x, a, b), y, policy, thresholds)
+    rng = np.random.default_rng(seed)
+    boot: dict[str, list[float]] = {k: [] for k in ("a", "b", "rule_out", "urgent", "sensitivity", "specificity")}
+    for _ in range(bootstrap):
+        idx = rng.integers(0, len(y), len(y))
+        yb, xb = y[idx], x[idx]
+        if yb.min() == yb.max():
+            continue
+        try:
+            ab, bb = fit_platt(xb, yb)
+        except ValueError:
+            continue
+        tb = site_thresholds(xb, yb, ab, bb, policy, ops)
+        # the fitted thresholds judged on the labels left out of this resample (out-of-bag)
+        oob = np.setdiff1d(np.arange(len(y)), idx)
+        mb = rule_out_metrics(platt(x[oob], ab, bb), y[oob], policy, tb) if oob.size else {}
+        for key, val in (("a", ab), ("b", bb), ("rule_out", tb.rule_out), ("urgent", tb.urgent)):
+            boot[key].append(val)
+        boot["sensitivity"].append(mb.get("sensitivity"))  # type: ignore[arg-type]
+        boot["specificity"].append(mb.get("specificity"))  # type: ignore[arg-type]
+    sources: dict[str, int] = {}
+    for lab in mine:
+        sources[lab.source] = sources.get(lab.source, 0) + 1
+    digest = hashlib.sha256("".join(f"{lab.sop_uid}:{lab.label}:{lab.source}\n" for lab in mine).encode())
+    meta = {
+        "labels": len(mine),
+        "labels_sha256": digest.hexdigest(),  # which labels this version was fitted on
+        "policy_thresholds_before": {k: float(v) for k, v in vars(policy.thresholds).items()},
+        "pneumonia": n_pos,
+        "healthy": n_neg,
+        "sources": sources,
+        "operating_points": vars(ops),
+        "fit": {k: None if v is None else round(v, 4) for k, v in after.items()},
+        "before_on_same_labels": {k: None if v is None else round(v, 4) for k, v in before.items()},
+        "ci95_bootstrap": {k: _ci(v) for k, v in boot.items()},
+        "bootstrap": bootstrap,
+        "seed": seed,
+    }
+    return SiteCalibration(0, model[0], model[1], a, b, thresholds, datetime.now(UTC).isoformat(), meta)
+
+
+# ---- versions --------------------------------------------------------------------------------
+def _path(directory: Path, version: int) -> Path:
+    return directory / f"site-calibration-v{version}.yaml"
+
+
+def versions(directory: Path) -> list[int]:
+    if not directory.exists():
+        return []
+    out = []
+    for p in directory.glob("site-calibration-v*.yaml"):
+        tail = p.stem.rsplit("-v", 1)[-1]
+        if tail.isdigit():
+            out.append(int(tail))
+    return sorted(out)
+
+
+def active_version(directory: Path) -> int | None:
+    f = directory / ACTIVE_FILE
+    if not f.exists():
+        return None
+    text = f.read_text().strip()
+    return int(text) if text.isdigit() else None
+
+
+def activate(directory: Path, version: int | None) -> None:
+    if version is not None and version not in versions(directory):
+        raise ValueError(f"no site calibration version {version} in {directory}")
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = directory / f".{ACTIVE_FILE}.tmp"
+    tmp.write_text(f"{version if version is not None else 'none'}\n")
+    tmp.replace(directory / ACTIVE_FILE)
+
+
+def save_new_version(directory: Path, cal: SiteCalibration, make_active: bool = True) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    cal.version = (versions(directory) or [0])[-1] + 1
+    cal.meta["previous_active"] = active_version(directory)
+    path = _path(directory, cal.version)
+    header = "# Written by `pneumotriage triage recalibrate` from this site's confirmed labels; do not hand-edit.\n"
+    path.write_text(header + yaml.safe_dump(cal.to_dict(), sort_keys=False))
+    if make_active:
+        activate(directory, cal.version)
+    return path
+
+
+def load_version(directory: Path, version: int) -> SiteCalibration:
+    return SiteCalibration.from_dict(yaml.safe_load(_path(directory, version).read_text()))
+
+
+def load_active(directory: Path) -> SiteCalibration | None:
+    version = active_version(directory)
+    return None if version is None else load_version(directory, version)
+
+
+def rollback(directory: Path) -> int | None:
+    """Activate the version that was active before the current one (None: the model's own calibration)."""
+    current = active_version(directory)
+    if current is None:
+        raise ValueError("no site calibration is active: nothing to roll back")
+    previous = load_version(directory, current).meta.get("previous_active")
+    activate(directory, previous if isinstance(previous, int) else None)
+    return previous if isinstance(previous, int) else None

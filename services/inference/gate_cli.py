@@ -1,0 +1,97 @@
+"""`pneumotriage model gate-fit | gate-evaluate | drift-reference` (mounted on the `model` group by
+services/inference/cli.py)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+from services.inference.config import DEFAULT_MODEL_REPOSITORY
+from services.inference.gate import DEFAULT_GATE_FILE
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "kermany224" / "train"
+console = Console()
+
+
+def gate_fit(
+    data: Path = typer.Option(DEFAULT_DATA, help="folder with NORMAL/ and PNEUMONIA/ (its training split is used)"),
+    out: Path = typer.Option(DEFAULT_GATE_FILE, help="gate model file to write"),
+    seed: int = typer.Option(0),
+    limit: int = typer.Option(0, help="use at most this many training chests (0: all)"),
+    variants: int = typer.Option(1, help="site variants per training chest"),
+    c: float = typer.Option(0.3, "--c", help="inverse L2 strength of the logistic regression"),
+    refuse_quantile: float = typer.Option(0.003, help="share of held-out chests below the refuse threshold"),
+    borderline_quantile: float = typer.Option(0.01, help="share of held-out chests below the borderline threshold"),
+    version: str = typer.Option("gate-1", help="version string carried in every prediction"),
+    hidden: int = typer.Option(0, help="hidden ReLU units (0: logistic regression)"),
+) -> None:
+    """Fit the input gate's "frontal chest radiograph" score against non-chest negatives (model-agnostic)."""
+    from services.inference.gate_fit import build_corpus, fit_gate
+
+    corpus = build_corpus(data, seed=seed, limit=limit, variants=variants)
+    console.print(f"corpus: {int(corpus.y.sum())} chest, {int((1 - corpus.y).sum())} non-chest feature vectors")
+    model = fit_gate(corpus, seed, c, refuse_quantile, borderline_quantile, version, hidden)
+    model.meta["data"] = str(data.name)
+    model.save(out)
+    console.print(f"wrote {out}: refuse < {model.refuse_below:.3f}, borderline < {model.borderline_below:.3f}")
+    for kind, row in model.meta["out_of_fold_by_kind"].items():
+        console.print(f"  {kind:24s} n={row['n']:5d} refused {row['refused']:.3f}")
+
+
+def gate_evaluate(
+    data: Path = typer.Option(DEFAULT_DATA, help="folder with NORMAL/ and PNEUMONIA/ (val+test splits are used)"),
+    gate_file: Path = typer.Option(DEFAULT_GATE_FILE, "--gate", help="gate model file"),
+    limit: int = typer.Option(0, help="at most this many held-out chests (0: all)"),
+    seed: int = typer.Option(0),
+    report: Path | None = typer.Option(None, help="also write the figures as JSON"),
+) -> None:
+    """Measure the gate: false-refusal rate on held-out chests (as JPEG, 12-bit MONOCHROME1, 16-bit,
+    true aspect, JPEG DICOM) and refusal rate on the non-chest corpus."""
+    from services.inference.gate import GateModel
+    from services.inference.gate_fit import evaluate_gate
+
+    results = evaluate_gate(GateModel.load(gate_file), data, limit=limit, seed=seed)
+    for name, row in results.items():
+        console.print(
+            f"{name:28s} n={row['n']:5d} refused {row['refused']:.4f} "
+            f"borderline {row['borderline']:.4f} ok {row['ok']:.4f}"
+        )
+    if report:
+        report.write_text(json.dumps(results, indent=1) + "\n")
+
+
+def drift_reference(
+    repository: Path = typer.Option(DEFAULT_MODEL_REPOSITORY, help="Triton model repository"),
+    name: str = typer.Option("pneumonia", "--model-name"),
+    version: str = typer.Option("", help="model version (default: the newest)"),
+    data: Path = typer.Option(DEFAULT_DATA, help="folder with NORMAL/ and PNEUMONIA/"),
+    split: str = typer.Option("val", help="which split's predictions make the reference"),
+    limit: int = typer.Option(0, help="at most this many images (0: all)"),
+) -> None:
+    """Write <repository>/<model>/<version>/drift_reference.json: the score distribution the drift
+    monitor compares live predictions with (re-run for every new model version)."""
+    from services.core.drift import REFERENCE_FILE, build_reference
+    from services.inference.evaluation import latest_version_dir, predict, select_records
+
+    model_dir = repository / name
+    vdir = model_dir / version if version else latest_version_dir(model_dir)
+    records = select_records(data, split, None)
+    if limit:
+        records = records[:: max(1, len(records) // limit)][:limit]
+    logits, probs, _ = predict(vdir, [r.path for r in records])
+    ref = build_reference(logits, probs, name, vdir.name, f"{split} split, {len(records)} images")
+    ref.save(vdir / REFERENCE_FILE)
+    console.print(
+        f"wrote {vdir / REFERENCE_FILE}: {ref.n} predictions, predicted-positive rate {ref.positive_rate:.3f}, "
+        f"median logit {ref.quantiles[50]:.2f}"
+    )
+
+
+def register(model_group: typer.Typer) -> None:
+    model_group.command("gate-fit")(gate_fit)
+    model_group.command("gate-evaluate")(gate_evaluate)
+    model_group.command("drift-reference")(drift_reference)
