@@ -91,7 +91,7 @@ def add_user(
 @labeling.command("import-gold")
 def import_gold_cmd(
     data: Path = typer.Option(..., exists=True, file_okay=False, help="folder with NORMAL/ and PNEUMONIA/"),
-    n: int = typer.Option(40, min=2, help="gold items to add (half per class)"),
+    n: int = typer.Option(48, min=2, help="gold items to add (half per class)"),
     reasons: Path | None = typer.Option(None, exists=True, dir_okay=False, help="YAML of reasons"),
     seed: int = typer.Option(7),
 ) -> None:

@@ -23,13 +23,13 @@ CROWD = "expert:4,careless:2,adversarial:2,spammer:1"
 @pytest.fixture(scope="module")
 def crowd_run(rabbit: RabbitNode, shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     train = shared_data / "kermany224" / "train"
-    server = LabelingServer(rabbit.url, train, n_gold=20, hidden_ratio=0.3).start()
+    server = LabelingServer(rabbit.url, train, n_gold=28, hidden_ratio=0.3).start()
     try:
         sources = work_sources(shared_data, N_IMAGES, offset=200)
         uids = server.add_work_images([p for p, _ in sources])
         server.wait_for("SELECT count(*) FROM labeling_tasks WHERE kind='work'", lambda r: r[0][0] >= N_IMAGES, 120)
         truth_dir = tmp_path_factory.mktemp("truth")
-        for path, label in [*sources, *choose_gold(train, 20)]:
+        for path, label in [*sources, *choose_gold(train, 28)]:
             folder = truth_dir / ("PNEUMONIA" if label == "pneumonia" else "NORMAL")
             folder.mkdir(exist_ok=True)
             if not (folder / path.name).exists():  # a work image may also be a gold image
