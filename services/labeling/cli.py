@@ -216,9 +216,13 @@ def simulate_crowd(
     seed: int = typer.Option(1),
     max_judgments: int = typer.Option(400, help="per annotator"),
     json_out: Path | None = typer.Option(None, help="also write the result as JSON"),
+    difficulty: Path | None = typer.Option(
+        None, exists=True, dir_okay=False, help="CSV file,weak_margin (bench/data/labeling-difficulty.csv)"
+    ),
 ) -> None:
-    """Simulate annotators (experts, careless, adversarial, spammers) answering through the HTTP API."""
-    from services.labeling.crowd import TruthIndex, parse_spec, simulate
+    """Simulate annotators (difficulty-aware: expert, good, typical, biased, careless, adversarial,
+    spammer) answering through the HTTP API."""
+    from services.labeling.crowd import TruthIndex, load_margins, parse_spec, simulate
 
     profiles = parse_spec(annotators)
     prefix = f"sim{seed}"
@@ -251,6 +255,7 @@ def simulate_crowd(
                 seed=seed,
                 max_judgments=max_judgments,
                 name_prefix=prefix,
+                margins=load_margins(difficulty),
             )
         )
     if json_out:
