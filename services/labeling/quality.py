@@ -68,7 +68,7 @@ def dawid_skene(
     unsure: np.ndarray | None = None,
     item_prior: np.ndarray | None = None,
     prior_weight: float = 1.0,
-    prior_clip: float = 0.03,
+    prior_clip: float = 0.01,
 ) -> Aggregate:
     """Dawid & Skene (1979) EM; one_coin=True ties each worker's confusion to one accuracy number.
 
