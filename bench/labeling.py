@@ -365,13 +365,15 @@ def plot(results: dict[str, dict[str, dict]], out: Path) -> None:
         for prefix, style, label in (
             ("majority vote", "o--", "majority vote (k = 1, 3, 5, 7)"),
             ("plain Dawid-Skene", "s--", "plain Dawid-Skene (k = 1, 3, 5, 7)"),
-            ("ours, target", "D-", "ours (target 0.9 ... 0.995)"),
+            ("ours, target", "D-", "ours (target 0.9 ... 0.99)"),
         ):
             pts = sorted((r["judgments_per_image"], r["accuracy"]) for n, r in res.items() if n.startswith(prefix))
             ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=label)
         for n, r in res.items():
             if n.startswith("service v1"):
                 ax.plot([r["judgments_per_image"]], [r["accuracy"]], "k^", label="service v1 (DS + gold, dynamic)")
+            if n.startswith("ours without"):
+                ax.plot([r["judgments_per_image"]], [r["accuracy"]], "gD", mfc="none", label="ours without model prior")
             if n.startswith("model alone"):
                 ax.plot([0.0], [r["accuracy"]], "r*", ms=10, label="model alone")
         ax.axhline(0.97, color="grey", lw=0.8, ls=":")

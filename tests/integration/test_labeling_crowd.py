@@ -93,6 +93,20 @@ def test_exports(crowd_run: dict) -> None:
     labels = list(csv.DictReader(open(out / "dataset" / "labels.csv")))
     assert {r["sop_instance_uid"] for r in labels} == set(crowd_run["_uids"])
     assert {r["final_label"] for r in labels} <= {"pneumonia", "healthy", "cant_tell", ""}
+    # every posterior says where it comes from (here: annotators only, the service uses no model prior)
+    assert {r["posterior_source"] for r in labels if r["method"]} == {"crowd"}
+    assert all(r["posterior_source"] == "" for r in labels if not r["method"])
+    # training can read the export: ids -> stored images, with the posterior
+    from services.inference.training.from_export import records_from_export
+
+    usable = [r for r in labels if r["complete"] == "True" and r["final_label"] in ("pneumonia", "healthy")]
+    records = records_from_export(out / "dataset")
+    assert usable and len(records) == len(usable)
+    assert all(r.record.path.is_file() and r.record.path.suffix == ".dcm" for r in records)
+    by_path = {r.record.path.as_uri(): r for r in records}
+    for row in usable:
+        rec = by_path[row["storage_uri"]]
+        assert rec.record.label == (row["final_label"] == "pneumonia") and rec.p_pneumonia == float(row["p_pneumonia"])
     records = [json.loads(line) for line in open(out / "dataset" / "labels.jsonl")]
     work = [r for r in records if not r["is_gold"]]
     assert all(j["annotator_id"].startswith("ann-") for r in work for j in r["all_judgments"])
