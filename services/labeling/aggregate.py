@@ -32,6 +32,7 @@ class Votes:
     responses: np.ndarray
     worker_ids: list[int]
     known: dict[int, int]
+    unsure: np.ndarray  # True where the answer was "probably" (not "sure")
 
 
 async def load_votes(s: AsyncSession) -> tuple[Votes, list[Task]]:
@@ -40,7 +41,7 @@ async def load_votes(s: AsyncSession) -> tuple[Votes, list[Task]]:
     index = {t.id: i for i, t in enumerate(tasks)}
     rows = (
         await s.execute(
-            select(JudgmentRow.task_id, JudgmentRow.user_id, JudgmentRow.answer)
+            select(JudgmentRow.task_id, JudgmentRow.user_id, JudgmentRow.answer, JudgmentRow.confidence)
             .join(User, User.id == JudgmentRow.user_id)
             .where(JudgmentRow.context == "work", JudgmentRow.state == "final", User.status != "stopped")
         )
@@ -57,6 +58,7 @@ async def load_votes(s: AsyncSession) -> tuple[Votes, list[Task]]:
             np.array([RESPONSE_INDEX[r.answer] for r in rows], dtype=int),
             worker_ids,
             known,
+            np.array([r.confidence == "probably" for r in rows], dtype=bool),
         ),
         tasks,
     )
@@ -85,6 +87,7 @@ async def aggregate_job(s: AsyncSession, job: JobDefinition) -> int:
             n_responses=3,
             known=votes.known,
             smoothing=1.0,
+            unsure=votes.unsure,
         )
         post, method = agg.posteriors, "dawid_skene"
     else:

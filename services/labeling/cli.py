@@ -91,7 +91,7 @@ def add_user(
 @labeling.command("import-gold")
 def import_gold_cmd(
     data: Path = typer.Option(..., exists=True, file_okay=False, help="folder with NORMAL/ and PNEUMONIA/"),
-    n: int = typer.Option(40, min=2, help="gold items to add (half per class)"),
+    n: int = typer.Option(48, min=2, help="gold items to add (half per class)"),
     reasons: Path | None = typer.Option(None, exists=True, dir_okay=False, help="YAML of reasons"),
     seed: int = typer.Option(7),
 ) -> None:
@@ -223,9 +223,13 @@ def simulate_crowd(
     seed: int = typer.Option(1),
     max_judgments: int = typer.Option(400, help="per annotator"),
     json_out: Path | None = typer.Option(None, help="also write the result as JSON"),
+    difficulty: Path | None = typer.Option(
+        None, exists=True, dir_okay=False, help="CSV file,weak_margin (bench/data/labeling-difficulty.csv)"
+    ),
 ) -> None:
-    """Simulate annotators (experts, careless, adversarial, spammers) answering through the HTTP API."""
-    from services.labeling.crowd import TruthIndex, parse_spec, simulate
+    """Simulate annotators (difficulty-aware: expert, good, typical, biased, careless, adversarial,
+    spammer) answering through the HTTP API."""
+    from services.labeling.crowd import TruthIndex, load_margins, parse_spec, simulate
 
     profiles = parse_spec(annotators)
     prefix = f"sim{seed}"
@@ -258,6 +262,7 @@ def simulate_crowd(
                 seed=seed,
                 max_judgments=max_judgments,
                 name_prefix=prefix,
+                margins=load_margins(difficulty),
             )
         )
     if json_out:

@@ -1,15 +1,19 @@
 """A simulated crowd that signs in and answers through the HTTP API, like real annotators.
 
-Each simulated annotator draws answers from a confusion matrix P(answer | true class). It knows the
+Each simulated annotator answers with the difficulty-aware model of `crowd_model` (skill x image
+difficulty, shared confusions on hard images, pneumonia bias, fatigue, answer times). It knows the
 truth only by *looking at the image*: the PNG it is served is matched (normalised 16x16 thumbnail,
-nearest neighbour) against a folder of images with known labels (NORMAL/ and PNEUMONIA/ subfolders).
-Profiles: expert, careless, adversarial (answers the quiz honestly, then flips), spammer (answers the
-quiz honestly, then always says pneumonia).
+nearest neighbour) against a folder of images with known labels (NORMAL/ and PNEUMONIA/ subfolders);
+the image's difficulty (weak-classifier margin) comes from an optional CSV keyed by file name
+(bench/data/labeling-difficulty.csv), else the median difficulty. Profiles: expert, good, typical,
+biased, careless, adversarial (answers the quiz well, then flips), spammer (answers the quiz well,
+then always says pneumonia).
 """
 
 from __future__ import annotations
 
 import asyncio
+import csv
 import io
 import random
 from collections import Counter
@@ -21,29 +25,21 @@ import httpx
 import numpy as np
 from PIL import Image
 
+from services.labeling.crowd_model import PROFILES, SimAnnotator, parse_spec
 from services.labeling.render import render_source
+
+__all__ = ["PROFILES", "TruthIndex", "load_margins", "parse_spec", "simulate"]
 
 CLASSES = ("pneumonia", "healthy")
 ANSWERS = ("pneumonia", "healthy", "cant_tell")
-# rows: true class pneumonia, healthy; columns: answer pneumonia, healthy, cant_tell
-PROFILES: dict[str, tuple[tuple[float, float, float], tuple[float, float, float]]] = {
-    "expert": ((0.95, 0.03, 0.02), (0.04, 0.94, 0.02)),
-    "careless": ((0.72, 0.23, 0.05), (0.30, 0.65, 0.05)),
-    "adversarial": ((0.10, 0.88, 0.02), (0.88, 0.10, 0.02)),
-    "spammer": ((1.0, 0.0, 0.0), (1.0, 0.0, 0.0)),
-}
-SLEEPERS = {"adversarial", "spammer"}  # behave like experts in the quiz
 
 
-def parse_spec(spec: str) -> list[str]:
-    """'expert:5,careless:3,adversarial:2' -> a list of profile names, one per annotator."""
-    out: list[str] = []
-    for part in spec.split(","):
-        name, _, count = part.strip().partition(":")
-        if name not in PROFILES:
-            raise ValueError(f"unknown profile {name!r}; known: {', '.join(PROFILES)}")
-        out += [name] * int(count or 1)
-    return out
+def load_margins(path: Path | None) -> dict[str, float]:
+    """file name -> weak-classifier margin, from a CSV with columns file, weak_margin."""
+    if path is None:
+        return {}
+    with open(path, newline="") as fh:
+        return {row["file"]: float(row["weak_margin"]) for row in csv.DictReader(fh)}
 
 
 def fingerprint(arr: np.ndarray) -> np.ndarray:
@@ -56,7 +52,7 @@ class TruthIndex:
     """Known-label images (any mix of JPEG/PNG/DICOM) indexed by a contrast-normalised thumbnail."""
 
     def __init__(self, roots: list[Path]) -> None:
-        prints, labels = [], []
+        prints, labels, names = [], [], []
         for root in roots:
             for folder, label in (("PNEUMONIA", "pneumonia"), ("NORMAL", "healthy")):
                 d = root / folder
@@ -67,14 +63,21 @@ class TruthIndex:
                         png = render_source(f, 64)
                         prints.append(fingerprint(np.asarray(Image.open(io.BytesIO(png)), np.float32) / 255.0))
                         labels.append(label)
+                        names.append(f.name)
         if not prints:
             raise ValueError(f"no labeled images under {roots}")
         self.prints = np.stack(prints)
         self.labels = labels
+        self.names = names
+
+    def lookup(self, png: bytes) -> tuple[str, str]:
+        """(true class, file name) of the known image the PNG shows."""
+        fp = fingerprint(np.asarray(Image.open(io.BytesIO(png)).convert("L"), np.float32) / 255.0)
+        best = int(np.argmax(self.prints @ fp))
+        return self.labels[best], self.names[best]
 
     def label_of(self, png: bytes) -> str:
-        fp = fingerprint(np.asarray(Image.open(io.BytesIO(png)).convert("L"), np.float32) / 255.0)
-        return self.labels[int(np.argmax(self.prints @ fp))]
+        return self.lookup(png)[0]
 
 
 @dataclass
@@ -96,10 +99,15 @@ async def run_annotator(
     rng: random.Random,
     max_judgments: int,
     truth_cache: dict[str, str],
+    margins: dict[str, float] | None = None,
     idle_retries: int = 4,
     idle_wait_s: float = 2.0,
 ) -> AnnotatorRun:
     run = AnnotatorRun(name, profile)
+    gen = np.random.default_rng(rng.getrandbits(64))
+    annotator = SimAnnotator.draw(name, profile, gen)
+    margins = margins or {}
+    file_of: dict[str, str] = {}
     async with httpx.AsyncClient(base_url=url, timeout=60) as client:
         token = (await client.get("/api/csrf")).json()["csrf_token"]
         res = await client.post(
@@ -120,14 +128,14 @@ async def run_annotator(
                 break
             idle = 0
             task_id = nxt["task_id"]
-            if task_id not in truth_cache:
+            if task_id not in truth_cache or task_id not in file_of:
                 png = (await client.get(nxt["image_url"])).content
-                truth_cache[task_id] = truth.label_of(png)
+                truth_cache[task_id], file_of[task_id] = truth.lookup(png)
             true = truth_cache[task_id]
             run.seen[task_id] = true
-            matrix = PROFILES["expert" if nxt["state"] == "quiz" and profile in SLEEPERS else profile]
-            answer = rng.choices(ANSWERS, weights=matrix[CLASSES.index(true)])[0]
-            confidence = "sure" if rng.random() < 0.7 else "probably"
+            answer, confidence, _seconds = annotator.answer(
+                true, margins.get(file_of[task_id]), gen, quiz=nxt["state"] == "quiz"
+            )
             body: dict[str, Any] = {"task_id": task_id, "answer": answer, "confidence": confidence}
             if answer == "cant_tell":
                 body["reason"] = "poor image quality (blurred, too dark or too bright)"
@@ -156,6 +164,7 @@ async def simulate(
     max_judgments: int = 400,
     settle_s: float = 60.0,
     name_prefix: str = "sim",
+    margins: dict[str, float] | None = None,
 ) -> dict[str, Any]:
     """Run every annotator concurrently, wait until the service has finalised their answers, then
     compare the service's labels (Dawid-Skene) with majority vote against the truth."""
@@ -171,6 +180,7 @@ async def simulate(
                 random.Random(seed * 1000 + i),
                 max_judgments,
                 truth_cache,
+                margins,
             )
             for i, p in enumerate(profiles)
         )

@@ -23,15 +23,28 @@ DATASET_COLUMNS = [
     "sop_instance_uid",
     "study_instance_uid",
     "sha256",
+    "storage_uri",
     "source_file",
     "final_label",
     "p_pneumonia",
+    "posterior_source",
     "confidence",
     "method",
     "judgments",
     "complete",
     "revision",
 ]
+
+
+def posterior_source(method: str | None) -> str | None:
+    """Where an image's posterior comes from: "crowd" (annotators only: Dawid-Skene or trust-weighted
+    majority), "crowd + model prior" (a method run with the model's probability as a prior, e.g. the
+    bench's), "clinician" (a clinician's label, which takes precedence). None before any judgment."""
+    if not method:
+        return None
+    if method.startswith("clinician"):
+        return "clinician"
+    return "crowd + model prior" if "+model" in method else "crowd"
 
 
 async def export_dataset(s: AsyncSession, job: JobDefinition, out: Path) -> dict[str, Any]:
@@ -77,9 +90,11 @@ async def export_dataset(s: AsyncSession, job: JobDefinition, out: Path) -> dict
             "sop_instance_uid": t.sop_instance_uid,
             "study_instance_uid": t.study_instance_uid,
             "sha256": t.sha256,
+            "storage_uri": t.storage_uri,  # the stored DICOM (file:// URI) for images from PACS
             "source_file": t.source_path,  # images added from files (add-images) instead of PACS
             "final_label": t.final_label,
             "p_pneumonia": None if t.p_pneumonia is None else round(t.p_pneumonia, 6),
+            "posterior_source": posterior_source(t.method),
             "confidence": None if t.confidence is None else round(t.confidence, 6),
             "method": t.method,
             "judgments": t.judgments,
@@ -96,6 +111,8 @@ async def export_dataset(s: AsyncSession, job: JobDefinition, out: Path) -> dict
                 "is_gold": True,
                 "gold_kind": g.kind,
                 "gold_label": g.gold_label,
+                "p_pneumonia": 1.0 if g.gold_label == "pneumonia" else 0.0,
+                "posterior_source": "gold (data set label)",
                 "source": Path(g.source_path or "").name,
                 "all_judgments": [judgment_dict(r) for r in by_task.get(g.id, [])],
             }

@@ -79,7 +79,8 @@ def load_reasons(path: Path | None) -> dict[str, str]:
 async def import_gold(
     s: AsyncSession, job: JobDefinition, chosen: list[tuple[Path, str]], reasons: dict[str, str]
 ) -> dict[str, int]:
-    """Add gold items (idempotent on file path): examples per class first, then the quiz, then hidden."""
+    """Add gold items (idempotent on file path): examples per class first, then the quiz pool (one
+    disjoint set of quiz_length items per allowed attempt), then hidden."""
     existing = {t.source_path: t for t in (await s.scalars(select(Task).where(Task.source_path.is_not(None)))).all()}
     counts = {"example": 0, "quiz": 0, "hidden": 0}
     examples = {"healthy": 0, "pneumonia": 0}
@@ -98,7 +99,7 @@ async def import_gold(
         if examples[label] < job.gold.examples_per_class:
             kind = "example"
             examples[label] += 1
-        elif quiz_per_class[label] < (job.gold.quiz_length + (label == "healthy")) // 2:
+        elif quiz_per_class[label] < (job.quiz_pool + (label == "healthy")) // 2:
             kind = "quiz"
             quiz_per_class[label] += 1
         else:

@@ -33,7 +33,10 @@ class Gold(BaseModel):
     examples_per_class: int = Field(2, ge=0)
     quiz_length: int = Field(8, ge=0)
     quiz_pass_mark: float = Field(0.75, ge=0.0, le=1.0)
-    quiz_attempts: int = Field(2, ge=1)
+    quiz_attempts: int = Field(2, ge=1)  # a retake draws quiz items the annotator has not seen
+    # a hidden test question's result is shown only after this many further answers (or when the
+    # annotator's session is over), so an answer's response never tells gold from work
+    feedback_delay: int = Field(10, ge=1)
     contested_min_trusted: int = Field(3, ge=1)
     contested_share: float = Field(0.5, gt=0.0, le=1.0)
 
@@ -71,6 +74,11 @@ class JobDefinition(BaseModel):
             raise ValueError(f"confidence must be {CONFIDENCES}")
         if self.redundancy.max_judgments < self.redundancy.judgments_per_image:
             raise ValueError("max_judgments must be >= judgments_per_image")
+
+    @property
+    def quiz_pool(self) -> int:
+        """Quiz items imported: one disjoint set per allowed attempt."""
+        return self.gold.quiz_length * self.gold.quiz_attempts
 
     @property
     def key(self) -> str:

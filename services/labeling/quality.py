@@ -27,6 +27,7 @@ class Aggregate:
     iterations: int
     converged: bool
     method: str
+    confidence_factor: np.ndarray | None = None  # rho: [unsure?, agrees?] -> probability
 
 
 def _validate(items: np.ndarray, workers: np.ndarray, responses: np.ndarray) -> None:
@@ -64,6 +65,10 @@ def dawid_skene(
     smoothing: float = 0.0,
     max_iter: int = 100,
     tol: float = 1e-5,
+    unsure: np.ndarray | None = None,
+    item_prior: np.ndarray | None = None,
+    prior_weight: float = 1.0,
+    prior_clip: float = 0.01,
 ) -> Aggregate:
     """Dawid & Skene (1979) EM; one_coin=True ties each worker's confusion to one accuracy number.
 
@@ -71,6 +76,16 @@ def dawid_skene(
     smoothing: Dirichlet pseudo-count added to every confusion cell (diagonal gets 2x), so a worker
     with few judgments is pulled toward a better-than-chance prior instead of an extreme matrix.
     Initialised from majority vote, stopped when the log-likelihood gains less than tol per judgment.
+
+    unsure: per judgment, True where the annotator said "probably" (False: "sure"). Confidence
+    enters as a factor pooled over all annotators (a few answers per annotator cannot fit it per
+    person): P(answer, confidence | class, worker) = confusion[worker][class, answer] *
+    rho[confidence, answer == class], rho estimated in the M-step (how often right answers are "sure"
+    compared with wrong ones). "Can't tell" answers carry no confidence factor.
+    item_prior: (n_items, K) a model's probabilities, entering as a per-item prior (model-assisted
+    consensus, as in CROWDLAB): log P(class) becomes log prior + prior_weight * (log p_model - log prior),
+    with p_model clipped to [prior_clip, 1 - prior_clip] so the model alone can never close an item
+    against confident annotators. Gold items stay clamped.
     """
     items, workers, responses = (np.asarray(a, dtype=int) for a in (items, workers, responses))
     _validate(items, workers, responses)
@@ -94,6 +109,14 @@ def dawid_skene(
     it = 0
     conf = np.full((n_workers, K, L), 1.0 / L)
     priors = np.full(K, 1.0 / K)
+    use_conf = unsure is not None and len(items) > 0
+    if use_conf:
+        unsure_idx = np.asarray(unsure, dtype=bool).astype(int)
+        voted = responses < K
+    if item_prior is not None:
+        model_log = np.log(np.clip(np.asarray(item_prior, float), prior_clip, 1 - prior_clip))
+        model_log -= np.logaddexp.reduce(model_log, axis=1, keepdims=True)
+    rho = np.full((2, 2), 0.5)  # [unsure?, agrees with class?]
     for it in range(1, max_iter + 1):  # noqa: B007 (it is the iteration count returned)
         # M-step: confusions and class priors from the current posteriors
         counts = np.zeros((n_workers, K, L))
@@ -111,11 +134,29 @@ def dawid_skene(
             sums = counts.sum(axis=2, keepdims=True)
             conf = np.where(sums > 0, counts / np.where(sums > 0, sums, 1), 1.0 / L)
         priors = post.mean(axis=0) if n_items else np.full(K, 1.0 / K)
+        if use_conf:
+            # pooled P(confidence | the answer agrees / disagrees with the class), pseudo-count 1
+            agree = np.zeros(len(items))
+            agree[voted] = post[items[voted], responses[voted]]
+            for a, w in ((1, agree), (0, np.where(voted, 1.0 - agree, 0.0))):
+                n_unsure = float(w[unsure_idx == 1].sum()) + 1.0
+                n_all = float(w.sum()) + 2.0
+                rho[1, a] = n_unsure / n_all
+                rho[0, a] = 1.0 - rho[1, a]
         # E-step
         with np.errstate(divide="ignore"):
             log_conf = np.log(np.clip(conf, 1e-300, None))
-            log_post = np.tile(np.log(np.clip(priors, 1e-300, None)), (n_items, 1))
+            log_prior = np.log(np.clip(priors, 1e-300, None))
+            log_post = np.tile(log_prior, (n_items, 1))
+        if item_prior is not None:
+            log_post = log_post + prior_weight * (model_log - log_prior)
         np.add.at(log_post, items, log_conf[workers, :, responses])
+        if use_conf:
+            log_rho = np.log(rho)
+            factor = np.zeros((len(items), K))
+            for k in range(K):
+                factor[voted, k] = log_rho[unsure_idx[voted], (responses[voted] == k).astype(int)]
+            np.add.at(log_post, items, factor)
         norm = np.logaddexp.reduce(log_post, axis=1, keepdims=True)
         post = clamp(np.exp(log_post - norm))
         loglik = float(norm.sum()) / max(len(items), 1)
@@ -123,7 +164,9 @@ def dawid_skene(
             converged = True
             break
         loglik_prev = loglik
-    return Aggregate(post, conf, priors, it, converged, "one_coin" if one_coin else "dawid_skene")
+    return Aggregate(
+        post, conf, priors, it, converged, "one_coin" if one_coin else "dawid_skene", rho if use_conf else None
+    )
 
 
 def fleiss_kappa(counts: np.ndarray) -> float:

@@ -6,6 +6,7 @@ All functions take an open AsyncSession; the caller commits.
 
 from __future__ import annotations
 
+import hashlib
 import random
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -70,6 +71,55 @@ async def gold_score(s: AsyncSession, user_id: int, job: JobDefinition) -> GoldS
     return GoldScore(answered, correct, beta_trust(correct, answered, job.trust.prior_correct, job.trust.prior_wrong))
 
 
+@dataclass
+class GoldFeedback:
+    """A hidden test question's result, as the annotator may see it (only once revealed)."""
+
+    judgment: JudgmentRow
+    task: Task
+    position: int  # 0-based index of the answer among the annotator's work answers
+
+
+async def revealed_gold(
+    s: AsyncSession, user: User, job: JobDefinition, session_over: bool = False
+) -> tuple[list[GoldFeedback], list[GoldFeedback]]:
+    """(every revealed test-question result, the ones revealed by the latest answer).
+
+    A hidden test question's result is revealed only once the annotator has given
+    `gold.feedback_delay` further answers, or when their session is over (stopped, turned away, or
+    no images left): the response to an answer never tells a test question from a work image.
+    """
+    rows = list(
+        (
+            await s.scalars(
+                select(JudgmentRow)
+                .where(JudgmentRow.user_id == user.id, JudgmentRow.context == "work", JudgmentRow.state != "undone")
+                .order_by(JudgmentRow.submitted_at, JudgmentRow.id)
+            )
+        ).all()
+    )
+    over = session_over or user.status != "active"
+    delay = job.gold.feedback_delay
+    revealed: list[GoldFeedback] = []
+    new: list[GoldFeedback] = []
+    for i, row in enumerate(rows):
+        if not row.is_gold or row.state != "final":
+            continue
+        later = len(rows) - 1 - i
+        if later >= delay or over:
+            task = await s.get(Task, row.task_id)
+            assert task is not None
+            revealed.append(GoldFeedback(row, task, i))
+            if later == delay and not over:
+                new.append(revealed[-1])
+    return revealed, new
+
+
+def visible_score(revealed: list[GoldFeedback]) -> tuple[int, int]:
+    """(test questions revealed, of them right): what the annotator is shown of their own accuracy."""
+    return len(revealed), sum(1 for g in revealed if g.judgment.correct)
+
+
 async def _judged_task_ids(s: AsyncSession, user_id: int, context: str, attempt: int | None = None) -> set[str]:
     q = select(JudgmentRow.task_id).where(
         JudgmentRow.user_id == user_id, JudgmentRow.context == context, JudgmentRow.state != "undone"
@@ -80,7 +130,39 @@ async def _judged_task_ids(s: AsyncSession, user_id: int, context: str, attempt:
 
 
 async def quiz_tasks(s: AsyncSession) -> list[Task]:
+    """The whole quiz pool (one disjoint set of quiz_length items per allowed attempt)."""
     return list((await s.scalars(select(Task).where(Task.kind == "quiz").order_by(Task.created_at, Task.id))).all())
+
+
+async def quiz_for_attempt(s: AsyncSession, user: User, job: JobDefinition, attempt: int | None = None) -> list[Task]:
+    """The quiz items of one attempt, in the order they are asked: drawn from the pool items this
+    annotator has not seen in an earlier attempt, balanced by class, in an order private to the
+    annotator and the attempt. A retake therefore never replays an image whose answer was shown."""
+    attempt = user.quiz_attempt if attempt is None else attempt
+    pool = await quiz_tasks(s)
+    earlier = set(
+        (
+            await s.scalars(
+                select(JudgmentRow.task_id).where(
+                    JudgmentRow.user_id == user.id,
+                    JudgmentRow.context == "quiz",
+                    JudgmentRow.quiz_attempt < attempt,
+                )
+            )
+        ).all()
+    )
+
+    def key(t: Task) -> bytes:
+        return hashlib.sha256(f"{user.pseudonym}:{attempt}:{t.id}".encode()).digest()
+
+    fresh = sorted((t for t in pool if t.id not in earlier), key=key)
+    n = job.gold.quiz_length
+    per_class = {"healthy": (n + 1) // 2, "pneumonia": n // 2}
+    chosen = [t for t in fresh if t.gold_label == "healthy"][: per_class["healthy"]]
+    chosen += [t for t in fresh if t.gold_label == "pneumonia"][: per_class["pneumonia"]]
+    if len(chosen) < n:  # an unbalanced pool: fill up with whatever is left
+        chosen += [t for t in fresh if t not in chosen][: n - len(chosen)]
+    return sorted(chosen, key=key)
 
 
 async def quiz_answers(s: AsyncSession, user_id: int, attempt: int) -> list[bool]:
@@ -115,7 +197,7 @@ async def next_item(
     if not user.instructions_seen:
         return NextItem("instructions")
     if not user.quiz_passed:
-        quiz = await quiz_tasks(s)
+        quiz = await quiz_for_attempt(s, user, job)
         done = await _judged_task_ids(s, user.id, "quiz", user.quiz_attempt)
         todo = [t for t in quiz if t.id not in done]
         if todo:
@@ -293,6 +375,9 @@ async def _submit_quiz(
         raise WorkflowError(409, "you already passed the quiz")
     if task.id in await _judged_task_ids(s, user.id, "quiz", user.quiz_attempt):
         raise WorkflowError(409, "you already answered this quiz question")
+    quiz = await quiz_for_attempt(s, user, job)
+    if task not in quiz:
+        raise WorkflowError(409, "this image is not in your quiz")
     correct = answer == task.gold_label
     row = JudgmentRow(
         task_id=task.id,
@@ -312,7 +397,6 @@ async def _submit_quiz(
     s.add(row)
     await s.flush()
     result = Submitted(row, task, correct)
-    quiz = await quiz_tasks(s)
     answers = await quiz_answers(s, user.id, user.quiz_attempt)
     if len(answers) >= len(quiz):
         score = sum(1 for a in answers if a) / max(len(answers), 1)
@@ -321,7 +405,8 @@ async def _submit_quiz(
             user.quiz_passed = result.quiz_passed = True
         else:
             user.quiz_attempt += 1
-            if user.quiz_attempt >= job.gold.quiz_attempts:
+            # retakes are capped, and a retake needs a full set of quiz items not seen before
+            if user.quiz_attempt >= job.gold.quiz_attempts or len(await quiz_for_attempt(s, user, job)) < len(quiz):
                 user.status = "quiz_failed"
                 user.status_reason = f"quiz score {score:.0%} below {job.gold.quiz_pass_mark:.0%}"
                 result.stopped = True
@@ -412,12 +497,13 @@ def image_ref(task: Task) -> ImageRef:
     )
 
 
-async def may_view_image(s: AsyncSession, user_id: int, role: str, task: Task) -> bool:
-    """Owners see every image; an annotator only examples, their quiz, their current image and ones they judged."""
-    if role in ("owner", "admin") or task.kind in ("example", "quiz"):
+async def may_view_image(s: AsyncSession, user: User, role: str, task: Task, job: JobDefinition) -> bool:
+    """Owners see every image; an annotator only examples, the quiz items of their current attempt,
+    their current image and ones they judged."""
+    if role in ("owner", "admin") or task.kind == "example":
         return True
-    if await s.scalar(select(Lease.id).where(Lease.user_id == user_id, Lease.task_id == task.id)):
+    if await s.scalar(select(JudgmentRow.id).where(JudgmentRow.user_id == user.id, JudgmentRow.task_id == task.id)):
         return True
-    return bool(
-        await s.scalar(select(JudgmentRow.id).where(JudgmentRow.user_id == user_id, JudgmentRow.task_id == task.id))
-    )
+    if task.kind == "quiz":
+        return not user.quiz_passed and task in await quiz_for_attempt(s, user, job)
+    return bool(await s.scalar(select(Lease.id).where(Lease.user_id == user.id, Lease.task_id == task.id)))

@@ -364,7 +364,7 @@ def demo(
         Path("../shared/data"), help="the shared data folder (kermany224/train/{NORMAL,PNEUMONIA})"
     ),
     n: int = typer.Option(8, min=1, max=200, help="X-rays to send"),
-    gold: int = typer.Option(20, min=2, help="gold items to import into the labeling job"),
+    gold: int = typer.Option(48, min=2, help="gold items for the labeling job (4 examples, 16 quiz, rest hidden)"),
     host: str = typer.Option("127.0.0.1", help="where `pneumotriage up` runs"),
     wait: float = typer.Option(90.0, help="seconds to wait for the first flags (0: do not wait)"),
 ) -> None:

@@ -109,15 +109,25 @@ def test_annotator_journey(labeling_server: LabelingServer, chromium, shared_dat
     assert "Answered: 0" in page.locator("#progress").inner_text()
     assert server.query("SELECT state FROM labeling_judgments WHERE task_id=?", first) == [("undone",)]
 
-    # keep judging; when a hidden test question comes, miss it and see the reason and own accuracy
+    # keep judging; when a hidden test question comes, miss it: the page looks exactly as after a
+    # work image (no feedback yet), and the result is revealed gold.feedback_delay (3) answers later
     kinds = dict(server.query("SELECT id, kind FROM labeling_tasks"))
     for _ in range(12):
         task = current_task(page)
         if kinds[task] == "hidden":
             press(page, WRONG[gold[task]])
-            assert "not quite right" in page.locator("#feedback").inner_text()
+            assert page.locator("#feedback").count() == 0 and page.locator("#gold-feedback").count() == 0
+            assert "none yet" in page.locator("#accuracy").inner_text()
+            for i in range(3):
+                assert page.locator("#gold-feedback").count() == 0, i
+                nxt = current_task(page)
+                press(page, RIGHT[gold[nxt]] if nxt in gold else "h")
+            assert "not quite right" in page.locator("#gold-feedback").inner_text()
             assert "0% of 1" in page.locator("#accuracy").inner_text()
             page.screenshot(path=str(shots / "04-own-accuracy.png"), full_page=True)
+            page.get_by_role("link", name="Test-question results").click()
+            page.wait_for_url("**/feedback")
+            assert "0 of 1 right" in page.locator("#feedback-score").inner_text()
             break
         press(page, "h")
     else:

@@ -23,13 +23,13 @@ CROWD = "expert:4,careless:2,adversarial:2,spammer:1"
 @pytest.fixture(scope="module")
 def crowd_run(rabbit: RabbitNode, shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     train = shared_data / "kermany224" / "train"
-    server = LabelingServer(rabbit.url, train, n_gold=20, hidden_ratio=0.3).start()
+    server = LabelingServer(rabbit.url, train, n_gold=28, hidden_ratio=0.3).start()
     try:
         sources = work_sources(shared_data, N_IMAGES, offset=200)
         uids = server.add_work_images([p for p, _ in sources])
         server.wait_for("SELECT count(*) FROM labeling_tasks WHERE kind='work'", lambda r: r[0][0] >= N_IMAGES, 120)
         truth_dir = tmp_path_factory.mktemp("truth")
-        for path, label in [*sources, *choose_gold(train, 20)]:
+        for path, label in [*sources, *choose_gold(train, 28)]:
             folder = truth_dir / ("PNEUMONIA" if label == "pneumonia" else "NORMAL")
             folder.mkdir(exist_ok=True)
             if not (folder / path.name).exists():  # a work image may also be a gold image
@@ -93,6 +93,20 @@ def test_exports(crowd_run: dict) -> None:
     labels = list(csv.DictReader(open(out / "dataset" / "labels.csv")))
     assert {r["sop_instance_uid"] for r in labels} == set(crowd_run["_uids"])
     assert {r["final_label"] for r in labels} <= {"pneumonia", "healthy", "cant_tell", ""}
+    # every posterior says where it comes from (here: annotators only, the service uses no model prior)
+    assert {r["posterior_source"] for r in labels if r["method"]} == {"crowd"}
+    assert all(r["posterior_source"] == "" for r in labels if not r["method"])
+    # training can read the export: ids -> stored images, with the posterior
+    from services.inference.training.from_export import records_from_export
+
+    usable = [r for r in labels if r["complete"] == "True" and r["final_label"] in ("pneumonia", "healthy")]
+    records = records_from_export(out / "dataset")
+    assert usable and len(records) == len(usable)
+    assert all(r.record.path.is_file() and r.record.path.suffix == ".dcm" for r in records)
+    by_path = {r.record.path.as_uri(): r for r in records}
+    for row in usable:
+        rec = by_path[row["storage_uri"]]
+        assert rec.record.label == (row["final_label"] == "pneumonia") and rec.p_pneumonia == float(row["p_pneumonia"])
     records = [json.loads(line) for line in open(out / "dataset" / "labels.jsonl")]
     work = [r for r in records if not r["is_gold"]]
     assert all(j["annotator_id"].startswith("ann-") for r in work for j in r["all_judgments"])

@@ -51,7 +51,7 @@ confidence:
 cant_tell_reasons: ["poor image quality (blurred, too dark or too bright)", "not a chest X-ray"]
 redundancy: {judgments_per_image: 3, max_judgments: 7, target_confidence: 0.95, em_min_judgments: 20}
 gold: {hidden_ratio: %(ratio)s, examples_per_class: 2, quiz_length: 8, quiz_pass_mark: 0.75, quiz_attempts: 2,
-       contested_min_trusted: 3, contested_share: 0.5}
+       feedback_delay: 3, contested_min_trusted: 3, contested_share: 0.5}
 trust: {prior_correct: 4, prior_wrong: 1, threshold: 0.7, min_gold: 3}
 pay: {currency: USD, per_judgment: 0.04}
 """
@@ -168,7 +168,7 @@ class LabelingServer:
         self,
         amqp_url: str,
         gold_data: Path,
-        n_gold: int = 20,
+        n_gold: int = 28,  # 4 examples, 16 quiz items (2 disjoint attempts), 8 hidden
         hidden_ratio: float = 0.2,
         database_url: str | None = None,
     ) -> None:

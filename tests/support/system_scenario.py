@@ -70,7 +70,7 @@ def link_truth(images: list[tuple[Path, str]], root: Path) -> Path:
     return root
 
 
-def gold_folder(shared_data: Path, root: Path, exclude: set[Path], n: int = 24, seed: int = 11) -> Path:
+def gold_folder(shared_data: Path, root: Path, exclude: set[Path], n: int = 28, seed: int = 11) -> Path:
     train = shared_data / "kermany224" / "train"
     rng = random.Random(seed)
     picks: list[tuple[Path, str]] = []
@@ -80,7 +80,7 @@ def gold_folder(shared_data: Path, root: Path, exclude: set[Path], n: int = 24, 
     return link_truth(picks, root)
 
 
-def seed_accounts_and_gold(system: SystemHarness, gold_dir: Path, n_gold: int = 24) -> None:
+def seed_accounts_and_gold(system: SystemHarness, gold_dir: Path, n_gold: int = 28) -> None:
     system.cli("labeling", "add-user", OWNER[0], "--role", "owner", "--password", OWNER[1])
     system.cli("aggregator", "add-user", CLINICIAN[0], "--role", "clinician", "--password", CLINICIAN[1])
     system.cli("labeling", "import-gold", "--data", str(gold_dir), "--n", str(n_gold))

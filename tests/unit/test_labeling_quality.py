@@ -145,3 +145,79 @@ def test_job_file_loads_and_is_validated() -> None:
     bad["answers"] = bad["answers"][:2]
     with pytest.raises(ValueError):
         JobDefinition.model_validate(bad)
+
+
+def simulated_with_confidence(seed: int, n_items: int = 300, n_workers: int = 10, per_item: int = 3):
+    """Workers right 75 % of the time; right answers are "sure" 80 % of the time, wrong ones 25 %."""
+    rng = np.random.default_rng(seed)
+    truth = (rng.random(n_items) < 0.5).astype(int)
+    rows = []
+    for i in range(n_items):
+        for w in rng.choice(n_workers, per_item, replace=False):
+            right = rng.random() < 0.75
+            unsure = rng.random() > (0.8 if right else 0.25)
+            rows.append((i, w, truth[i] if right else 1 - truth[i], unsure))
+    a = np.array(rows)
+    return truth, a[:, 0], a[:, 1], a[:, 2], a[:, 3].astype(bool)
+
+
+def test_confidence_is_learned_and_improves_accuracy() -> None:
+    gains = []
+    for seed in range(4):
+        truth, items, workers, responses, unsure = simulated_with_confidence(seed)
+        plain = dawid_skene(items, workers, responses, len(truth), 10, smoothing=1.0)
+        conf = dawid_skene(items, workers, responses, len(truth), 10, smoothing=1.0, unsure=unsure)
+        rho = conf.confidence_factor
+        assert rho is not None and plain.confidence_factor is None
+        # P(probably | answer right) and P(probably | answer wrong), pooled: close to 0.2 and 0.75
+        assert abs(rho[1, 1] - 0.2) < 0.08 and abs(rho[1, 0] - 0.75) < 0.15, rho
+        acc = [float(np.mean(a.posteriors.argmax(axis=1) == truth)) for a in (plain, conf)]
+        gains.append(acc[1] - acc[0])
+    assert np.mean(gains) > 0.02, gains
+
+
+def test_a_sure_answer_outweighs_a_probably_one() -> None:
+    truth, items, workers, responses, unsure = simulated_with_confidence(9)
+    n = len(truth)
+    # one more item: two similar workers disagree, worker 0 "sure" says 0, worker 1 "probably" says 1
+    items = np.append(items, [n, n])
+    workers = np.append(workers, [0, 1])
+    responses = np.append(responses, [0, 1])
+    unsure = np.append(unsure, [False, True])
+    agg = dawid_skene(items, workers, responses, n + 1, 10, smoothing=1.0, unsure=unsure)
+    assert agg.posteriors[n, 0] > 0.6
+    unsure[-2:] = [True, False]  # now worker 0 is unsure and worker 1 sure
+    swapped = dawid_skene(items, workers, responses, n + 1, 10, smoothing=1.0, unsure=unsure)
+    assert swapped.posteriors[n, 0] < 0.4
+
+
+def test_model_prior_closes_agreeing_items_and_gold_stays_clamped() -> None:
+    truth, items, workers, responses = simulated(4, n_items=200, per_item=3)
+    n = len(truth)
+    rng = np.random.default_rng(0)
+    # a good model: 90 % confident and right, occasionally confident and wrong
+    p_true = np.where(rng.random(n) < 0.95, 0.9, 0.1)
+    prior = np.where(truth[:, None] == np.arange(2)[None, :], p_true[:, None], 1 - p_true[:, None])
+    first = np.array([np.flatnonzero(items == i)[0] for i in range(n)])  # one answer per item
+    plain = dawid_skene(items[first], workers[first], responses[first], n, 12, smoothing=1.0)
+    assisted = dawid_skene(items[first], workers[first], responses[first], n, 12, smoothing=1.0, item_prior=prior)
+    agree = (responses[first] == prior.argmax(axis=1)) & (prior.max(axis=1) > 0.8)
+    # where the model and the one annotator agree, the posterior is more confident with the prior
+    assert np.all(assisted.posteriors.max(axis=1)[agree] > plain.posteriors.max(axis=1)[agree])
+    acc = [float(np.mean(a.posteriors.argmax(axis=1) == truth)) for a in (plain, assisted)]
+    assert acc[1] > acc[0] + 0.05, acc
+    # clipping: a model that says class 0 with p = 1 everywhere is capped; the looser the cap, the more
+    # the annotators can overrule it, and no posterior becomes certain from the model alone
+    certain = np.tile([1.0, 0.0], (n, 1))
+    accs = []
+    for clip in (0.01, 0.1, 0.3):
+        agg = dawid_skene(items, workers, responses, n, 12, smoothing=1.0, item_prior=certain, prior_clip=clip)
+        accs.append(float(np.mean(agg.posteriors.argmax(axis=1) == truth)))
+        assert agg.posteriors[:, 0].max() < 1.0
+    assert accs == sorted(accs) and accs[0] < accs[-1], accs
+    # gold stays clamped whatever the model says
+    known = {0: int(truth[0])}
+    wrong_prior = prior.copy()
+    wrong_prior[0] = np.eye(2)[1 - truth[0]]
+    clamped = dawid_skene(items, workers, responses, n, 12, smoothing=1.0, item_prior=wrong_prior, known=known)
+    assert clamped.posteriors[0, truth[0]] == 1.0

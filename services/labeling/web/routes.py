@@ -30,14 +30,15 @@ from services.labeling.workflow import (
     Submitted,
     WorkflowError,
     example_tasks,
-    gold_score,
     may_view_image,
     next_item,
     pending_judgments,
     quiz_answers,
-    quiz_tasks,
+    quiz_for_attempt,
+    revealed_gold,
     submit,
     undo_last,
+    visible_score,
 )
 
 HERE = Path(__file__).resolve().parent
@@ -182,7 +183,8 @@ def create_app(
             if item.state == "instructions":
                 return RedirectResponse("/instructions", status_code=303)
             feedback = await _feedback(s, user, fb)
-            score = await gold_score(s, user.id, ctx.job)
+            revealed, new = await revealed_gold(s, user, ctx.job, session_over=item.state in ("done", "stopped"))
+            gold_answered, gold_right = visible_score(revealed)
             n_done = await answered_count(s, user.id)
             can_undo = bool(await pending_judgments(s, user.id))
             return page(
@@ -191,7 +193,9 @@ def create_app(
                 {
                     "item": item,
                     "feedback": feedback,
-                    "score": score,
+                    "gold_new": new,
+                    "gold_answered": gold_answered,
+                    "gold_right": gold_right,
                     "answered": n_done,
                     "can_undo": can_undo,
                     "status_reason": user.status_reason,
@@ -204,14 +208,15 @@ def create_app(
         if not judgment_id:
             return None
         row = await s.get(JudgmentRow, judgment_id)
-        if row is None or row.user_id != user.id or not row.is_gold:
+        # only quiz answers get feedback at once; hidden test questions are revealed later (revealed_gold)
+        if row is None or row.user_id != user.id or row.context != "quiz":
             return None
         task = await s.get(Task, row.task_id)
         assert task is not None
         out: dict[str, Any] = {"correct": bool(row.correct), "gold_label": task.gold_label, "reason": task.gold_reason}
         if row.context == "quiz":
             results = await quiz_answers(s, user.id, row.quiz_attempt)
-            if len(results) >= len(await quiz_tasks(s)):  # this answer finished an attempt
+            if len(results) >= len(await quiz_for_attempt(s, user, ctx.job, row.quiz_attempt)):  # finished
                 out["quiz"] = {
                     "attempt": row.quiz_attempt + 1,
                     "right": sum(1 for r in results if r),
@@ -235,7 +240,7 @@ def create_app(
     ) -> Response:
         result = await _submit(who, AnswerIn(**_answer_fields(task_id, answer, confidence, reason, click_x, click_y)))
         target = "/work"
-        if result.correct is False or result.quiz_finished:
+        if result.judgment.context == "quiz" and (result.correct is False or result.quiz_finished):
             target += f"?fb={result.judgment.id}"
         return RedirectResponse(target, status_code=303)
 
@@ -288,7 +293,8 @@ def create_app(
             raise HTTPException(401, "sign in first")
         async with ctx.sessions() as s:
             task = await s.get(Task, task_id[:64])
-            if task is None or not await may_view_image(s, int(who.id), who.role, task):
+            user = await s.get(User, int(who.id))
+            if task is None or user is None or not await may_view_image(s, user, who.role, task, ctx.job):
                 raise HTTPException(404, "no such image")
         source = Path(task.source_path) if task.source_path else path_from_uri(task.storage_uri or "")
         png = await asyncio.to_thread(cached_png, ctx.render_dir, task.id, source, ctx.max_side)
@@ -330,6 +336,10 @@ def create_app(
     async def api_judgment(body: AnswerIn, who: SessionUser = Depends(annotator)) -> dict[str, Any]:
         result = await _submit(who, body)
         out: dict[str, Any] = {"judgment_id": result.judgment.id, "stopped": result.stopped}
+        if result.judgment.context != "quiz":
+            # the same answer for a work image and a hidden test question: gold results come later,
+            # batched, from /api/feedback (after gold.feedback_delay further answers)
+            return out
         if result.correct is False:  # the reason is shown after a miss, never before
             out.update(correct=False, gold_label=result.task.gold_label, reason=result.task.gold_reason)
         elif result.correct:
@@ -349,16 +359,54 @@ def create_app(
     async def api_me(who: SessionUser = Depends(annotator)) -> dict[str, Any]:
         async with ctx.sessions() as s:
             user = await db_user(s, who)
-            score = await gold_score(s, user.id, ctx.job)
+            revealed, _new = await revealed_gold(s, user, ctx.job)
             n = await answered_count(s, user.id)
+        answered, right = visible_score(revealed)
         return {
             "annotator_id": user.pseudonym,
             "status": user.status,
             "quiz_passed": user.quiz_passed,
             "judgments": n,
-            "gold_answered": score.answered,
-            "gold_accuracy": score.accuracy,
+            "gold_answered": answered,  # revealed test questions only (see /api/feedback)
+            "gold_accuracy": right / answered if answered else None,
         }
+
+    def _gold_item(g: Any) -> dict[str, Any]:
+        return {
+            "task_id": g.task.id,
+            "image_url": f"/img/{g.task.id}.png",
+            "answer_number": g.position + 1,
+            "your_answer": g.judgment.answer,
+            "gold_label": g.task.gold_label,
+            "correct": bool(g.judgment.correct),
+            "reason": g.task.gold_reason,
+        }
+
+    @router.get("/api/feedback")
+    async def api_feedback(who: SessionUser = Depends(annotator)) -> dict[str, Any]:
+        """Results of the annotator's test questions, each revealed gold.feedback_delay answers later."""
+        async with ctx.sessions() as s:
+            user = await db_user(s, who)
+            revealed, _new = await revealed_gold(s, user, ctx.job)
+        answered, right = visible_score(revealed)
+        return {
+            "feedback_delay": ctx.job.gold.feedback_delay,
+            "revealed": answered,
+            "right": right,
+            "items": [_gold_item(g) for g in revealed],
+        }
+
+    @router.get("/feedback", response_class=HTMLResponse)
+    async def feedback_page(request: Request, who: SessionUser = Depends(annotator)) -> HTMLResponse:
+        async with ctx.sessions() as s:
+            user = await db_user(s, who)
+            revealed, _new = await revealed_gold(s, user, ctx.job)
+        answered, right = visible_score(revealed)
+        return page(
+            request,
+            "feedback.html",
+            {"items": [_gold_item(g) for g in revealed], "gold_answered": answered, "gold_right": right},
+        )
 
     # -- owner -----------------------------------------------------------------------------------
     @router.get("/owner", response_class=HTMLResponse)
