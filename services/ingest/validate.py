@@ -16,6 +16,7 @@ import re
 from dataclasses import dataclass, field
 from datetime import date
 from io import BytesIO
+from pathlib import Path
 
 import pydicom
 from pydicom.dataelem import RawDataElement
@@ -27,6 +28,10 @@ from services.core.imaging import patient_age_years
 from services.ingest.config import IngestSettings
 
 UNDEFINED_LENGTH = 0xFFFFFFFF
+PIXEL_DATA = 0x7FE00010
+# Values longer than this are not read while validating (pydicom defers them); a large native Pixel
+# Data element is checked by its declared length against the bytes the file holds.
+DEFER_BYTES = 4 << 20
 
 # C-STORE statuses we answer (PS3.4 B.2.3, PS3.7 C). ErrorComment carries the reason code.
 SUCCESS = 0x0000
@@ -123,15 +128,16 @@ def _int(ds: Dataset, keyword: str, default: int = 0) -> int:
         raise Refusal(DATASET_MISMATCH, "bad_image_attribute", f"{keyword} is not an integer") from exc
 
 
-def parse(data: bytes) -> Dataset:
-    """Parse a Part 10 byte string completely (every element converted), or raise Refusal."""
-    if not data:
+def parse(data: bytes | Path) -> Dataset:
+    """Parse a Part 10 file or byte string (every element converted except deferred large values), or raise Refusal."""
+    size = _size(data)
+    if not size:
         raise Refusal(CANNOT_PARSE, "empty_dataset", "the data set is empty")
     try:
-        ds = pydicom.dcmread(BytesIO(data), force=True)
-        _check_complete(ds)
-        for elem in ds.iterall():  # convert raw elements now, so a bad VR / length fails here
-            _ = elem.value
+        source = BytesIO(data) if isinstance(data, bytes) else data
+        ds = pydicom.dcmread(source, force=True, defer_size=DEFER_BYTES)
+        _check_complete(ds, size)
+        _convert(ds)  # convert raw elements now, so a bad VR / length fails here
     except Refusal:
         raise
     except Exception as exc:  # pydicom raises many kinds on fuzzed input; any is "cannot understand"
@@ -141,13 +147,44 @@ def parse(data: bytes) -> Dataset:
     return ds
 
 
-def _check_complete(ds: Dataset) -> None:
+def _deferred(elem: object) -> bool:
+    return isinstance(elem, RawDataElement) and elem.value is None and elem.length not in (0, UNDEFINED_LENGTH)
+
+
+def _convert(ds: Dataset) -> None:
+    for tag in ds.keys():
+        if _deferred(ds.get_item(tag)):
+            continue
+        elem = ds[tag]
+        if elem.VR == "SQ":
+            for item in elem.value:
+                _convert(item)
+
+
+def _check_complete(ds: Dataset, size: int) -> None:
     """pydicom reads a truncated stream with only a warning: an element shorter than its length is a refusal."""
     for tag in ds.keys():
         elem = ds.get_item(tag)
-        if isinstance(elem, RawDataElement) and elem.value is not None and elem.length != UNDEFINED_LENGTH:
-            if len(elem.value) < elem.length:
+        if not isinstance(elem, RawDataElement) or elem.length == UNDEFINED_LENGTH:
+            continue
+        if elem.value is None:
+            if elem.length and elem.value_tell + elem.length > size:  # deferred: check the file holds it
                 raise Refusal(CANNOT_PARSE, "truncated", f"data set truncated inside element {tag}")
+        elif len(elem.value) < elem.length:
+            raise Refusal(CANNOT_PARSE, "truncated", f"data set truncated inside element {tag}")
+
+
+def _size(data: bytes | Path) -> int:
+    return len(data) if isinstance(data, bytes) else data.stat().st_size
+
+
+def _pixel_bytes(ds: Dataset, size: int) -> int:
+    """Bytes of native Pixel Data, without reading a deferred value (size: bytes of the whole file)."""
+    elem = ds.get_item(PIXEL_DATA)
+    if _deferred(elem):
+        assert isinstance(elem, RawDataElement)
+        return min(elem.length, max(0, size - elem.value_tell))
+    return len(ds.PixelData)
 
 
 def _age_years(ds: Dataset) -> int | None:
@@ -166,7 +203,7 @@ def _age_years(ds: Dataset) -> int | None:
     return None
 
 
-def _check_pixels(ds: Dataset, settings: IngestSettings) -> tuple[int, int, int]:
+def _check_pixels(ds: Dataset, settings: IngestSettings, size: int) -> tuple[int, int, int]:
     if "PixelData" not in ds:
         if "FloatPixelData" in ds or "DoubleFloatPixelData" in ds:
             raise Refusal(DATASET_MISMATCH, "float_pixel_data", "float pixel data is not an X-ray image")
@@ -184,7 +221,7 @@ def _check_pixels(ds: Dataset, settings: IngestSettings) -> tuple[int, int, int]
     ts = UID(ds.file_meta.get("TransferSyntaxUID", "1.2.840.10008.1.2.1"))
     if not ts.is_compressed:
         expected = (rows * cols * frames * samples * bits + 7) // 8
-        actual = len(ds.PixelData)
+        actual = _pixel_bytes(ds, size)
         if actual < expected:
             raise Refusal(
                 DATASET_MISMATCH, "pixel_length_mismatch", f"Pixel Data holds {actual} bytes, {expected} expected"
@@ -200,9 +237,9 @@ def _check_pixels(ds: Dataset, settings: IngestSettings) -> tuple[int, int, int]
 
 
 def decide(
-    data: bytes, settings: IngestSettings, context_sop_class: str = "", command_sop_instance: str = ""
+    data: bytes | Path, settings: IngestSettings, context_sop_class: str = "", command_sop_instance: str = ""
 ) -> Decision:
-    """Validate one Part 10 encoded instance; never raises for bad input."""
+    """Validate one Part 10 encoded instance (bytes or a file); never raises for bad input."""
     try:
         return _decide(data, settings, context_sop_class, command_sop_instance)
     except Refusal as r:
@@ -216,7 +253,9 @@ def decide(
         )
 
 
-def _decide(data: bytes, settings: IngestSettings, context_sop_class: str, command_sop_instance: str) -> Decision:
+def _decide(
+    data: bytes | Path, settings: IngestSettings, context_sop_class: str, command_sop_instance: str
+) -> Decision:
     ds = parse(data)
     sop_class, sop_uid = _text(ds, "SOPClassUID"), _text(ds, "SOPInstanceUID")
     if not sop_class or not sop_uid:
@@ -231,7 +270,7 @@ def _decide(data: bytes, settings: IngestSettings, context_sop_class: str, comma
     study, series = _text(ds, "StudyInstanceUID"), _text(ds, "SeriesInstanceUID")
     if not study or not series:
         raise Refusal(DATASET_MISMATCH, "missing_uids", "Study or Series Instance UID missing")
-    rows, cols, frames = _check_pixels(ds, settings)
+    rows, cols, frames = _check_pixels(ds, settings, _size(data))
 
     decision = Decision(
         Action.ACCEPT,
