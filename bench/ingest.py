@@ -96,8 +96,30 @@ class Result:
     p50_ms: float
     p99_ms: float
     events_drained_s: float | None = None
+    cpu_ms_per_image: float | None = None  # CPU time of the target's processes while the senders ran
     rounds: int = 1
     latencies: list[float] = field(default_factory=list, repr=False)
+
+
+def cpu_seconds(pid: int) -> float:
+    """user + system CPU seconds of a process and its live descendants (from /proc)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    stats: dict[int, tuple[int, float]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        stats[int(entry.name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / tick)
+    total, frontier = 0.0, [pid]
+    while frontier:
+        current = frontier.pop()
+        if current in stats:
+            total += stats[current][1]
+        frontier.extend(p for p, (ppid, _) in stats.items() if ppid == current)
+    return total
 
 
 def make_files(n: int, size: int, bits: int, out: Path) -> list[Path]:
@@ -173,23 +195,34 @@ def combine(runs: list[Result]) -> Result:
         round(statistics.median(lat) * 1000, 1),
         round(p99 * 1000, 1),
         round(statistics.median(drained), 2) if drained else None,
+        statistics.median(r.cpu_ms_per_image for r in runs if r.cpu_ms_per_image is not None),
         rounds=len(runs),
     )
 
 
 def run_storescp(files: list[Path], senders: int, work: Path) -> Result:
     with StoreSCP(aet=AE, base_dir=work / "storescp", env=DCMTK_NODELAY_ENV) as scp:
+        assert scp.process is not None
+        cpu = cpu_seconds(scp.process.pid)
         wall, ok, lat = send(scp.port, AE, files, senders, work)
+        cpu = cpu_seconds(scp.process.pid) - cpu
         assert len(scp.received()) == len(files), "storescp did not receive everything"
-    return summarize("dcmtk storescp", senders, files, wall, ok, lat)
+    result = summarize("dcmtk storescp", senders, files, wall, ok, lat)
+    result.cpu_ms_per_image = round(cpu * 1000 / len(files), 2)
+    return result
 
 
 def run_orthanc(files: list[Path], senders: int, work: Path) -> Result:
     with Orthanc(aet=AE, base_dir=work / "orthanc", env=DCMTK_NODELAY_ENV, config_overrides=ORTHANC_CONFIG) as pacs:
+        assert pacs.process is not None
+        cpu = cpu_seconds(pacs.process.pid)
         wall, ok, lat = send(pacs.dicom_port, AE, files, senders, work)
+        cpu = cpu_seconds(pacs.process.pid) - cpu
         count = pacs.get("/statistics")["CountInstances"]
         assert count == len(files), f"Orthanc holds {count} instances"
-    return summarize("Orthanc", senders, files, wall, ok, lat)
+    result = summarize("Orthanc", senders, files, wall, ok, lat)
+    result.cpu_ms_per_image = round(cpu * 1000 / len(files), 2)
+    return result
 
 
 def run_ours(files: list[Path], senders: int, work: Path, rabbit: RabbitNode, extra: dict[str, str]) -> Result:
@@ -212,7 +245,9 @@ def run_ours(files: list[Path], senders: int, work: Path, rabbit: RabbitNode, ex
         wait_for_port("127.0.0.1", port, 120, proc)
         wait_for_port("127.0.0.1", http_port, 60, proc)
         started = time.perf_counter()
+        cpu = cpu_seconds(proc.pid)
         wall, ok, lat = send(port, AE, files, senders, work)
+        cpu = cpu_seconds(proc.pid) - cpu
         db = sqlite3.connect(data_dir / "ingest.db")
         while True:  # until every event is confirmed by the broker
             (backlog,) = db.execute("SELECT count(*) FROM ingest_outbox WHERE published_at IS NULL").fetchone()
@@ -228,6 +263,7 @@ def run_ours(files: list[Path], senders: int, work: Path, rabbit: RabbitNode, ex
         proc.wait(timeout=60)
     result = summarize("pneumotriage ingest", senders, files, wall, ok, lat)
     result.events_drained_s = round(drained, 2)
+    result.cpu_ms_per_image = round(cpu * 1000 / len(files), 2)
     return result
 
 
@@ -284,13 +320,13 @@ def main() -> None:
     title = f"C-STORE over loopback: {args.n} DX images, {args.size}x{args.size}, {args.bits} bit"
     title += f", median of {args.rounds} round(s)"
     table = Table(title=title)
-    for col in ("target", "senders", "ok", "images/s", "MB/s", "p50 ms", "p99 ms", "events out (s)"):
+    for col in ("target", "senders", "ok", "images/s", "MB/s", "p50 ms", "p99 ms", "CPU ms/img", "events out (s)"):
         table.add_column(col, justify="right" if col != "target" else "left", no_wrap=True)
     for r in results:
         drained = "" if r.events_drained_s is None else f"{r.events_drained_s}"
         table.add_row(
             r.target, str(r.senders), f"{r.ok}/{r.images}", str(r.images_per_s), str(r.mb_per_s),
-            str(r.p50_ms), str(r.p99_ms), drained,
+            str(r.p50_ms), str(r.p99_ms), str(r.cpu_ms_per_image), drained,
         )  # fmt: skip
     console.print(table)
     for senders in args.senders:

@@ -67,7 +67,9 @@ class ContentStore:
         """True when the store root is a writable directory (for /healthz)."""
         return self.root.is_dir() and os.access(self.root, os.W_OK | os.X_OK)
 
-    def _make_dirs(self, directory: Path) -> None:
+    def _make_dirs(self, directory: Path, sync: bool = True) -> list[Path]:
+        """Create `directory` and missing parents; fsync each new entry's parent now, or (sync=False)
+        return those parents, deepest first, for the caller to fsync before it relies on them."""
         missing = []
         d = directory
         while not d.exists():
@@ -76,7 +78,9 @@ class ContentStore:
         for d in reversed(missing):
             with contextlib.suppress(FileExistsError):
                 d.mkdir()
-            _fsync_dir(d.parent)
+            if sync:
+                _fsync_dir(d.parent)
+        return [] if sync else [d.parent for d in missing]
 
     def put(self, data: bytes) -> StoredFile:
         sha = hashlib.sha256(data).hexdigest()
@@ -116,14 +120,17 @@ class ContentStore:
             if final.is_file() and final.stat().st_size == size:
                 spool.discard()
                 return StoredFile(sha, final, size, created=False)
-            self._make_dirs(final.parent)
+            created_in = self._make_dirs(final.parent, sync=False)
             try:
                 spool.sync_and_close()
                 os.replace(spool.path, final)
             except BaseException:
                 spool.discard()
                 raise
-            _fsync_dir(final.parent)
+            # the new name first, then any new directories' names: the first fsync usually commits
+            # the file system's journal with all of them, so the others cost little (ext4, xfs)
+            for directory in [final.parent, *created_in]:
+                _fsync_dir(directory)
         except OSError as exc:
             raise StoreError(exc.errno, f"cannot write to the image store: {exc.strerror or exc}") from exc
         return StoredFile(sha, final, size, created=True)

@@ -21,7 +21,7 @@ from pathlib import Path
 import pydicom
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
-from pydicom.uid import UID
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 from pynetdicom import sop_class as sc
 
 from services.core.imaging import patient_age_years
@@ -29,9 +29,9 @@ from services.ingest.config import IngestSettings
 
 UNDEFINED_LENGTH = 0xFFFFFFFF
 PIXEL_DATA = 0x7FE00010
-# Values longer than this are not read while validating (pydicom defers them); a large native Pixel
-# Data element is checked by its declared length against the bytes the file holds.
-DEFER_BYTES = 4 << 20
+# Values longer than this are not read while validating (pydicom defers them); native Pixel Data is
+# checked by its declared length against the bytes the file holds, never copied into memory.
+DEFER_BYTES = 64 << 10
 
 # C-STORE statuses we answer (PS3.4 B.2.3, PS3.7 C). ErrorComment carries the reason code.
 SUCCESS = 0x0000
@@ -129,15 +129,21 @@ def _int(ds: Dataset, keyword: str, default: int = 0) -> int:
 
 
 def parse(data: bytes | Path) -> Dataset:
-    """Parse a Part 10 file or byte string (every element converted except deferred large values), or raise Refusal."""
+    """Parse a Part 10 file or byte string, or raise Refusal.
+
+    Every element's header and length is checked (a truncated element is a refusal); values are
+    converted when the policy reads them, so a malformed value in an element the policy does not use
+    is stored as received (inference reads the image again, and dead-letters what it cannot read)."""
     size = _size(data)
     if not size:
         raise Refusal(CANNOT_PARSE, "empty_dataset", "the data set is empty")
     try:
-        source = BytesIO(data) if isinstance(data, bytes) else data
-        ds = pydicom.dcmread(source, force=True, defer_size=DEFER_BYTES)
+        ds = pydicom.dcmread(BytesIO(data) if isinstance(data, bytes) else data, force=True, defer_size=DEFER_BYTES)
+        if ds.file_meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian:
+            # read through a decompressor: value positions are not file offsets, so defer nothing
+            ds = pydicom.dcmread(BytesIO(data) if isinstance(data, bytes) else data, force=True)
+            size = UNDEFINED_LENGTH  # the inflated length is unknown: _check_complete checks read values only
         _check_complete(ds, size)
-        _convert(ds)  # convert raw elements now, so a bad VR / length fails here
     except Refusal:
         raise
     except Exception as exc:  # pydicom raises many kinds on fuzzed input; any is "cannot understand"
@@ -151,20 +157,10 @@ def _deferred(elem: object) -> bool:
     return isinstance(elem, RawDataElement) and elem.value is None and elem.length not in (0, UNDEFINED_LENGTH)
 
 
-def _convert(ds: Dataset) -> None:
-    for tag in ds.keys():
-        if _deferred(ds.get_item(tag)):
-            continue
-        elem = ds[tag]
-        if elem.VR == "SQ":
-            for item in elem.value:
-                _convert(item)
-
-
 def _check_complete(ds: Dataset, size: int) -> None:
     """pydicom reads a truncated stream with only a warning: an element shorter than its length is a refusal."""
     for tag in ds.keys():
-        elem = ds.get_item(tag)
+        elem = ds.get_item(tag, keep_deferred=True)
         if not isinstance(elem, RawDataElement) or elem.length == UNDEFINED_LENGTH:
             continue
         if elem.value is None:
@@ -180,7 +176,7 @@ def _size(data: bytes | Path) -> int:
 
 def _pixel_bytes(ds: Dataset, size: int) -> int:
     """Bytes of native Pixel Data, without reading a deferred value (size: bytes of the whole file)."""
-    elem = ds.get_item(PIXEL_DATA)
+    elem = ds.get_item(PIXEL_DATA, keep_deferred=True)
     if _deferred(elem):
         assert isinstance(elem, RawDataElement)
         return min(elem.length, max(0, size - elem.value_tell))

@@ -22,6 +22,7 @@ The C-STORE handler takes the completed spool file (`Wire.take`) and either move
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import contextlib
 import hashlib
 import logging
@@ -36,10 +37,9 @@ from io import BytesIO
 from pathlib import Path
 from typing import Any
 
-from pydicom.filebase import DicomBytesIO
-from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom.dsutils import create_file_meta, decode
+from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
+from pynetdicom.dsutils import decode
 from pynetdicom.transport import ThreadedAssociationServer
 
 log = logging.getLogger(__name__)
@@ -55,6 +55,9 @@ PIXEL_DATA_TAG = (0x7FE0, 0x0010)
 UNDEFINED = 0xFFFFFFFF
 LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"})
 SPOOL_DIR = ".incoming"
+# fsyncs of complete spool files start on these threads as the last fragment arrives, so the disk
+# works while pynetdicom hands the request to the association's thread and the handler validates it
+_SYNC_POOL = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="ingest-fsync")
 STALE_SPOOL_S = 3600.0
 
 
@@ -65,6 +68,30 @@ class WireRefusal(Exception):
 
 
 # --- spool files ---------------------------------------------------------------------------------
+def _element(group: int, elem: int, vr: bytes, value: bytes) -> bytes:
+    if len(value) % 2:
+        value += b" " if vr == b"SH" else b"\x00"
+    if vr == b"OB":
+        return struct.pack("<HH2sHL", group, elem, vr, 0, len(value)) + value
+    return struct.pack("<HH2sH", group, elem, vr, len(value)) + value
+
+
+def part10_header(sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str) -> bytes:
+    """Preamble, "DICM" and the File Meta Information (explicit VR little endian), encoded directly:
+    the same bytes pydicom writes for pynetdicom's create_file_meta, ~100x cheaper per instance."""
+    body = b"".join(
+        (
+            _element(0x0002, 0x0001, b"OB", b"\x00\x01"),
+            _element(0x0002, 0x0002, b"UI", sop_class_uid.encode("ascii")),
+            _element(0x0002, 0x0003, b"UI", sop_instance_uid.encode("ascii")),
+            _element(0x0002, 0x0010, b"UI", transfer_syntax.encode("ascii")),
+            _element(0x0002, 0x0012, b"UI", PYNETDICOM_IMPLEMENTATION_UID.encode("ascii")),
+            _element(0x0002, 0x0013, b"SH", PYNETDICOM_IMPLEMENTATION_VERSION.encode("ascii")),
+        )
+    )
+    return b"\x00" * 128 + b"DICM" + _element(0x0002, 0x0000, b"UL", struct.pack("<L", len(body))) + body
+
+
 class Spool:
     """One C-STORE data set received into a file (preamble + File Meta + data set), hashed as written.
 
@@ -80,6 +107,7 @@ class Spool:
         self.complete = False
         self.error: str | None = None
         self.fd: int | None = None
+        self._sync: concurrent.futures.Future[None] | None = None
         try:
             try:
                 self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
@@ -89,17 +117,7 @@ class Spool:
         except OSError as exc:
             self._fail(exc)
             return
-        head = DicomBytesIO()
-        head.write(b"\x00" * 128 + b"DICM")
-        write_file_meta_info(
-            head,
-            create_file_meta(
-                sop_class_uid=UID(sop_class_uid),
-                sop_instance_uid=UID(sop_instance_uid),
-                transfer_syntax=UID(transfer_syntax),
-            ),
-        )
-        self.write(head.getvalue())
+        self.write(part10_header(sop_class_uid, sop_instance_uid, transfer_syntax))
 
     def _fail(self, exc: OSError) -> None:
         self.error = f"cannot write the incoming data set: {exc.strerror or exc}"
@@ -124,15 +142,30 @@ class Spool:
     def sha256(self) -> str:
         return self.sha.hexdigest()
 
+    def start_sync(self) -> None:
+        """Begin the fsync in the background (the file is complete)."""
+        if self.fd is not None and self._sync is None:
+            self._sync = _SYNC_POOL.submit(os.fsync, self.fd)
+
+    def _wait_sync(self) -> None:
+        if self._sync is not None:
+            sync, self._sync = self._sync, None
+            sync.result()
+
     def sync_and_close(self) -> None:
         if self.fd is not None:
-            fd, self.fd = self.fd, None
             try:
-                os.fsync(fd)
+                if self._sync is not None:
+                    self._wait_sync()
+                else:
+                    os.fsync(self.fd)
             finally:
+                fd, self.fd = self.fd, None
                 os.close(fd)
 
     def discard(self) -> None:
+        with contextlib.suppress(Exception):
+            self._wait_sync()  # never close an fd a pool thread is about to fsync
         if self.fd is not None:
             fd, self.fd = self.fd, None
             with contextlib.suppress(OSError):
@@ -457,6 +490,8 @@ class Wire:
                 )
         if last:
             spool.complete = True
+            if spool.error is None:
+                spool.start_sync()
             with self._lock:
                 self._done.append(spool)
                 self._spool = None
