@@ -61,6 +61,10 @@ _SYNC_POOL = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_pr
 STALE_SPOOL_S = 3600.0
 
 
+class _Unscannable(Exception):
+    """The data set does not parse as its transfer syntax says (pydicom may still read it): stop looking."""
+
+
 class WireRefusal(Exception):
     def __init__(self, code: str, reason: str) -> None:
         super().__init__(reason)
@@ -194,7 +198,7 @@ def clean_spool(directory: Path, older_than_s: float = STALE_SPOOL_S) -> int:
 def _skip_undefined(buf: bytes, pos: int, implicit: bool, depth: int) -> int | None:
     """End offset of an undefined-length sequence value starting at pos; None if buf ends first."""
     if depth > 16:
-        raise WireRefusal("cannot_parse", "sequences nested too deeply")
+        raise _Unscannable("sequences nested too deeply")
     while True:
         if pos + 8 > len(buf):
             return None
@@ -203,7 +207,7 @@ def _skip_undefined(buf: bytes, pos: int, implicit: bool, depth: int) -> int | N
         if (group, elem) == (0xFFFE, 0xE0DD):  # sequence delimitation
             return pos
         if (group, elem) != (0xFFFE, 0xE000):
-            raise WireRefusal("cannot_parse", "malformed sequence item")
+            raise _Unscannable("malformed sequence item")
         if length != UNDEFINED:
             pos += length
             continue
@@ -230,6 +234,8 @@ def _element_end(buf: bytes, pos: int, implicit: bool, depth: int) -> tuple[int,
         start, is_sq = pos + 8, length == UNDEFINED
     else:
         vr = bytes(buf[pos + 4 : pos + 6])
+        if not (65 <= vr[0] <= 90 and 65 <= vr[1] <= 90):
+            raise _Unscannable("not explicit VR")  # e.g. implicit VR under an explicit VR syntax
         if vr in LONG_VRS:
             if pos + 12 > len(buf):
                 return None
@@ -262,7 +268,11 @@ class PixelLengthScan:
             return None
         self.buf += data
         while True:
-            step = _element_end(self.buf, self.pos, self.implicit, 0)
+            try:
+                step = _element_end(self.buf, self.pos, self.implicit, 0)
+            except _Unscannable:
+                self.active, self.buf = False, bytearray()  # the byte cap still applies
+                return None
             if step is None:
                 if len(self.buf) >= SCAN_LIMIT:
                     self.active, self.buf = False, bytearray()  # not in the first MiB: the byte cap rules
