@@ -24,6 +24,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import contextlib
+import errno
 import hashlib
 import logging
 import os
@@ -112,6 +113,9 @@ class Spool:
         self.error: str | None = None
         self.fd: int | None = None
         self._sync: concurrent.futures.Future[None] | None = None
+        # the DUL thread writes while the association may end on another thread: the fd is only
+        # used and closed under this lock, so a closed (and reused) fd number is never written to
+        self._fd_lock = threading.RLock()
         try:
             try:
                 self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
@@ -130,16 +134,16 @@ class Spool:
 
     def write(self, data: bytes | memoryview) -> None:
         self.size += len(data)
-        if self.error is not None:
-            return
-        assert self.fd is not None
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(self.fd, view) :]
-        except OSError as exc:
-            self._fail(exc)
-            return
+        with self._fd_lock:
+            if self.error is not None or self.fd is None:
+                return
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(self.fd, view) :]
+            except OSError as exc:
+                self._fail(exc)
+                return
         self.sha.update(data)
 
     @property
@@ -148,8 +152,9 @@ class Spool:
 
     def start_sync(self) -> None:
         """Begin the fsync in the background (the file is complete)."""
-        if self.fd is not None and self._sync is None:
-            self._sync = _SYNC_POOL.submit(os.fsync, self.fd)
+        with self._fd_lock:
+            if self.fd is not None and self._sync is None:
+                self._sync = _SYNC_POOL.submit(os.fsync, self.fd)
 
     def _wait_sync(self) -> None:
         if self._sync is not None:
@@ -157,7 +162,9 @@ class Spool:
             sync.result()
 
     def sync_and_close(self) -> None:
-        if self.fd is not None:
+        with self._fd_lock:
+            if self.fd is None:
+                raise OSError(errno.EBADF, self.error or "the spool file was discarded")
             try:
                 if self._sync is not None:
                     self._wait_sync()
@@ -168,12 +175,13 @@ class Spool:
                 os.close(fd)
 
     def discard(self) -> None:
-        with contextlib.suppress(Exception):
-            self._wait_sync()  # never close an fd a pool thread is about to fsync
-        if self.fd is not None:
-            fd, self.fd = self.fd, None
-            with contextlib.suppress(OSError):
-                os.close(fd)
+        with self._fd_lock:
+            with contextlib.suppress(Exception):
+                self._wait_sync()  # never close an fd a pool thread is about to fsync
+            if self.fd is not None:
+                fd, self.fd = self.fd, None
+                with contextlib.suppress(OSError):
+                    os.close(fd)
         with contextlib.suppress(OSError):
             self.path.unlink()
 
