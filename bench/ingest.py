@@ -195,7 +195,7 @@ def combine(runs: list[Result]) -> Result:
         round(statistics.median(lat) * 1000, 1),
         round(p99 * 1000, 1),
         round(statistics.median(drained), 2) if drained else None,
-        statistics.median(r.cpu_ms_per_image for r in runs if r.cpu_ms_per_image is not None),
+        round(statistics.median(r.cpu_ms_per_image for r in runs if r.cpu_ms_per_image is not None), 2),
         rounds=len(runs),
     )
 

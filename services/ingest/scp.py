@@ -54,7 +54,7 @@ from services.ingest.validate import (
     Decision,
     decide,
 )
-from services.ingest.wire import GuardedServer, Wire, clean_spool, spool_dir
+from services.ingest.wire import GuardedServer, Waker, Wire, clean_spool, install_reactor_wakeups, spool_dir
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -113,6 +113,7 @@ class IngestSCP:
         self._locks_guard = threading.Lock()
         self._open: set[int] = set()
         self._seen_calling_aes: set[str] = set()
+        install_reactor_wakeups()
         self.ae = self._make_ae()
 
     # --- set-up ---------------------------------------------------------------------------------
@@ -191,11 +192,15 @@ class IngestSCP:
             max_instance_bytes=self.settings.instance_byte_limit,
             on_refused=lambda code: REJECTED.labels(code).inc(),
         )
+        Waker(assoc)
 
     def _on_connection_closed(self, event: evt.Event) -> None:
         wire = Wire.of(event.assoc)
         if wire is not None:
             wire.close()
+        waker: Waker | None = getattr(event.assoc, "_pt_waker", None)
+        if waker is not None:
+            waker.close()
 
     def _negotiated(self, exclude: Any, peer: str | None = None) -> int:
         count = 0
