@@ -36,13 +36,11 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from io import BytesIO
 from pathlib import Path
 from typing import Any
 
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
-from pynetdicom.dsutils import decode
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.transport import ThreadedAssociationServer
 
@@ -298,6 +296,26 @@ class PixelLengthScan:
             self.pos = end
 
 
+def command_fields(raw: bytes) -> dict[int, int | str] | None:
+    """The few command elements we need, from an encoded command set (group 0000, implicit VR
+    little endian): CommandField (0100), CommandDataSetType (0800) as numbers, Affected SOP Class
+    (0002) and Instance (1000) UIDs as text. None when the bytes are not a command set."""
+    out: dict[int, int | str] = {}
+    pos = 0
+    while pos + 8 <= len(raw):
+        group, elem, length = struct.unpack_from("<HHL", raw, pos)
+        pos += 8
+        if group != 0x0000 or pos + length > len(raw):
+            return None
+        value = raw[pos : pos + length]
+        pos += length
+        if elem in (0x0100, 0x0800) and length == 2:
+            out[elem] = struct.unpack("<H", value)[0]
+        elif elem in (0x0002, 0x1000):
+            out[elem] = value.rstrip(b"\x00 ").decode("ascii", "replace")
+    return out if pos == len(raw) else None
+
+
 # --- the per-association PDU reader ------------------------------------------------------------
 class Wire:
     """Replaces `assoc.dul._read_pdu_data` for one association (see the module docstring)."""
@@ -477,14 +495,12 @@ class Wire:
     def _command_complete(self, context_id: int) -> None:
         raw, self._command = bytes(self._command), bytearray()
         self._store = None
-        try:
-            cmd = decode(BytesIO(raw), True, True)
-            field, dataset_type = int(cmd.CommandField), int(cmd.CommandDataSetType)
-        except Exception:
+        cmd = command_fields(raw)
+        if cmd is None:
             return  # pynetdicom decodes the same bytes and handles the error
-        if field != C_STORE_RQ or dataset_type == NO_DATASET:
+        if cmd.get(0x0100) != C_STORE_RQ or cmd.get(0x0800, NO_DATASET) == NO_DATASET:
             return
-        self._store = (context_id, str(cmd.get("AffectedSOPClassUID", "")), str(cmd.get("AffectedSOPInstanceUID", "")))
+        self._store = (context_id, str(cmd.get(0x0002, "")), str(cmd.get(0x1000, "")))
 
     def _dataset(self, fragment: memoryview, last: bool) -> None:
         assert self._store is not None

@@ -82,3 +82,32 @@ def test_a_declared_gigabyte_is_seen_in_the_first_bytes() -> None:
 def test_encapsulated_pixel_data_has_no_declared_length() -> None:
     syntax, body = _dataset_bytes(Path(get_testdata_file("JPEG2000.dcm")))
     assert PixelLengthScan(syntax).feed(body) == UNDEFINED
+
+
+def test_command_fields_match_pynetdicom() -> None:
+    from io import BytesIO
+
+    from pynetdicom.dimse_messages import C_ECHO_RQ
+    from pynetdicom.dimse_primitives import C_ECHO
+    from pynetdicom.dsutils import decode
+
+    from services.ingest.wire import command_fields
+    from tests.support.dicom_raw import c_store_command
+
+    raw = c_store_command("1.2.840.10008.5.1.4.1.1.1.1", "1.2.3.45")
+    cmd = decode(BytesIO(raw), True, True)
+    assert command_fields(raw) == {
+        0x0002: str(cmd.AffectedSOPClassUID),
+        0x0100: cmd.CommandField,
+        0x0800: cmd.CommandDataSetType,
+        0x1000: str(cmd.AffectedSOPInstanceUID),
+    }
+    echo = C_ECHO()
+    echo.MessageID = 7
+    msg = C_ECHO_RQ()
+    msg.primitive_to_message(echo)
+    echo_raw = b"".join(
+        pdv[1:] for p in msg.encode_msg(1, 1 << 20) for _, pdv in p.presentation_data_value_list if pdv[0] & 1
+    )
+    assert command_fields(echo_raw) == {0x0100: 0x0030, 0x0800: 0x0101}  # C-ECHO-RQ, no data set
+    assert command_fields(b"\x08\x00\x16\x00\xff\xff\xff\xff") is None  # not group 0000, runs past the end
