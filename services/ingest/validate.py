@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import enum
 import re
+import struct
 from dataclasses import dataclass, field
 from datetime import date
 from io import BytesIO
@@ -21,6 +22,7 @@ from pathlib import Path
 import pydicom
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
+from pydicom.encaps import generate_frames
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 from pynetdicom import sop_class as sc
 
@@ -223,13 +225,118 @@ def _check_pixels(ds: Dataset, settings: IngestSettings, size: int) -> tuple[int
                 DATASET_MISMATCH, "pixel_length_mismatch", f"Pixel Data holds {actual} bytes, {expected} expected"
             )
         return rows, cols, frames  # complete native pixel data: nothing to decode
+    probed = _probe_frames(ds, ts, rows, cols, samples, bits, frames)
+    if probed is not None:  # a known codestream: its structure was checked, no decode needed
+        if probed:
+            raise Refusal(UNDECODABLE_PIXELS, "undecodable_pixels", probed)
+        return rows, cols, frames
     try:
-        arr = ds.pixel_array  # compressed: decode (every frame) to prove the stream is sound
+        arr = ds.pixel_array  # another compressed syntax: decode (every frame) to prove it is sound
     except Exception as exc:
         raise Refusal(UNDECODABLE_PIXELS, "undecodable_pixels", f"pixel data cannot be decoded: {exc!s:.200}") from exc
     if arr.size == 0:
         raise Refusal(UNDECODABLE_PIXELS, "undecodable_pixels", "pixel data decodes to an empty array")
     return rows, cols, frames
+
+
+# --- compressed pixel data: a structural probe instead of a full decode -----------------------------
+JPEG_SYNTAXES = frozenset(
+    {
+        "1.2.840.10008.1.2.4.50",
+        "1.2.840.10008.1.2.4.51",
+        "1.2.840.10008.1.2.4.57",
+        "1.2.840.10008.1.2.4.70",
+        "1.2.840.10008.1.2.4.80",
+        "1.2.840.10008.1.2.4.81",
+    }
+)
+J2K_SYNTAXES = frozenset({"1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91"})
+RLE_SYNTAX = "1.2.840.10008.1.2.5"
+SOF_MARKERS = frozenset({*range(0xC0, 0xC4), *range(0xC5, 0xC8), *range(0xC9, 0xCC), *range(0xCD, 0xD0), 0xF7})
+
+
+def _jpeg_frame_size(data: bytes) -> tuple[int, int, int] | str | None:
+    """(rows, columns, components) from a JPEG / JPEG-LS stream's frame header, or what is wrong;
+    None when the stream lacks its end marker (decoders accept some such streams: let one decide)."""
+    if data[:2] != b"\xff\xd8":
+        return "no JPEG start-of-image marker"
+    if data.rstrip(b"\x00")[-2:] != b"\xff\xd9":
+        return None
+    i = 2
+    while i + 4 <= len(data):
+        if data[i] != 0xFF:
+            return "malformed JPEG marker segment"
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker == 0x01 or 0xD0 <= marker <= 0xD8:
+            i += 2
+            continue
+        (length,) = struct.unpack_from(">H", data, i + 2)
+        if marker in SOF_MARKERS:
+            if i + 10 > len(data):
+                return "truncated JPEG frame header"
+            height, width = struct.unpack_from(">HH", data, i + 5)
+            return height, width, data[i + 9]
+        if marker == 0xDA:
+            return "JPEG scan before any frame header"
+        i += 2 + length
+    return "no JPEG frame header"
+
+
+def _j2k_frame_size(data: bytes) -> tuple[int, int, int] | str | None:
+    """(rows, columns, components) from a JPEG 2000 codestream's SIZ segment, or what is wrong; None
+    for a JP2 file or a codestream without its end marker."""
+    if data[:4] != b"\xff\x4f\xff\x51":
+        return None if data[4:8] == b"jP  " else "no JPEG 2000 codestream start (SOC, SIZ)"
+    if len(data) < 44:
+        return "truncated JPEG 2000 header"
+    if data.rstrip(b"\x00")[-2:] != b"\xff\xd9":
+        return None  # no end-of-codestream marker: as for JPEG, the decoder decides
+    xsiz, ysiz, xosiz, yosiz = struct.unpack_from(">IIII", data, 8)
+    (components,) = struct.unpack_from(">H", data, 40)
+    return ysiz - yosiz, xsiz - xosiz, components
+
+
+def _rle_check(data: bytes, samples: int, bits: int) -> str:
+    if len(data) < 64:
+        return "truncated RLE header"
+    header = struct.unpack_from("<16L", data, 0)
+    segments, offsets = header[0], [o for o in header[1:] if o]
+    if segments != samples * ((bits + 7) // 8) or len(offsets) != segments:
+        return f"RLE header lists {segments} segments, {samples * ((bits + 7) // 8)} expected"
+    if offsets[0] != 64 or offsets != sorted(set(offsets)) or offsets[-1] >= len(data):
+        return "RLE segment offsets out of order or past the end"
+    return ""
+
+
+def _probe_frames(ds: Dataset, ts: str, rows: int, cols: int, samples: int, bits: int, frames: int) -> str | None:
+    """Check each compressed frame's structure (markers, dimensions): "" when sound, a reason when
+    not, None when the syntax (or a JP2 wrapper) is not one we can probe (then it is decoded)."""
+    if ts not in JPEG_SYNTAXES and ts not in J2K_SYNTAXES and ts != RLE_SYNTAX:
+        return None
+    try:
+        pieces = list(generate_frames(ds.PixelData, number_of_frames=frames))
+    except Exception as exc:
+        return f"encapsulated pixel data cannot be split into frames: {type(exc).__name__}"
+    if len(pieces) != frames:
+        return f"{len(pieces)} compressed frames, {frames} expected"
+    for data in pieces:
+        if ts == RLE_SYNTAX:
+            if problem := _rle_check(data, samples, bits):
+                return problem
+            continue
+        size = _jpeg_frame_size(data) if ts in JPEG_SYNTAXES else _j2k_frame_size(data)
+        if size is None:
+            return None
+        if isinstance(size, str):
+            return size
+        if size[0] == 0:
+            return None  # height given later (DNL marker): let the decoder tell
+        if (size[0], size[1]) != (rows, cols) or size[2] != samples:
+            return f"frame is {size[0]}x{size[1]}x{size[2]}, the header says {rows}x{cols}x{samples}"
+    return ""
 
 
 def decide(
