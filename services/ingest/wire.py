@@ -1,7 +1,8 @@
 """What the DICOM port does before a C-STORE handler runs: connection policy, PDU limits, streaming.
 
 pynetdicom reads every PDU whole into memory, whatever length its header declares, and collects a
-C-STORE data set in memory until its last fragment. Two pieces here bound that:
+C-STORE data set in memory until its last fragment, and its two threads per association poll every
+millisecond. The pieces here:
 
 - `GuardedServer`: pynetdicom's threaded association server that sets TCP_NODELAY on every accepted
   socket and bounds the connections that have not sent their A-ASSOCIATE-RQ yet: when a new one
@@ -14,6 +15,8 @@ C-STORE data set in memory until its last fragment. Two pieces here bound that:
   from what pynetdicom sees, so memory does not grow with the instance. An instance whose Pixel Data
   element declares more than the per-instance byte limit, or whose bytes pass it, is aborted at once
   (A-ABORT), with a reason in the log and in `pt_ingest_rejected_total`.
+- `Waker` / `install_reactor_wakeups`: the two reactor threads of our associations wait for work
+  (queue puts, socket data) instead of polling every millisecond.
 
 The C-STORE handler takes the completed spool file (`Wire.take`) and either moves it into the store
 (ContentStore.put_spool) or discards it.
