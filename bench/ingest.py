@@ -5,11 +5,18 @@ The same N DX files (made with make-dicom from ../shared/data JPEGs: explicit VR
 loopback by dcmtk's storescu to, in turn:
 
   storescp      dcmtk's storescp writing each file to a directory (no validation, no fsync, no DB)
-  orthanc       Orthanc 1.10 (Debian) with its SQLite index and file storage
+  orthanc       Orthanc 1.10 (Debian) with its SQLite index and file storage, default durability
+                (SyncStorageArea=true: each file fsynced, index committed before the answer)
   pneumotriage  `pneumotriage ingest` as a process: full validation incl. pixel decode, sha256,
                 content-addressed write with fsync, SQLite (WAL, synchronous=FULL) instance + outbox
                 rows in one transaction, answered after the commit; its relay publishes every event
                 to a real RabbitMQ node with publisher confirms during the run
+
+Every dcmtk process (the storescu senders, storescp, Orthanc, which uses dcmtk's network layer) runs
+with TCP_NODELAY=1 in its environment: dcmtk's documented switch, without which Nagle's algorithm
+stalls each C-STORE ~40 ms on loopback and both peers look ~20x slower than they are. Our SCP sets
+TCP_NODELAY on its accepted sockets itself. The configuration is printed with the results, with the
+load average before and after (the development machine is shared: compare ratios from one run).
 
 Each target starts fresh (empty storage) for each run. --senders K splits the files over K storescu
 processes (K associations at once). Throughput = images / wall time of the senders (first request
@@ -47,7 +54,7 @@ from rich.table import Table  # noqa: E402
 
 from services.ingest.make_dicom import DicomOptions, make_dicom_file  # noqa: E402
 from services.system.rabbitmq import RabbitNode, free_port  # noqa: E402
-from tests.support.dicom_peers import STORESCU, Orthanc, StoreSCP, wait_for_port  # noqa: E402
+from tests.support.dicom_peers import DCMTK_NODELAY_ENV, STORESCU, Orthanc, StoreSCP, wait_for_port  # noqa: E402
 
 console = Console(width=120)
 SHARED = ROOT.parent / "shared" / "data" / "kermany224" / "train"
@@ -59,6 +66,22 @@ log4cplus.appender.console.ImmediateFlush = true
 log4cplus.appender.console.layout = log4cplus::PatternLayout
 log4cplus.appender.console.layout.ConversionPattern = %D{%s.%q} %m%n
 """
+# Orthanc's default, written out so the configuration is explicit: fsync each stored file.
+ORTHANC_CONFIG = {"SyncStorageArea": True}
+
+
+def configuration() -> list[str]:
+    env = " ".join(f"{k}={v}" for k, v in DCMTK_NODELAY_ENV.items())
+    return [
+        f"storescu senders, storescp, Orthanc: environment {env} (dcmtk's switch for TCP_NODELAY)",
+        f"Orthanc: {json.dumps(ORTHANC_CONFIG)} (its default: fsync per file), SQLite index",
+        "storescp: +xa (accept all syntaxes), -od (one file per instance), no fsync, no index",
+        "PneumoTriage ingest: TCP_NODELAY on accepted sockets, fsync file + SQLite commit before answering",
+    ]
+
+
+def load_average() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 @dataclass
@@ -73,8 +96,30 @@ class Result:
     p50_ms: float
     p99_ms: float
     events_drained_s: float | None = None
+    cpu_ms_per_image: float | None = None  # CPU time of the target's processes while the senders ran
     rounds: int = 1
     latencies: list[float] = field(default_factory=list, repr=False)
+
+
+def cpu_seconds(pid: int) -> float:
+    """user + system CPU seconds of a process and its live descendants (from /proc)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    stats: dict[int, tuple[int, float]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        stats[int(entry.name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / tick)
+    total, frontier = 0.0, [pid]
+    while frontier:
+        current = frontier.pop()
+        if current in stats:
+            total += stats[current][1]
+        frontier.extend(p for p, (ppid, _) in stats.items() if ppid == current)
+    return total
 
 
 def make_files(n: int, size: int, bits: int, out: Path) -> list[Path]:
@@ -95,7 +140,8 @@ def send(port: int, called_ae: str, files: list[Path], senders: int, work: Path)
     for i, chunk in enumerate(chunks):
         log = open(work / f"storescu-{i}.log", "w")
         cmd = [STORESCU, "-lc", str(cfg), "-aet", f"BENCH{i}", "-aec", called_ae, "-to", "60", "127.0.0.1", str(port)]
-        procs.append((subprocess.Popen([*cmd, *map(str, chunk)], stdout=log, stderr=subprocess.STDOUT), log))
+        env = {**os.environ, **DCMTK_NODELAY_ENV}
+        procs.append((subprocess.Popen([*cmd, *map(str, chunk)], stdout=log, stderr=subprocess.STDOUT, env=env), log))
     for proc, log in procs:
         proc.wait(timeout=3600)
         log.close()
@@ -149,26 +195,37 @@ def combine(runs: list[Result]) -> Result:
         round(statistics.median(lat) * 1000, 1),
         round(p99 * 1000, 1),
         round(statistics.median(drained), 2) if drained else None,
+        round(statistics.median(r.cpu_ms_per_image for r in runs if r.cpu_ms_per_image is not None), 2),
         rounds=len(runs),
     )
 
 
 def run_storescp(files: list[Path], senders: int, work: Path) -> Result:
-    with StoreSCP(aet=AE, base_dir=work / "storescp") as scp:
+    with StoreSCP(aet=AE, base_dir=work / "storescp", env=DCMTK_NODELAY_ENV) as scp:
+        assert scp.process is not None
+        cpu = cpu_seconds(scp.process.pid)
         wall, ok, lat = send(scp.port, AE, files, senders, work)
+        cpu = cpu_seconds(scp.process.pid) - cpu
         assert len(scp.received()) == len(files), "storescp did not receive everything"
-    return summarize("dcmtk storescp", senders, files, wall, ok, lat)
+    result = summarize("dcmtk storescp", senders, files, wall, ok, lat)
+    result.cpu_ms_per_image = round(cpu * 1000 / len(files), 2)
+    return result
 
 
 def run_orthanc(files: list[Path], senders: int, work: Path) -> Result:
-    with Orthanc(aet=AE, base_dir=work / "orthanc") as pacs:
+    with Orthanc(aet=AE, base_dir=work / "orthanc", env=DCMTK_NODELAY_ENV, config_overrides=ORTHANC_CONFIG) as pacs:
+        assert pacs.process is not None
+        cpu = cpu_seconds(pacs.process.pid)
         wall, ok, lat = send(pacs.dicom_port, AE, files, senders, work)
+        cpu = cpu_seconds(pacs.process.pid) - cpu
         count = pacs.get("/statistics")["CountInstances"]
         assert count == len(files), f"Orthanc holds {count} instances"
-    return summarize("Orthanc", senders, files, wall, ok, lat)
+    result = summarize("Orthanc", senders, files, wall, ok, lat)
+    result.cpu_ms_per_image = round(cpu * 1000 / len(files), 2)
+    return result
 
 
-def run_ours(files: list[Path], senders: int, work: Path, rabbit: RabbitNode) -> Result:
+def run_ours(files: list[Path], senders: int, work: Path, rabbit: RabbitNode, extra: dict[str, str]) -> Result:
     data_dir = work / "pneumotriage"
     port, http_port = free_port(), free_port()
     env = {
@@ -179,6 +236,7 @@ def run_ours(files: list[Path], senders: int, work: Path, rabbit: RabbitNode) ->
         "PT_INGEST_HOST": "127.0.0.1",
         "PT_INGEST_HTTP_PORT": str(http_port),
         "PT_INGEST_AE_TITLE": AE,
+        **extra,
     }
     data_dir.mkdir(parents=True)
     with open(data_dir / "ingest.log", "ab") as log:
@@ -187,7 +245,9 @@ def run_ours(files: list[Path], senders: int, work: Path, rabbit: RabbitNode) ->
         wait_for_port("127.0.0.1", port, 120, proc)
         wait_for_port("127.0.0.1", http_port, 60, proc)
         started = time.perf_counter()
+        cpu = cpu_seconds(proc.pid)
         wall, ok, lat = send(port, AE, files, senders, work)
+        cpu = cpu_seconds(proc.pid) - cpu
         db = sqlite3.connect(data_dir / "ingest.db")
         while True:  # until every event is confirmed by the broker
             (backlog,) = db.execute("SELECT count(*) FROM ingest_outbox WHERE published_at IS NULL").fetchone()
@@ -203,6 +263,7 @@ def run_ours(files: list[Path], senders: int, work: Path, rabbit: RabbitNode) ->
         proc.wait(timeout=60)
     result = summarize("pneumotriage ingest", senders, files, wall, ok, lat)
     result.events_drained_s = round(drained, 2)
+    result.cpu_ms_per_image = round(cpu * 1000 / len(files), 2)
     return result
 
 
@@ -214,10 +275,21 @@ def main() -> None:
     ap.add_argument("--senders", type=int, nargs="+", default=[1, 4], help="parallel storescu processes")
     ap.add_argument("--rounds", type=int, default=1, help="repeat all targets; median throughput is reported")
     ap.add_argument("--json", type=Path, help="also write the results here")
+    ap.add_argument(
+        "--targets", nargs="+", default=["storescp", "orthanc", "ours"], choices=["storescp", "orthanc", "ours"]
+    )
+    ap.add_argument("--ingest-env", nargs="*", default=[], metavar="PT_X=V", help="extra settings for our ingest")
     args = ap.parse_args()
 
+    extra = dict(kv.split("=", 1) for kv in args.ingest_env)
     work = Path(tempfile.mkdtemp(prefix="pt-bench-ingest-"))
     rabbit = RabbitNode()
+    for line in configuration():
+        console.print(f"config: {line}")
+    if extra:
+        console.print(f"config: PneumoTriage ingest settings {extra}")
+    load_before = load_average()
+    console.print(f"load average (1/5/15 min) before: {load_before} on {os.cpu_count()} CPUs")
     try:
         files = make_files(args.n, args.size, args.bits, work / "files")
         mb = sum(f.stat().st_size for f in files) / 1e6
@@ -229,8 +301,10 @@ def main() -> None:
                 for name, runner in (
                     ("storescp", lambda w, s=senders: run_storescp(files, s, w)),
                     ("orthanc", lambda w, s=senders: run_orthanc(files, s, w)),
-                    ("ours", lambda w, s=senders: run_ours(files, s, w, rabbit)),
+                    ("ours", lambda w, s=senders: run_ours(files, s, w, rabbit, extra)),
                 ):
+                    if name not in args.targets:
+                        continue
                     target_dir = work / f"{name}-{senders}-{rnd}"
                     target_dir.mkdir()
                     r = runner(target_dir)
@@ -242,30 +316,36 @@ def main() -> None:
         rabbit.stop()
         shutil.rmtree(work, ignore_errors=True)
 
+    load_after = load_average()
     title = f"C-STORE over loopback: {args.n} DX images, {args.size}x{args.size}, {args.bits} bit"
     title += f", median of {args.rounds} round(s)"
     table = Table(title=title)
-    for col in ("target", "senders", "ok", "images/s", "MB/s", "p50 ms", "p99 ms", "events out (s)"):
+    for col in ("target", "senders", "ok", "images/s", "MB/s", "p50 ms", "p99 ms", "CPU ms/img", "events out (s)"):
         table.add_column(col, justify="right" if col != "target" else "left", no_wrap=True)
     for r in results:
         drained = "" if r.events_drained_s is None else f"{r.events_drained_s}"
         table.add_row(
             r.target, str(r.senders), f"{r.ok}/{r.images}", str(r.images_per_s), str(r.mb_per_s),
-            str(r.p50_ms), str(r.p99_ms), drained,
+            str(r.p50_ms), str(r.p99_ms), str(r.cpu_ms_per_image), drained,
         )  # fmt: skip
     console.print(table)
     for senders in args.senders:
         by = {r.target: r for r in results if r.senders == senders}
+        if len(by) < 3:
+            continue
         ours = by["pneumotriage ingest"]
         console.print(
             f"{senders} sender(s): ours/Orthanc throughput {ours.images_per_s / by['Orthanc'].images_per_s:.2f}x, "
             f"ours/storescp {ours.images_per_s / by['dcmtk storescp'].images_per_s:.2f}x; "
-            f"p50 latency ours/Orthanc {ours.p50_ms / by['Orthanc'].p50_ms:.2f}x"
+            f"p50 latency ours/Orthanc {ours.p50_ms / by['Orthanc'].p50_ms:.2f}x, "
+            f"p99 latency ours/Orthanc {ours.p99_ms / by['Orthanc'].p99_ms:.2f}x"
         )
+    console.print(f"load average (1/5/15 min) before: {load_before}, after: {load_after}; {os.cpu_count()} CPUs")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         rows = [{k: v for k, v in asdict(r).items() if k != "latencies"} for r in results]
-        args.json.write_text(json.dumps(rows, indent=2))
+        meta = {"configuration": configuration(), "load_before": load_before, "load_after": load_after}
+        args.json.write_text(json.dumps({"meta": meta, "results": rows}, indent=2))
 
 
 if __name__ == "__main__":

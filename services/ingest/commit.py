@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Connection, Engine, create_engine, event, insert, select
+from sqlalchemy import Connection, Engine, bindparam, create_engine, event, insert, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import make_url
@@ -54,40 +54,65 @@ class Pending:
     future: concurrent.futures.Future[ImageReceived | None] = field(default_factory=concurrent.futures.Future)
 
 
-def _upsert(conn: Connection, model: type) -> Any:
-    return pg_insert(model) if conn.dialect.name == "postgresql" else sqlite_insert(model)
+_STATEMENTS: dict[str, dict[str, Any]] = {}
+
+
+def _statements(conn: Connection) -> dict[str, Any]:
+    """The statements of add_stored, built once per dialect with bind parameters: SQLAlchemy then
+    reuses their compiled form, instead of building and compiling five new statements per image."""
+    name = conn.dialect.name
+    found = _STATEMENTS.get(name)
+    if found is not None:
+        return found
+    ins = pg_insert if name == "postgresql" else sqlite_insert
+    study = ins(Study).values(study_instance_uid=bindparam("uid"), image_count=1, created_at=bindparam("now"))
+    study = study.on_conflict_do_update(
+        index_elements=[Study.study_instance_uid], set_={"image_count": Study.image_count + 1}
+    ).returning(Study.id, Study.image_count)
+    series = ins(Series).values(
+        series_instance_uid=bindparam("uid"),
+        study_id=bindparam("study_id"),
+        modality=bindparam("modality"),
+        created_at=bindparam("now"),
+    )
+    series = series.on_conflict_do_update(  # a no-op update, so that RETURNING gives the existing id too
+        index_elements=[Series.series_instance_uid], set_={"series_instance_uid": series.excluded.series_instance_uid}
+    ).returning(Series.id)
+    built = {
+        "exists": select(Instance.id).where(Instance.sop_instance_uid == bindparam("uid")),
+        "study": study,
+        "series": series,
+        "instance": insert(Instance),
+        "outbox": insert(Outbox),
+    }
+    _STATEMENTS[name] = built
+    return built
 
 
 def _study(conn: Connection, uid: str, now: datetime) -> tuple[int, int]:
     """(id, image count including this image) of the study, created on first sight: one statement."""
-    stmt = _upsert(conn, Study).values(study_instance_uid=uid, image_count=1, created_at=now)
-    stmt = stmt.on_conflict_do_update(
-        index_elements=[Study.study_instance_uid], set_={"image_count": Study.image_count + 1}
-    ).returning(Study.id, Study.image_count)
-    row = conn.execute(stmt).one()
+    row = conn.execute(_statements(conn)["study"], {"uid": uid, "now": now}).one()
     return int(row.id), int(row.image_count)
 
 
 def _series(conn: Connection, uid: str, study_id: int, modality: str, now: datetime) -> int:
-    values = {"series_instance_uid": uid, "study_id": study_id, "modality": modality, "created_at": now}
-    stmt = _upsert(conn, Series).values(**values)
-    stmt = stmt.on_conflict_do_update(  # a no-op update, so that RETURNING gives the existing id too
-        index_elements=[Series.series_instance_uid], set_={"series_instance_uid": stmt.excluded.series_instance_uid}
-    ).returning(Series.id)
-    return int(conn.execute(stmt).scalar_one())
+    params = {"uid": uid, "study_id": study_id, "modality": modality, "now": now}
+    return int(conn.execute(_statements(conn)["series"], params).scalar_one())
 
 
 def add_stored(conn: Connection, decision: Decision, stored: StoredFile, calling_ae: str) -> ImageReceived | None:
     """Write one instance and its event in the connection's transaction; None when already stored."""
     now = datetime.now(UTC)
     uid = decision.sop_instance_uid
-    if conn.execute(select(Instance.id).where(Instance.sop_instance_uid == uid)).first() is not None:
+    statements = _statements(conn)
+    if conn.execute(statements["exists"], {"uid": uid}).first() is not None:
         return None
     study_id, study_count = _study(conn, decision.study_instance_uid, now)
     series_id = _series(conn, decision.series_instance_uid, study_id, decision.modality, now)
     not_triaged = decision.reason if not decision.triage_eligible else ""
     conn.execute(
-        insert(Instance).values(
+        statements["instance"],
+        dict(
             sop_instance_uid=uid,
             series_id=series_id,
             sop_class_uid=decision.sop_class_uid,
@@ -107,7 +132,7 @@ def add_stored(conn: Connection, decision: Decision, stored: StoredFile, calling
             outside_intended_use=decision.outside_intended_use,
             calling_ae_title=calling_ae,
             received_at=now,
-        )
+        ),
     )
     received = ImageReceived(
         image=ImageRef(
@@ -136,9 +161,8 @@ def add_stored(conn: Connection, decision: Decision, stored: StoredFile, calling
     )
     # the same outbox row add_event writes, inserted with Core (no ORM session on this thread)
     conn.execute(
-        insert(Outbox).values(
-            **outbox_row(received, message_id=message_id(uid), correlation_id=uid), created_at=now, attempts=0
-        )
+        statements["outbox"],
+        {**outbox_row(received, message_id=message_id(uid), correlation_id=uid), "created_at": now, "attempts": 0},
     )
     return received
 

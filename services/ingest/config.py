@@ -17,11 +17,20 @@ class IngestSettings(CommonSettings):
     host: str = "0.0.0.0"
     # /healthz and /metrics.
     http_port: int = 8001
-    # Calling AE titles allowed to associate, comma-separated; empty = any.
+    # Calling AE titles allowed to associate, comma-separated; empty = any (logged: set it in production).
     allowed_calling_aes: str = ""
-    # Association policy.
+    # Association policy. max_associations counts negotiated associations (A-ASSOCIATE-RQ received);
+    # connections that have not sent one yet are bounded by max_pending_connections (the oldest is
+    # closed when a new one arrives) and closed after request_timeout_s.
     max_associations: int = 16
+    max_associations_per_peer: int = 8
+    max_pending_connections: int = 16
+    request_timeout_s: float = 5.0
+    # Largest P-DATA PDU we receive (also what we announce); a longer one aborts the association.
     max_pdu_bytes: int = 65536 * 4
+    # Largest data set of one instance in bytes; unset = max_pixels * 3 + 16 MiB (8-bit colour or
+    # 16-bit grayscale at max_pixels, plus header room). Larger ones are aborted while arriving.
+    max_instance_bytes: int | None = None
     acse_timeout_s: float = 30.0
     dimse_timeout_s: float = 60.0
     network_timeout_s: float = 120.0
@@ -48,6 +57,12 @@ class IngestSettings(CommonSettings):
         merged = {k: getattr(common, k) for k in CommonSettings.model_fields if k not in values}
         merged.update(values)
         super().__init__(**merged)
+
+    @property
+    def instance_byte_limit(self) -> int:
+        if self.max_instance_bytes is not None and self.max_instance_bytes > 0:
+            return self.max_instance_bytes
+        return self.max_pixels * 3 + (16 << 20)
 
     @staticmethod
     def _split(value: str) -> tuple[str, ...]:

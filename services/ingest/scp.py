@@ -1,7 +1,10 @@
 """The DICOM Storage SCP (pynetdicom): C-ECHO and C-STORE, answered only after fsync + DB commit.
 
-pynetdicom runs each association in its own thread. A C-STORE is handled there: validate, write
-the file into the content-addressed store (fsync), then hand the instance to the committer
+pynetdicom runs each association in its own thread. Before a handler runs, wire.py has bounded what
+the peer may send (PDU length, per-instance bytes, connections waiting to associate) and written
+the data set to a spool file as it arrived. A C-STORE is handled in the association's thread:
+validate the spooled file, move it into the content-addressed store (fsync, rename), then hand the
+instance to the committer
 (commit.py: instance + outbox rows in one transaction, group-committed with whatever the other
 associations sent meanwhile) and wait for that commit before the status goes back. Refusals are
 recorded on the service's event loop (asyncio.run_coroutine_threadsafe). The same SOP instance
@@ -17,6 +20,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Coroutine, Iterator
+from pathlib import Path
 from typing import Any, TypeVar
 
 from prometheus_client import Counter, Gauge, Histogram
@@ -34,14 +38,13 @@ from pydicom.uid import (
 )
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification
-from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from services.core.telemetry import bound_correlation_id
 from services.ingest.commit import LoopCommitter, ThreadCommitter
 from services.ingest.config import IngestSettings
 from services.ingest.records import record_refusal
-from services.ingest.store import ContentStore, StoreError
+from services.ingest.store import ContentStore, StoredFile, StoreError
 from services.ingest.validate import (
     CANNOT_PARSE,
     IMAGE_SOP_CLASSES,
@@ -51,6 +54,7 @@ from services.ingest.validate import (
     Decision,
     decide,
 )
+from services.ingest.wire import GuardedServer, Waker, Wire, clean_spool, install_reactor_wakeups, spool_dir
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -102,18 +106,23 @@ class IngestSCP:
         self.store = store
         self.loop = loop
         self.on_commit = on_commit
-        self.server: ThreadedAssociationServer | None = None
+        self.server: GuardedServer | None = None
         self.committer = committer
-        self._locks: dict[str, threading.Lock] = {}
+        self.spool_dir: Path = spool_dir(store.root)
+        self._locks: dict[str, tuple[threading.Lock, list[int]]] = {}  # uid -> (lock, [holders + waiters])
         self._locks_guard = threading.Lock()
         self._open: set[int] = set()
+        self._seen_calling_aes: set[str] = set()
+        install_reactor_wakeups()
         self.ae = self._make_ae()
 
     # --- set-up ---------------------------------------------------------------------------------
     def _make_ae(self) -> AE:
         s = self.settings
         ae = AE(ae_title=s.ae_title)
-        ae.maximum_associations = s.max_associations
+        # pynetdicom counts every connection, associated or not; our own limits (_on_requested, the
+        # server's pending bound) are the real ones, this only keeps its check above them
+        ae.maximum_associations = s.max_associations + s.max_pending_connections
         ae.maximum_pdu_size = s.max_pdu_bytes
         ae.acse_timeout = s.acse_timeout_s
         ae.dimse_timeout = s.dimse_timeout_s
@@ -132,6 +141,9 @@ class IngestSCP:
 
     def handlers(self) -> list[tuple[Any, Callable[..., Any]]]:
         return [
+            (evt.EVT_CONN_OPEN, self._on_connection),
+            (evt.EVT_CONN_CLOSE, self._on_connection_closed),
+            (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_C_STORE, self.handle_store),
             (evt.EVT_C_ECHO, self.handle_echo),
             (evt.EVT_ACCEPTED, self._on_accepted),
@@ -143,7 +155,14 @@ class IngestSCP:
     def start(self) -> None:
         """Start listening (the committer must be running)."""
         s = self.settings
-        self.server = self.ae.start_server((s.host, s.port), block=False, evt_handlers=self.handlers())
+        self.spool_dir.mkdir(parents=True, exist_ok=True)
+        if removed := clean_spool(self.spool_dir):
+            log.info("removed stale spool files", extra={"count": removed})
+        server = self.ae.make_server((s.host, s.port), evt_handlers=self.handlers(), server_class=GuardedServer)
+        server.max_pending = s.max_pending_connections
+        self.ae._servers.append(server)  # as AE.start_server does; AssociationServer.shutdown removes it
+        threading.Thread(target=server.serve_forever, name="ingest-dicom-accept", daemon=True).start()
+        self.server = server
         log.info("DICOM SCP listening", extra={"ae_title": s.ae_title, "port": s.port, "host": s.host})
 
     @property
@@ -161,6 +180,71 @@ class IngestSCP:
             self.server = None
 
     # --- association events ---------------------------------------------------------------------
+    def _on_connection(self, event: evt.Event) -> None:
+        """A TCP connection (its association thread not started yet): short wait for the request,
+        and our PDU reader in place of pynetdicom's."""
+        assoc = event.assoc
+        assoc.acse_timeout = self.settings.request_timeout_s
+        Wire.install(
+            assoc,
+            spool_directory=self.spool_dir,
+            max_pdu=self.settings.max_pdu_bytes,
+            max_instance_bytes=self.settings.instance_byte_limit,
+            on_refused=lambda code: REJECTED.labels(code).inc(),
+        )
+        Waker(assoc)
+
+    def _on_connection_closed(self, event: evt.Event) -> None:
+        wire = Wire.of(event.assoc)
+        if wire is not None:
+            wire.close()
+        waker: Waker | None = getattr(event.assoc, "_pt_waker", None)
+        if waker is not None:
+            waker.close()
+
+    def _negotiated(self, exclude: Any, peer: str | None = None) -> int:
+        count = 0
+        for a in self.ae.active_associations:
+            if a is exclude or not a.is_acceptor or not getattr(a, "_pt_requested", False):
+                continue
+            if a.is_released or a.is_aborted or a.is_rejected:
+                continue
+            if peer is None or str(a.requestor.address) == peer:
+                count += 1
+        return count
+
+    def _on_requested(self, event: evt.Event) -> None:
+        """A-ASSOCIATE-RQ received: the connection stops being pending; association limits apply."""
+        assoc, s = event.assoc, self.settings
+        if self.server is not None and assoc.dul.socket is not None:
+            self.server.requested(assoc.dul.socket.socket)
+        assoc.acse_timeout = s.acse_timeout_s
+        calling_ae = str(assoc.requestor.primitive.calling_ae_title or "").strip()
+        peer = str(assoc.requestor.address)
+        allowed = s.allowed_calling_ae_list
+        if allowed and calling_ae not in allowed:
+            log.warning(
+                "association from an unknown calling AE: refused", extra={"calling_ae": calling_ae, "peer": peer}
+            )
+        elif not allowed and calling_ae not in self._seen_calling_aes and len(self._seen_calling_aes) < 1000:
+            self._seen_calling_aes.add(calling_ae)
+            log.warning(
+                "association from a calling AE not in PT_INGEST_ALLOWED_CALLING_AES (empty: any AE may store)",
+                extra={"calling_ae": calling_ae, "peer": peer},
+            )
+        reason = ""
+        if self._negotiated(assoc) >= s.max_associations:
+            reason = "max_associations"
+        elif self._negotiated(assoc, peer) >= s.max_associations_per_peer:
+            reason = "max_associations_per_peer"
+        if reason:
+            ASSOCIATION_EVENTS.labels("rejected").inc()
+            log.warning("association rejected: limit reached", extra={"reason_code": reason, "peer": peer})
+            assoc.acse.send_reject(0x02, 0x03, 0x02)  # rejected-transient, local limit exceeded
+            assoc.kill()
+            return
+        assoc._pt_requested = True
+
     def _on_accepted(self, event: evt.Event) -> None:
         with self._locks_guard:
             self._open.add(id(event.assoc))
@@ -185,14 +269,24 @@ class IngestSCP:
     # --- C-STORE --------------------------------------------------------------------------------
     @contextlib.contextmanager
     def _uid_lock(self, uid: str) -> Iterator[None]:
+        """One C-STORE per SOP Instance UID at a time; the lock lives while anyone holds or awaits it."""
         with self._locks_guard:
-            lock = self._locks.setdefault(uid, threading.Lock())
-        with lock:
-            try:
+            lock, users = self._locks.setdefault(uid, (threading.Lock(), [0]))
+            users[0] += 1
+        try:
+            with lock:
                 yield
-            finally:
-                with self._locks_guard:
-                    self._locks.pop(uid, None)
+        finally:
+            with self._locks_guard:
+                users[0] -= 1
+                if users[0] == 0:
+                    del self._locks[uid]
+
+    def _uid_users(self, uid: str) -> int:
+        """Holders + waiters of a UID's lock (for tests)."""
+        with self._locks_guard:
+            entry = self._locks.get(uid)
+            return entry[1][0] if entry else 0
 
     def _on_loop(self, coro: Coroutine[Any, Any, T]) -> T:
         future = asyncio.run_coroutine_threadsafe(coro, self.loop)
@@ -236,36 +330,43 @@ class IngestSCP:
             self.loop.call_soon_threadsafe(self.on_commit)
 
     def _store(self, event: evt.Event, sop_uid: str, sop_class: str, calling_ae: str) -> Dataset:
-        try:
-            data = event.encoded_dataset(include_meta=True)
-        except Exception as exc:
-            decision = Decision(
-                Action.REFUSE, CANNOT_PARSE, "cannot_parse", f"cannot read the data set: {type(exc).__name__}"
-            )
+        wire = Wire.of(event.assoc)
+        spool = wire.take(sop_uid) if wire is not None else None
+        if spool is None:
+            decision = Decision(Action.REFUSE, CANNOT_PARSE, "cannot_parse", "no data set was received")
             decision.sop_instance_uid, decision.sop_class_uid = sop_uid, sop_class
             return self._refuse(decision, calling_ae)
-        with self._uid_lock(sop_uid):
-            # No separate "already stored?" query: a duplicate is validated and hashed like any
-            # instance, its identical file already exists (nothing written), and the commit step
-            # finds the SOP instance and emits nothing.
-            decision = decide(data, self.settings, sop_class, sop_uid)
-            if decision.action is Action.REFUSE:
-                return self._refuse(decision, calling_ae)
-            try:
-                stored = self.store.put(data)
-            except StoreError as exc:
-                return self._unavailable("store_unavailable", exc)
-            try:
-                future = self.committer.submit(decision, stored, calling_ae)
+        if spool.error is not None:
+            spool.discard()
+            return self._unavailable("store_unavailable", OSError(spool.error))
+        try:
+            with self._uid_lock(sop_uid):
+                # No separate "already stored?" query: a duplicate is validated and hashed like any
+                # instance, its identical file already exists (spool dropped), and the commit step
+                # finds the SOP instance and emits nothing.
+                decision = decide(spool.path, self.settings, sop_class, sop_uid)
+                if decision.action is Action.REFUSE:
+                    return self._refuse(decision, calling_ae)
                 try:
-                    received = future.result(timeout=self.settings.commit_timeout_s)
-                except BaseException:
-                    future.cancel()  # still queued: it is dropped; already committing: it may land
-                    raise
-            except Exception as exc:
-                # The file stays: it is complete and content-addressed, and a commit that timed out
-                # here may still land; the sender retries (0xA700) and then finds it stored.
-                return self._unavailable("db_unavailable", exc)
+                    stored = self.store.put_spool(spool)
+                except StoreError as exc:
+                    return self._unavailable("store_unavailable", exc)
+                return self._commit(decision, stored, calling_ae)
+        finally:
+            spool.discard()  # no-op once moved into the store
+
+    def _commit(self, decision: Decision, stored: StoredFile, calling_ae: str) -> Dataset:
+        try:
+            future = self.committer.submit(decision, stored, calling_ae)
+            try:
+                received = future.result(timeout=self.settings.commit_timeout_s)
+            except BaseException:
+                future.cancel()  # still queued: it is dropped; already committing: it may land
+                raise
+        except Exception as exc:
+            # The file stays: it is complete and content-addressed, and a commit that timed out
+            # here may still land; the sender retries (0xA700) and then finds it stored.
+            return self._unavailable("db_unavailable", exc)
         if received is None:
             RECEIVED.labels("duplicate").inc()
             return status_dataset(SUCCESS)

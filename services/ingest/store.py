@@ -2,7 +2,9 @@
 
 <root>/ab/cd/abcd....dcm — a write goes to a temporary file in the target directory, is fsynced,
 renamed over the final name and the directory is fsynced, so after a crash a name either holds the
-complete file or does not exist. A failed write leaves nothing behind.
+complete file or does not exist. A failed write leaves nothing behind. Instances received over
+DICOM arrive as spool files in <root>/.incoming (written while the data set streams in, see
+wire.py) and are moved in the same way (put_spool: fsync, rename, fsync the directory; no copy).
 """
 
 from __future__ import annotations
@@ -13,6 +15,21 @@ import os
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
+
+
+class Spooled(Protocol):
+    """A complete file written elsewhere on the store's filesystem (wire.Spool)."""
+
+    path: Path
+    size: int
+
+    @property
+    def sha256(self) -> str: ...
+
+    def sync_and_close(self) -> None: ...
+
+    def discard(self) -> None: ...
 
 
 class StoreError(OSError):
@@ -50,7 +67,9 @@ class ContentStore:
         """True when the store root is a writable directory (for /healthz)."""
         return self.root.is_dir() and os.access(self.root, os.W_OK | os.X_OK)
 
-    def _make_dirs(self, directory: Path) -> None:
+    def _make_dirs(self, directory: Path, sync: bool = True) -> list[Path]:
+        """Create `directory` and missing parents; fsync each new entry's parent now, or (sync=False)
+        return those parents, deepest first, for the caller to fsync before it relies on them."""
         missing = []
         d = directory
         while not d.exists():
@@ -59,7 +78,9 @@ class ContentStore:
         for d in reversed(missing):
             with contextlib.suppress(FileExistsError):
                 d.mkdir()
-            _fsync_dir(d.parent)
+            if sync:
+                _fsync_dir(d.parent)
+        return [] if sync else [d.parent for d in missing]
 
     def put(self, data: bytes) -> StoredFile:
         sha = hashlib.sha256(data).hexdigest()
@@ -88,3 +109,28 @@ class ContentStore:
         except OSError as exc:
             raise StoreError(exc.errno, f"cannot write to the image store: {exc.strerror or exc}") from exc
         return StoredFile(sha, final, len(data), created=True)
+
+    def put_spool(self, spool: Spooled) -> StoredFile:
+        """Move a complete spooled file into the store: fsync, rename, fsync the directory (no copy).
+
+        The spool is consumed either way (moved, or discarded when identical content is there)."""
+        sha, size = spool.sha256, spool.size
+        final = self.path_for(sha)
+        try:
+            if final.is_file() and final.stat().st_size == size:
+                spool.discard()
+                return StoredFile(sha, final, size, created=False)
+            created_in = self._make_dirs(final.parent, sync=False)
+            try:
+                spool.sync_and_close()
+                os.replace(spool.path, final)
+            except BaseException:
+                spool.discard()
+                raise
+            # the new name first, then any new directories' names: the first fsync usually commits
+            # the file system's journal with all of them, so the others cost little (ext4, xfs)
+            for directory in [final.parent, *created_in]:
+                _fsync_dir(directory)
+        except OSError as exc:
+            raise StoreError(exc.errno, f"cannot write to the image store: {exc.strerror or exc}") from exc
+        return StoredFile(sha, final, size, created=True)

@@ -13,20 +13,27 @@ from __future__ import annotations
 
 import enum
 import re
+import struct
 from dataclasses import dataclass, field
 from datetime import date
 from io import BytesIO
+from pathlib import Path
 
 import pydicom
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
-from pydicom.uid import UID
+from pydicom.encaps import generate_frames
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 from pynetdicom import sop_class as sc
 
 from services.core.imaging import patient_age_years
 from services.ingest.config import IngestSettings
 
 UNDEFINED_LENGTH = 0xFFFFFFFF
+PIXEL_DATA = 0x7FE00010
+# Values longer than this are not read while validating (pydicom defers them); native Pixel Data is
+# checked by its declared length against the bytes the file holds, never copied into memory.
+DEFER_BYTES = 64 << 10
 
 # C-STORE statuses we answer (PS3.4 B.2.3, PS3.7 C). ErrorComment carries the reason code.
 SUCCESS = 0x0000
@@ -123,15 +130,22 @@ def _int(ds: Dataset, keyword: str, default: int = 0) -> int:
         raise Refusal(DATASET_MISMATCH, "bad_image_attribute", f"{keyword} is not an integer") from exc
 
 
-def parse(data: bytes) -> Dataset:
-    """Parse a Part 10 byte string completely (every element converted), or raise Refusal."""
-    if not data:
+def parse(data: bytes | Path) -> Dataset:
+    """Parse a Part 10 file or byte string, or raise Refusal.
+
+    Every element's header and length is checked (a truncated element is a refusal); values are
+    converted when the policy reads them, so a malformed value in an element the policy does not use
+    is stored as received (inference reads the image again, and dead-letters what it cannot read)."""
+    size = _size(data)
+    if not size:
         raise Refusal(CANNOT_PARSE, "empty_dataset", "the data set is empty")
     try:
-        ds = pydicom.dcmread(BytesIO(data), force=True)
-        _check_complete(ds)
-        for elem in ds.iterall():  # convert raw elements now, so a bad VR / length fails here
-            _ = elem.value
+        ds = pydicom.dcmread(BytesIO(data) if isinstance(data, bytes) else data, force=True, defer_size=DEFER_BYTES)
+        if ds.file_meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian:
+            # read through a decompressor: value positions are not file offsets, so defer nothing
+            ds = pydicom.dcmread(BytesIO(data) if isinstance(data, bytes) else data, force=True)
+            size = UNDEFINED_LENGTH  # the inflated length is unknown: _check_complete checks read values only
+        _check_complete(ds, size)
     except Refusal:
         raise
     except Exception as exc:  # pydicom raises many kinds on fuzzed input; any is "cannot understand"
@@ -141,13 +155,34 @@ def parse(data: bytes) -> Dataset:
     return ds
 
 
-def _check_complete(ds: Dataset) -> None:
+def _deferred(elem: object) -> bool:
+    return isinstance(elem, RawDataElement) and elem.value is None and elem.length not in (0, UNDEFINED_LENGTH)
+
+
+def _check_complete(ds: Dataset, size: int) -> None:
     """pydicom reads a truncated stream with only a warning: an element shorter than its length is a refusal."""
     for tag in ds.keys():
-        elem = ds.get_item(tag)
-        if isinstance(elem, RawDataElement) and elem.value is not None and elem.length != UNDEFINED_LENGTH:
-            if len(elem.value) < elem.length:
+        elem = ds.get_item(tag, keep_deferred=True)
+        if not isinstance(elem, RawDataElement) or elem.length == UNDEFINED_LENGTH:
+            continue
+        if elem.value is None:
+            if elem.length and elem.value_tell + elem.length > size:  # deferred: check the file holds it
                 raise Refusal(CANNOT_PARSE, "truncated", f"data set truncated inside element {tag}")
+        elif len(elem.value) < elem.length:
+            raise Refusal(CANNOT_PARSE, "truncated", f"data set truncated inside element {tag}")
+
+
+def _size(data: bytes | Path) -> int:
+    return len(data) if isinstance(data, bytes) else data.stat().st_size
+
+
+def _pixel_bytes(ds: Dataset, size: int) -> int:
+    """Bytes of native Pixel Data, without reading a deferred value (size: bytes of the whole file)."""
+    elem = ds.get_item(PIXEL_DATA, keep_deferred=True)
+    if _deferred(elem):
+        assert isinstance(elem, RawDataElement)
+        return min(elem.length, max(0, size - elem.value_tell))
+    return len(ds.PixelData)
 
 
 def _age_years(ds: Dataset) -> int | None:
@@ -166,7 +201,7 @@ def _age_years(ds: Dataset) -> int | None:
     return None
 
 
-def _check_pixels(ds: Dataset, settings: IngestSettings) -> tuple[int, int, int]:
+def _check_pixels(ds: Dataset, settings: IngestSettings, size: int) -> tuple[int, int, int]:
     if "PixelData" not in ds:
         if "FloatPixelData" in ds or "DoubleFloatPixelData" in ds:
             raise Refusal(DATASET_MISMATCH, "float_pixel_data", "float pixel data is not an X-ray image")
@@ -184,14 +219,19 @@ def _check_pixels(ds: Dataset, settings: IngestSettings) -> tuple[int, int, int]
     ts = UID(ds.file_meta.get("TransferSyntaxUID", "1.2.840.10008.1.2.1"))
     if not ts.is_compressed:
         expected = (rows * cols * frames * samples * bits + 7) // 8
-        actual = len(ds.PixelData)
+        actual = _pixel_bytes(ds, size)
         if actual < expected:
             raise Refusal(
                 DATASET_MISMATCH, "pixel_length_mismatch", f"Pixel Data holds {actual} bytes, {expected} expected"
             )
         return rows, cols, frames  # complete native pixel data: nothing to decode
+    probed = _probe_frames(ds, ts, rows, cols, samples, bits, frames)
+    if probed is not None:  # a known codestream: its structure was checked, no decode needed
+        if probed:
+            raise Refusal(UNDECODABLE_PIXELS, "undecodable_pixels", probed)
+        return rows, cols, frames
     try:
-        arr = ds.pixel_array  # compressed: decode (every frame) to prove the stream is sound
+        arr = ds.pixel_array  # another compressed syntax: decode (every frame) to prove it is sound
     except Exception as exc:
         raise Refusal(UNDECODABLE_PIXELS, "undecodable_pixels", f"pixel data cannot be decoded: {exc!s:.200}") from exc
     if arr.size == 0:
@@ -199,10 +239,110 @@ def _check_pixels(ds: Dataset, settings: IngestSettings) -> tuple[int, int, int]
     return rows, cols, frames
 
 
+# --- compressed pixel data: a structural probe instead of a full decode -----------------------------
+JPEG_SYNTAXES = frozenset(
+    {
+        "1.2.840.10008.1.2.4.50",
+        "1.2.840.10008.1.2.4.51",
+        "1.2.840.10008.1.2.4.57",
+        "1.2.840.10008.1.2.4.70",
+        "1.2.840.10008.1.2.4.80",
+        "1.2.840.10008.1.2.4.81",
+    }
+)
+J2K_SYNTAXES = frozenset({"1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91"})
+RLE_SYNTAX = "1.2.840.10008.1.2.5"
+SOF_MARKERS = frozenset({*range(0xC0, 0xC4), *range(0xC5, 0xC8), *range(0xC9, 0xCC), *range(0xCD, 0xD0), 0xF7})
+
+
+def _jpeg_frame_size(data: bytes) -> tuple[int, int, int] | str | None:
+    """(rows, columns, components) from a JPEG / JPEG-LS stream's frame header, or what is wrong;
+    None when the stream lacks its end marker (decoders accept some such streams: let one decide)."""
+    if data[:2] != b"\xff\xd8":
+        return "no JPEG start-of-image marker"
+    if data.rstrip(b"\x00")[-2:] != b"\xff\xd9":
+        return None
+    i = 2
+    while i + 4 <= len(data):
+        if data[i] != 0xFF:
+            return "malformed JPEG marker segment"
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker == 0x01 or 0xD0 <= marker <= 0xD8:
+            i += 2
+            continue
+        (length,) = struct.unpack_from(">H", data, i + 2)
+        if marker in SOF_MARKERS:
+            if i + 10 > len(data):
+                return "truncated JPEG frame header"
+            height, width = struct.unpack_from(">HH", data, i + 5)
+            return height, width, data[i + 9]
+        if marker == 0xDA:
+            return "JPEG scan before any frame header"
+        i += 2 + length
+    return "no JPEG frame header"
+
+
+def _j2k_frame_size(data: bytes) -> tuple[int, int, int] | str | None:
+    """(rows, columns, components) from a JPEG 2000 codestream's SIZ segment, or what is wrong; None
+    for a JP2 file or a codestream without its end marker."""
+    if data[:4] != b"\xff\x4f\xff\x51":
+        return None if data[4:8] == b"jP  " else "no JPEG 2000 codestream start (SOC, SIZ)"
+    if len(data) < 44:
+        return "truncated JPEG 2000 header"
+    if data.rstrip(b"\x00")[-2:] != b"\xff\xd9":
+        return None  # no end-of-codestream marker: as for JPEG, the decoder decides
+    xsiz, ysiz, xosiz, yosiz = struct.unpack_from(">IIII", data, 8)
+    (components,) = struct.unpack_from(">H", data, 40)
+    return ysiz - yosiz, xsiz - xosiz, components
+
+
+def _rle_check(data: bytes, samples: int, bits: int) -> str:
+    if len(data) < 64:
+        return "truncated RLE header"
+    header = struct.unpack_from("<16L", data, 0)
+    segments, offsets = header[0], [o for o in header[1:] if o]
+    if segments != samples * ((bits + 7) // 8) or len(offsets) != segments:
+        return f"RLE header lists {segments} segments, {samples * ((bits + 7) // 8)} expected"
+    if offsets[0] != 64 or offsets != sorted(set(offsets)) or offsets[-1] >= len(data):
+        return "RLE segment offsets out of order or past the end"
+    return ""
+
+
+def _probe_frames(ds: Dataset, ts: str, rows: int, cols: int, samples: int, bits: int, frames: int) -> str | None:
+    """Check each compressed frame's structure (markers, dimensions): "" when sound, a reason when
+    not, None when the syntax (or a JP2 wrapper) is not one we can probe (then it is decoded)."""
+    if ts not in JPEG_SYNTAXES and ts not in J2K_SYNTAXES and ts != RLE_SYNTAX:
+        return None
+    try:
+        pieces = list(generate_frames(ds.PixelData, number_of_frames=frames))
+    except Exception as exc:
+        return f"encapsulated pixel data cannot be split into frames: {type(exc).__name__}"
+    if len(pieces) != frames:
+        return f"{len(pieces)} compressed frames, {frames} expected"
+    for data in pieces:
+        if ts == RLE_SYNTAX:
+            if problem := _rle_check(data, samples, bits):
+                return problem
+            continue
+        size = _jpeg_frame_size(data) if ts in JPEG_SYNTAXES else _j2k_frame_size(data)
+        if size is None:
+            return None
+        if isinstance(size, str):
+            return size
+        if size[0] == 0:
+            return None  # height given later (DNL marker): let the decoder tell
+        if (size[0], size[1]) != (rows, cols) or size[2] != samples:
+            return f"frame is {size[0]}x{size[1]}x{size[2]}, the header says {rows}x{cols}x{samples}"
+    return ""
+
+
 def decide(
-    data: bytes, settings: IngestSettings, context_sop_class: str = "", command_sop_instance: str = ""
+    data: bytes | Path, settings: IngestSettings, context_sop_class: str = "", command_sop_instance: str = ""
 ) -> Decision:
-    """Validate one Part 10 encoded instance; never raises for bad input."""
+    """Validate one Part 10 encoded instance (bytes or a file); never raises for bad input."""
     try:
         return _decide(data, settings, context_sop_class, command_sop_instance)
     except Refusal as r:
@@ -216,7 +356,9 @@ def decide(
         )
 
 
-def _decide(data: bytes, settings: IngestSettings, context_sop_class: str, command_sop_instance: str) -> Decision:
+def _decide(
+    data: bytes | Path, settings: IngestSettings, context_sop_class: str, command_sop_instance: str
+) -> Decision:
     ds = parse(data)
     sop_class, sop_uid = _text(ds, "SOPClassUID"), _text(ds, "SOPInstanceUID")
     if not sop_class or not sop_uid:
@@ -231,7 +373,7 @@ def _decide(data: bytes, settings: IngestSettings, context_sop_class: str, comma
     study, series = _text(ds, "StudyInstanceUID"), _text(ds, "SeriesInstanceUID")
     if not study or not series:
         raise Refusal(DATASET_MISMATCH, "missing_uids", "Study or Series Instance UID missing")
-    rows, cols, frames = _check_pixels(ds, settings)
+    rows, cols, frames = _check_pixels(ds, settings, _size(data))
 
     decision = Decision(
         Action.ACCEPT,

@@ -18,6 +18,7 @@ Use in a test module:
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import socket
@@ -26,7 +27,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,14 @@ ORTHANC_BIN = "/usr/sbin/Orthanc"
 STORESCP = "/usr/bin/storescp"
 STORESCU = "/usr/bin/storescu"
 ECHOSCU = "/usr/bin/echoscu"
+# dcmtk leaves Nagle's algorithm on unless this variable is set (its documented switch, read by its
+# network layer, which Orthanc uses too): without it every small write waits for the peer's delayed
+# ACK (~40 ms per C-STORE on loopback). Benchmarks run every dcmtk-based peer with it.
+DCMTK_NODELAY_ENV: dict[str, str] = {"TCP_NODELAY": "1"}
+
+
+def _env(extra: Mapping[str, str] | None) -> dict[str, str] | None:
+    return None if not extra else {**os.environ, **extra}
 
 
 def wait_for_port(host: str, port: int, timeout: float = 30.0, process: subprocess.Popen[bytes] | None = None) -> None:
@@ -67,9 +76,17 @@ def _stop(process: subprocess.Popen[bytes] | None, timeout: float = 20.0) -> Non
 class Orthanc:
     """A throwaway Orthanc (Debian package) with its own storage, index and ports; REST on loopback only."""
 
-    def __init__(self, aet: str = "ORTHANC", base_dir: Path | None = None) -> None:
+    def __init__(
+        self,
+        aet: str = "ORTHANC",
+        base_dir: Path | None = None,
+        env: Mapping[str, str] | None = None,
+        config_overrides: Mapping[str, Any] | None = None,
+    ) -> None:
         self.base = Path(base_dir or tempfile.mkdtemp(prefix="pt-orthanc-"))
         self.aet = aet
+        self.env = dict(env or {})
+        self.config_overrides = dict(config_overrides or {})
         self.http_port = free_port()
         self.dicom_port = free_port()
         self.process: subprocess.Popen[bytes] | None = None
@@ -105,6 +122,7 @@ class Orthanc:
             "StableAge": 1,
             "ConcurrentJobs": 2,
             "DicomScuTimeout": 30,
+            **self.config_overrides,
         }
 
     def start(self, timeout: float = 60.0) -> Orthanc:
@@ -115,7 +133,11 @@ class Orthanc:
         cfg.write_text(json.dumps(self.config(), indent=2))
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
-                [ORTHANC_BIN, str(cfg)], stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+                [ORTHANC_BIN, str(cfg)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                env=_env(self.env),
             )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -197,9 +219,16 @@ class Orthanc:
 class StoreSCP:
     """dcmtk's storescp writing every received instance to its own directory (accepts all syntaxes)."""
 
-    def __init__(self, aet: str = "STORESCP", base_dir: Path | None = None, extra_args: Iterable[str] = ()) -> None:
+    def __init__(
+        self,
+        aet: str = "STORESCP",
+        base_dir: Path | None = None,
+        extra_args: Iterable[str] = (),
+        env: Mapping[str, str] | None = None,
+    ) -> None:
         self.base = Path(base_dir or tempfile.mkdtemp(prefix="pt-storescp-"))
         self.aet = aet
+        self.env = dict(env or {})
         self.port = free_port()
         self.extra_args = list(extra_args)
         self.process: subprocess.Popen[bytes] | None = None
@@ -212,7 +241,9 @@ class StoreSCP:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         cmd = [STORESCP, "-aet", self.aet, "+xa", "-od", str(self.out_dir), *self.extra_args, str(self.port)]
         with open(self.base / "storescp.log", "ab") as log:
-            self.process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            self.process = subprocess.Popen(
+                cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=_env(self.env)
+            )
         wait_for_port("127.0.0.1", self.port, timeout=timeout, process=self.process)
         return self
 

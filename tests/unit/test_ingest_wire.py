@@ -1,0 +1,113 @@
+"""wire.py's byte-level pieces against pydicom: the File Meta it encodes, and the Pixel Data length it
+reads from the first bytes of a data set (real files from pydicom's test data, fed in odd chunks)."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.data import get_testdata_file
+from pydicom.dataelem import RawDataElement
+from pydicom.filebase import DicomBytesIO
+from pydicom.filereader import _read_file_meta_info, read_preamble
+from pydicom.filewriter import write_file_meta_info
+from pydicom.uid import UID
+from pynetdicom.dsutils import create_file_meta
+
+from services.ingest.wire import UNDEFINED, PixelLengthScan, part10_header
+from tests.support.dicom_raw import dx_header
+
+TESTDATA = Path(get_testdata_file("CT_small.dcm")).parent
+SCANNABLE = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1"}
+
+
+@pytest.mark.parametrize(
+    ("sop_class", "sop_instance", "syntax"),
+    [
+        ("1.2.840.10008.5.1.4.1.1.1.1", "1.2.3.4.5", "1.2.840.10008.1.2.1"),  # odd-length UID: padded
+        ("1.2.840.10008.5.1.4.1.1.7", "1.2.826.0.1.3680043.8.498.12", "1.2.840.10008.1.2.4.50"),
+    ],
+)
+def test_part10_header_is_what_pydicom_writes(sop_class: str, sop_instance: str, syntax: str) -> None:
+    expected = DicomBytesIO()
+    expected.write(b"\x00" * 128 + b"DICM")
+    meta = create_file_meta(
+        sop_class_uid=UID(sop_class), sop_instance_uid=UID(sop_instance), transfer_syntax=UID(syntax)
+    )
+    write_file_meta_info(expected, meta)
+    assert part10_header(sop_class, sop_instance, syntax) == expected.getvalue()
+
+
+def _dataset_bytes(path: Path) -> tuple[str, bytes]:
+    raw = path.read_bytes()
+    fp = io.BytesIO(raw)
+    read_preamble(fp, False)
+    meta = _read_file_meta_info(fp)
+    return str(meta.TransferSyntaxUID), raw[fp.tell() :]
+
+
+def test_pixel_length_scan_agrees_with_pydicom_on_real_files() -> None:
+    checked = 0
+    for path in sorted(TESTDATA.glob("*.dcm")):
+        try:
+            syntax, body = _dataset_bytes(path)
+            ds = pydicom.dcmread(path, defer_size=1)
+        except Exception:
+            continue  # files pydicom itself cannot read with file meta
+        if syntax not in SCANNABLE and not UID(syntax).is_compressed:
+            continue
+        scan = PixelLengthScan(syntax)
+        found = None
+        for i in range(0, len(body), 997):  # chunks that split element headers
+            found = scan.feed(body[i : i + 997])
+            if found is not None or not scan.active:
+                break
+        elem = ds.get_item(0x7FE00010, keep_deferred=True) if "PixelData" in ds else None
+        if found is not None:  # never a wrong length (a file it cannot follow: no answer, no refusal)
+            assert isinstance(elem, RawDataElement), path.name
+            assert found == elem.length, path.name
+            checked += 1
+    assert checked >= 40
+
+
+def test_a_declared_gigabyte_is_seen_in_the_first_bytes() -> None:
+    _, head = dx_header(1 << 30)
+    scan = PixelLengthScan("1.2.840.10008.1.2.1")
+    results = [scan.feed(head[i : i + 7]) for i in range(0, len(head), 7)]
+    assert [r for r in results if r is not None] == [1 << 30]
+
+
+def test_encapsulated_pixel_data_has_no_declared_length() -> None:
+    syntax, body = _dataset_bytes(Path(get_testdata_file("JPEG2000.dcm")))
+    assert PixelLengthScan(syntax).feed(body) == UNDEFINED
+
+
+def test_command_fields_match_pynetdicom() -> None:
+    from io import BytesIO
+
+    from pynetdicom.dimse_messages import C_ECHO_RQ
+    from pynetdicom.dimse_primitives import C_ECHO
+    from pynetdicom.dsutils import decode
+
+    from services.ingest.wire import command_fields
+    from tests.support.dicom_raw import c_store_command
+
+    raw = c_store_command("1.2.840.10008.5.1.4.1.1.1.1", "1.2.3.45")
+    cmd = decode(BytesIO(raw), True, True)
+    assert command_fields(raw) == {
+        0x0002: str(cmd.AffectedSOPClassUID),
+        0x0100: cmd.CommandField,
+        0x0800: cmd.CommandDataSetType,
+        0x1000: str(cmd.AffectedSOPInstanceUID),
+    }
+    echo = C_ECHO()
+    echo.MessageID = 7
+    msg = C_ECHO_RQ()
+    msg.primitive_to_message(echo)
+    echo_raw = b"".join(
+        pdv[1:] for p in msg.encode_msg(1, 1 << 20) for _, pdv in p.presentation_data_value_list if pdv[0] & 1
+    )
+    assert command_fields(echo_raw) == {0x0100: 0x0030, 0x0800: 0x0101}  # C-ECHO-RQ, no data set
+    assert command_fields(b"\x08\x00\x16\x00\xff\xff\xff\xff") is None  # not group 0000, runs past the end
