@@ -22,8 +22,9 @@ from services.aggregator.config import AggregatorSettings
 from services.aggregator.models import Base, Image, Outbox, SrDelivery, Study
 from services.aggregator.outputs import Destination, StudyReport, build_sr, read_header, send_sr
 from services.aggregator.policy import Policy
-from services.aggregator.store import FLAGS_SET, TIME_TO_FIRST_FLAG, Change, TriageStore, as_utc
+from services.aggregator.store import FLAGS_SET, REFUSALS, TIME_TO_FIRST_FLAG, Change, TriageStore, as_utc
 from services.core.broker import CONSUMERS, Broker, Envelope, PermanentError
+from services.core.contracts import ImageRejected
 from services.core.db import make_engine, make_sessionmaker, upgrade
 from services.core.db.outbox import OutboxRelay, utcnow
 from services.core.telemetry import configure_logging, serve_http
@@ -59,14 +60,53 @@ class Aggregator:
         await upgrade(self.engine, "aggregator", Base.metadata)
 
     # ---- consumer ----------------------------------------------------------------------------
+    async def consume(self) -> None:
+        """Consume aggregator.events in batches (one transaction per batch; see Broker.consume_batch)."""
+        s = self.settings
+        await self.broker.consume_batch(
+            CONSUMERS["aggregator"], self.handle, self.handle_batch, prefetch=s.prefetch, max_batch=s.max_batch
+        )
+
     async def handle(self, env: Envelope) -> None:
-        ref = env.payload.image  # type: ignore[attr-defined]
-        if not ref.study_instance_uid or not ref.sop_instance_uid:
-            raise PermanentError(f"{env.routing_key} without study or SOP instance UID")
-        async with self.lock_for(ref.study_instance_uid), self.sessions() as session:
-            change = await self.store.apply(session, env.payload, trigger=env.message_id or env.routing_key)
+        """Apply one event in its own transaction."""
+        await self.handle_batch([env])
+
+    async def handle_batch(self, envs: list[Envelope]) -> None:
+        """Apply events in delivery order in one transaction; the broker acks them after it commits.
+
+        An image ingest refused before it knew the study (a CT, an SR, an unreadable data set) is
+        an expected outcome: it is recorded and counted as a refusal, not dead-lettered. A refusal
+        that names its study also marks that study's image NOT_TRIAGED.
+        """
+        refusals: list[ImageRejected] = []
+        events: list[tuple[Any, str]] = []
+        for env in envs:
+            payload: Any = env.payload
+            ref = payload.image
+            if isinstance(payload, ImageRejected):
+                refusals.append(payload)
+                if not ref.study_instance_uid:
+                    continue
+            if not ref.study_instance_uid or not ref.sop_instance_uid:
+                raise PermanentError(f"{env.routing_key} without study or SOP instance UID")
+            events.append((payload, env.message_id or env.routing_key))
+        async with self._writer(), self.sessions() as session:
+            new_refusals = await self.store.record_refusals(session, refusals)
+            changes = await self.store.apply_batch(session, events)
             await session.commit()
-        self.after_commit(change)
+        for refusal in new_refusals:
+            REFUSALS.labels(refusal.reason_code or "unknown").inc()
+        if new_refusals:
+            log.info("images refused by ingest recorded", extra={"count": len(new_refusals)})
+        for change in changes:
+            self.after_commit(change)
+
+    def _writer(self) -> contextlib.AbstractAsyncContextManager[Any]:
+        """SQLite: take the writer's turn in this process (its one writer lock would otherwise be
+        fought over in a busy-wait). PostgreSQL: nothing here, the study row locks order writers."""
+        if self.engine.dialect.name == "sqlite":
+            return self._locks[0]
+        return contextlib.nullcontext()
 
     def after_commit(self, change: Change | None) -> None:
         if change is None:
@@ -189,7 +229,7 @@ async def run(settings: AggregatorSettings | None = None, stop: asyncio.Event | 
     log.info("aggregator web listening", extra={"port": settings.http_port})
     try:
         if await agg.broker.connect_with_retry(stop):
-            await agg.broker.consume(CONSUMERS["aggregator"], agg.handle, prefetch=settings.prefetch)
+            await agg.consume()
             tasks.append(asyncio.create_task(agg.relay.run(stop), name="relay"))
             tasks.append(asyncio.create_task(agg.sr_loop(stop), name="sr"))
             log.info("aggregator consuming", extra={"queue": CONSUMERS["aggregator"].queue})
