@@ -152,37 +152,58 @@ class Aggregator:
         return report, header
 
     async def send_pending_srs(self) -> int:
-        """Send an SR with the study's current result for every study with a pending delivery."""
+        """Send an SR with the study's current result for every study with a pending delivery.
+
+        No transaction stays open across the network: a short one takes a snapshot (the reports to
+        send, older pending revisions of a study superseded) and commits; the C-STOREs run with no
+        session; each result is recorded in its own short transaction. A slow or silent PACS (up to
+        the 30 s DICOM timeouts per send) never holds the database's write lock, so event handling
+        carries on meanwhile.
+        """
         if self.destination is None:
             return 0
-        sent = 0
+        jobs: list[tuple[int, Any]] = []
         async with self.sessions() as session:
             pending = (
                 await session.scalars(select(SrDelivery).where(SrDelivery.status == "pending").order_by(SrDelivery.id))
             ).all()
             latest: dict[str, SrDelivery] = {}
+            superseded: list[SrDelivery] = []
             for delivery in pending:  # several flag changes queued for one study: one SR, the current result
                 if delivery.study_uid in latest:
-                    latest[delivery.study_uid].status = "superseded"
+                    superseded.append(latest[delivery.study_uid])
                 latest[delivery.study_uid] = delivery
-            for delivery in latest.values():
-                study = await session.get(Study, delivery.study_uid)
-                if study is None:
-                    delivery.status = "superseded"
+            with session.no_autoflush:  # reads only until the snapshot is taken
+                for delivery in latest.values():
+                    study = await session.get(Study, delivery.study_uid)
+                    if study is None:
+                        superseded.append(delivery)
+                        continue
+                    report, header = await self.study_report(session, study)
+                    jobs.append((delivery.id, build_sr(report, header)))
+            for delivery in superseded:
+                delivery.status = "superseded"
+            await session.commit()
+        sent = 0
+        for delivery_id, ds in jobs:
+            error: Exception | None = None
+            try:
+                await asyncio.to_thread(send_sr, ds, self.destination, self.settings.sr_calling_ae)
+            except Exception as exc:
+                error = exc
+            async with self.sessions() as session:
+                delivery = await session.get(SrDelivery, delivery_id)
+                if delivery is None:
                     continue
-                report, header = await self.study_report(session, study)
-                ds = build_sr(report, header)
                 delivery.attempts += 1
                 delivery.sop_uid = str(ds.SOPInstanceUID)
-                try:
-                    await asyncio.to_thread(send_sr, ds, self.destination, self.settings.sr_calling_ae)
-                except Exception as exc:
-                    delivery.last_error = repr(exc)[:1000]
-                    log.warning("SR not delivered yet", extra={"error": repr(exc), "attempts": delivery.attempts})
-                    continue
-                delivery.status, delivery.sent_at = "sent", utcnow()
-                sent += 1
-            await session.commit()
+                if error is None:
+                    delivery.status, delivery.sent_at = "sent", utcnow()
+                    sent += 1
+                else:
+                    delivery.last_error = repr(error)[:1000]
+                    log.warning("SR not delivered yet", extra={"error": repr(error), "attempts": delivery.attempts})
+                await session.commit()
         return sent
 
     async def sr_loop(self, stop: asyncio.Event) -> None:
