@@ -197,6 +197,20 @@ def run(
     return result
 
 
+def stage_summaries(t: dict[str, dict[str, float | None]]) -> dict[str, dict[str, float]]:
+    def stage(a: str, b: str) -> list[float]:
+        return [v[b] - v[a] for v in t.values() if v.get(a) and v.get(b)]  # type: ignore[operator]
+
+    return {
+        "ingest (accepted -> published)": summary(stage("accepted", "published")),
+        "inference (published -> predicted)": summary(stage("published", "predicted")),
+        "aggregator queue (predicted -> stored)": summary(stage("predicted", "stored")),
+        "aggregator (stored -> first flag)": summary(
+            [max(0.0, v["first_flag"] - v["stored"]) for v in t.values() if v.get("stored") and v.get("first_flag")]  # type: ignore[operator]
+        ),
+    }
+
+
 def phase_pipeline(system: SystemHarness, batch: Batch, associations: int) -> dict[str, object]:
     agg = system.data_dir / "aggregator.db"
     started = time.time()
@@ -222,9 +236,6 @@ def phase_pipeline(system: SystemHarness, batch: Batch, associations: int) -> di
     first_flag = {str(v["study"]): v["first_flag"] for v in t.values() if v.get("first_flag")}
     e2e = [first_flag[s] - min(acc) for s, acc in per_study.items()]  # type: ignore[operator]
 
-    def stage(a: str, b: str) -> list[float]:
-        return [v[b] - v[a] for v in t.values() if v.get(a) and v.get(b)]  # type: ignore[operator]
-
     span = max(flagged) - min(accepted)  # type: ignore[type-var,operator]
     return {
         "acked": len(acked),
@@ -234,14 +245,7 @@ def phase_pipeline(system: SystemHarness, batch: Batch, associations: int) -> di
         "images_per_s": len(acked) / span,
         "cstore_images_per_s": len(acked) / sent.seconds,
         "accepted_to_first_flag_s": summary(e2e),
-        "stages_s": {
-            "ingest (accepted -> published)": summary(stage("accepted", "published")),
-            "inference (published -> predicted)": summary(stage("published", "predicted")),
-            "aggregator queue (predicted -> stored)": summary(stage("predicted", "stored")),
-            "aggregator (stored -> first flag)": summary(
-                [max(0.0, v["first_flag"] - v["stored"]) for v in t.values() if v.get("stored") and v.get("first_flag")]  # type: ignore[operator]
-            ),
-        },
+        "stages_s": stage_summaries(t),
         "rss_mb": {k: round((v or 0) / 2**20) for k, v in system.rss().items()},
     }
 
@@ -394,6 +398,13 @@ def paced_send(system: SystemHarness, files: list[Path], rate: float, associatio
     return {"acked": acked, "refused": refused, "seconds": seconds, "lateness": lateness}
 
 
+def refusal_kinds(refused: list[tuple[Path, str]]) -> dict[str, int]:
+    kinds: dict[str, int] = {}
+    for _, why in refused:
+        kinds[why] = kinds.get(why, 0) + 1
+    return kinds
+
+
 def phase_rate(system: SystemHarness, batch: Batch, rate: float, associations: int) -> dict[str, object]:
     agg = system.data_dir / "aggregator.db"
     flagged_before = count(agg, "SELECT count(*) FROM aggregator_studies WHERE first_flag_at IS NOT NULL")
@@ -425,9 +436,11 @@ def phase_rate(system: SystemHarness, batch: Batch, rate: float, associations: i
         "images": len(batch.images),
         "acked": len(acked),
         "refused": len(sent["refused"]),  # type: ignore[arg-type]
+        "refused_by_status": refusal_kinds(sent["refused"]),  # type: ignore[arg-type]
         "studies": len(studies),
         "sender_late_s": summary(sent["lateness"]),  # type: ignore[arg-type]
         "accepted_to_first_flag_s": summary(e2e),
+        "stages_s": stage_summaries(t),
         "loadavg_1m": loadavg[0],
     }
 
@@ -470,7 +483,7 @@ def report(result: dict[str, object]) -> None:
     if levels:
         curve = Table(title="offered load: C-STORE accepted -> study's first flag (SLO: p95 <= 1 s at 50 % of ceiling)")
         for col in ("% of ceiling", "offered img/s", "achieved img/s", "images", "p50 s", "p95 s", "p99 s", "max s",
-                    "sender late p95 s", "load 1m"):  # fmt: skip
+                    "p95 ingest / inference / agg. queue s", "sender late p95 s", "load 1m"):  # fmt: skip
             curve.add_column(col, justify="right")
         for lv in levels:  # type: ignore[attr-defined]
             lat = lv["accepted_to_first_flag_s"]
@@ -482,6 +495,7 @@ def report(result: dict[str, object]) -> None:
                 f"{lv['acked']}/{lv['images']}",
                 *(f"{lat[k]:.3f}" for k in ("p50", "p95", "p99")),
                 f"{lat['max']:.3f}",
+                " / ".join(f"{st['p95']:.2f}" for st in list(lv["stages_s"].values())[:3]),
                 f"{lv['sender_late_s']['p95']:.3f}",
                 f"{lv['loadavg_1m']:.1f}",
             )
@@ -505,12 +519,14 @@ def main() -> None:
     )
     parser.add_argument("--rate-seconds", type=float, default=20.0, help="how long each offered-load level lasts")
     parser.add_argument("--json-out", type=Path, default=None)
+    parser.add_argument("--workdir", type=Path, default=None, help="keep the run's files (logs, DBs) here")
     args = parser.parse_args()
     n, alone, curve = args.n, args.alone, args.curve
     if args.rate and "--n" not in sys.argv and "--alone" not in sys.argv:
         n, alone, curve = 0, 0, []  # `--rate R` alone: just that offered load
     with tempfile.TemporaryDirectory(prefix="pt-bench-e2e-") as tmp:
-        result = run(n, args.associations, alone, Path(tmp), curve, args.rate, args.rate_seconds)
+        workdir = args.workdir or Path(tmp)
+        result = run(n, args.associations, alone, workdir, curve, args.rate, args.rate_seconds)
     report(result)
     if args.json_out:
         args.json_out.write_text(json.dumps(result, indent=2, default=str))

@@ -204,35 +204,36 @@ class TriageStore:
     ) -> WorkingSet:
         """Read (and on PostgreSQL lock) the studies, their images and the images' evidence."""
         ws = WorkingSet()
-        study_uids, sop_uids, judgment_ids = sorted(study_uids), sorted(sop_uids), sorted(judgment_ids)
-        if study_uids:
+        studies, sops, judgment_keys = sorted(study_uids), sorted(sop_uids), sorted(judgment_ids)
+        if studies:
             # Row locks (PostgreSQL), taken in one order so that replicas applying batches that share
             # studies wait for each other instead of deadlocking: one study's events are applied one
             # transaction at a time across replicas. SQLite has one writer and ignores FOR UPDATE.
-            studies = await s.scalars(
+            rows = await s.scalars(
                 select(Study)
-                .where(Study.study_uid.in_(study_uids))
+                .where(Study.study_uid.in_(studies))
                 .order_by(Study.study_uid)
                 .with_for_update()
                 .execution_options(populate_existing=True)
             )
-            ws.studies = {st.study_uid: st for st in studies}
+            ws.studies = {st.study_uid: st for st in rows}
         images = await s.scalars(
-            select(Image)
-            .where(or_(Image.study_uid.in_(study_uids), Image.sop_uid.in_(sop_uids)))
-            .order_by(Image.sop_uid)
+            select(Image).where(or_(Image.study_uid.in_(studies), Image.sop_uid.in_(sops))).order_by(Image.sop_uid)
         )
         for image in images:
             ws.add_image(image)
-        sops = sorted(set(ws.images) | set(sop_uids))
-        if sops:
-            for pred in await s.scalars(select(PredictionRow).where(PredictionRow.sop_uid.in_(sops))):
+        evidence_sops = sorted(set(ws.images) | set(sops))
+        if evidence_sops:
+            for pred in await s.scalars(select(PredictionRow).where(PredictionRow.sop_uid.in_(evidence_sops))):
                 ws.add_prediction(pred)
-            for agg in await s.scalars(select(LabelAggregateRow).where(LabelAggregateRow.sop_uid.in_(sops))):
+            aggregates = select(LabelAggregateRow).where(LabelAggregateRow.sop_uid.in_(evidence_sops))
+            for agg in await s.scalars(aggregates):
                 ws.add_aggregate(agg)
-        if sops or judgment_ids:
+        if evidence_sops or judgment_keys:
             judgments = await s.scalars(
-                select(JudgmentRow).where(or_(JudgmentRow.sop_uid.in_(sops), JudgmentRow.judgment_id.in_(judgment_ids)))
+                select(JudgmentRow).where(
+                    or_(JudgmentRow.sop_uid.in_(evidence_sops), JudgmentRow.judgment_id.in_(judgment_keys))
+                )
             )
             for j in judgments:
                 ws.add_judgment(j)

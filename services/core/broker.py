@@ -330,8 +330,12 @@ class Broker:
                 await self._handle(spec, channel, handler, message)
             return
         for message in decoded:
-            await message.ack()
-        MESSAGES_CONSUMED.labels(spec.queue, "ok").inc(len(decoded))
+            try:
+                await message.ack()
+            except Exception as exc:  # its channel closed (reconnect): the broker redelivers it
+                log.warning("ack failed", extra={"queue": spec.queue, "error": repr(exc)})
+                continue
+            MESSAGES_CONSUMED.labels(spec.queue, "ok").inc()
 
     async def _handle(
         self, spec: ConsumerSpec, channel: AbstractChannel, handler: Handler, message: AbstractIncomingMessage
