@@ -128,6 +128,16 @@ def count(db: Path, sql: str) -> int:
         return 0
 
 
+def cpu_seconds(system: SystemHarness, service: str) -> float:
+    """CPU time (user + system) the service's process has used so far, from /proc."""
+    pid = system.children[service].pid
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def queue_ready(system: SystemHarness, *names: str) -> dict[str, int]:
     """Ready messages per queue, over AMQP (cheap: no rabbitmqctl VM start per poll)."""
     import aio_pika
@@ -258,7 +268,7 @@ def phase_alone(system: SystemHarness, batch: Batch, associations: int) -> dict[
     before_pred = count(agg, "SELECT count(*) FROM aggregator_predictions")
     before_received = count(agg, "SELECT count(*) FROM aggregator_images WHERE eligible IS NOT NULL")
     # ingest alone: C-STORE until the outbox has published everything
-    t0 = time.time()
+    t0, ingest_cpu0 = time.time(), cpu_seconds(system, "ingest")
     sent = system.send(batch.paths, associations=associations)
     acked = batch.acked_uids(sent)
     wait_until(
@@ -267,6 +277,7 @@ def phase_alone(system: SystemHarness, batch: Batch, associations: int) -> dict[
         "ingest alone: draining its outbox ...",
     )
     ingest_s = time.time() - t0
+    ingest_cpu = cpu_seconds(system, "ingest") - ingest_cpu0
     # inference alone against a full queue
     system.children["inference"].start()
     t1 = time.time()
@@ -295,17 +306,20 @@ def phase_alone(system: SystemHarness, batch: Batch, associations: int) -> dict[
         return preds + received
 
     first_seen: tuple[float, int] | None = None
+    cpu0 = float("nan")
     with console.status("aggregator alone: draining its queue ..."):
         while True:
             now, done = time.time(), applied()
             if first_seen is None and done > 0:
                 first_seen = (now, done)
+                cpu0 = cpu_seconds(system, "aggregator")
             if done >= total_events:
                 break
             if now - t2 > 900:
                 raise TimeoutError("aggregator alone")
             time.sleep(0.1)
     aggregator_s = time.time() - t2
+    aggregator_cpu = cpu_seconds(system, "aggregator") - cpu0
     assert first_seen is not None
     drain_s = max(1e-3, now - first_seen[0])
     aggregator_rate = (total_events - first_seen[1]) / drain_s / 2  # two events per image
@@ -315,13 +329,19 @@ def phase_alone(system: SystemHarness, batch: Batch, associations: int) -> dict[
     # inference's own rate from its prediction timestamps (start-up excluded)
     inference_rate = (len(predicted) - 1) / (predicted[-1] - predicted[0]) if len(predicted) > 1 else float("nan")  # type: ignore[operator]
     return {
-        "ingest": {"images_per_s": len(acked) / ingest_s, "seconds": ingest_s},
+        "ingest": {
+            "images_per_s": len(acked) / ingest_s,
+            "seconds": ingest_s,
+            "images_per_cpu_s": len(acked) / ingest_cpu if ingest_cpu > 0 else None,
+        },
         "inference": {"images_per_s": inference_rate, "seconds_incl_startup": inference_wall},
         "aggregator": {
             "images_per_s": aggregator_rate,
             "events_per_s": aggregator_rate * 2,
             "seconds_incl_startup": aggregator_s,
             "images_per_s_incl_startup": len(acked) / aggregator_s,
+            # contention-independent: images applied per second of the aggregator's own CPU time
+            "images_per_cpu_s": (total_events - first_seen[1]) / 2 / aggregator_cpu if aggregator_cpu > 0 else None,
         },
     }
 
@@ -466,10 +486,12 @@ def report(result: dict[str, object]) -> None:
         alone = Table(title="each stage alone (same run)")
         alone.add_column("stage")
         alone.add_column("images/s", justify="right")
+        alone.add_column("images per CPU-second of the service", justify="right")
         for name, s in result["alone"].items():  # type: ignore[attr-defined]
-            alone.add_row(name, f"{s['images_per_s']:.1f}")
+            per_cpu = s.get("images_per_cpu_s")
+            alone.add_row(name, f"{s['images_per_s']:.1f}", "-" if per_cpu is None else f"{per_cpu:.0f}")
         if pipe is not None:
-            alone.add_row("[bold]pipeline (sustained)", f"[bold]{pipe['images_per_s']:.1f}")  # type: ignore[index]
+            alone.add_row("[bold]pipeline (sustained)", f"[bold]{pipe['images_per_s']:.1f}", "")  # type: ignore[index]
         console.print(alone)
         console.print(f"slowest stage alone: [bold]{result['ceiling_stage']}[/bold] "
                       f"({result['ceiling_images_per_s']:.1f} images/s) = the ceiling")  # fmt: skip
