@@ -27,7 +27,7 @@ from services.core.broker import CONSUMERS, Broker, Envelope, PermanentError
 from services.core.contracts import ImageRejected
 from services.core.db import make_engine, make_sessionmaker, upgrade
 from services.core.db.outbox import OutboxRelay, utcnow
-from services.core.telemetry import configure_logging, serve_http
+from services.core.telemetry import bound_correlation_id, configure_logging, serve_http
 
 log = logging.getLogger("services.aggregator")
 LOCK_STRIPES = 64
@@ -80,6 +80,7 @@ class Aggregator:
         """
         refusals: list[ImageRejected] = []
         events: list[tuple[Any, str]] = []
+        correlation_ids: list[str | None] = []
         for env in envs:
             payload: Any = env.payload
             ref = payload.image
@@ -90,6 +91,7 @@ class Aggregator:
             if not ref.study_instance_uid or not ref.sop_instance_uid:
                 raise PermanentError(f"{env.routing_key} without study or SOP instance UID")
             events.append((payload, env.message_id or env.routing_key))
+            correlation_ids.append(env.correlation_id or ref.sop_instance_uid)
         async with self._writer(), self.sessions() as session:
             new_refusals = await self.store.record_refusals(session, refusals)
             changes = await self.store.apply_batch(session, events)
@@ -98,8 +100,9 @@ class Aggregator:
             REFUSALS.labels(refusal.reason_code or "unknown").inc()
         if new_refusals:
             log.info("images refused by ingest recorded", extra={"count": len(new_refusals)})
-        for change in changes:
-            self.after_commit(change)
+        for change, correlation_id in zip(changes, correlation_ids, strict=True):
+            with bound_correlation_id(correlation_id):  # log lines follow the image, as in every service
+                self.after_commit(change)
 
     def _writer(self) -> contextlib.AbstractAsyncContextManager[Any]:
         """SQLite: take the writer's turn in this process (its one writer lock would otherwise be

@@ -265,8 +265,8 @@ class TriageStore:
             new.append(study)
         if new:
             # Two replicas creating the same new study collide on the primary key here; the loser's
-            # transaction fails and its events are retried.
-            s.add_all(new)
+            # transaction fails and its events are retried. Inserted in UID order, like the locks.
+            s.add_all(sorted(new, key=lambda st: st.study_uid))
             await s.flush()
 
     def _image(self, s: AsyncSession, ws: WorkingSet, ref: ImageRef) -> Image:
