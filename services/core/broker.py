@@ -75,6 +75,11 @@ CONSUMERS: dict[str, ConsumerSpec] = {
 MESSAGES_CONSUMED = Counter(
     "pt_broker_messages_consumed_total", "Messages handled, by queue and outcome", ["queue", "outcome"]
 )
+BATCHES_FAILED = Counter(
+    "pt_broker_batches_failed_total",
+    "Batches whose handler raised (their messages were then handled one by one)",
+    ["queue"],
+)
 MESSAGES_PUBLISHED = Counter("pt_broker_messages_published_total", "Messages published (confirmed)", ["routing_key"])
 
 
@@ -321,6 +326,7 @@ class Broker:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
+            BATCHES_FAILED.labels(spec.queue).inc()
             if len(decoded) > 1:
                 log.info(
                     "batch failed, handling its messages one by one",
