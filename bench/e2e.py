@@ -1,7 +1,8 @@
 """End-to-end benchmark: sustained images/s and C-STORE accepted -> first flag latency (model only),
 with a per-stage breakdown, and each stage measured alone in the same run (the pipeline's ceiling).
 
-    python bench/e2e.py --n 400 --associations 4 --alone 300 [--json-out result.json]
+    python bench/e2e.py --n 400 --associations 4 --alone 300 [--curve 0.25 0.5 0.75 0.9] [--json-out result.json]
+    python bench/e2e.py --rate 20 [--rate-seconds 20] [--associations 4]   # one offered load only
 
 Phase 1 (pipeline): the whole system (RabbitMQ, ingest, inference, labeling, aggregator as
 processes, SQLite, embedded onnxruntime) receives N real chest X-rays over dcmtk storescu.
@@ -14,17 +15,25 @@ Phase 2 (alone): the consumers are stopped, M more images are sent (ingest alone
 throughput), then inference is started alone against the full queue (its drain rate), then the
 aggregator alone against its full queue. ceiling = the slowest stage alone; pipeline/ceiling says
 how much of it the running system keeps.
+Phase 3 (offered load, latency vs load): images arrive at a steady rate R (image i is sent at
+t0 + i/R, over several associations, a study's images on one association) for --rate-seconds, at
+25/50/75/90 % of the ceiling just measured (--curve), or at one given --rate. Per level: the rate
+achieved and C-STORE accepted -> study's first flag p50/p95/p99. SLO: p95 <= 1 s at 50 %.
+Queue depths are read over AMQP (passive declare), not with rabbitmqctl, so that polling does not
+take CPU from the services being measured.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import sqlite3
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from contextlib import closing
 from datetime import UTC, datetime
@@ -37,10 +46,10 @@ from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from services.system.rabbitmq import RabbitNode  # noqa: E402
-from tests.support.system_harness import SystemHarness  # noqa: E402
+from tests.support.system_harness import SystemHarness, chunk_by_study  # noqa: E402
 from tests.support.system_scenario import Batch, make_batch  # noqa: E402
 
-console = Console()
+console = Console(width=None if sys.stdout.isatty() else 150)
 SHARED = Path(os.environ.get("PT_SHARED_DATA", REPO.parent / "shared" / "data"))
 
 
@@ -74,6 +83,7 @@ def summary(values: list[float]) -> dict[str, float]:
         "p95": pct(values, 0.95),
         "p99": pct(values, 0.99),
         "mean": statistics.fmean(values) if values else float("nan"),
+        "max": max(values) if values else float("nan"),
     }
 
 
@@ -118,25 +128,97 @@ def count(db: Path, sql: str) -> int:
         return 0
 
 
-def run(n: int, associations: int, alone: int, workdir: Path) -> dict[str, object]:
-    result: dict[str, object] = {"n": n, "associations": associations, "alone_n": alone, "cpus": os.cpu_count()}
+def cpu_seconds(system: SystemHarness, service: str) -> float:
+    """CPU time (user + system) the service's process has used so far, from /proc."""
+    pid = system.children[service].pid
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def queue_ready(system: SystemHarness, *names: str) -> dict[str, int]:
+    """Ready messages per queue, over AMQP (cheap: no rabbitmqctl VM start per poll)."""
+    import aio_pika
+
+    async def probe() -> dict[str, int]:
+        conn = await aio_pika.connect(system.amqp_url)
+        try:
+            channel = await conn.channel()
+            out = {}
+            for name in names:
+                q = await channel.declare_queue(name, passive=True)
+                out[name] = int(q.declaration_result.message_count or 0)
+            return out
+        finally:
+            await conn.close()
+
+    return asyncio.run(probe())
+
+
+def run(
+    n: int,
+    associations: int,
+    alone: int,
+    workdir: Path,
+    curve: list[float],
+    rates: list[float],
+    rate_seconds: float,
+) -> dict[str, object]:
+    result: dict[str, object] = {
+        "n": n,
+        "associations": associations,
+        "alone_n": alone,
+        "cpus": os.cpu_count(),
+        "loadavg_before": os.getloadavg(),
+    }
     with console.status("making DICOM from the shared X-rays ..."):
-        batch = make_batch(SHARED, workdir / "pipeline", n, seed=101)
-        batch2 = make_batch(SHARED, workdir / "alone", alone, seed=202)
+        batch = make_batch(SHARED, workdir / "pipeline", n, seed=101) if n else None
+        batch2 = make_batch(SHARED, workdir / "alone", alone, seed=202) if alone else None
     with RabbitNode() as rabbit:
         system = SystemHarness(rabbit, workdir / "system", env={"PT_LOG_LEVEL": "WARNING"}).start()
         try:
-            result["pipeline"] = phase_pipeline(system, batch, associations)
-            result["alone"] = phase_alone(system, batch2, associations)
+            if batch is not None:
+                result["pipeline"] = phase_pipeline(system, batch, associations)
+            if batch2 is not None:
+                result["alone"] = phase_alone(system, batch2, associations)
+                stages = result["alone"]  # type: ignore[assignment]
+                slowest = min(stages, key=lambda k: stages[k]["images_per_s"])  # type: ignore[index]
+                ceiling = float(stages[slowest]["images_per_s"])  # type: ignore[index]
+                result["ceiling_stage"] = slowest
+                result["ceiling_images_per_s"] = ceiling
+                if batch is not None:
+                    result["pipeline_over_ceiling"] = result["pipeline"]["images_per_s"] / ceiling  # type: ignore[index]
+                rates = [*rates, *(f * ceiling for f in curve)]
+            levels = []
+            for i, rate in enumerate(rates):
+                count_n = max(20, round(rate * rate_seconds))
+                with console.status(f"making {count_n} images for {rate:.1f} images/s ..."):
+                    level_batch = make_batch(SHARED, workdir / f"rate{i}", count_n, seed=303 + i)
+                level = phase_rate(system, level_batch, rate, associations)
+                if "ceiling_images_per_s" in result:
+                    level["fraction_of_ceiling"] = rate / float(result["ceiling_images_per_s"])  # type: ignore[arg-type]
+                levels.append(level)
+            result["offered_load"] = levels
         finally:
             system.stop()
-    pipe = result["pipeline"]["images_per_s"]  # type: ignore[index]
-    stages = result["alone"]  # type: ignore[assignment]
-    slowest = min(stages, key=lambda k: stages[k]["images_per_s"])  # type: ignore[index]
-    result["ceiling_stage"] = slowest
-    result["ceiling_images_per_s"] = stages[slowest]["images_per_s"]  # type: ignore[index]
-    result["pipeline_over_ceiling"] = pipe / stages[slowest]["images_per_s"]  # type: ignore[index]
+    result["loadavg_after"] = os.getloadavg()
     return result
+
+
+def stage_summaries(t: dict[str, dict[str, float | None]]) -> dict[str, dict[str, float]]:
+    def stage(a: str, b: str) -> list[float]:
+        return [v[b] - v[a] for v in t.values() if v.get(a) and v.get(b)]  # type: ignore[operator]
+
+    return {
+        "ingest (accepted -> published)": summary(stage("accepted", "published")),
+        "inference (published -> predicted)": summary(stage("published", "predicted")),
+        "aggregator queue (predicted -> stored)": summary(stage("predicted", "stored")),
+        "aggregator (stored -> first flag)": summary(
+            [max(0.0, v["first_flag"] - v["stored"]) for v in t.values() if v.get("stored") and v.get("first_flag")]  # type: ignore[operator]
+        ),
+    }
 
 
 def phase_pipeline(system: SystemHarness, batch: Batch, associations: int) -> dict[str, object]:
@@ -164,9 +246,6 @@ def phase_pipeline(system: SystemHarness, batch: Batch, associations: int) -> di
     first_flag = {str(v["study"]): v["first_flag"] for v in t.values() if v.get("first_flag")}
     e2e = [first_flag[s] - min(acc) for s, acc in per_study.items()]  # type: ignore[operator]
 
-    def stage(a: str, b: str) -> list[float]:
-        return [v[b] - v[a] for v in t.values() if v.get(a) and v.get(b)]  # type: ignore[operator]
-
     span = max(flagged) - min(accepted)  # type: ignore[type-var,operator]
     return {
         "acked": len(acked),
@@ -176,14 +255,7 @@ def phase_pipeline(system: SystemHarness, batch: Batch, associations: int) -> di
         "images_per_s": len(acked) / span,
         "cstore_images_per_s": len(acked) / sent.seconds,
         "accepted_to_first_flag_s": summary(e2e),
-        "stages_s": {
-            "ingest (accepted -> published)": summary(stage("accepted", "published")),
-            "inference (published -> predicted)": summary(stage("published", "predicted")),
-            "aggregator queue (predicted -> stored)": summary(stage("predicted", "stored")),
-            "aggregator (stored -> first flag)": summary(
-                [max(0.0, v["first_flag"] - v["stored"]) for v in t.values() if v.get("stored") and v.get("first_flag")]  # type: ignore[operator]
-            ),
-        },
+        "stages_s": stage_summaries(t),
         "rss_mb": {k: round((v or 0) / 2**20) for k, v in system.rss().items()},
     }
 
@@ -194,8 +266,9 @@ def phase_alone(system: SystemHarness, batch: Batch, associations: int) -> dict[
     for svc in ("inference", "aggregator"):
         system.children[svc].terminate()
     before_pred = count(agg, "SELECT count(*) FROM aggregator_predictions")
+    before_received = count(agg, "SELECT count(*) FROM aggregator_images WHERE eligible IS NOT NULL")
     # ingest alone: C-STORE until the outbox has published everything
-    t0 = time.time()
+    t0, ingest_cpu0 = time.time(), cpu_seconds(system, "ingest")
     sent = system.send(batch.paths, associations=associations)
     acked = batch.acked_uids(sent)
     wait_until(
@@ -204,66 +277,251 @@ def phase_alone(system: SystemHarness, batch: Batch, associations: int) -> dict[
         "ingest alone: draining its outbox ...",
     )
     ingest_s = time.time() - t0
+    ingest_cpu = cpu_seconds(system, "ingest") - ingest_cpu0
     # inference alone against a full queue
     system.children["inference"].start()
     t1 = time.time()
+
+    def inference_drained() -> bool:
+        ready = queue_ready(system, "inference.images", "aggregator.events")
+        return ready["inference.images"] == 0 and ready["aggregator.events"] >= len(acked) * 2
+
     wait_until(
-        lambda: (
-            system.queue_depths().get("inference.images", 1) == 0
-            and system.queue_depths().get("aggregator.events", 0) >= len(acked) * 2
-        ),
+        inference_drained,
         900,
         f"inference alone: draining {len(acked)} images ...",
     )
     system.children["inference"].wait_healthy(60)
     inference_wall = time.time() - t1
-    # the aggregator alone against its full queue (image.received + prediction.made per image)
+    # the aggregator alone against its full queue (image.received + prediction.made per image).
+    # Its rate is taken from the first poll that sees it working (process start-up excluded) to
+    # the poll that sees the last event applied, counting events from its DB; polled every 0.1 s.
     system.children["aggregator"].start()
     t2 = time.time()
-    wait_until(
-        lambda: (
-            count(agg, "SELECT count(*) FROM aggregator_predictions") >= before_pred + len(acked)
-            and system.queue_depths().get("aggregator.events", 1) == 0
-        ),
-        900,
-        "aggregator alone: draining its queue ...",
-    )
+    total_events = 2 * len(acked)
+
+    def applied() -> int:
+        preds = count(agg, "SELECT count(*) FROM aggregator_predictions") - before_pred
+        received = count(agg, "SELECT count(*) FROM aggregator_images WHERE eligible IS NOT NULL") - before_received
+        return preds + received
+
+    first_seen: tuple[float, int] | None = None
+    cpu0 = float("nan")
+    with console.status("aggregator alone: draining its queue ..."):
+        while True:
+            now, done = time.time(), applied()
+            if first_seen is None and done > 0:
+                first_seen = (now, done)
+                cpu0 = cpu_seconds(system, "aggregator")
+            if done >= total_events:
+                break
+            if now - t2 > 900:
+                raise TimeoutError("aggregator alone")
+            time.sleep(0.1)
     aggregator_s = time.time() - t2
+    aggregator_cpu = cpu_seconds(system, "aggregator") - cpu0
+    assert first_seen is not None
+    drain_s = max(1e-3, now - first_seen[0])
+    aggregator_rate = (total_events - first_seen[1]) / drain_s / 2  # two events per image
     system.children["aggregator"].wait_healthy(60)
     t = timeline(system, acked)
     predicted = sorted(v["predicted"] for v in t.values() if v.get("predicted"))  # type: ignore[type-var]
     # inference's own rate from its prediction timestamps (start-up excluded)
     inference_rate = (len(predicted) - 1) / (predicted[-1] - predicted[0]) if len(predicted) > 1 else float("nan")  # type: ignore[operator]
     return {
-        "ingest": {"images_per_s": len(acked) / ingest_s, "seconds": ingest_s},
+        "ingest": {
+            "images_per_s": len(acked) / ingest_s,
+            "seconds": ingest_s,
+            "images_per_cpu_s": len(acked) / ingest_cpu if ingest_cpu > 0 else None,
+        },
         "inference": {"images_per_s": inference_rate, "seconds_incl_startup": inference_wall},
-        "aggregator": {"images_per_s": len(acked) / aggregator_s, "seconds_incl_startup": aggregator_s},
+        "aggregator": {
+            "images_per_s": aggregator_rate,
+            "events_per_s": aggregator_rate * 2,
+            "seconds_incl_startup": aggregator_s,
+            "images_per_s_incl_startup": len(acked) / aggregator_s,
+            # contention-independent: images applied per second of the aggregator's own CPU time
+            "images_per_cpu_s": (total_events - first_seen[1]) / 2 / aggregator_cpu if aggregator_cpu > 0 else None,
+        },
+    }
+
+
+def paced_send(system: SystemHarness, files: list[Path], rate: float, associations: int) -> dict[str, object]:
+    """Offered load: image i is sent at t0 + i/rate, over `associations` associations opened up
+    front (a study's images on one association; pynetdicom SCU, TCP_NODELAY, files streamed as
+    they are on disk). A sender that falls behind sends at once: the lateness is reported."""
+    import socket
+
+    from pydicom.filereader import read_file_meta_info
+    from pynetdicom import AE, _config
+    from pynetdicom.presentation import build_context
+
+    _config.STORE_SEND_CHUNKED_DATASET = True
+    chunks = chunk_by_study(files, associations)
+    schedule: list[list[tuple[float, Path]]] = [[] for _ in chunks]
+    position, i = [0] * len(chunks), 0
+    while any(position[c] < len(chunks[c]) for c in range(len(chunks))):
+        for c, chunk in enumerate(chunks):
+            if position[c] < len(chunk):
+                schedule[c].append((i / rate, chunk[position[c]]))
+                position[c] += 1
+                i += 1
+    acked: list[Path] = []
+    refused: list[tuple[Path, str]] = []
+    lateness: list[float] = []
+    lock = threading.Lock()
+    associated = threading.Barrier(len(chunks) + 1)
+    go = threading.Event()
+    t0 = [0.0]
+
+    def worker(items: list[tuple[float, Path]]) -> None:
+        ae = AE(ae_title="BENCH_RATE")
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 120
+        pairs = set()
+        for _, path in items:
+            meta = read_file_meta_info(path)
+            pairs.add((str(meta.MediaStorageSOPClassUID), str(meta.TransferSyntaxUID)))
+        contexts = [build_context(sop, [ts]) for sop, ts in sorted(pairs)]
+        assoc = ae.associate("127.0.0.1", system.dicom_port, contexts=contexts, ae_title=system.config.ae_title)
+        raw = getattr(getattr(assoc.dul, "socket", None), "socket", None)
+        if raw is not None:
+            raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        associated.wait()
+        go.wait()
+        try:
+            for offset, path in items:
+                delay = t0[0] + offset - time.monotonic()
+                if delay > 0:
+                    time.sleep(delay)
+                late = max(0.0, -delay)
+                status = assoc.send_c_store(path) if assoc.is_established else None
+                code = int(status.Status) if status is not None and "Status" in status else None
+                with lock:
+                    lateness.append(late)
+                    if code == 0:
+                        acked.append(path)
+                    else:
+                        refused.append((path, "no response" if code is None else f"0x{code:04X}"))
+        finally:
+            if assoc.is_established:
+                assoc.release()
+
+    threads = [threading.Thread(target=worker, args=(items,), daemon=True) for items in schedule]
+    for thread in threads:
+        thread.start()
+    associated.wait()  # every association is open: the clock starts now
+    t0[0] = time.monotonic() + 0.2
+    go.set()
+    for thread in threads:
+        thread.join()
+    seconds = time.monotonic() - t0[0]
+    return {"acked": acked, "refused": refused, "seconds": seconds, "lateness": lateness}
+
+
+def refusal_kinds(refused: list[tuple[Path, str]]) -> dict[str, int]:
+    kinds: dict[str, int] = {}
+    for _, why in refused:
+        kinds[why] = kinds.get(why, 0) + 1
+    return kinds
+
+
+def phase_rate(system: SystemHarness, batch: Batch, rate: float, associations: int) -> dict[str, object]:
+    agg = system.data_dir / "aggregator.db"
+    flagged_before = count(agg, "SELECT count(*) FROM aggregator_studies WHERE first_flag_at IS NOT NULL")
+    loadavg = os.getloadavg()
+    sent = paced_send(system, batch.paths, rate, associations)
+    acked = batch.uids(sent["acked"])  # type: ignore[arg-type]
+    studies = {m.study_instance_uid for m in batch.images if m.sop_instance_uid in acked}
+    wait_until(
+        lambda: (
+            count(agg, "SELECT count(*) FROM aggregator_studies WHERE first_flag_at IS NOT NULL")
+            >= flagged_before + len(studies)
+        ),
+        900,
+        f"{rate:.1f} images/s: waiting for {len(studies)} studies to get their first flag ...",
+    )
+    t = timeline(system, acked)
+    per_study: dict[str, list[float]] = {}
+    first_flag: dict[str, float] = {}
+    for v in t.values():
+        if v.get("accepted") and v.get("first_flag"):
+            per_study.setdefault(str(v["study"]), []).append(v["accepted"])  # type: ignore[arg-type]
+            first_flag[str(v["study"])] = v["first_flag"]  # type: ignore[assignment]
+    e2e = [first_flag[s] - min(acc) for s, acc in per_study.items()]
+    accepted = sorted(v["accepted"] for v in t.values() if v.get("accepted"))  # type: ignore[type-var]
+    achieved = (len(accepted) - 1) / (accepted[-1] - accepted[0]) if len(accepted) > 1 else float("nan")  # type: ignore[operator]
+    return {
+        "offered_images_per_s": rate,
+        "achieved_images_per_s": achieved,
+        "images": len(batch.images),
+        "acked": len(acked),
+        "refused": len(sent["refused"]),  # type: ignore[arg-type]
+        "refused_by_status": refusal_kinds(sent["refused"]),  # type: ignore[arg-type]
+        "studies": len(studies),
+        "sender_late_s": summary(sent["lateness"]),  # type: ignore[arg-type]
+        "accepted_to_first_flag_s": summary(e2e),
+        "stages_s": stage_summaries(t),
+        "loadavg_1m": loadavg[0],
     }
 
 
 def report(result: dict[str, object]) -> None:
-    pipe = result["pipeline"]  # type: ignore[assignment]
-    table = Table(title=f"C-STORE accepted -> first flag, model only ({pipe['acked']} images, "  # type: ignore[index]
-                  f"{result['associations']} associations, {result['cpus']} CPUs)")  # fmt: skip
-    table.add_column("stage")
-    for col in ("p50 s", "p95 s", "p99 s", "mean s"):
-        table.add_column(col, justify="right")
-    e2e = pipe["accepted_to_first_flag_s"]  # type: ignore[index]
-    for name, s in [*pipe["stages_s"].items(), ("end to end (study)", e2e)]:  # type: ignore[index]
-        table.add_row(name, *(f"{s[k]:.3f}" for k in ("p50", "p95", "p99", "mean")))
-    console.print(table)
-    alone = Table(title="each stage alone (same run)")
-    alone.add_column("stage")
-    alone.add_column("images/s", justify="right")
-    for name, s in result["alone"].items():  # type: ignore[attr-defined]
-        alone.add_row(name, f"{s['images_per_s']:.1f}")
-    alone.add_row("[bold]pipeline (sustained)", f"[bold]{pipe['images_per_s']:.1f}")  # type: ignore[index]
-    console.print(alone)
+    la, lb = result["loadavg_before"], result["loadavg_after"]  # type: ignore[misc]
     console.print(
-        f"pipeline {pipe['images_per_s']:.1f} images/s / ceiling ({result['ceiling_stage']} alone) "  # type: ignore[index]
-        f"{result['ceiling_images_per_s']:.1f} images/s = [bold]{result['pipeline_over_ceiling']:.2f}[/bold]"
+        f"{result['cpus']} CPUs; load average (1/5/15 min) before {la[0]:.2f}/{la[1]:.2f}/{la[2]:.2f}, "  # type: ignore[index]
+        f"after {lb[0]:.2f}/{lb[1]:.2f}/{lb[2]:.2f}"  # type: ignore[index]
     )
-    console.print(f"RSS after the pipeline phase (MB): {pipe['rss_mb']}")  # type: ignore[index]
+    pipe = result.get("pipeline")
+    if pipe is not None:
+        table = Table(title=f"C-STORE accepted -> first flag, model only ({pipe['acked']} images, "  # type: ignore[index]
+                      f"{result['associations']} associations, {result['cpus']} CPUs)")  # fmt: skip
+        table.add_column("stage")
+        for col in ("p50 s", "p95 s", "p99 s", "mean s"):
+            table.add_column(col, justify="right")
+        e2e = pipe["accepted_to_first_flag_s"]  # type: ignore[index]
+        for name, s in [*pipe["stages_s"].items(), ("end to end (study)", e2e)]:  # type: ignore[index]
+            table.add_row(name, *(f"{s[k]:.3f}" for k in ("p50", "p95", "p99", "mean")))
+        console.print(table)
+    if "alone" in result:
+        alone = Table(title="each stage alone (same run)")
+        alone.add_column("stage")
+        alone.add_column("images/s", justify="right")
+        alone.add_column("images per CPU-second of the service", justify="right")
+        for name, s in result["alone"].items():  # type: ignore[attr-defined]
+            per_cpu = s.get("images_per_cpu_s")
+            alone.add_row(name, f"{s['images_per_s']:.1f}", "-" if per_cpu is None else f"{per_cpu:.0f}")
+        if pipe is not None:
+            alone.add_row("[bold]pipeline (sustained)", f"[bold]{pipe['images_per_s']:.1f}", "")  # type: ignore[index]
+        console.print(alone)
+        console.print(f"slowest stage alone: [bold]{result['ceiling_stage']}[/bold] "
+                      f"({result['ceiling_images_per_s']:.1f} images/s) = the ceiling")  # fmt: skip
+        if pipe is not None:
+            console.print(
+                f"pipeline {pipe['images_per_s']:.1f} images/s / ceiling ({result['ceiling_stage']} alone) "  # type: ignore[index]
+                f"{result['ceiling_images_per_s']:.1f} images/s = [bold]{result['pipeline_over_ceiling']:.2f}[/bold]"
+            )
+            console.print(f"RSS after the pipeline phase (MB): {pipe['rss_mb']}")  # type: ignore[index]
+    levels = result.get("offered_load") or []
+    if levels:
+        curve = Table(title="offered load: C-STORE accepted -> study's first flag (SLO: p95 <= 1 s at 50 % of ceiling)")
+        for col in ("% of ceiling", "offered img/s", "achieved img/s", "images", "p50 s", "p95 s", "p99 s", "max s",
+                    "p95 ingest / inference / agg. queue s", "sender late p95 s", "load 1m"):  # fmt: skip
+            curve.add_column(col, justify="right")
+        for lv in levels:  # type: ignore[attr-defined]
+            lat = lv["accepted_to_first_flag_s"]
+            frac = lv.get("fraction_of_ceiling")
+            curve.add_row(
+                "-" if frac is None else f"{100 * frac:.0f} %",
+                f"{lv['offered_images_per_s']:.1f}",
+                f"{lv['achieved_images_per_s']:.1f}",
+                f"{lv['acked']}/{lv['images']}",
+                *(f"{lat[k]:.3f}" for k in ("p50", "p95", "p99")),
+                f"{lat['max']:.3f}",
+                " / ".join(f"{st['p95']:.2f}" for st in list(lv["stages_s"].values())[:3]),
+                f"{lv['sender_late_s']['p95']:.3f}",
+                f"{lv['loadavg_1m']:.1f}",
+            )
+        console.print(curve)
 
 
 def main() -> None:
@@ -271,10 +529,26 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=400, help="images through the whole pipeline")
     parser.add_argument("--associations", type=int, default=4, help="concurrent storescu associations")
     parser.add_argument("--alone", type=int, default=300, help="images for the stage-alone measurements")
+    parser.add_argument(
+        "--curve",
+        type=float,
+        nargs="*",
+        default=[0.25, 0.5, 0.75, 0.9],
+        help="offered-load levels as fractions of the ceiling measured in the same run (empty: none)",
+    )
+    parser.add_argument(
+        "--rate", type=float, nargs="*", default=[], help="offered load(s) in images/s; alone: skip phases 1-2"
+    )
+    parser.add_argument("--rate-seconds", type=float, default=20.0, help="how long each offered-load level lasts")
     parser.add_argument("--json-out", type=Path, default=None)
+    parser.add_argument("--workdir", type=Path, default=None, help="keep the run's files (logs, DBs) here")
     args = parser.parse_args()
+    n, alone, curve = args.n, args.alone, args.curve
+    if args.rate and "--n" not in sys.argv and "--alone" not in sys.argv:
+        n, alone, curve = 0, 0, []  # `--rate R` alone: just that offered load
     with tempfile.TemporaryDirectory(prefix="pt-bench-e2e-") as tmp:
-        result = run(args.n, args.associations, args.alone, Path(tmp))
+        workdir = args.workdir or Path(tmp)
+        result = run(n, args.associations, alone, workdir, curve, args.rate, args.rate_seconds)
     report(result)
     if args.json_out:
         args.json_out.write_text(json.dumps(result, indent=2, default=str))

@@ -24,14 +24,16 @@ from services.aggregator.models import Base, Image, Outbox, SrDelivery, Study
 from services.aggregator.outputs import Destination, StudyReport, build_sr, read_header, send_sr
 from services.aggregator.policy import Policy
 from services.aggregator.recalibrate import load_active
-from services.aggregator.store import FLAGS_SET, TIME_TO_FIRST_FLAG, Change, TriageStore, as_utc
+from services.aggregator.store import FLAGS_SET, REFUSALS, TIME_TO_FIRST_FLAG, Change, TriageStore, as_utc
 from services.core.broker import CONSUMERS, Broker, Envelope, PermanentError
+from services.core.contracts import ImageRejected
 from services.core.db import make_engine, make_sessionmaker, upgrade
 from services.core.db.outbox import OutboxRelay, utcnow
-from services.core.telemetry import configure_logging, serve_http
+from services.core.telemetry import bound_correlation_id, configure_logging, serve_http
 
 log = logging.getLogger("services.aggregator")
 LOCK_STRIPES = 64
+SR_SENDER_LOCK = 0x5054_5352  # "PTSR": pg advisory lock key of the SR sender
 
 
 class Aggregator:
@@ -75,14 +77,56 @@ class Aggregator:
         await upgrade(self.engine, "aggregator", Base.metadata)
 
     # ---- consumer ----------------------------------------------------------------------------
+    async def consume(self) -> None:
+        """Consume aggregator.events in batches (one transaction per batch; see Broker.consume_batch)."""
+        s = self.settings
+        await self.broker.consume_batch(
+            CONSUMERS["aggregator"], self.handle, self.handle_batch, prefetch=s.prefetch, max_batch=s.max_batch
+        )
+
     async def handle(self, env: Envelope) -> None:
-        ref = env.payload.image  # type: ignore[attr-defined]
-        if not ref.study_instance_uid or not ref.sop_instance_uid:
-            raise PermanentError(f"{env.routing_key} without study or SOP instance UID")
-        async with self.lock_for(ref.study_instance_uid), self.sessions() as session:
-            change = await self.store.apply(session, env.payload, trigger=env.message_id or env.routing_key)
+        """Apply one event in its own transaction."""
+        await self.handle_batch([env])
+
+    async def handle_batch(self, envs: list[Envelope]) -> None:
+        """Apply events in delivery order in one transaction; the broker acks them after it commits.
+
+        An image ingest refused before it knew the study (a CT, an SR, an unreadable data set) is
+        an expected outcome: it is recorded and counted as a refusal, not dead-lettered. A refusal
+        that names its study also marks that study's image NOT_TRIAGED.
+        """
+        refusals: list[ImageRejected] = []
+        events: list[tuple[Any, str]] = []
+        correlation_ids: list[str | None] = []
+        for env in envs:
+            payload: Any = env.payload
+            ref = payload.image
+            if isinstance(payload, ImageRejected):
+                refusals.append(payload)
+                if not ref.study_instance_uid:
+                    continue
+            if not ref.study_instance_uid or not ref.sop_instance_uid:
+                raise PermanentError(f"{env.routing_key} without study or SOP instance UID")
+            events.append((payload, env.message_id or env.routing_key))
+            correlation_ids.append(env.correlation_id or ref.sop_instance_uid)
+        async with self._writer(), self.sessions() as session:
+            new_refusals = await self.store.record_refusals(session, refusals)
+            changes = await self.store.apply_batch(session, events)
             await session.commit()
-        self.after_commit(change)
+        for refusal in new_refusals:
+            REFUSALS.labels(refusal.reason_code or "unknown").inc()
+        if new_refusals:
+            log.info("images refused by ingest recorded", extra={"count": len(new_refusals)})
+        for change, correlation_id in zip(changes, correlation_ids, strict=True):
+            with bound_correlation_id(correlation_id):  # log lines follow the image, as in every service
+                self.after_commit(change)
+
+    def _writer(self) -> contextlib.AbstractAsyncContextManager[Any]:
+        """SQLite: take the writer's turn in this process (its one writer lock would otherwise be
+        fought over in a busy-wait). PostgreSQL: nothing here, the study row locks order writers."""
+        if self.engine.dialect.name == "sqlite":
+            return self._locks[0]
+        return contextlib.nullcontext()
 
     def after_commit(self, change: Change | None) -> None:
         if change is None:
@@ -128,13 +172,37 @@ class Aggregator:
         return report, header
 
     async def send_pending_srs(self) -> int:
-        """Send an SR with the study's current result for every study with a pending delivery."""
+        """Send an SR with the study's current result for every study with a pending delivery.
+
+        No transaction stays open across the network: a short one takes a snapshot (the reports to
+        send, older pending revisions of a study superseded) and commits; the C-STOREs run with no
+        session; each result is recorded in its own short transaction. A slow or silent PACS (up to
+        the 30 s DICOM timeouts per send) never holds the database's write lock, so event handling
+        carries on meanwhile.
+        """
         if self.destination is None:
             return 0
-        sent = 0
+        if self.engine.dialect.name != "postgresql":  # SQLite: one process owns the database
+            return await self._send_pending_srs()
+        # Replicas on PostgreSQL: the row locks of the snapshot end at its commit, before the sends,
+        # so one session-level advisory lock makes a single replica the SR sender at a time (the
+        # others skip this round); two replicas never send the same delivery at once.
+        async with self.engine.connect() as conn:
+            got = (await conn.execute(text("SELECT pg_try_advisory_lock(:k)"), {"k": SR_SENDER_LOCK})).scalar()
+            await conn.commit()
+            if not got:
+                return 0
+            try:
+                return await self._send_pending_srs()
+            finally:
+                await conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": SR_SENDER_LOCK})
+                await conn.commit()
+
+    async def _send_pending_srs(self) -> int:
+        assert self.destination is not None
+        jobs: list[tuple[int, Any]] = []
         async with self.sessions() as session:
-            # SKIP LOCKED (PostgreSQL): a delivery another replica is sending right now is left to
-            # it, so two replicas never send the same SR twice.
+            # SKIP LOCKED (PostgreSQL): rows another transaction holds are left to it.
             pending = (
                 await session.scalars(
                     select(SrDelivery)
@@ -144,39 +212,53 @@ class Aggregator:
                 )
             ).all()
             latest: dict[str, SrDelivery] = {}
+            superseded: list[SrDelivery] = []
             for delivery in pending:  # several flag changes queued for one study: one SR, the current result
                 if delivery.study_uid in latest:
-                    latest[delivery.study_uid].status = "superseded"
+                    superseded.append(latest[delivery.study_uid])
                 latest[delivery.study_uid] = delivery
-            for delivery in latest.values():
-                study = await session.get(Study, delivery.study_uid)
-                if study is None:
-                    delivery.status = "superseded"
+            with session.no_autoflush:  # reads only until the snapshot is taken
+                for delivery in latest.values():
+                    study = await session.get(Study, delivery.study_uid)
+                    if study is None:
+                        superseded.append(delivery)
+                        continue
+                    report, header = await self.study_report(session, study)
+                    jobs.append((delivery.id, build_sr(report, header)))
+            for delivery in superseded:
+                delivery.status = "superseded"
+            await session.commit()
+        sent = 0
+        for delivery_id, ds in jobs:
+            error: Exception | None = None
+            try:
+                await asyncio.to_thread(send_sr, ds, self.destination, self.settings.sr_calling_ae)
+            except Exception as exc:
+                error = exc
+            async with self.sessions() as session:
+                delivery = await session.get(SrDelivery, delivery_id)
+                if delivery is None:
                     continue
-                report, header = await self.study_report(session, study)
-                ds = build_sr(report, header)
                 delivery.attempts += 1
                 delivery.sop_uid = str(ds.SOPInstanceUID)
-                try:
-                    await asyncio.to_thread(send_sr, ds, self.destination, self.settings.sr_calling_ae)
-                except Exception as exc:
-                    delivery.last_error = repr(exc)[:1000]
-                    log.warning("SR not delivered yet", extra={"error": repr(exc), "attempts": delivery.attempts})
-                    continue
-                delivery.status, delivery.sent_at = "sent", utcnow()
-                sent += 1
-            await session.commit()
+                if error is None:
+                    delivery.status, delivery.sent_at = "sent", utcnow()
+                    sent += 1
+                else:
+                    delivery.last_error = repr(error)[:1000]
+                    log.warning("SR not delivered yet", extra={"error": repr(error), "attempts": delivery.attempts})
+                await session.commit()
         return sent
 
     async def sr_loop(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
+            self._sr_wake.clear()  # before the work: a wake-up during a round is served at once
             try:
                 await self.send_pending_srs()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 log.warning("SR sender failed", extra={"error": repr(exc)})
-            self._sr_wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._sr_wake.wait(), timeout=self.settings.sr_retry_seconds)
 
@@ -213,7 +295,7 @@ async def run(settings: AggregatorSettings | None = None, stop: asyncio.Event | 
     log.info("aggregator web listening", extra={"port": settings.http_port})
     try:
         if await agg.broker.connect_with_retry(stop):
-            await agg.broker.consume(CONSUMERS["aggregator"], agg.handle, prefetch=settings.prefetch)
+            await agg.consume()
             tasks.append(asyncio.create_task(agg.relay.run(stop), name="relay"))
             tasks.append(asyncio.create_task(agg.sr_loop(stop), name="sr"))
             log.info("aggregator consuming", extra={"queue": CONSUMERS["aggregator"].queue})

@@ -25,8 +25,10 @@ class AggregatorSettings(AuthSettings):
     sr_calling_ae: str = "PT_AGGREGATOR"
     # Seconds between SR delivery attempts for pending reports.
     sr_retry_seconds: float = 5.0
-    # Broker prefetch for aggregator.events.
-    prefetch: int = 32
+    # Broker prefetch for aggregator.events (unacked messages in flight; keep it above max_batch).
+    prefetch: int = 128
+    # Most events applied in one transaction (the consumer takes what has arrived, never waits to fill).
+    max_batch: int = 64
     # Seconds between worklist refreshes pushed over server-sent events.
     sse_interval_seconds: float = 2.0
     # Drift monitor (services/aggregator/drift.py): where each model version's drift_reference.json

@@ -168,6 +168,26 @@ class SrDelivery(Base):
     sent_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 
 
+class Refusal(Base):
+    """An image ingest refused (image.rejected): an expected outcome, counted for operators. One row
+    per SOP instance and reason code (ingest sends one event per pair; a redelivery changes nothing).
+    The study UID is empty when ingest refused the instance before it could read it (e.g. a CT)."""
+
+    __tablename__ = "aggregator_refusals"
+    __table_args__ = (UniqueConstraint("sop_uid", "reason_code"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    sop_uid: Mapped[str] = mapped_column(UID)
+    reason_code: Mapped[str] = mapped_column(String(64), index=True)
+    reason: Mapped[str] = mapped_column(Text, default="")
+    dicom_status: Mapped[int] = mapped_column(Integer, default=0)
+    sop_class_uid: Mapped[str] = mapped_column(UID, default="")
+    study_uid: Mapped[str] = mapped_column(UID, default="")
+    calling_ae_title: Mapped[str] = mapped_column(String(16), default="")
+    received_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True, index=True)
+    recorded_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
 class User(Base):
     """A worklist user (clinician or admin); the password is stored only as a hash."""
 

@@ -11,13 +11,14 @@ order: whichever arrives first creates the study and image rows.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from collections.abc import Collection, Iterable, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 from google.protobuf.timestamp_pb2 import Timestamp
 from prometheus_client import Counter, Histogram
-from sqlalchemy import select
+from sqlalchemy import or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.aggregator.fusion import Evidence, Vote
@@ -27,6 +28,7 @@ from services.aggregator.models import (
     LabelAggregateRow,
     Outbox,
     PredictionRow,
+    Refusal,
     Review,
     SrDelivery,
     Study,
@@ -66,6 +68,11 @@ TIME_TO_FIRST_FLAG = Histogram(
 )
 FLAGS_SET = Counter("pt_aggregator_flags_total", "Study flag changes, by the new flag and source", ["flag", "source"])
 OVERRIDES = Counter("pt_aggregator_overrides_total", "Clinician reviews, by action", ["action"])
+REFUSALS = Counter(
+    "pt_aggregator_refusals_total",
+    "Images ingest refused (image.rejected, counted once per SOP instance and reason), by reason code",
+    ["reason"],
+)
 EVENTS = Counter("pt_aggregator_events_total", "Events applied, by kind and outcome", ["kind", "outcome"])
 
 ANSWER_NAMES = {
@@ -126,6 +133,71 @@ class Change:
     sr_queued: bool = False
 
 
+@dataclass
+class WorkingSet:
+    """The rows one transaction reads and writes, loaded up front with one query per table.
+
+    Events are then applied and their studies recomputed in memory; new and changed rows go to the
+    database when the caller commits. A batch of events costs a handful of round trips instead of a
+    dozen per event, and gives the same rows, revisions and audit trail as applying them one by one.
+    """
+
+    studies: dict[str, Study] = field(default_factory=dict)
+    images: dict[str, Image] = field(default_factory=dict)
+    study_images: dict[str, list[Image]] = field(default_factory=dict)
+    predictions: dict[str, dict[tuple[str, str], PredictionRow]] = field(default_factory=dict)
+    judgments: dict[str, dict[str, JudgmentRow]] = field(default_factory=dict)
+    judgment_ids: set[str] = field(default_factory=set)
+    aggregates: dict[str, dict[int, LabelAggregateRow]] = field(default_factory=dict)
+
+    def add_image(self, image: Image) -> None:
+        self.images[image.sop_uid] = image
+        self.study_images.setdefault(image.study_uid, []).append(image)
+
+    def add_prediction(self, row: PredictionRow) -> None:
+        self.predictions.setdefault(row.sop_uid, {})[(row.model_name, row.model_version)] = row
+
+    def add_judgment(self, row: JudgmentRow) -> None:
+        self.judgments.setdefault(row.sop_uid, {})[row.judgment_id] = row
+        self.judgment_ids.add(row.judgment_id)
+
+    def add_aggregate(self, row: LabelAggregateRow) -> None:
+        self.aggregates.setdefault(row.sop_uid, {})[row.revision] = row
+
+
+def pick_prediction(rows: Iterable[PredictionRow]) -> PredictionRow | None:
+    """The current prediction of an image: the newest model version, then the latest made."""
+    return max(
+        rows, key=lambda r: (version_key(r.model_version), as_utc(r.predicted_at) or as_utc(r.stored_at)), default=None
+    )
+
+
+def received_at_of(payload: Any) -> datetime | None:
+    received = getattr(payload, "received_at", None)
+    return from_timestamp(received) if received is not None else None
+
+
+def new_image(ref: ImageRef) -> Image:
+    """An image row with every default set in Python (it is read before it is flushed)."""
+    return Image(
+        sop_uid=ref.sop_instance_uid,
+        study_uid=ref.study_instance_uid,
+        series_uid="",
+        storage_uri="",
+        sha256="",
+        eligible=None,
+        not_triaged_reason="",
+        outside_intended_use=False,
+        intended_use_note="",
+        view_position="",
+        patient_age_years=-1,
+        received_at=None,
+        p_fused=None,
+        flag=PENDING,
+        reason="",
+    )
+
+
 class TriageStore:
     def __init__(self, policy: Policy, sr_enabled: bool = False) -> None:
         self.policy = policy
@@ -133,50 +205,138 @@ class TriageStore:
         self.site: Any = None  # the active site calibration (services/aggregator/recalibrate.py), if any
 
     # ---- rows ------------------------------------------------------------------------------------
-    async def _study(self, s: AsyncSession, study_uid: str, arrived: datetime | None = None) -> Study:
-        # The DB, not a process, serialises a study's events: SELECT ... FOR UPDATE on the study row
-        # (PostgreSQL) makes every other replica's transaction on this study wait for our commit.
-        # A new study is created with INSERT ... ON CONFLICT DO NOTHING, then locked: when two
-        # replicas see the same new study at once, the second INSERT waits for the first's commit
-        # and becomes a no-op, so neither fails on the primary key (no retry, no wasted work).
-        study = await s.get(Study, study_uid, with_for_update=True)
-        if study is None:
-            await s.execute(
-                _insert_for(s)(Study)
-                .values(study_uid=study_uid, flag=PENDING, urgency=URGENCY[PENDING], arrived_at=arrived or utcnow())
-                .on_conflict_do_nothing(index_elements=[Study.study_uid])
+    async def load(
+        self,
+        s: AsyncSession,
+        study_uids: Collection[str],
+        sop_uids: Collection[str] = (),
+        judgment_ids: Collection[str] = (),
+    ) -> WorkingSet:
+        """Read (and on PostgreSQL lock) the studies, their images and the images' evidence."""
+        ws = WorkingSet()
+        studies, sops, judgment_keys = sorted(study_uids), sorted(sop_uids), sorted(judgment_ids)
+        if studies:
+            # Row locks (PostgreSQL), taken in one order so that replicas applying batches that share
+            # studies wait for each other instead of deadlocking: one study's events are applied one
+            # transaction at a time across replicas. SQLite has one writer and ignores FOR UPDATE.
+            rows = await s.scalars(
+                select(Study)
+                .where(Study.study_uid.in_(studies))
+                .order_by(Study.study_uid)
+                .with_for_update()
+                .execution_options(populate_existing=True)
             )
-            study = await s.get(Study, study_uid, with_for_update=True)
-            assert study is not None
-        elif arrived is not None and as_utc(study.arrived_at) > arrived:  # type: ignore[operator]
-            study.arrived_at = arrived
-        return study
+            ws.studies = {st.study_uid: st for st in rows}
+        images = await s.scalars(
+            select(Image).where(or_(Image.study_uid.in_(studies), Image.sop_uid.in_(sops))).order_by(Image.sop_uid)
+        )
+        for image in images:
+            ws.add_image(image)
+        evidence_sops = sorted(set(ws.images) | set(sops))
+        if evidence_sops:
+            for pred in await s.scalars(select(PredictionRow).where(PredictionRow.sop_uid.in_(evidence_sops))):
+                ws.add_prediction(pred)
+            aggregates = select(LabelAggregateRow).where(LabelAggregateRow.sop_uid.in_(evidence_sops))
+            for agg in await s.scalars(aggregates):
+                ws.add_aggregate(agg)
+        if evidence_sops or judgment_keys:
+            judgments = await s.scalars(
+                select(JudgmentRow).where(
+                    or_(JudgmentRow.sop_uid.in_(evidence_sops), JudgmentRow.judgment_id.in_(judgment_keys))
+                )
+            )
+            for j in judgments:
+                ws.add_judgment(j)
+        return ws
 
-    async def _image(self, s: AsyncSession, ref: ImageRef) -> Image:
-        image = await s.get(Image, ref.sop_instance_uid)
+    async def _create_studies(self, s: AsyncSession, ws: WorkingSet, payloads: Sequence[Any]) -> None:
+        """Insert the studies the events name that do not exist yet (one statement)."""
+        new: list[Study] = []
+        for payload in payloads:
+            uid = payload.image.study_instance_uid
+            if uid in ws.studies:
+                continue
+            study = Study(
+                study_uid=uid,
+                flag=PENDING,
+                urgency=URGENCY[PENDING],
+                p_pneumonia=None,
+                reason="",
+                revision=0,
+                model_version="",
+                human_judgments=0,
+                outside_intended_use=False,
+                overridden_by=None,
+                arrived_at=received_at_of(payload) or utcnow(),
+                first_flag_at=None,
+                updated_at=utcnow(),
+            )
+            ws.studies[uid] = study
+            new.append(study)
+        if new:
+            # INSERT ... ON CONFLICT DO NOTHING in UID order (like the locks), then lock and read them
+            # back: when two replicas see the same new study at once, the second INSERT waits for the
+            # first's commit and becomes a no-op, so neither fails on the primary key.
+            rows = [
+                {c.key: getattr(st, c.key) for c in Study.__table__.columns if getattr(st, c.key, None) is not None}
+                for st in sorted(new, key=lambda st: st.study_uid)
+            ]
+            await s.execute(_insert_for(s)(Study).values(rows).on_conflict_do_nothing(index_elements=[Study.study_uid]))
+            created = await s.scalars(
+                select(Study)
+                .where(Study.study_uid.in_([st.study_uid for st in new]))
+                .order_by(Study.study_uid)
+                .with_for_update()
+                .execution_options(populate_existing=True)
+            )
+            for st in created:
+                ws.studies[st.study_uid] = st
+
+    def _image(self, s: AsyncSession, ws: WorkingSet, ref: ImageRef) -> Image:
+        image = ws.images.get(ref.sop_instance_uid)
         if image is None:
-            image = Image(sop_uid=ref.sop_instance_uid, study_uid=ref.study_instance_uid)
+            image = new_image(ref)
             s.add(image)
+            ws.add_image(image)
         image.series_uid = image.series_uid or ref.series_instance_uid
         image.storage_uri = image.storage_uri or ref.storage_uri
         image.sha256 = image.sha256 or ref.sha256
-        await s.flush()
         return image
 
     # ---- events ----------------------------------------------------------------------------------
     async def apply(self, s: AsyncSession, payload: Any, trigger: str = "") -> Change | None:
         """Apply one event and recompute its study (the caller commits)."""
-        ref: ImageRef = payload.image
-        received = getattr(payload, "received_at", None)
-        received_at = from_timestamp(received) if received is not None else None
-        study = await self._study(s, ref.study_instance_uid, received_at)
-        image = await self._image(s, ref)
-        kind, applied = await self._apply_event(s, image, payload, received_at)
-        EVENTS.labels(kind, "applied" if applied else "duplicate").inc()
-        return await self.recompute(s, study, trigger=trigger)
+        return (await self.apply_batch(s, [(payload, trigger)]))[0]
 
-    async def _apply_event(
-        self, s: AsyncSession, image: Image, payload: Any, received_at: datetime | None
+    async def apply_batch(self, s: AsyncSession, events: Sequence[tuple[Any, str]]) -> list[Change | None]:
+        """Apply events in order, each followed by its study's recomputation, in the caller's
+        transaction (the caller commits). Reads everything the events touch first (a few queries),
+        so the cost per event is mostly Python. Returns one Change (or None) per event."""
+        if not events:
+            return []
+        payloads = [payload for payload, _ in events]
+        ws = await self.load(
+            s,
+            {p.image.study_instance_uid for p in payloads},
+            {p.image.sop_instance_uid for p in payloads},
+            {p.judgment_id for p in payloads if isinstance(p, Judgment) and p.judgment_id},
+        )
+        await self._create_studies(s, ws, payloads)
+        return [self._apply_one(s, ws, payload, trigger) for payload, trigger in events]
+
+    def _apply_one(self, s: AsyncSession, ws: WorkingSet, payload: Any, trigger: str) -> Change | None:
+        ref: ImageRef = payload.image
+        received_at = received_at_of(payload)
+        study = ws.studies[ref.study_instance_uid]
+        if received_at is not None and as_utc(study.arrived_at) > received_at:  # type: ignore[operator]
+            study.arrived_at = received_at
+        image = self._image(s, ws, ref)
+        kind, applied = self._apply_event(s, ws, image, payload, received_at)
+        EVENTS.labels(kind, "applied" if applied else "duplicate").inc()
+        return self._recompute(s, ws, study, trigger=trigger)
+
+    def _apply_event(
+        self, s: AsyncSession, ws: WorkingSet, image: Image, payload: Any, received_at: datetime | None
     ) -> tuple[str, bool]:
         if received_at is not None and (image.received_at is None or as_utc(image.received_at) > received_at):  # type: ignore[operator]
             image.received_at = received_at
@@ -196,90 +356,108 @@ class TriageStore:
             image.not_triaged_reason = payload.reason or payload.reason_code or "rejected by ingest"
             return "image.rejected", new
         if isinstance(payload, Prediction):
-            exists = await s.scalar(
-                select(PredictionRow.id).where(
-                    PredictionRow.sop_uid == image.sop_uid,
-                    PredictionRow.model_name == payload.model_name,
-                    PredictionRow.model_version == payload.model_version,
+            key = (payload.model_name, payload.model_version)
+            exists = key in ws.predictions.get(image.sop_uid, {})
+            if not exists:
+                row = PredictionRow(
+                    sop_uid=image.sop_uid,
+                    model_name=payload.model_name,
+                    model_version=payload.model_version,
+                    probability=float(payload.probability),
+                    logit=float(payload.logit),
+                    runtime=payload.runtime,
+                    heatmap_uri=payload.heatmap_uri,
+                    predicted_at=from_timestamp(payload.predicted_at),
+                    received_at=received_at,
+                    stored_at=utcnow(),
+                    gate_verdict=payload.gate_verdict,
+                    gate_reason=payload.gate_reason,
+                    gate_score=payload.gate_score if payload.gate_verdict else None,
                 )
-            )
-            if exists is None:
-                s.add(
-                    PredictionRow(
-                        sop_uid=image.sop_uid,
-                        model_name=payload.model_name,
-                        model_version=payload.model_version,
-                        probability=float(payload.probability),
-                        logit=float(payload.logit),
-                        runtime=payload.runtime,
-                        heatmap_uri=payload.heatmap_uri,
-                        predicted_at=from_timestamp(payload.predicted_at),
-                        received_at=received_at,
-                        gate_verdict=payload.gate_verdict,
-                        gate_reason=payload.gate_reason,
-                        gate_score=payload.gate_score if payload.gate_verdict else None,
-                    )
-                )
-            return "prediction.made", exists is None
+                s.add(row)
+                ws.add_prediction(row)
+            return "prediction.made", not exists
         if isinstance(payload, Judgment):
             if not payload.judgment_id:
                 raise PermanentError("judgment without judgment_id")
-            exists = await s.get(JudgmentRow, payload.judgment_id)
-            if exists is None:
-                s.add(
-                    JudgmentRow(
-                        judgment_id=payload.judgment_id,
-                        sop_uid=image.sop_uid,
-                        annotator_id=payload.annotator_id,
-                        answer=ANSWER_NAMES.get(payload.answer, "cant_tell"),
-                        confidence=CONFIDENCE_NAMES.get(payload.confidence, ""),
-                        trust=float(payload.annotator_trust),
-                        is_gold=payload.is_gold,
-                        has_click=payload.has_click,
-                        click_x=payload.click_x,
-                        click_y=payload.click_y,
-                        submitted_at=from_timestamp(payload.submitted_at),
-                    )
+            exists = payload.judgment_id in ws.judgment_ids
+            if not exists:
+                row = JudgmentRow(
+                    judgment_id=payload.judgment_id,
+                    sop_uid=image.sop_uid,
+                    annotator_id=payload.annotator_id,
+                    answer=ANSWER_NAMES.get(payload.answer, "cant_tell"),
+                    confidence=CONFIDENCE_NAMES.get(payload.confidence, ""),
+                    trust=float(payload.annotator_trust),
+                    is_gold=payload.is_gold,
+                    has_click=payload.has_click,
+                    click_x=payload.click_x,
+                    click_y=payload.click_y,
+                    submitted_at=from_timestamp(payload.submitted_at),
                 )
-            return "judgment.submitted", exists is None
+                s.add(row)
+                ws.add_judgment(row)
+            return "judgment.submitted", not exists
         if isinstance(payload, LabelAggregate):
-            exists = await s.scalar(
-                select(LabelAggregateRow.id).where(
-                    LabelAggregateRow.sop_uid == image.sop_uid, LabelAggregateRow.revision == payload.revision
+            exists = payload.revision in ws.aggregates.get(image.sop_uid, {})
+            if not exists:
+                row = LabelAggregateRow(
+                    sop_uid=image.sop_uid,
+                    revision=payload.revision,
+                    p_pneumonia=float(payload.p_pneumonia),
+                    judgments=payload.judgments,
+                    complete=payload.complete,
+                    method=payload.method,
+                )
+                s.add(row)
+                ws.add_aggregate(row)
+            return "label.aggregated", not exists
+        raise TypeError(f"unexpected event {type(payload).__name__}")
+
+    # ---- refusals --------------------------------------------------------------------------------
+    async def record_refusals(self, s: AsyncSession, events: Sequence[ImageRejected]) -> list[Refusal]:
+        """Record image.rejected events as refusals (idempotent per SOP instance and reason code);
+        returns the new rows. Counted, visible to operators, never a dead letter."""
+        if not events:
+            return []
+        keys = {(e.image.sop_instance_uid or "unknown", e.reason_code) for e in events}
+        existing = await s.execute(
+            select(Refusal.sop_uid, Refusal.reason_code).where(
+                Refusal.sop_uid.in_(sorted({sop for sop, _ in keys})),
+                Refusal.reason_code.in_(sorted({code for _, code in keys})),
+            )
+        )
+        seen = {(sop, code) for sop, code in existing}
+        new: list[Refusal] = []
+        for e in events:
+            key = (e.image.sop_instance_uid or "unknown", e.reason_code)
+            if key in seen:
+                continue
+            seen.add(key)
+            new.append(
+                Refusal(
+                    sop_uid=key[0],
+                    reason_code=e.reason_code,
+                    reason=e.reason[:2000],
+                    dicom_status=int(e.dicom_status),
+                    sop_class_uid=e.image.sop_class_uid,
+                    study_uid=e.image.study_instance_uid,
+                    calling_ae_title=e.calling_ae_title[:16],
+                    received_at=received_at_of(e),
+                    recorded_at=utcnow(),
                 )
             )
-            if exists is None:
-                s.add(
-                    LabelAggregateRow(
-                        sop_uid=image.sop_uid,
-                        revision=payload.revision,
-                        p_pneumonia=float(payload.p_pneumonia),
-                        judgments=payload.judgments,
-                        complete=payload.complete,
-                        method=payload.method,
-                    )
-                )
-            return "label.aggregated", exists is None
-        raise TypeError(f"unexpected event {type(payload).__name__}")
+        s.add_all(new)
+        return new
 
     # ---- evidence --------------------------------------------------------------------------------
     async def current_prediction(self, s: AsyncSession, sop_uid: str) -> PredictionRow | None:
-        rows = (await s.scalars(select(PredictionRow).where(PredictionRow.sop_uid == sop_uid))).all()
-        if not rows:
-            return None
-        return max(rows, key=lambda r: (version_key(r.model_version), as_utc(r.predicted_at) or as_utc(r.stored_at)))
+        return pick_prediction((await s.scalars(select(PredictionRow).where(PredictionRow.sop_uid == sop_uid))).all())
 
-    async def evidence(self, s: AsyncSession, sop_uid: str) -> tuple[Evidence, PredictionRow | None]:
-        pred = await self.current_prediction(s, sop_uid)
-        judgments = (
-            await s.scalars(select(JudgmentRow).where(JudgmentRow.sop_uid == sop_uid).order_by(JudgmentRow.judgment_id))
-        ).all()
-        agg = await s.scalar(
-            select(LabelAggregateRow)
-            .where(LabelAggregateRow.sop_uid == sop_uid)
-            .order_by(LabelAggregateRow.revision.desc())
-            .limit(1)
-        )
+    def evidence(self, ws: WorkingSet, sop_uid: str) -> tuple[Evidence, PredictionRow | None]:
+        pred = pick_prediction(ws.predictions.get(sop_uid, {}).values())
+        judgments = sorted(ws.judgments.get(sop_uid, {}).values(), key=lambda j: j.judgment_id)
+        agg = max(ws.aggregates.get(sop_uid, {}).values(), key=lambda a: a.revision, default=None)
         model_p = pred.probability if pred else None
         if pred is not None and self.site is not None and self.site.applies_to(pred.model_name, pred.model_version):
             model_p = self.site.probability(pred.logit)  # recalibrated on this site's confirmed labels
@@ -295,7 +473,12 @@ class TriageStore:
 
     # ---- study result ----------------------------------------------------------------------------
     async def recompute(self, s: AsyncSession, study: Study, trigger: str = "") -> Change | None:
-        images = (await s.scalars(select(Image).where(Image.study_uid == study.study_uid))).all()
+        """Recompute a study's result from the evidence in the database (the caller commits)."""
+        ws = await self.load(s, {study.study_uid})
+        return self._recompute(s, ws, ws.studies.get(study.study_uid, study), trigger)
+
+    def _recompute(self, s: AsyncSession, ws: WorkingSet, study: Study, trigger: str = "") -> Change | None:
+        images = ws.study_images.get(study.study_uid, [])
         results: list[ImageResult] = []
         evidence_log: dict[str, Any] = {}
         model_versions: set[str] = set()
@@ -304,7 +487,7 @@ class TriageStore:
             if image.eligible is False:
                 image.flag, image.p_fused, image.reason = NOT_TRIAGED, None, image.not_triaged_reason
             else:
-                ev, pred = await self.evidence(s, image.sop_uid)
+                ev, pred = self.evidence(ws, image.sop_uid)
                 flag, p, reason = self.policy.classify(ev)
                 if image.outside_intended_use and flag != PENDING:
                     reason += f"; outside intended use: {image.intended_use_note or 'see model card'}"

@@ -75,6 +75,11 @@ CONSUMERS: dict[str, ConsumerSpec] = {
 MESSAGES_CONSUMED = Counter(
     "pt_broker_messages_consumed_total", "Messages handled, by queue and outcome", ["queue", "outcome"]
 )
+BATCHES_FAILED = Counter(
+    "pt_broker_batches_failed_total",
+    "Batches whose handler raised (their messages were then handled one by one)",
+    ["queue"],
+)
 MESSAGES_PUBLISHED = Counter("pt_broker_messages_published_total", "Messages published (confirmed)", ["routing_key"])
 
 
@@ -174,6 +179,7 @@ def build_message(
 
 
 Handler = Callable[[Envelope], Awaitable[None]]
+BatchHandler = Callable[[list[Envelope]], Awaitable[None]]
 
 
 class Broker:
@@ -186,6 +192,7 @@ class Broker:
         self.connection: AbstractRobustConnection | None = None
         self._channel: AbstractChannel | None = None
         self._exchange: AbstractExchange | None = None
+        self._workers: list[asyncio.Task[None]] = []
 
     async def connect(self, timeout: float = 10.0) -> Broker:
         self.connection = await aio_pika.connect_robust(self.url, timeout=timeout)
@@ -211,6 +218,10 @@ class Broker:
         return False
 
     async def close(self) -> None:
+        for task in self._workers:
+            task.cancel()
+        await asyncio.gather(*self._workers, return_exceptions=True)
+        self._workers.clear()
         if self.connection is not None:
             await self.connection.close()
             self.connection = None
@@ -252,6 +263,85 @@ class Broker:
 
         await queue.consume(on_message)
         return queue
+
+    async def consume_batch(
+        self, spec: ConsumerSpec, handler: Handler, batch_handler: BatchHandler, prefetch: int = 64, max_batch: int = 32
+    ) -> AbstractQueue:
+        """Consume spec.queue handing batch_handler every message already delivered (up to max_batch)
+        at once, in delivery order, from one worker: a consumer that commits once per batch.
+
+        Nothing waits for a batch to fill: a message that arrives alone is handled alone, and under
+        load batches grow up to max_batch (prefetch should be larger, so the next batch is already
+        here while one is applied). The messages of a batch are acked after batch_handler returns.
+        When it raises, each message of the batch goes through handler one by one, with the same
+        retry and dead-letter path as consume(): a batch never changes what happens to a message.
+        """
+        assert self.connection is not None, "Broker.connect() first"
+        channel = await self.connection.channel(publisher_confirms=True)
+        await channel.set_qos(prefetch_count=prefetch)
+        await declare_topology(channel, self.exchange_name, self.quorum)
+        queue = await channel.get_queue(spec.queue)
+        inbox: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
+
+        async def on_message(message: AbstractIncomingMessage) -> None:
+            inbox.put_nowait(message)
+
+        async def worker() -> None:
+            while True:
+                batch = [await inbox.get()]
+                while len(batch) < max_batch and not inbox.empty():
+                    batch.append(inbox.get_nowait())
+                try:
+                    await self._handle_batch(spec, channel, handler, batch_handler, batch)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # e.g. the channel closed under us: the broker redelivers
+                    log.warning("batch not settled", extra={"queue": spec.queue, "error": repr(exc)})
+
+        self._workers.append(asyncio.create_task(worker(), name=f"consume-batch-{spec.queue}"))
+        await queue.consume(on_message)
+        return queue
+
+    async def _handle_batch(
+        self,
+        spec: ConsumerSpec,
+        channel: AbstractChannel,
+        handler: Handler,
+        batch_handler: BatchHandler,
+        messages: list[AbstractIncomingMessage],
+    ) -> None:
+        envelopes: list[Envelope] = []
+        decoded: list[AbstractIncomingMessage] = []
+        for message in messages:
+            try:
+                envelopes.append(decode(message))
+                decoded.append(message)
+            except PermanentError as exc:
+                await self._dead_letter(spec, channel, message, str(exc))
+                MESSAGES_CONSUMED.labels(spec.queue, "dead_lettered").inc()
+        if not envelopes:
+            return
+        try:
+            await batch_handler(envelopes)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            BATCHES_FAILED.labels(spec.queue).inc()
+            if len(decoded) > 1:
+                log.info(
+                    "batch failed, handling its messages one by one",
+                    extra={"queue": spec.queue, "messages": len(decoded), "error": repr(exc)},
+                )
+            for message in decoded:
+                await self._handle(spec, channel, handler, message)
+            return
+        for message in decoded:
+            try:
+                await message.ack()
+            except Exception as exc:  # its channel closed (reconnect): the broker redelivers it
+                log.warning("ack failed", extra={"queue": spec.queue, "error": repr(exc)})
+                continue
+            MESSAGES_CONSUMED.labels(spec.queue, "ok").inc()
 
     async def _handle(
         self, spec: ConsumerSpec, channel: AbstractChannel, handler: Handler, message: AbstractIncomingMessage

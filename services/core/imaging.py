@@ -3,7 +3,7 @@ grayscale array (modality LUT, VOI LUT / window, MONOCHROME1 inversion), render 
 patient-identifying fields.
 
 Decoding of compressed transfer syntaxes goes through pydicom's pixel handlers with the pylibjpeg
-plugins (JPEG baseline/lossless, JPEG 2000, RLE) pinned in pyproject.toml.
+plugins (JPEG baseline/extended/lossless, JPEG-LS, JPEG 2000, RLE) pinned in pyproject.toml.
 """
 
 from __future__ import annotations

@@ -28,12 +28,16 @@ from pydicom.dataset import Dataset
 from pydicom.uid import (
     JPEG2000,
     DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
     JPEG2000Lossless,
     JPEGBaseline8Bit,
+    JPEGExtended12Bit,
     JPEGLossless,
     JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
     RLELossless,
 )
 from pynetdicom import AE, AllStoragePresentationContexts, evt
@@ -69,6 +73,11 @@ TRANSFER_SYNTAXES: tuple[str, ...] = (
     JPEG2000Lossless,
     JPEG2000,
     RLELossless,
+    # What PACS and modalities also send; pylibjpeg-libjpeg decodes them (docs/dicom-conformance.md).
+    JPEGExtended12Bit,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    ExplicitVRBigEndian,  # retired in DICOM, still sent by old devices; pydicom reads it natively
 )
 
 RECEIVED = Counter("pt_ingest_received_total", "C-STORE requests answered with success, by outcome", ["outcome"])

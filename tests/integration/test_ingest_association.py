@@ -21,8 +21,8 @@ async def test_association_limit_and_unsupported_syntax(tmp_path: Path, rabbit: 
         port = service.dicom_port
         scu = AE(ae_title="HOLDER")
         scu.add_requested_context(Verification)
-        # JPEG-LS is not among our transfer syntaxes: that context must be rejected
-        scu.add_requested_context(DigitalXRayImageStorageForPresentation, ["1.2.840.10008.1.2.4.80"])
+        # HTJ2K is not among our transfer syntaxes: that context must be rejected
+        scu.add_requested_context(DigitalXRayImageStorageForPresentation, ["1.2.840.10008.1.2.4.201"])
         held = await call(scu.associate, "127.0.0.1", port, ae_title=AE_TITLE)
         try:
             assert held.is_established

@@ -18,7 +18,7 @@ from services.aggregator.app import Aggregator
 from services.aggregator.config import AggregatorSettings
 from services.aggregator.fusion import FusionWeights
 from services.aggregator.policy import Policy, Thresholds
-from services.core.broker import CONSUMERS, Broker
+from services.core.broker import Broker
 from services.core.contracts import (
     Answer,
     Confidence,
@@ -166,7 +166,7 @@ async def aggregator_fixture(rabbit: RabbitNode, broker: Broker, tmp_path: Path)
     agg = Aggregator(settings)
     await agg.migrate()
     await agg.broker.connect()
-    await agg.broker.consume(CONSUMERS["aggregator"], agg.handle)
+    await agg.consume()
     stop = asyncio.Event()
     relay = asyncio.create_task(agg.relay.run(stop))
     try:

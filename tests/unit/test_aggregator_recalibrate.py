@@ -147,8 +147,9 @@ async def test_versions_rollback_and_the_aggregator_applies_the_active_one(tmp_p
         await apply_events(agg, prediction("1.2.826.0.1.57.1", 0.5, "1", study="1.2.826.0.1.58.1", logit=0.0))
         await apply_events(agg, prediction("1.2.826.0.1.57.2", 0.5, "2", study="1.2.826.0.1.58.2", logit=0.0))
         async with agg.sessions() as s:
-            ev1, _ = await agg.store.evidence(s, "1.2.826.0.1.57.1")
-            ev2, _ = await agg.store.evidence(s, "1.2.826.0.1.57.2")
+            ws = await agg.store.load(s, ["1.2.826.0.1.58.1", "1.2.826.0.1.58.2"])
+            ev1, _ = agg.store.evidence(ws, "1.2.826.0.1.57.1")
+            ev2, _ = agg.store.evidence(ws, "1.2.826.0.1.57.2")
         assert ev1.model_probability == pytest.approx(second.probability(0.0))
         assert ev2.model_probability == 0.5  # another model version: its own calibration
     finally:

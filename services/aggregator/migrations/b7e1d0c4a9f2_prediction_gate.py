@@ -1,7 +1,7 @@
 """aggregator_predictions: the inference input gate's verdict, reason and score (issue 10)
 
 Revision ID: b7e1d0c4a9f2
-Revises: cf76687a7681
+Revises: 5b1e0c2a9d41
 Create Date: 2026-11-30 07:10:00
 """
 
@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "b7e1d0c4a9f2"
-down_revision: str | None = "cf76687a7681"
+down_revision: str | None = "5b1e0c2a9d41"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

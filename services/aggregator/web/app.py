@@ -366,6 +366,18 @@ def create_app(agg: "Aggregator") -> FastAPI:
         """The drift monitor: recent predictions against the model version's validation reference."""
         return agg.drift.status.to_dict()
 
+    @app.get("/api/v1/refusals", tags=["operations"])
+    async def api_refusals(
+        user: Clinician,
+        page: Annotated[int, Query(ge=1, le=1_000_000)] = 1,
+        page_size: Annotated[int, Query(ge=1, le=1000)] = 100,
+    ) -> dict[str, Any]:
+        """Images ingest refused (wrong SOP class, unreadable, too large ...): an expected outcome,
+        counted by reason code, newest first. Also `pt_aggregator_refusals_total` on /metrics."""
+        async with agg.sessions() as s:
+            by_reason, items, total = await queries.refusals(s, page, page_size)
+        return {"total": total, "by_reason": by_reason, "items": items, "page": page, "page_size": page_size}
+
     @app.get("/api/v1/me", tags=["session"])
     async def api_me(request: Request, user: Clinician) -> dict[str, str]:
         """Who is signed in, and the CSRF token to send with POSTs."""

@@ -12,7 +12,7 @@ from typing import Any
 from sqlalchemy import Select, func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from services.aggregator.models import Image, JudgmentRow, LabelAggregateRow, Review, Study, TriageHistory
+from services.aggregator.models import Image, JudgmentRow, LabelAggregateRow, Refusal, Review, Study, TriageHistory
 from services.aggregator.outputs import path_of, read_header
 from services.aggregator.policy import FLAGS, PENDING
 from services.aggregator.store import TriageStore, as_utc
@@ -239,6 +239,32 @@ async def reviews(s: AsyncSession, page: int = 1, page_size: int = 100) -> tuple
             }
         )
     return out, total
+
+
+async def refusals(
+    s: AsyncSession, page: int = 1, page_size: int = 100
+) -> tuple[dict[str, int], list[dict[str, Any]], int]:
+    """Images ingest refused (an expected outcome, not an error): counts by reason code, and the
+    refusals newest first. UIDs and codes only, no patient data."""
+    counts = await s.execute(select(Refusal.reason_code, func.count()).group_by(Refusal.reason_code))
+    by_reason = {str(code): int(n) for code, n in counts}
+    rows = (
+        await s.scalars(select(Refusal).order_by(Refusal.id.desc()).offset((page - 1) * page_size).limit(page_size))
+    ).all()
+    items = [
+        {
+            "sop_instance_uid": r.sop_uid,
+            "study_instance_uid": r.study_uid or None,
+            "sop_class_uid": r.sop_class_uid,
+            "reason_code": r.reason_code,
+            "reason": r.reason,
+            "dicom_status": f"0x{r.dicom_status:04X}",
+            "calling_ae_title": r.calling_ae_title,
+            "received_at": iso(r.received_at),
+        }
+        for r in rows
+    ]
+    return by_reason, items, sum(by_reason.values())
 
 
 async def worklist_token(s: AsyncSession) -> str:
