@@ -249,48 +249,39 @@ class TriageStore:
                 ws.add_judgment(j)
         return ws
 
-    async def _create_studies(self, s: AsyncSession, ws: WorkingSet, payloads: Sequence[Any]) -> None:
-        """Insert the studies the events name that do not exist yet (one statement)."""
-        new: list[Study] = []
+    async def _ensure_studies(self, s: AsyncSession, payloads: Sequence[Any]) -> None:
+        """Create the studies the events name that do not exist yet, BEFORE anything is read.
+
+        One ``INSERT ... ON CONFLICT DO NOTHING`` in UID order (like the row locks that `load` takes
+        next): when two replicas see the same new study at once, the second INSERT waits for the
+        first's commit and becomes a no-op, so neither fails on a primary key, and the loser then
+        reads the winner's committed images and evidence under the study's lock.
+        """
+        arrived: dict[str, datetime] = {}
         for payload in payloads:
             uid = payload.image.study_instance_uid
-            if uid in ws.studies:
-                continue
-            study = Study(
-                study_uid=uid,
-                flag=PENDING,
-                urgency=URGENCY[PENDING],
-                p_pneumonia=None,
-                reason="",
-                revision=0,
-                model_version="",
-                human_judgments=0,
-                outside_intended_use=False,
-                overridden_by=None,
-                arrived_at=received_at_of(payload) or utcnow(),
-                first_flag_at=None,
-                updated_at=utcnow(),
-            )
-            ws.studies[uid] = study
-            new.append(study)
-        if new:
-            # INSERT ... ON CONFLICT DO NOTHING in UID order (like the locks), then lock and read them
-            # back: when two replicas see the same new study at once, the second INSERT waits for the
-            # first's commit and becomes a no-op, so neither fails on the primary key.
-            rows = [
-                {c.key: getattr(st, c.key) for c in Study.__table__.columns if getattr(st, c.key, None) is not None}
-                for st in sorted(new, key=lambda st: st.study_uid)
-            ]
-            await s.execute(_insert_for(s)(Study).values(rows).on_conflict_do_nothing(index_elements=[Study.study_uid]))
-            created = await s.scalars(
-                select(Study)
-                .where(Study.study_uid.in_([st.study_uid for st in new]))
-                .order_by(Study.study_uid)
-                .with_for_update()
-                .execution_options(populate_existing=True)
-            )
-            for st in created:
-                ws.studies[st.study_uid] = st
+            when = received_at_of(payload) or utcnow()
+            if uid not in arrived or when < arrived[uid]:
+                arrived[uid] = when
+        if not arrived:
+            return
+        now = utcnow()
+        rows = [
+            {
+                "study_uid": uid,
+                "flag": PENDING,
+                "urgency": URGENCY[PENDING],
+                "reason": "",
+                "revision": 0,
+                "model_version": "",
+                "human_judgments": 0,
+                "outside_intended_use": False,
+                "arrived_at": arrived[uid],
+                "updated_at": now,
+            }
+            for uid in sorted(arrived)
+        ]
+        await s.execute(_insert_for(s)(Study).values(rows).on_conflict_do_nothing(index_elements=[Study.study_uid]))
 
     def _image(self, s: AsyncSession, ws: WorkingSet, ref: ImageRef) -> Image:
         image = ws.images.get(ref.sop_instance_uid)
@@ -315,13 +306,13 @@ class TriageStore:
         if not events:
             return []
         payloads = [payload for payload, _ in events]
+        await self._ensure_studies(s, payloads)
         ws = await self.load(
             s,
             {p.image.study_instance_uid for p in payloads},
             {p.image.sop_instance_uid for p in payloads},
             {p.judgment_id for p in payloads if isinstance(p, Judgment) and p.judgment_id},
         )
-        await self._create_studies(s, ws, payloads)
         return [self._apply_one(s, ws, payload, trigger) for payload, trigger in events]
 
     def _apply_one(self, s: AsyncSession, ws: WorkingSet, payload: Any, trigger: str) -> Change | None:

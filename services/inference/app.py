@@ -50,6 +50,7 @@ class InferenceService:
         return {
             "broker": self.broker.is_connected,
             "runtime": {"ok": runtime_ok, **self.runtime.describe()},
+            "consuming": self.started.is_set(),  # ready only once it takes work from its queue
         }
 
     async def run(self, stop: asyncio.Event) -> None:

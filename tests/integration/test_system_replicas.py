@@ -8,6 +8,7 @@ and the work was really shared (each replica handled some of it).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -48,7 +49,16 @@ def test_two_replicas_of_everything_on_a_three_node_cluster(
     for node, addresses in scale_out.dist_listeners().items():
         assert addresses and set(addresses) == {"127.0.0.1"}, (node, addresses)
     # every queue is a quorum queue on all three nodes; each work queue has one consumer per replica
-    facts = scale_out.queue_facts()
+    # A quorum queue registers a consumer through its Raft log: the count can lag a service's
+    # "started" by a moment on a loaded machine, so wait for it (bounded) before asserting.
+    deadline = time.monotonic() + 30
+    while True:
+        facts = scale_out.queue_facts()
+        if time.monotonic() > deadline or all(
+            facts.get(q, ("", 0, 0))[1] == len(system.replicas_of(svc)) for q, svc in CONSUMED_QUEUES.items()
+        ):
+            break
+        time.sleep(0.5)
     assert facts and all(t == "quorum" and members == 3 for t, _c, members in facts.values()), facts
     for queue, service in CONSUMED_QUEUES.items():
         assert facts[queue][1] == len(system.replicas_of(service)) == 2, (queue, facts[queue])
