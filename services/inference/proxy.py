@@ -56,9 +56,9 @@ from services.inference.training.split import SPLIT_FILE, load_split
 
 # (regex on the file stem, lowest id, highest id): the held-out acquisition batches
 EXTERNAL_FAMILIES: tuple[tuple[str, int, int], ...] = (
-    (r"^IM-(\d+)-\d+$", 115, 299),
-    (r"^NORMAL2-IM-(\d+)-\d+$", 383, 599),
-    (r"^person(\d+)_(?:bacteria|virus)_\d+$", 1, 199),
+    (r"^IM-(\d+)-\d+", 115, 299),
+    (r"^NORMAL2-IM-(\d+)-\d+", 383, 599),
+    (r"^person(\d+)_(?:bacteria|virus)_\d+", 1, 199),
 )
 _FAMILIES = [(re.compile(p, re.IGNORECASE), lo, hi) for p, lo, hi in EXTERNAL_FAMILIES]
 SENSITIVITY_TARGET = 0.95

@@ -25,7 +25,7 @@ MODEL_DIR = Path(__file__).resolve().parents[2] / "deploy" / "triton" / "model_r
 
 
 def test_external_families_are_whole_id_ranges() -> None:
-    assert is_external("IM-0115-0001.jpeg") and is_external("IM-0299-0001.jpeg")
+    assert is_external("IM-0115-0001.jpeg") and is_external("IM-0299-0001-0002.jpeg")
     assert not is_external("IM-0300-0001.jpeg")
     assert is_external("NORMAL2-IM-0599-0001.jpeg") and not is_external("NORMAL2-IM-0600-0001.jpeg")
     assert is_external("person1_bacteria_1.jpeg") and is_external("person199_virus_343.jpeg")
