@@ -191,6 +191,9 @@ def proxy_eval_cmd(
     sample: int = typer.Option(0, help="evaluate a class-stratified sample of this many held-out images (0: all)"),
     stress: list[str] = typer.Option(None, help="stress condition(s) to run (default: the whole suite)"),
     out: Path = typer.Option(Path("var/model-eval"), help="report directory (proxy-v<version>.json)"),
+    set_threshold: bool = typer.Option(
+        False, help="choose the operating threshold on the proxy and write it into the version's metadata.json"
+    ),
 ) -> None:
     """Proxy external validation: held-out acquisition batches under a stress suite of realistic shifts."""
     from rich.table import Table
@@ -199,7 +202,22 @@ def proxy_eval_cmd(
     from services.inference.proxy import proxy_evaluate, write_report
 
     dirs = model_dir or [latest_version_dir(DEFAULT_REPOSITORY / "pneumonia")]
-    reports = [proxy_evaluate(d, data, sample or None, stress or None) for d in dirs]
+    reports = [proxy_evaluate(d, data, sample or None, stress or None, choose_threshold=set_threshold) for d in dirs]
+    if set_threshold:
+        for d, report in zip(dirs, reports, strict=True):
+            meta = json.loads((d / "metadata.json").read_text())
+            t = meta["thresholds"]
+            meta["threshold_choice"] = {
+                "operating": "proxy-eval --set-threshold: sensitivity >= 0.97 on the clean held-out batches "
+                "and >= 0.95 under every stress condition",
+                "operating_from_val": t["operating"],
+            }
+            t["operating"] = report["operating_threshold"]
+            t["rule_out"], t["urgent"] = min(t["rule_out"], t["operating"]), max(t["urgent"], t["operating"])
+            (d / "metadata.json").write_text(json.dumps(meta, indent=1) + "\n")
+            console.print(
+                f"{d}: operating threshold {meta['threshold_choice']['operating_from_val']:.4f} -> {t['operating']:.4f}"
+            )
     for report in reports:
         table = Table(
             title=f"model v{report['model_version']}: {report['n_images']} held-out images "
