@@ -186,7 +186,8 @@ def export_version(
                 "history",
                 "load_seconds",
             )
-        },
+        }
+        | {k: info[k] for k in ("loadavg", "n_external_held_out") if k in info},
         "size_bytes": onnx_path.stat().st_size,
     }
     (vdir / "metadata.json").write_text(json.dumps(metadata, indent=1) + "\n")

@@ -27,17 +27,31 @@ def conv_bn(cin: int, cout: int, stride: int = 1, dilation: int = 1) -> nn.Seque
     )
 
 
+class Residual(nn.Module):
+    """relu(x + bn(conv(x))): the second 3x3 conv of a stage as a residual block (same cost)."""
+
+    def __init__(self, c: int, dilation: int = 1) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, padding=dilation, dilation=dilation, bias=False)
+        self.bn = nn.BatchNorm2d(c)
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.relu(x + self.bn(self.conv(x)))
+
+
 @dataclass(frozen=True)
 class NetConfig:
     channels: tuple[int, ...] = (16, 32, 64, 96, 128)
     dropout: float = 0.2
+    residual: bool = False  # v1: False (plain); the second conv of each stage as a residual block
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> NetConfig:
-        return cls(channels=tuple(d["channels"]), dropout=float(d["dropout"]))
+        return cls(channels=tuple(d["channels"]), dropout=float(d["dropout"]), residual=bool(d.get("residual", False)))
 
 
 class PneumoniaNet(nn.Module):
@@ -48,9 +62,13 @@ class PneumoniaNet(nn.Module):
         self.config = config or NetConfig()
         c = self.config.channels
         layers: list[nn.Module] = [conv_bn(1, c[0], stride=2)]  # /2
+        res = self.config.residual
         for cin, cout in itertools.pairwise(c[:-1]):  # /4, /8, /16
-            layers += [conv_bn(cin, cout, stride=2), conv_bn(cout, cout)]
-        layers += [conv_bn(c[-2], c[-1], dilation=2), conv_bn(c[-1], c[-1], dilation=2)]
+            layers += [conv_bn(cin, cout, stride=2), Residual(cout) if res else conv_bn(cout, cout)]
+        layers += [
+            conv_bn(c[-2], c[-1], dilation=2),
+            Residual(c[-1], dilation=2) if res else conv_bn(c[-1], c[-1], dilation=2),
+        ]
         self.features = nn.Sequential(*layers)
         self.dropout = nn.Dropout(self.config.dropout)
         self.head = nn.Linear(c[-1], 1)
