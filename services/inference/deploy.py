@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from services.inference.repository import list_versions, next_version, parse_config, read_version_policy
 from services.inference.triton_python import MODEL_PY
 
 REQUIRED_FILES = ("model.onnx", "metadata.json")
@@ -44,23 +45,8 @@ class DeployResult:
 # -- config.pbtxt version policy -------------------------------------------------------------
 
 
-def _parse_config(text: str):  # -> model_config_pb2.ModelConfig
-    from google.protobuf import text_format
-    from tritonclient.grpc import model_config_pb2
-
-    return text_format.Parse(text, model_config_pb2.ModelConfig())
-
-
-def read_version_policy(text: str) -> list[int]:
-    """Versions pinned by `version_policy: { specific: ... }`; [] for latest/all/no policy."""
-    config = _parse_config(text)
-    if config.HasField("version_policy") and config.version_policy.WhichOneof("policy_choice") == "specific":
-        return sorted(int(v) for v in config.version_policy.specific.versions)
-    return []
-
-
 def config_backend(text: str) -> str:
-    config = _parse_config(text)
+    config = parse_config(text)
     return config.backend or config.platform
 
 
@@ -135,12 +121,6 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def existing_versions(model_root: Path) -> list[int]:
-    if not model_root.is_dir():
-        return []
-    return sorted(int(p.name) for p in model_root.iterdir() if p.is_dir() and p.name.isdigit())
-
-
 def check_model_dir(model_dir: Path, expected_input_size: int | None = None) -> dict:
     """Validate an exported version: files present, ONNX runs with the agreed I/O; returns metadata."""
     import onnxruntime as ort
@@ -167,7 +147,7 @@ def check_model_dir(model_dir: Path, expected_input_size: int | None = None) -> 
 
 
 def _config_input_size(text: str) -> int | None:
-    config = _parse_config(text)
+    config = parse_config(text)
     for inp in config.input:
         if inp.name == "image" and inp.dims:
             return int(inp.dims[-1])
@@ -182,7 +162,7 @@ def add_version(repository: Path, name: str, model_dir: Path, version: int | Non
         raise DeployError(f"{config_path} does not exist: create the repository with `model export` first")
     config_text = config_path.read_text()
     meta = check_model_dir(model_dir, _config_input_size(config_text))
-    version = version or max(existing_versions(model_root), default=0) + 1
+    version = version or next_version(model_root)
     target = model_root / str(version)
     python_backend = config_backend(config_text) == "python"
     if target.exists():
@@ -213,9 +193,9 @@ def pin_version(repository: Path, name: str, version: int) -> int | None:
     config_path = repository / name / "config.pbtxt"
     text = config_path.read_text()
     before = read_version_policy(text)
-    previous = max(before) if before else max(existing_versions(repository / name), default=None)
+    previous = max(before) if before else max(list_versions(repository / name), default=None)
     if not (repository / name / str(version) / "model.onnx").exists():
-        have = existing_versions(repository / name)
+        have = list_versions(repository / name)
         raise DeployError(f"version {version} of {name} is not in {repository} ({have})")
     new = set_version_policy(text, version)
     tmp = config_path.with_name(".config.pbtxt.tmp")

@@ -23,6 +23,7 @@ from rich.table import Table
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
 
 from services.inference.preprocess import load_image_file, preprocess_array
+from services.inference.repository import latest_version_dir as latest_version_dir  # the one rule
 from services.inference.training.dataset import ImageRecord, scan_folder
 
 ECE_BINS = 10
@@ -30,13 +31,6 @@ CI_LEVEL = 0.95
 
 
 # ---------------------------------------------------------------------------------------------- model
-def latest_version_dir(model_dir: Path) -> Path:
-    versions = sorted(int(p.name) for p in Path(model_dir).iterdir() if p.is_dir() and p.name.isdigit())
-    if not versions:
-        raise FileNotFoundError(f"no model version under {model_dir}")
-    return Path(model_dir) / str(versions[-1])
-
-
 def load_metadata(version_dir: Path) -> dict:
     return json.loads((Path(version_dir) / "metadata.json").read_text())
 

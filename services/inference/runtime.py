@@ -26,6 +26,8 @@ from typing import Any
 
 import numpy as np
 
+from services.inference.repository import list_versions, read_version_policy
+
 log = logging.getLogger(__name__)
 
 
@@ -113,19 +115,13 @@ class ModelRepository:
     def versions(self) -> list[int]:
         if not self.model_dir.is_dir():
             return []
-        return sorted(
-            int(p.name)
-            for p in self.model_dir.iterdir()
-            if p.is_dir() and p.name.isdigit() and (p / "model.onnx").exists()
-        )
+        return list_versions(self.model_dir)
 
     def pinned_versions(self) -> list[int]:
         """Versions named by config.pbtxt's `version_policy: { specific: ... }` (empty: none pinned)."""
         config = self.model_dir / "config.pbtxt"
         if not config.exists():
             return []
-        from services.inference.deploy import read_version_policy
-
         return read_version_policy(config.read_text())
 
     def resolve(self, requested: str = "") -> str:

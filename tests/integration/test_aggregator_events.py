@@ -8,8 +8,8 @@ import asyncio
 import pytest
 from sqlalchemy import func, select
 
-from services.aggregator.app import Aggregator
 from services.aggregator.models import JudgmentRow, PredictionRow, Study, TriageHistory
+from services.aggregator.service import Aggregator
 from services.core.broker import Broker
 from services.core.contracts import Flag
 from services.system.rabbitmq import RabbitNode

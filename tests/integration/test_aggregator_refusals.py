@@ -15,8 +15,8 @@ from prometheus_client import REGISTRY
 from pydicom.data import get_testdata_file
 from sqlalchemy import func, select
 
-from services.aggregator.app import Aggregator
 from services.aggregator.models import Refusal, Study
+from services.aggregator.service import Aggregator
 from services.aggregator.users import upsert_user
 from services.aggregator.web.app import create_app
 from services.core.broker import Broker

@@ -10,9 +10,9 @@ from pathlib import Path
 
 from sqlalchemy import select
 
-from services.aggregator.app import Aggregator
 from services.aggregator.config import AggregatorSettings
 from services.aggregator.models import SrDelivery, Study
+from services.aggregator.service import Aggregator
 from tests.support.aggregator_service import apply_events, prediction, received, write_test_policy
 
 

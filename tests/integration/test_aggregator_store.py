@@ -13,9 +13,9 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.exc import DBAPIError
 
-from services.aggregator.app import Aggregator
 from services.aggregator.config import AggregatorSettings
 from services.aggregator.models import Study, TriageHistory
+from services.aggregator.service import Aggregator
 from services.aggregator.web.queries import list_studies
 from services.core.contracts import Answer, LabelAggregate
 from services.core.db import make_engine

@@ -14,8 +14,8 @@ import numpy as np
 import pydicom
 import pytest
 
-from services.aggregator.app import Aggregator
 from services.aggregator.models import Study
+from services.aggregator.service import Aggregator
 from services.core.broker import Broker
 from services.inference.gate_fit import bundled_dicom_images, chest_dicom, load_gray, resize
 from services.system.rabbitmq import RabbitNode

@@ -22,10 +22,10 @@ import asyncpg
 import pytest
 from sqlalchemy import select, text
 
-from services.aggregator.app import Aggregator
 from services.aggregator.config import AggregatorSettings
 from services.aggregator.models import Base as AggregatorBase
 from services.aggregator.models import Image, PredictionRow, Study, TriageHistory
+from services.aggregator.service import Aggregator
 from services.core.broker import Broker
 from services.core.contracts import ImageReceived, ImageRef
 from services.core.db import make_engine, make_sessionmaker, upgrade

@@ -17,8 +17,8 @@ import pytest
 from itsdangerous import URLSafeTimedSerializer
 from sqlalchemy import select
 
-from services.aggregator.app import Aggregator
 from services.aggregator.models import Review, Study
+from services.aggregator.service import Aggregator
 from services.aggregator.users import upsert_user
 from services.aggregator.web.app import COOKIE, create_app
 from services.core.auth import hash_password

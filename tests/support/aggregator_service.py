@@ -14,10 +14,10 @@ from typing import Any
 import aio_pika
 import pytest
 
-from services.aggregator.app import Aggregator
 from services.aggregator.config import AggregatorSettings
 from services.aggregator.fusion import FusionWeights
 from services.aggregator.policy import Policy, Thresholds
+from services.aggregator.service import Aggregator
 from services.core.broker import Broker
 from services.core.contracts import (
     Answer,

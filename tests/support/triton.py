@@ -23,12 +23,10 @@ COMMITTED_MODEL = REPO_ROOT / "deploy" / "triton" / "model_repository" / "pneumo
 def committed_version_dir() -> Path | None:
     if not COMMITTED_MODEL.is_dir():
         return None
-    versions = sorted(
-        (int(p.name), p)
-        for p in COMMITTED_MODEL.iterdir()
-        if p.name.isdigit() and (p / "model.onnx").exists() and (p / "metadata.json").exists()
-    )
-    return versions[-1][1] if versions else None
+    from services.inference.repository import list_versions
+
+    versions = list_versions(COMMITTED_MODEL)
+    return COMMITTED_MODEL / str(versions[-1]) if versions else None
 
 
 def input_size() -> int:

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from prometheus_client import REGISTRY
 
-from services.aggregator.app import Aggregator
 from services.aggregator.drift import DriftConfig, evaluate_window
+from services.aggregator.service import Aggregator
 from services.core.drift import REFERENCE_FILE, build_reference, ks, psi
 from tests.support.aggregator_service import (  # noqa: F401
     apply_events,

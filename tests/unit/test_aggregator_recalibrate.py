@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 
 from services.aggregator import recalibrate as rc
-from services.aggregator.app import Aggregator
 from services.aggregator.config import AggregatorSettings
 from services.aggregator.fusion import Evidence
 from services.aggregator.policy import HEALTHY, URGENT, Policy
+from services.aggregator.service import Aggregator
 from services.core.contracts import Answer, LabelAggregate
 from tests.support.aggregator_service import (  # noqa: F401
     TEST_POLICY,

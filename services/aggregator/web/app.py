@@ -37,7 +37,7 @@ from services.core.telemetry import ops_router
 from services.core.web_hardening import harden
 
 if TYPE_CHECKING:
-    from services.aggregator.app import Aggregator
+    from services.aggregator.service import Aggregator
 
 log = logging.getLogger(__name__)
 HERE = Path(__file__).resolve().parent

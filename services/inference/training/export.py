@@ -14,6 +14,7 @@ import onnxruntime as ort
 import torch
 
 from services.inference.preprocess import preprocess_image_file
+from services.inference.repository import next_version as next_version  # the one rule
 from services.inference.training.network import PneumoniaNet
 
 MODEL_NAME = "pneumonia"
@@ -111,13 +112,6 @@ def check_against_torch(model: PneumoniaNet, onnx_path: Path, images: list[Path]
         "max_abs_diff_batch1": float(np.max(np.abs(o_one - t_logit[:1]))),
         "cam_shape": list(o_cam.shape[1:]),
     }
-
-
-def next_version(model_dir: Path) -> int:
-    versions = (
-        [int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()] if model_dir.exists() else []
-    )
-    return max(versions, default=0) + 1
 
 
 def write_config(model_dir: Path, input_size: int, cam_size: int, max_batch: int = 32) -> Path:

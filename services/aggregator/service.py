@@ -1,0 +1,277 @@
+"""The aggregator service object: consumer of aggregator.events, outbox relay (triage.updated), SR
+sender, drift monitor and health. `app.py` wires it to the web worklist / JSON API / FHIR
+(`web/app.py`) and runs them as one asyncio process.
+
+Safe under kill -9: an event is acked only after the transaction that applied it (and staged its
+triage.updated + SR delivery) committed; a redelivery recomputes the same result and changes
+nothing. SIGINT/SIGTERM stop consuming, let in-flight handlers finish and exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+from typing import Any
+
+from sqlalchemy import select, text
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+
+from services.aggregator.config import AggregatorSettings
+from services.aggregator.drift import DriftConfig, DriftMonitor
+from services.aggregator.models import Base, Image, Outbox, SrDelivery, Study
+from services.aggregator.outputs import Destination, StudyReport, build_sr, read_header, send_sr
+from services.aggregator.policy import Policy
+from services.aggregator.recalibrate import load_active
+from services.aggregator.store import FLAGS_SET, REFUSALS, TIME_TO_FIRST_FLAG, Change, TriageStore, as_utc
+from services.core.broker import CONSUMERS, Broker, Envelope, PermanentError
+from services.core.contracts import ImageRejected
+from services.core.db import make_engine, make_sessionmaker, upgrade
+from services.core.db.outbox import OutboxRelay, utcnow
+from services.core.telemetry import bound_correlation_id
+
+log = logging.getLogger("services.aggregator")
+LOCK_STRIPES = 64
+SR_SENDER_LOCK = 0x5054_5352  # "PTSR": pg advisory lock key of the SR sender
+
+
+class Aggregator:
+    """State shared by the consumer, the relay, the SR sender and the web app."""
+
+    def __init__(self, settings: AggregatorSettings, engine: AsyncEngine | None = None) -> None:
+        self.settings = settings
+        self.engine = engine or make_engine(settings.database_url_for("aggregator"))
+        self.sessions: async_sessionmaker[AsyncSession] = make_sessionmaker(self.engine)
+        self.policy = Policy.load(settings.policy_file)
+        self.destination = Destination.parse(settings.sr_destination) if settings.sr_destination else None
+        self.store = TriageStore(self.policy, sr_enabled=self.destination is not None)
+        self.site = load_active(settings.resolved_site_calibration_dir())
+        if self.site is not None:  # this site's recalibration: its probabilities and thresholds
+            self.policy.thresholds = self.site.thresholds
+            self.store.site = self.site
+        self.broker = Broker(settings.amqp_url, settings.exchange, settings.quorum_queues)
+        self.relay = OutboxRelay("aggregator", self.sessions, Outbox, self.broker)
+        # SQLite has one writer: concurrent handlers would only contend in its busy-wait (slow), so
+        # they take turns in-process. PostgreSQL: one lock stripe per study hash, plus the row lock.
+        stripes = 1 if self.engine.dialect.name == "sqlite" else LOCK_STRIPES
+        self._locks = [asyncio.Lock() for _ in range(stripes)]
+        self._sr_wake = asyncio.Event()
+        self.drift = DriftMonitor(
+            self.sessions,
+            DriftConfig(
+                settings.drift_reference_dir,
+                settings.drift_window,
+                settings.drift_min_n,
+                settings.drift_psi_alarm,
+                settings.drift_rate_z,
+            ),
+        )
+
+    def lock_for(self, study_uid: str) -> asyncio.Lock:
+        """Events of one study are applied one at a time (in this process; the DB guards replicas)."""
+        digest = hashlib.blake2b(study_uid.encode(), digest_size=4).digest()
+        return self._locks[int.from_bytes(digest, "big") % len(self._locks)]
+
+    async def migrate(self) -> None:
+        await upgrade(self.engine, "aggregator", Base.metadata)
+
+    # ---- consumer ----------------------------------------------------------------------------
+    async def consume(self) -> None:
+        """Consume aggregator.events in batches (one transaction per batch; see Broker.consume_batch)."""
+        s = self.settings
+        await self.broker.consume_batch(
+            CONSUMERS["aggregator"], self.handle, self.handle_batch, prefetch=s.prefetch, max_batch=s.max_batch
+        )
+
+    async def handle(self, env: Envelope) -> None:
+        """Apply one event in its own transaction."""
+        await self.handle_batch([env])
+
+    async def handle_batch(self, envs: list[Envelope]) -> None:
+        """Apply events in delivery order in one transaction; the broker acks them after it commits.
+
+        An image ingest refused before it knew the study (a CT, an SR, an unreadable data set) is
+        an expected outcome: it is recorded and counted as a refusal, not dead-lettered. A refusal
+        that names its study also marks that study's image NOT_TRIAGED.
+        """
+        refusals: list[ImageRejected] = []
+        events: list[tuple[Any, str]] = []
+        correlation_ids: list[str | None] = []
+        for env in envs:
+            payload: Any = env.payload
+            ref = payload.image
+            if isinstance(payload, ImageRejected):
+                refusals.append(payload)
+                if not ref.study_instance_uid:
+                    continue
+            if not ref.study_instance_uid or not ref.sop_instance_uid:
+                raise PermanentError(f"{env.routing_key} without study or SOP instance UID")
+            events.append((payload, env.message_id or env.routing_key))
+            correlation_ids.append(env.correlation_id or ref.sop_instance_uid)
+        async with self._writer(), self.sessions() as session:
+            new_refusals = await self.store.record_refusals(session, refusals)
+            changes = await self.store.apply_batch(session, events)
+            await session.commit()
+        for refusal in new_refusals:
+            REFUSALS.labels(refusal.reason_code or "unknown").inc()
+        if new_refusals:
+            log.info("images refused by ingest recorded", extra={"count": len(new_refusals)})
+        for change, correlation_id in zip(changes, correlation_ids, strict=True):
+            with bound_correlation_id(correlation_id):  # log lines follow the image, as in every service
+                self.after_commit(change)
+
+    def _writer(self) -> contextlib.AbstractAsyncContextManager[Any]:
+        """SQLite: take the writer's turn in this process (its one writer lock would otherwise be
+        fought over in a busy-wait). PostgreSQL: nothing here, the study row locks order writers."""
+        if self.engine.dialect.name == "sqlite":
+            return self._locks[0]
+        return contextlib.nullcontext()
+
+    def after_commit(self, change: Change | None) -> None:
+        if change is None:
+            return
+        FLAGS_SET.labels(change.flag, change.source).inc()
+        if change.first_flag_seconds is not None:
+            TIME_TO_FIRST_FLAG.observe(change.first_flag_seconds)
+        log.info(
+            "triage updated",
+            extra={"study_uid": change.study_uid, "flag": change.flag, "previous": change.previous_flag},
+        )
+        self.relay.notify()
+        if change.sr_queued:
+            self._sr_wake.set()
+
+    async def review(self, study_uid: str, reviewer: str, action: str, flag: str | None, comment: str) -> Change:
+        async with self.lock_for(study_uid), self.sessions() as session:
+            change = await self.store.review(session, study_uid, reviewer, action, flag, comment)
+            await session.commit()
+        self.after_commit(change)
+        return change
+
+    # ---- SR delivery -------------------------------------------------------------------------
+    async def study_report(self, session: AsyncSession, study: Study) -> tuple[StudyReport, Any]:
+        images = (await session.scalars(select(Image).where(Image.study_uid == study.study_uid))).all()
+        header = None
+        for image in images:
+            header = await asyncio.to_thread(read_header, image.storage_uri)
+            if header is not None:
+                break
+        report = StudyReport(
+            study_uid=study.study_uid,
+            flag=study.flag,
+            p_pneumonia=study.p_pneumonia,
+            reason=study.reason,
+            revision=study.revision,
+            model_version=study.model_version,
+            human_judgments=study.human_judgments,
+            reviewed=bool(study.overridden_by),
+            updated_at=as_utc(study.updated_at) or utcnow(),
+            sop_uids=tuple(sorted(i.sop_uid for i in images)),
+        )
+        return report, header
+
+    async def send_pending_srs(self) -> int:
+        """Send an SR with the study's current result for every study with a pending delivery.
+
+        No transaction stays open across the network: a short one takes a snapshot (the reports to
+        send, older pending revisions of a study superseded) and commits; the C-STOREs run with no
+        session; each result is recorded in its own short transaction. A slow or silent PACS (up to
+        the 30 s DICOM timeouts per send) never holds the database's write lock, so event handling
+        carries on meanwhile.
+        """
+        if self.destination is None:
+            return 0
+        if self.engine.dialect.name != "postgresql":  # SQLite: one process owns the database
+            return await self._send_pending_srs()
+        # Replicas on PostgreSQL: the row locks of the snapshot end at its commit, before the sends,
+        # so one session-level advisory lock makes a single replica the SR sender at a time (the
+        # others skip this round); two replicas never send the same delivery at once.
+        async with self.engine.connect() as conn:
+            got = (await conn.execute(text("SELECT pg_try_advisory_lock(:k)"), {"k": SR_SENDER_LOCK})).scalar()
+            await conn.commit()
+            if not got:
+                return 0
+            try:
+                return await self._send_pending_srs()
+            finally:
+                await conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": SR_SENDER_LOCK})
+                await conn.commit()
+
+    async def _send_pending_srs(self) -> int:
+        assert self.destination is not None
+        jobs: list[tuple[int, Any]] = []
+        async with self.sessions() as session:
+            # SKIP LOCKED (PostgreSQL): rows another transaction holds are left to it.
+            pending = (
+                await session.scalars(
+                    select(SrDelivery)
+                    .where(SrDelivery.status == "pending")
+                    .order_by(SrDelivery.id)
+                    .with_for_update(skip_locked=True)
+                )
+            ).all()
+            latest: dict[str, SrDelivery] = {}
+            superseded: list[SrDelivery] = []
+            for delivery in pending:  # several flag changes queued for one study: one SR, the current result
+                if delivery.study_uid in latest:
+                    superseded.append(latest[delivery.study_uid])
+                latest[delivery.study_uid] = delivery
+            with session.no_autoflush:  # reads only until the snapshot is taken
+                for delivery in latest.values():
+                    study = await session.get(Study, delivery.study_uid)
+                    if study is None:
+                        superseded.append(delivery)
+                        continue
+                    report, header = await self.study_report(session, study)
+                    jobs.append((delivery.id, build_sr(report, header)))
+            for delivery in superseded:
+                delivery.status = "superseded"
+            await session.commit()
+        sent = 0
+        for delivery_id, ds in jobs:
+            error: Exception | None = None
+            try:
+                await asyncio.to_thread(send_sr, ds, self.destination, self.settings.sr_calling_ae)
+            except Exception as exc:
+                error = exc
+            async with self.sessions() as session:
+                delivery = await session.get(SrDelivery, delivery_id)
+                if delivery is None:
+                    continue
+                delivery.attempts += 1
+                delivery.sop_uid = str(ds.SOPInstanceUID)
+                if error is None:
+                    delivery.status, delivery.sent_at = "sent", utcnow()
+                    sent += 1
+                else:
+                    delivery.last_error = repr(error)[:1000]
+                    log.warning("SR not delivered yet", extra={"error": repr(error), "attempts": delivery.attempts})
+                await session.commit()
+        return sent
+
+    async def sr_loop(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            self._sr_wake.clear()  # before the work: a wake-up during a round is served at once
+            try:
+                await self.send_pending_srs()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("SR sender failed", extra={"error": repr(exc)})
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._sr_wake.wait(), timeout=self.settings.sr_retry_seconds)
+
+    # ---- health ------------------------------------------------------------------------------
+    async def health(self) -> dict[str, Any]:
+        db_ok = True
+        try:
+            async with self.sessions() as session:
+                await session.execute(text("SELECT 1"))
+        except Exception:
+            db_ok = False
+        return {
+            "database": db_ok,
+            "broker": self.broker.is_connected,
+            "outbox_backlog": {"ok": True, "value": await self.relay.backlog() if db_ok else None},
+        }
