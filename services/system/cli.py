@@ -63,9 +63,10 @@ def up(
     from honcho.colour import get_colours
     from honcho.printer import Message, Printer
 
+    from services.core.net import free_port
     from services.system.config import SystemSettings
     from services.system.processes import ChildProcess
-    from services.system.rabbitmq import RabbitNode, free_port
+    from services.system.rabbitmq import RabbitNode
     from services.system.stack import AE_TITLE_ENV, DEFAULT_AE_TITLE, DEFAULT_DICOM_PORT, DICOM_PORT_ENV, StackConfig
     from services.system.supervisor import RestartPolicy, Supervisor
 

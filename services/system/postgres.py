@@ -14,7 +14,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from services.system.rabbitmq import free_port
+from services.core.net import free_port
 
 
 def pg_bin(name: str) -> str:

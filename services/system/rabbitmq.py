@@ -10,19 +10,14 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
 from pathlib import Path
 
+from services.core.net import free_port
+
 LOOPBACK_DIST_ARGS = "-kernel inet_dist_use_interface {127,0,0,1}"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class RabbitNode:

@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 
 from services.core.broker import Broker
-from services.system.rabbitmq import RabbitNode, free_port
+from services.core.net import free_port
+from services.system.rabbitmq import RabbitNode
 from tests.support.aggregator_service import (  # noqa: F401
     TriageTap,
     judgment,

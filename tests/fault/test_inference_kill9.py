@@ -14,7 +14,8 @@ from pathlib import Path
 import httpx
 
 from services.core.broker import Broker
-from services.system.rabbitmq import RabbitNode, free_port
+from services.core.net import free_port
+from services.system.rabbitmq import RabbitNode
 from tests.support.inference_service import (
     collect_predictions,
     dead_letters,

@@ -16,7 +16,8 @@ import httpx
 import pydicom
 import pytest
 
-from services.system.rabbitmq import RabbitNode, free_port
+from services.core.net import free_port
+from services.system.rabbitmq import RabbitNode
 from tests.support.dicom_peers import ECHOSCU, STORESCU, wait_for_port
 from tests.support.ingest_service import AE_TITLE, drain, run
 

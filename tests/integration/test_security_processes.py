@@ -17,7 +17,8 @@ import httpx
 import pytest
 
 from services.core.broker import CONSUMERS, Broker
-from services.system.rabbitmq import RabbitNode, free_port
+from services.core.net import free_port
+from services.system.rabbitmq import RabbitNode
 
 PLACEHOLDER = "change-me-to-a-long-random-string"  # the value shipped in deploy/k8s/secrets.yaml
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from services.system.rabbitmq import free_port
+from services.core.net import free_port
 from tests.support.system_dicom import make_study_set
 from tests.support.system_harness import STORESCU, parse_storescu_log
 

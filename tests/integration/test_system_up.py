@@ -18,8 +18,8 @@ from pathlib import Path
 
 import httpx
 
+from services.core.net import free_port
 from services.system.processes import SERVICES
-from services.system.rabbitmq import free_port
 from tests.support.system_scenario import model_env
 
 

@@ -15,8 +15,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from services.core.net import free_port
 from services.system.processes import SERVICES
-from services.system.rabbitmq import free_port
 from tests.integration.test_system_up import _alive, _wait_for
 from tests.support.system_scenario import model_env
 

@@ -20,7 +20,8 @@ import numpy as np
 import pytest
 
 from services.core.broker import Broker
-from services.system.rabbitmq import RabbitNode, free_port
+from services.core.net import free_port
+from services.system.rabbitmq import RabbitNode
 from tests.support.aggregator_service import publish, write_test_policy
 
 PASSWORD = "correct horse battery"

@@ -33,7 +33,7 @@ from typing import Any
 
 import pytest
 
-from services.system.rabbitmq import free_port
+from services.core.net import free_port
 
 ORTHANC_BIN = "/usr/sbin/Orthanc"
 STORESCP = "/usr/bin/storescp"

@@ -14,10 +14,10 @@ import aio_pika
 
 from services.core.broker import Broker
 from services.core.contracts import ImageReceived, Prediction
+from services.core.net import free_port
 from services.inference.app import InferenceService
 from services.inference.config import InferenceSettings
 from services.inference.runtime import InferenceRuntime
-from services.system.rabbitmq import free_port
 
 SHARED_DICOM = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "dicom"
 

@@ -13,9 +13,10 @@ import pytest
 
 from services.core.broker import Broker
 from services.core.contracts import MESSAGE_BY_ROUTING_KEY
+from services.core.net import free_port
 from services.ingest.app import IngestService
 from services.ingest.config import IngestSettings
-from services.system.rabbitmq import RabbitNode, free_port
+from services.system.rabbitmq import RabbitNode
 
 AE_TITLE = "PNEUMOTRIAGE"
 

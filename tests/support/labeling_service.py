@@ -28,7 +28,7 @@ from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, ge
 
 from services.core.broker import Broker
 from services.core.contracts import ImageReceived, ImageRef
-from services.system.rabbitmq import free_port
+from services.core.net import free_port
 
 OWNER = ("owner1", "owner-pass-1")
 ANNOTATOR = ("ann1", "ann-pass-1")

@@ -28,9 +28,10 @@ from typing import Any
 import httpx
 import pydicom
 
+from services.core.net import free_port
 from services.system.processes import SERVICES, ChildProcess
 from services.system.rabbit_cluster import RabbitCluster
-from services.system.rabbitmq import RabbitNode, free_port
+from services.system.rabbitmq import RabbitNode
 from services.system.stack import StackConfig
 
 STORESCU = "/usr/bin/storescu"

@@ -7,8 +7,8 @@ import sys
 import time
 from pathlib import Path
 
+from services.core.net import free_port
 from services.system.processes import ChildProcess, ServiceSpec
-from services.system.rabbitmq import free_port
 from services.system.supervisor import RestartPolicy, Supervisor
 
 

@@ -61,8 +61,8 @@ async def test_healthz_check_that_raises_is_degraded_not_a_crash() -> None:
 async def test_serve_http_answers_then_stops_cleanly_when_cancelled() -> None:
     import asyncio
 
+    from services.core.net import free_port
     from services.core.telemetry import serve_http
-    from services.system.rabbitmq import free_port
 
     port = free_port()
     task = asyncio.create_task(serve_http(ops_app("test"), "127.0.0.1", port))

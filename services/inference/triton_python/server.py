@@ -25,7 +25,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from services.system.rabbitmq import free_port
+from services.core.net import free_port
 
 # Installed into the stub's own venv (not the project's): see the module docstring.
 STUB_REQUIREMENTS: tuple[str, ...] = ("numpy==1.26.4",)
