@@ -30,6 +30,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+import numpy as np  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
@@ -106,12 +107,8 @@ class CpuMeter:
 
 # ---- measures --------------------------------------------------------------------------------------
 def pct(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    s = sorted(values)
-    k = (len(s) - 1) * q
-    lo, hi = int(k), min(int(k) + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (k - lo)
+    """Linear-interpolated quantile q (0-1), as bench/e2e.py reports it; NaN when empty."""
+    return float(np.percentile(values, q * 100)) if values else float("nan")
 
 
 def epoch(value: object) -> float | None:

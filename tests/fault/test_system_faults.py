@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from services.system.rabbitmq import RabbitNode
+from tests.support.metrics import counter_total
 from tests.support.system_faults import (
     broker_outage,
     chattr_available,
@@ -46,18 +47,6 @@ def system_factory(rabbit: RabbitNode, tmp_path: Path) -> Iterator[Callable[[], 
 
 def batch_of(shared_data: Path, tmp_path: Path, n: int) -> Batch:
     return make_batch(shared_data, tmp_path / "dicom", n, seed=n)
-
-
-def _counter(text: str, family: str, **labels: str) -> float:
-    from prometheus_client.parser import text_string_to_metric_families
-
-    return sum(
-        sample.value
-        for fam in text_string_to_metric_families(text)
-        if fam.name == family
-        for sample in fam.samples
-        if sample.name.endswith("_total") and all(sample.labels.get(k) == v for k, v in labels.items())
-    )
 
 
 def assert_accounted(rec: object) -> None:
@@ -119,9 +108,9 @@ def test_database_locked_past_busy_timeout(system_factory, shared_data: Path, tm
     if service in ("aggregator", "labeling"):  # the lock really bit: handlers failed and were retried
         queue = f"{service}.{'events' if service == 'aggregator' else 'images'}"
         metrics = system.metrics_text(service)
-        retried = _counter(metrics, "pt_broker_messages_consumed", queue=queue, outcome="retried")
+        retried = counter_total(metrics, "pt_broker_messages_consumed", queue=queue, outcome="retried")
         # the aggregator applies batches: a failed batch is handled again one message at a time
-        failed_batches = _counter(metrics, "pt_broker_batches_failed", queue=queue)
+        failed_batches = counter_total(metrics, "pt_broker_batches_failed", queue=queue)
         print(f"{queue}: {retried:.0f} deliveries retried, {failed_batches:.0f} batches failed while locked")
         assert retried + failed_batches > 0
 

@@ -13,24 +13,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
+from tests.support.metrics import counter_total
 from tests.support.system_cluster import CONSUMED_QUEUES, ScaleOut
 from tests.support.system_reconcile import wait_reconciled
 from tests.support.system_scenario import make_batch
 
 pytestmark = pytest.mark.postgres
 N_IMAGES = 12
-
-
-def counter_total(metrics: str, family: str, **labels: str) -> float:
-    return sum(
-        s.value
-        for fam in text_string_to_metric_families(metrics)
-        if fam.name == family
-        for s in fam.samples
-        if s.name.endswith("_total") and all(s.labels.get(k) == v for k, v in labels.items())
-    )
 
 
 @pytest.fixture(scope="module")
