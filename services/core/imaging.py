@@ -123,7 +123,10 @@ def deidentified_fields(
 
 def patient_age_years(ds: Dataset) -> int | None:
     """PatientAge ('007Y', '018M', '030W', '010D') in whole years, or None when absent or malformed."""
-    raw = str(getattr(ds, "PatientAge", "") or "").strip().upper()
+    try:
+        raw = str(getattr(ds, "PatientAge", "") or "").strip().upper()
+    except Exception:  # an element that cannot be read (e.g. a corrupt VR) is malformed, not fatal
+        return None
     if len(raw) < 2 or not raw[:-1].isdigit():
         return None
     value, unit = int(raw[:-1]), raw[-1]

@@ -354,6 +354,17 @@ def decide(
             sop_class_uid=context_sop_class,
             sop_instance_uid=command_sop_instance,
         )
+    except OSError:
+        raise  # the spool file cannot be read: a resource problem (0xA700), not a bad data set
+    except Exception as exc:  # pydicom reads elements lazily: a corrupt one (e.g. an unknown VR) surfaces here
+        return Decision(
+            Action.REFUSE,
+            status=CANNOT_PARSE,
+            reason_code="cannot_parse",
+            reason=f"a data element cannot be read: {str(exc)[:200]}",
+            sop_class_uid=context_sop_class,
+            sop_instance_uid=command_sop_instance,
+        )
 
 
 def _decide(

@@ -135,3 +135,23 @@ def test_store_failure_leaves_nothing(tmp_path: Path) -> None:
         ContentStore(root).put(b"DICM" * 100)
     assert root.read_bytes().startswith(b"a file")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["store"]
+
+
+def _corrupt_vr(raw: bytes, tag: bytes, vr: bytes) -> bytes:
+    """Overwrite the explicit VR of the first element with this tag (little endian group, element)."""
+    at = raw.index(tag)
+    return raw[: at + 4] + vr + raw[at + 6 :]
+
+
+def test_a_corrupt_vr_is_a_refusal_or_ignored_never_an_internal_error(image: Path, settings: IngestSettings) -> None:
+    # Found by the fuzz test: an unknown VR on PatientAge (0010,1010) raised NotImplementedError out of
+    # decide() when the age was read, and the C-STORE was answered 0xA700 "internal_error".
+    ds = make_dicom(image, view="PA", age="004Y")
+    ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.1"  # explicit VR little endian
+    raw = _corrupt_vr(encode(ds), b"\x10\x00\x10\x10AS", b"Al")
+    d = decide(raw, settings, ds.SOPClassUID, ds.SOPInstanceUID)
+    assert d.status == 0 and d.patient_age_years != 4  # the unreadable PatientAge is ignored (age from the dates)
+    # an element the policy needs that cannot be read at all is a refusal with a reason, not an error
+    raw = _corrupt_vr(encode(ds), b"\x08\x00\x60\x00CS", b"Zz")  # Modality (0008,0060)
+    d = decide(raw, settings, ds.SOPClassUID, ds.SOPInstanceUID)
+    assert d.status in (0x0000, 0xA900, 0xC210) and d.reason_code != "internal_error"
