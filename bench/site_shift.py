@@ -32,7 +32,13 @@ from services.aggregator.drift import DriftConfig, evaluate_window  # noqa: E402
 from services.aggregator.policy import Policy  # noqa: E402
 from services.aggregator.recalibrate import SiteLabel, fit_site_calibration, rule_out_metrics  # noqa: E402
 from services.core.drift import REFERENCE_FILE, DriftReference  # noqa: E402
-from services.inference.evaluation import calibrate, latest_version_dir, load_metadata, select_records  # noqa: E402
+from services.inference.evaluation import (  # noqa: E402
+    calibrate,
+    expected_calibration_error,
+    latest_version_dir,
+    load_metadata,
+    select_records,
+)
 from services.inference.preprocess import load_image_file, preprocess_array  # noqa: E402
 
 
@@ -68,12 +74,6 @@ def score(vdir: Path, paths: list[Path], kind: str | None) -> np.ndarray:
             batch.append(preprocess_array(site_transform(gray, kind) if kind else gray, size))
         logits.append(session.run(["logit"], {"image": np.stack(batch).astype(np.float32)})[0])
     return np.concatenate(logits).astype(np.float64)
-
-
-def ece(y: np.ndarray, p: np.ndarray, bins: int = 10) -> float:
-    idx = np.minimum((p * bins).astype(int), bins - 1)
-    parts = [abs(p[idx == b].mean() - y[idx == b].mean()) * (idx == b).mean() for b in range(bins) if (idx == b).any()]
-    return float(sum(parts))
 
 
 def main() -> None:
@@ -153,8 +153,8 @@ def main() -> None:
             "unshifted_test_policy": unshifted,
             "shifted_before": before,
             "shifted_after": after,
-            "ece_before": round(ece(y[held], p_shifted[held]), 4),
-            "ece_after": round(ece(y[held], p_site), 4),
+            "ece_before": round(expected_calibration_error(y[held], p_shifted[held]), 4),
+            "ece_after": round(expected_calibration_error(y[held], p_site), 4),
             "ci95_out_of_bag": {k: cal.meta["ci95_bootstrap"][k] for k in ("sensitivity", "specificity")},
         }
         report["recalibration"].append(row)
