@@ -218,6 +218,7 @@ class SystemHarness:
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
                 text=True,
+                env={**os.environ, "TCP_NODELAY": "1"},  # dcmtk's documented switch: no Nagle stalls
             )
             for i, chunk in enumerate(chunks)
         ]  # fmt: skip
