@@ -85,7 +85,9 @@ async def test_fuzzed_files_always_get_an_answer(
     statuses = [r.status for r in summary.results]
     assert None not in statuses, [r.comment for r in summary.results if r.status is None]
     allowed = {0x0000, 0x0122, 0xA900, 0xC210, 0xC211, 0xC212}
-    assert set(statuses) <= allowed, [(hex(r.status or 0), r.comment) for r in summary.results if r.status not in allowed]
+    assert set(statuses) <= allowed, [
+        (hex(r.status or 0), r.comment) for r in summary.results if r.status not in allowed
+    ]
     # and it still stores a good image afterwards
     good = make_dicom_file(image, tmp_path / "good", uid_salt="after-fuzz")
     after = await call(send_files, [good], "127.0.0.1", ingest_service.dicom_port, AE_TITLE)
