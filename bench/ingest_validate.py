@@ -20,7 +20,7 @@ import pydicom  # noqa: E402
 
 from services.ingest.app import quiet_pydicom  # noqa: E402
 from services.ingest.config import IngestSettings  # noqa: E402
-from services.ingest.make_dicom import DicomOptions, make_dicom_file  # noqa: E402
+from services.ingest.tools.make_dicom import DicomOptions, make_dicom_file  # noqa: E402
 from services.ingest.validate import decide  # noqa: E402
 
 SYNTAXES = ["explicit", "implicit", "deflate", "jpeg-baseline", "jpeg-lossless", "jpeg2000", "jpeg2000-lossy", "rle"]

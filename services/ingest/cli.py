@@ -64,7 +64,7 @@ def send(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
     from rich.table import Table
 
-    from services.ingest.send import collect_files, send_files
+    from services.ingest.tools.send import collect_files, send_files
 
     console = Console(stderr=True)
     files = collect_files(paths)
@@ -115,7 +115,7 @@ def make_dicom_cmd(
     """Wrap chest X-ray images as realistic DX/CR DICOM in a chosen transfer syntax."""
     from rich.progress import track
 
-    from services.ingest.make_dicom import DicomOptions, make_dicom_file
+    from services.ingest.tools.make_dicom import DicomOptions, make_dicom_file
 
     files: list[Path] = []
     for p in images:

@@ -8,8 +8,8 @@ import pydicom
 
 from services.core.contracts import ImageReceived, ImageRejected
 from services.ingest.app import IngestService
-from services.ingest.make_dicom import make_dicom_file
-from services.ingest.send import send_files
+from services.ingest.tools.make_dicom import make_dicom_file
+from services.ingest.tools.send import send_files
 from services.system.rabbitmq import RabbitNode
 from tests.support.dicom_peers import ECHOSCU, STORESCU
 from tests.support.ingest_corpus import build_bad_corpus, build_fuzzed

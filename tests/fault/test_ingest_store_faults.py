@@ -12,8 +12,8 @@ import pydicom
 import pytest
 
 from services.ingest.app import IngestService
-from services.ingest.make_dicom import make_dicom_file
-from services.ingest.send import send_files
+from services.ingest.tools.make_dicom import make_dicom_file
+from services.ingest.tools.send import send_files
 from services.system.rabbitmq import RabbitNode
 from tests.support.ingest_service import AE_TITLE, call, drain, ingest_settings
 

@@ -10,7 +10,7 @@ import pydicom
 import pytest
 
 from services.ingest.app import IngestService
-from services.ingest.make_dicom import TRANSFER_SYNTAXES, make_dicom_file
+from services.ingest.tools.make_dicom import TRANSFER_SYNTAXES, make_dicom_file
 from services.system.rabbitmq import RabbitNode
 from tests.support.dicom_peers import ECHOSCU, STORESCU, STORESCU_SYNTAX_FLAGS
 from tests.support.ingest_service import AE_TITLE, drain, ingest_service_fixture, run, sop_uids  # noqa: F401

@@ -9,7 +9,7 @@ from pathlib import Path
 import pydicom
 
 from services.ingest.app import IngestService
-from services.ingest.make_dicom import make_dicom_file
+from services.ingest.tools.make_dicom import make_dicom_file
 from services.system.rabbitmq import RabbitNode
 from tests.support.dicom_peers import STORESCU
 from tests.support.ingest_service import AE_TITLE, drain, ingest_service_fixture, run  # noqa: F401

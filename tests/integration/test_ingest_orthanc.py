@@ -7,7 +7,7 @@ from pathlib import Path
 import pydicom
 
 from services.ingest.app import IngestService
-from services.ingest.make_dicom import make_dicom_file, patient_key
+from services.ingest.tools.make_dicom import make_dicom_file, patient_key
 from services.system.rabbitmq import RabbitNode
 from tests.support.dicom_peers import Orthanc, orthanc_fixture  # noqa: F401
 from tests.support.ingest_service import AE_TITLE, call, drain, ingest_service_fixture  # noqa: F401

@@ -131,7 +131,7 @@ async def test_service_process_cli_health_metrics_and_sigterm(
 async def test_kill_9_mid_run_loses_no_acknowledged_image(
     tmp_path: Path, rabbit: RabbitNode, broker: object, shared_data: Path
 ) -> None:
-    from services.ingest.make_dicom import make_dicom_file
+    from services.ingest.tools.make_dicom import make_dicom_file
 
     images = sorted((shared_data / "kermany224" / "train" / "PNEUMONIA").glob("*.jpeg"))[100:180]
     files = [make_dicom_file(p, tmp_path / "in", transfer_syntax="explicit", bits=16, size=512) for p in images]

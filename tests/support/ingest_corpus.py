@@ -13,7 +13,7 @@ from pydicom.encaps import encapsulate
 from pydicom.uid import ExplicitVRLittleEndian, JPEGBaseline8Bit, generate_uid
 from pynetdicom.sop_class import DigitalXRayImageStorageForPresentation, EncapsulatedPDFStorage
 
-from services.ingest.make_dicom import make_dicom, write_dicom
+from services.ingest.tools.make_dicom import make_dicom, write_dicom
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ import pytest
 from pydicom.uid import UID
 
 from services.core.imaging import display_array, patient_age_years
-from services.ingest.make_dicom import TRANSFER_SYNTAXES, DicomOptions, make_dicom, make_dicom_file, patient_key
+from services.ingest.tools.make_dicom import TRANSFER_SYNTAXES, DicomOptions, make_dicom, make_dicom_file, patient_key
 
 LOSSLESS = ["explicit", "implicit", "deflate", "jpeg-lossless", "jpeg-lossless-14", "jpeg2000", "rle"]
 

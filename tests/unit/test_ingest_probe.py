@@ -14,7 +14,7 @@ from pydicom.encaps import encapsulate, generate_frames
 from pydicom.uid import UID
 
 from services.ingest.config import IngestSettings
-from services.ingest.make_dicom import make_dicom_file
+from services.ingest.tools.make_dicom import make_dicom_file
 from services.ingest.validate import Action, _probe_frames, decide
 
 

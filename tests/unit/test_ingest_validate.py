@@ -12,8 +12,8 @@ import pytest
 from pydicom.dataset import Dataset
 
 from services.ingest.config import IngestSettings
-from services.ingest.make_dicom import make_dicom
 from services.ingest.store import ContentStore, StoreError
+from services.ingest.tools.make_dicom import make_dicom
 from services.ingest.validate import Action, decide
 
 
