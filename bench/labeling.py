@@ -6,7 +6,7 @@ split and 48 gold images (4 examples, 16 quiz, 28 hidden) from its `val` split (
 with the difficulty (weak-classifier margin) and the committed model's probability from
 bench/data/labeling-difficulty.csv (`python bench/labeling_difficulty.py` rebuilds it).
 
-Each crowd is simulated with the difficulty-aware annotator model (services/labeling/crowd_model.py)
+Each crowd is simulated with the difficulty-aware annotator model (services/labeling/tools/crowd_model.py)
 through the job's own rules (services/labeling/jobs/pneumonia-v1.yaml): the quiz (each attempt on
 unseen items, at most quiz_attempts), hidden gold at hidden_ratio, Beta trust and stopping (the
 stopped annotator's answers dropped, their images reopened), images handed out most-judged first,
@@ -44,9 +44,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from services.labeling.crowd_model import SimAnnotator, parse_spec  # noqa: E402
 from services.labeling.job import JobDefinition, load_job  # noqa: E402
 from services.labeling.quality import beta_trust, dawid_skene, judgments_needed, majority_vote  # noqa: E402
+from services.labeling.tools.crowd_model import SimAnnotator, parse_spec  # noqa: E402
 
 DIFFICULTY = ROOT / "bench" / "data" / "labeling-difficulty.csv"
 CLASSES = ("pneumonia", "healthy")

@@ -18,11 +18,11 @@ from services.core.broker import CONSUMERS, Broker
 from services.core.db import make_engine, make_sessionmaker, upgrade
 from services.core.db.outbox import OutboxRelay
 from services.core.telemetry import configure_logging, serve_http
-from services.labeling.aggregate import aggregate_job
 from services.labeling.config import LabelingSettings
 from services.labeling.consumer import ImageConsumer
 from services.labeling.job import JobDefinition, load_job
 from services.labeling.models import Base, Job, Outbox, Task, User
+from services.labeling.votes import aggregate_job
 from services.labeling.web.routes import WebContext, create_app
 from services.labeling.workflow import finalize_due
 

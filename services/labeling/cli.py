@@ -229,7 +229,7 @@ def simulate_crowd(
 ) -> None:
     """Simulate annotators (difficulty-aware: expert, good, typical, biased, careless, adversarial,
     spammer) answering through the HTTP API."""
-    from services.labeling.crowd import TruthIndex, load_margins, parse_spec, simulate
+    from services.labeling.tools.crowd import TruthIndex, load_margins, parse_spec, simulate
 
     profiles = parse_spec(annotators)
     prefix = f"sim{seed}"

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from services.labeling.crowd_model import PROFILES, SimAnnotator, p_correct, parse_spec, single_judgment_accuracy
+from services.labeling.tools.crowd_model import PROFILES, SimAnnotator, p_correct, parse_spec, single_judgment_accuracy
 
 DIFFICULTY = Path(__file__).resolve().parents[2] / "bench" / "data" / "labeling-difficulty.csv"
 

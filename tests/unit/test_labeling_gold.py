@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from services.labeling.crowd import PROFILES, TruthIndex, parse_spec
 from services.labeling.gold import choose_gold, patient_of, pattern_of
 from services.labeling.render import render_source
+from services.labeling.tools.crowd import PROFILES, TruthIndex, parse_spec
 from tests.support.labeling_service import PHI_MARKERS, marked_dicom
 
 

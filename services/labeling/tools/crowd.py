@@ -25,8 +25,8 @@ import httpx
 import numpy as np
 from PIL import Image
 
-from services.labeling.crowd_model import PROFILES, SimAnnotator, parse_spec
 from services.labeling.render import render_source
+from services.labeling.tools.crowd_model import PROFILES, SimAnnotator, parse_spec
 
 __all__ = ["PROFILES", "TruthIndex", "load_margins", "parse_spec", "simulate"]
 
