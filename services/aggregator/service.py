@@ -24,7 +24,7 @@ from services.aggregator.models import Base, Image, Outbox, SrDelivery, Study
 from services.aggregator.outputs import Destination, StudyReport, build_sr, read_header, send_sr
 from services.aggregator.policy import Policy
 from services.aggregator.recalibrate import load_active
-from services.aggregator.store import FLAGS_SET, REFUSALS, TIME_TO_FIRST_FLAG, Change, TriageStore, as_utc
+from services.aggregator.triage_store import FLAGS_SET, REFUSALS, TIME_TO_FIRST_FLAG, Change, TriageStore, as_utc
 from services.core.broker import CONSUMERS, Broker, Envelope, PermanentError
 from services.core.contracts import ImageRejected
 from services.core.db import make_engine, make_sessionmaker, upgrade

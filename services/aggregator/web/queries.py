@@ -15,7 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from services.aggregator.models import Image, JudgmentRow, LabelAggregateRow, Refusal, Review, Study, TriageHistory
 from services.aggregator.outputs import path_of, read_header
 from services.aggregator.policy import FLAGS, PENDING
-from services.aggregator.store import TriageStore, as_utc
+from services.aggregator.triage_store import TriageStore, as_utc
 
 FLAG_LABELS = {
     "URGENT": "Urgent",
