@@ -21,9 +21,11 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from services.aggregator.config import AggregatorSettings
 from services.aggregator.drift import DriftConfig, DriftMonitor
 from services.aggregator.models import Base, Image, Outbox, SrDelivery, Study
-from services.aggregator.outputs import Destination, StudyReport, build_sr, read_header, send_sr
 from services.aggregator.policy import Policy
 from services.aggregator.recalibrate import load_active
+from services.aggregator.report import StudyReport
+from services.aggregator.sr import Destination, build_sr, send_sr
+from services.aggregator.stored_images import read_header
 from services.aggregator.triage_store import FLAGS_SET, REFUSALS, TIME_TO_FIRST_FLAG, Change, TriageStore, as_utc
 from services.core.broker import CONSUMERS, Broker, Envelope, PermanentError
 from services.core.contracts import ImageRejected

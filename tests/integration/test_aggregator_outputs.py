@@ -12,8 +12,8 @@ from sqlalchemy import select
 
 from services.aggregator.config import AggregatorSettings
 from services.aggregator.models import SrDelivery, Study
-from services.aggregator.outputs import Destination
 from services.aggregator.service import Aggregator
+from services.aggregator.sr import Destination
 from services.aggregator.users import all_reviews, upsert_user
 from services.aggregator.web.app import COOKIE, create_app
 from services.core.auth import WebSessions

@@ -20,9 +20,11 @@ from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from pydantic import BaseModel, Field
 
+from services.aggregator.fhir import fhir_diagnostic_report
 from services.aggregator.models import PredictionRow, Study, User
-from services.aggregator.outputs import DISCLAIMER, fhir_diagnostic_report, path_of
 from services.aggregator.policy import FLAGS, PENDING
+from services.aggregator.report import DISCLAIMER
+from services.aggregator.stored_images import path_of
 from services.aggregator.web import queries
 from services.core.auth import (
     Account,

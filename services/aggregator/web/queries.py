@@ -13,8 +13,8 @@ from sqlalchemy import Select, func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.aggregator.models import Image, JudgmentRow, LabelAggregateRow, Refusal, Review, Study, TriageHistory
-from services.aggregator.outputs import path_of, read_header
 from services.aggregator.policy import FLAGS, PENDING
+from services.aggregator.stored_images import path_of, read_header
 from services.aggregator.triage_store import TriageStore, as_utc
 
 FLAG_LABELS = {

@@ -1,5 +1,4 @@
-"""Results back out: a DICOM Basic Text SR per study (sent by C-STORE to PACS) and FHIR R4
-DiagnosticReport + Observation JSON.
+"""Results back out as DICOM: a Basic Text SR per study, sent by C-STORE to PACS.
 
 The SR belongs to the patient and study of the X-ray, so its patient/study modules are copied from
 the stored DICOM header (PHI goes to PACS, the clinical system of record; never to logs or events).
@@ -9,33 +8,18 @@ stores the same object again instead of a duplicate.
 
 from __future__ import annotations
 
-import hashlib
-import logging
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
-from typing import Any
-from urllib.parse import unquote, urlparse
 
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from services.aggregator.policy import HEALTHY, NOT_TRIAGED, PENDING, SUSPECTED, UNCERTAIN, URGENT
-
-log = logging.getLogger(__name__)
+from services.aggregator.policy import PENDING
+from services.aggregator.report import DISCLAIMER, FLAG_TEXT, StudyReport
 
 BASIC_TEXT_SR = "1.2.840.10008.5.1.4.1.1.88.11"
-DISCLAIMER = "Diagnostic aid — not a diagnosis. Every study must still be read by a qualified clinician."
 CODE_SCHEME = "99PNEUMOTRIAGE"
-FLAG_TEXT = {
-    URGENT: "Urgent: pneumonia likely, high confidence",
-    SUSPECTED: "Pneumonia suspected",
-    UNCERTAIN: "Uncertain: radiologist first",
-    HEALTHY: "Likely healthy (read routinely)",
-    NOT_TRIAGED: "Not triaged",
-    PENDING: "Pending",
-}
 PATIENT_STUDY_KEYWORDS = (
     "PatientName",
     "PatientID",
@@ -49,45 +33,6 @@ PATIENT_STUDY_KEYWORDS = (
     "StudyID",
     "StudyDescription",
 )
-
-
-def path_of(storage_uri: str) -> Path | None:
-    if not storage_uri:
-        return None
-    parsed = urlparse(storage_uri)
-    if parsed.scheme in ("", "file"):
-        return Path(unquote(parsed.path))
-    return None
-
-
-def read_header(storage_uri: str) -> Dataset | None:
-    """The stored image's header (no pixels), or None when it cannot be read."""
-    from services.core.imaging import read_dicom
-
-    path = path_of(storage_uri)
-    if path is None or not path.is_file():
-        return None
-    try:
-        return read_dicom(path, stop_before_pixels=True)
-    except Exception:  # a missing or unreadable file must not break the result
-        log.warning("cannot read stored header", extra={"error": "unreadable file"})
-        return None
-
-
-@dataclass(frozen=True)
-class StudyReport:
-    """What goes into the SR / FHIR resources for one study result."""
-
-    study_uid: str
-    flag: str
-    p_pneumonia: float | None
-    reason: str
-    revision: int
-    model_version: str
-    human_judgments: int
-    reviewed: bool
-    updated_at: datetime
-    sop_uids: tuple[str, ...] = ()
 
 
 def _code(value: str, scheme: str, meaning: str) -> Dataset:
@@ -195,94 +140,3 @@ def send_sr(ds: Dataset, dest: Destination, calling_ae: str = "PT_AGGREGATOR", t
     code = int(getattr(status, "Status", -1)) if status else -1
     if code not in (0x0000, 0xB000, 0xB007, 0xB006):
         raise RuntimeError(f"C-STORE of the SR failed with status 0x{code:04X}" if code >= 0 else "no C-STORE response")
-
-
-# ---- FHIR R4 -----------------------------------------------------------------------------------
-
-FLAG_SYSTEM = "urn:pneumotriage:triage-flag"
-
-
-def _iso(dt: datetime) -> str:
-    return (dt if dt.tzinfo else dt.replace(tzinfo=UTC)).isoformat(timespec="seconds")
-
-
-def fhir_diagnostic_report(report: StudyReport, header: Dataset | None) -> dict[str, Any]:
-    """A FHIR R4 DiagnosticReport with contained Patient and two Observations (flag, score)."""
-    status = "final" if report.reviewed else "preliminary"
-    if report.flag == PENDING:
-        status = "registered"
-    patient: dict[str, Any] = {"resourceType": "Patient", "id": "patient"}
-    if header is not None and str(getattr(header, "PatientID", "")):
-        patient["identifier"] = [{"value": str(header.PatientID)}]
-    if header is not None and str(getattr(header, "PatientName", "")):
-        patient["name"] = [{"text": str(header.PatientName).replace("^", " ").strip()}]
-    subject = {"reference": "#patient"}
-    category = [
-        {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/observation-category", "code": "imaging"}]}
-    ]
-    flag_obs: dict[str, Any] = {
-        "resourceType": "Observation",
-        "id": "flag",
-        "status": status,
-        "category": category,
-        "code": {
-            "coding": [{"system": "urn:pneumotriage:codes", "code": "triage-flag"}],
-            "text": "Pneumonia triage flag",
-        },
-        "subject": subject,
-        "effectiveDateTime": _iso(report.updated_at),
-        "valueCodeableConcept": {
-            "coding": [{"system": FLAG_SYSTEM, "code": report.flag, "display": FLAG_TEXT[report.flag]}],
-            "text": FLAG_TEXT[report.flag],
-        },
-        "note": [{"text": report.reason}],
-    }
-    results = [{"reference": "#flag"}]
-    contained: list[dict[str, Any]] = [patient, flag_obs]
-    if report.p_pneumonia is not None:
-        contained.append(
-            {
-                "resourceType": "Observation",
-                "id": "score",
-                "status": status,
-                "category": category,
-                "code": {
-                    "coding": [{"system": "urn:pneumotriage:codes", "code": "p-pneumonia"}],
-                    "text": "Probability of pneumonia (model and crowd, fused)",
-                },
-                "subject": subject,
-                "effectiveDateTime": _iso(report.updated_at),
-                "valueQuantity": {
-                    "value": round(report.p_pneumonia, 4),
-                    "unit": "probability",
-                    "system": "http://unitsofmeasure.org",
-                    "code": "1",
-                },
-            }
-        )
-        results.append({"reference": "#score"})
-    rid = hashlib.sha256(f"{report.study_uid}:{report.revision}".encode()).hexdigest()[:32]
-    return {
-        "resourceType": "DiagnosticReport",
-        "id": rid,
-        "contained": contained,
-        "identifier": [{"system": "urn:dicom:uid", "value": f"urn:oid:{report.study_uid}"}],
-        "status": status,
-        "category": [
-            {
-                "coding": [
-                    {"system": "http://terminology.hl7.org/CodeSystem/v2-0074", "code": "RAD", "display": "Radiology"}
-                ]
-            }
-        ],
-        "code": {
-            "coding": [{"system": "http://loinc.org", "code": "18748-4", "display": "Diagnostic imaging study"}],
-            "text": "Chest X-ray pneumonia triage (diagnostic aid — not a diagnosis)",
-        },
-        "subject": subject,
-        "effectiveDateTime": _iso(report.updated_at),
-        "issued": _iso(datetime.now(UTC)),
-        "imagingStudy": [{"identifier": {"system": "urn:dicom:uid", "value": f"urn:oid:{report.study_uid}"}}],
-        "result": results,
-        "conclusion": f"{FLAG_TEXT[report.flag]}. {DISCLAIMER}",
-    }
