@@ -4,7 +4,7 @@
                                        [--data ../shared/data/kermany224/train] [--out bench/results/aggregator]
 
 1. Model: the committed ONNX (onnxruntime, the inference service's own preprocessing) on the
-   model's patient-level `val` and `test` splits (services/inference/training/split.json) of the
+   model's patient-level `val` and `test` splits (services/inference/tools/training/split.json) of the
    shared training images; `test` images were never used to train or calibrate the model.
 2. Crowd: simulated annotators with confusion matrices P(answer | truth) (profiles below), trust =
    their accuracy on 20 simulated gold questions (Laplace-smoothed), annotators under trust 0.6 are
@@ -81,7 +81,7 @@ def simulate_crowd(labels: np.ndarray, seed: int) -> list[list[dict[str, Any]]]:
 
 
 def model_scores(model_dir: Path, data: Path, split: str) -> tuple[list[Any], np.ndarray]:
-    from services.inference.evaluation import predict, select_records
+    from services.inference.tools.evaluation import predict, select_records
 
     records = select_records(data, split, None)
     _, probs, _ = predict(model_dir, [r.path for r in records])
@@ -155,7 +155,7 @@ def main() -> None:
     args = ap.parse_args()
 
     if args.model_dir is None:
-        from services.inference.evaluation import latest_version_dir
+        from services.inference.tools.evaluation import latest_version_dir
 
         args.model_dir = latest_version_dir(ROOT / "deploy" / "triton" / "model_repository" / "pneumonia")
     args.out.mkdir(parents=True, exist_ok=True)

@@ -187,8 +187,8 @@ async def run(args: argparse.Namespace, files: list[Path]) -> dict:
     triton_runtime = None
     try:
         if not args.no_triton:
+            from services.inference.tools.local_triton import LocalTriton
             from services.inference.triton_python import MODEL_PY, python_backend_config
-            from services.inference.triton_python.server import LocalTriton
 
             repo = heatmap_root / "triton-repo"
             vdir = repo / args.model / embedded.model_version

@@ -27,9 +27,9 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from services.inference.evaluation import latest_version_dir, predict  # noqa: E402
-from services.inference.training.dataset import scan_folder  # noqa: E402
-from services.inference.training.split import SPLIT_FILE, assign, load_split  # noqa: E402
+from services.inference.tools.evaluation import latest_version_dir, predict  # noqa: E402
+from services.inference.tools.training.dataset import scan_folder  # noqa: E402
+from services.inference.tools.training.split import SPLIT_FILE, assign, load_split  # noqa: E402
 
 DEFAULT_OUT = ROOT / "bench" / "data" / "labeling-difficulty.csv"
 DEFAULT_MODEL = ROOT / "deploy" / "triton" / "model_repository" / "pneumonia"

@@ -30,9 +30,9 @@ import onnxruntime as ort  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from services.inference.evaluation import load_metadata  # noqa: E402
 from services.inference.preprocess import preprocess_image_file  # noqa: E402
-from services.inference.training.dataset import scan_folder  # noqa: E402
+from services.inference.tools.evaluation import load_metadata  # noqa: E402
+from services.inference.tools.training.dataset import scan_folder  # noqa: E402
 
 console = Console(width=130)
 DEFAULT_MODEL_DIR = ROOT / "deploy" / "triton" / "model_repository" / "pneumonia"

@@ -32,14 +32,14 @@ from services.aggregator.drift import DriftConfig, evaluate_window  # noqa: E402
 from services.aggregator.policy import Policy  # noqa: E402
 from services.aggregator.recalibrate import SiteLabel, fit_site_calibration, rule_out_metrics  # noqa: E402
 from services.core.drift import REFERENCE_FILE, DriftReference  # noqa: E402
-from services.inference.evaluation import (  # noqa: E402
+from services.inference.preprocess import load_image_file, preprocess_array  # noqa: E402
+from services.inference.tools.evaluation import (  # noqa: E402
     calibrate,
     expected_calibration_error,
     latest_version_dir,
     load_metadata,
     select_records,
 )
-from services.inference.preprocess import load_image_file, preprocess_array  # noqa: E402
 
 
 def site_transform(gray: np.ndarray, kind: str) -> np.ndarray:

@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from services.inference.config import DEFAULT_MODEL_REPOSITORY
-from services.inference.gate_cli import register as register_gate_commands
+from services.inference.tools.gate_cli import register as register_gate_commands
 
 console = Console()
 app = typer.Typer(no_args_is_help=True)
@@ -148,9 +148,9 @@ def deploy_command(
 
 
 try:  # the model group (train/evaluate/export) belongs to model_cli.py; deploy is added here
-    from services.inference.model_cli import model as model_group
+    from services.inference.tools.model_cli import model as model_group
 except ModuleNotFoundError as exc:  # pragma: no cover - before model_cli.py exists
-    if exc.name != "services.inference.model_cli":
+    if exc.name != "services.inference.tools.model_cli":
         raise
     model_group = typer.Typer(name="model", help="Model lifecycle.", no_args_is_help=True)
 

@@ -12,7 +12,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 from services.core.broker import Broker
-from services.inference.triton_python.server import LocalTriton
+from services.inference.tools.local_triton import LocalTriton
 from services.system.rabbitmq import RabbitNode
 from tests.support.inference_service import (
     collect_predictions,

@@ -11,7 +11,7 @@ import numpy as np
 from services.aggregator.drift import DriftConfig, evaluate_window
 from services.core.drift import REFERENCE_FILE, DriftReference, ks
 from services.inference.config import DEFAULT_MODEL_REPOSITORY
-from services.inference.evaluation import predict, select_records
+from services.inference.tools.evaluation import predict, select_records
 
 MODEL_DIR = DEFAULT_MODEL_REPOSITORY / "pneumonia"
 

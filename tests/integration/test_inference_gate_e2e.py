@@ -17,7 +17,7 @@ import pytest
 from services.aggregator.models import Study
 from services.aggregator.service import Aggregator
 from services.core.broker import Broker
-from services.inference.gate_fit import bundled_dicom_images, chest_dicom, load_gray, resize
+from services.inference.tools.gate_fit import bundled_dicom_images, chest_dicom, load_gray, resize
 from services.system.rabbitmq import RabbitNode
 from tests.support.aggregator_service import aggregator_fixture, wait_for  # noqa: F401
 from tests.support.inference_service import image_received, publish_events, running_service, service_settings

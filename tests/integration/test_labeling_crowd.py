@@ -97,7 +97,7 @@ def test_exports(crowd_run: dict) -> None:
     assert {r["posterior_source"] for r in labels if r["method"]} == {"crowd"}
     assert all(r["posterior_source"] == "" for r in labels if not r["method"])
     # training can read the export: ids -> stored images, with the posterior
-    from services.inference.training.from_export import records_from_export
+    from services.inference.tools.training.from_export import records_from_export
 
     usable = [r for r in labels if r["complete"] == "True" and r["final_label"] in ("pneumonia", "healthy")]
     records = records_from_export(out / "dataset")

@@ -13,9 +13,9 @@ import onnxruntime as ort
 import pydicom
 import pytest
 
-from services.inference.evaluation import calibrate, evaluate_folder, latest_version_dir, load_metadata
 from services.inference.preprocess import load_image_file, preprocess_dicom, preprocess_image_file
-from services.inference.training.split import SPLIT_FILE, load_split
+from services.inference.tools.evaluation import calibrate, evaluate_folder, latest_version_dir, load_metadata
+from services.inference.tools.training.split import SPLIT_FILE, load_split
 from tests.support.model_dicom import make_dicom
 
 REPO_ROOT = Path(__file__).resolve().parents[2]

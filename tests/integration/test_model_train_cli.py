@@ -9,7 +9,7 @@ import onnxruntime as ort
 import pytest
 from typer.testing import CliRunner
 
-from services.inference.model_cli import app
+from services.inference.tools.model_cli import app
 
 
 @pytest.fixture(scope="module")

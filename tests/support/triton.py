@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from services.inference.triton_python.server import LocalTriton
+from services.inference.tools.local_triton import LocalTriton
 from tests.support.inference_model import build_tiny_onnx, make_repository, write_version
 
 REPO_ROOT = Path(__file__).resolve().parents[2]

@@ -23,7 +23,7 @@ from services.inference.gate import (
     assess_dataset,
     gate_image,
 )
-from services.inference.gate_fit import (
+from services.inference.tools.gate_fit import (
     bundled_dicom_images,
     chest_dicom,
     chest_negative,

@@ -6,14 +6,14 @@ import numpy as np
 import pytest
 from sklearn.metrics import brier_score_loss
 
-from services.inference.evaluation import (
+from services.inference.tools.evaluation import (
     bootstrap_ci,
     brier,
     calibrate,
     expected_calibration_error,
     threshold_metrics,
 )
-from services.inference.training.calibrate import choose_thresholds, fit_platt, sigmoid
+from services.inference.tools.training.calibrate import choose_thresholds, fit_platt, sigmoid
 
 
 def test_platt_fit_recovers_the_generating_parameters() -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from services.inference.training.export import next_version, write_config
+from services.inference.tools.training.export import next_version, write_config
 
 
 def test_next_version_counts_numeric_dirs_only(tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""Proxy external validation (services/inference/proxy.py): the held-out acquisition batches, the
+"""Proxy external validation (services/inference/tools/proxy.py): the held-out acquisition batches, the
 stress transforms through the service's own DICOM decoding, and a small sample of the suite run on
 the committed model (the full suite: `pneumotriage model proxy-eval`)."""
 
@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 
 from services.core.imaging import display_array
-from services.inference.evaluation import latest_version_dir, load_metadata
-from services.inference.proxy import (
+from services.inference.tools.evaluation import latest_version_dir, load_metadata
+from services.inference.tools.proxy import (
     STRESSES,
     dicom_from_display,
     external_records,
@@ -20,7 +20,7 @@ from services.inference.proxy import (
     stressed_input,
     threshold_for_sensitivity,
 )
-from services.inference.training.dataset import deduplicate, scan_folder
+from services.inference.tools.training.dataset import deduplicate, scan_folder
 
 MODEL_DIR = Path(__file__).resolve().parents[2] / "deploy" / "triton" / "model_repository" / "pneumonia"
 

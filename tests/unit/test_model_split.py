@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from services.inference.training.dataset import patient_id, scan_folder
-from services.inference.training.split import SPLIT_FILE, assign, load_split, make_split
+from services.inference.tools.training.dataset import patient_id, scan_folder
+from services.inference.tools.training.split import SPLIT_FILE, assign, load_split, make_split
 
 
 @pytest.mark.parametrize(

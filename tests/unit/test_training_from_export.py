@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from services.inference.training.from_export import records_from_export
+from services.inference.tools.training.from_export import records_from_export
 from services.labeling.export import DATASET_COLUMNS
 
 

@@ -2,7 +2,8 @@
 
 That build has the python backend only, so a CPU-only install (and the test suite) serves the ONNX
 file through `model.py` (onnxruntime inside the python-backend stub). `python_backend_config`
-renders the matching config.pbtxt; `server.LocalTriton` starts the binary on loopback.
+renders the matching config.pbtxt; `services.inference.tools.local_triton.LocalTriton` starts the binary
+on loopback (tests, benchmarks, CPU-only installs).
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ from sklearn.metrics import average_precision_score, precision_recall_curve, roc
 
 from services.inference.preprocess import load_image_file, preprocess_array
 from services.inference.repository import latest_version_dir as latest_version_dir  # the one rule
-from services.inference.training.dataset import ImageRecord, scan_folder
+from services.inference.tools.training.dataset import ImageRecord, scan_folder
 
 ECE_BINS = 10
 CI_LEVEL = 0.95
@@ -256,7 +256,7 @@ def select_records(data: Path, split: str, split_file: Path | None) -> list[Imag
     records = scan_folder(Path(data))
     if split == "all":
         return records
-    from services.inference.training.split import SPLIT_FILE, assign, load_split
+    from services.inference.tools.training.split import SPLIT_FILE, assign, load_split
 
     return assign(records, load_split(split_file or SPLIT_FILE))[split]
 

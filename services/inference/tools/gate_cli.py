@@ -12,7 +12,7 @@ from rich.console import Console
 from services.inference.config import DEFAULT_MODEL_REPOSITORY
 from services.inference.gate import DEFAULT_GATE_FILE
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[3]
 DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "kermany224" / "train"
 console = Console()
 
@@ -30,7 +30,7 @@ def gate_fit(
     hidden: int = typer.Option(0, help="hidden ReLU units (0: logistic regression)"),
 ) -> None:
     """Fit the input gate's "frontal chest radiograph" score against non-chest negatives (model-agnostic)."""
-    from services.inference.gate_fit import build_corpus, fit_gate
+    from services.inference.tools.gate_fit import build_corpus, fit_gate
 
     corpus = build_corpus(data, seed=seed, limit=limit, variants=variants)
     console.print(f"corpus: {int(corpus.y.sum())} chest, {int((1 - corpus.y).sum())} non-chest feature vectors")
@@ -52,7 +52,7 @@ def gate_evaluate(
     """Measure the gate: false-refusal rate on held-out chests (as JPEG, 12-bit MONOCHROME1, 16-bit,
     true aspect, JPEG DICOM) and refusal rate on the non-chest corpus."""
     from services.inference.gate import GateModel
-    from services.inference.gate_fit import evaluate_gate
+    from services.inference.tools.gate_fit import evaluate_gate
 
     results = evaluate_gate(GateModel.load(gate_file), data, limit=limit, seed=seed)
     for name, row in results.items():
@@ -75,7 +75,7 @@ def drift_reference(
     """Write <repository>/<model>/<version>/drift_reference.json: the score distribution the drift
     monitor compares live predictions with (re-run for every new model version)."""
     from services.core.drift import REFERENCE_FILE, build_reference
-    from services.inference.evaluation import latest_version_dir, predict, select_records
+    from services.inference.tools.evaluation import latest_version_dir, predict, select_records
 
     model_dir = repository / name
     vdir = model_dir / version if version else latest_version_dir(model_dir)

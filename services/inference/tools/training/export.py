@@ -15,7 +15,7 @@ import torch
 
 from services.inference.preprocess import preprocess_image_file
 from services.inference.repository import next_version as next_version  # the one rule
-from services.inference.training.network import PneumoniaNet
+from services.inference.tools.training.network import PneumoniaNet
 
 MODEL_NAME = "pneumonia"
 OPSET = 17

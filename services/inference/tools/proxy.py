@@ -43,16 +43,16 @@ from scipy.ndimage import gaussian_filter
 from sklearn.metrics import roc_auc_score
 
 from services.core.imaging import display_array
-from services.inference.evaluation import (
+from services.inference.preprocess import preprocess_array
+from services.inference.tools.evaluation import (
     calibrate,
     expected_calibration_error,
     load_metadata,
     read_display_image,
     threshold_metrics,
 )
-from services.inference.preprocess import preprocess_array
-from services.inference.training.dataset import ImageRecord, deduplicate, scan_folder
-from services.inference.training.split import SPLIT_FILE, load_split
+from services.inference.tools.training.dataset import ImageRecord, deduplicate, scan_folder
+from services.inference.tools.training.split import SPLIT_FILE, load_split
 
 # (regex on the file stem, lowest id, highest id): the held-out acquisition batches
 EXTERNAL_FAMILIES: tuple[tuple[str, int, int], ...] = (

@@ -189,8 +189,8 @@ def chest_negative(a: np.ndarray, rng: np.random.Generator) -> tuple[str, np.nda
 
 # ---- data ------------------------------------------------------------------------------------
 def chest_records(data: Path, splits: tuple[str, ...]) -> list:
-    from services.inference.training.dataset import scan_folder
-    from services.inference.training.split import assign, load_split
+    from services.inference.tools.training.dataset import scan_folder
+    from services.inference.tools.training.split import assign, load_split
 
     parts = assign(scan_folder(data), load_split())
     return [r for s in splits for r in parts[s]]

@@ -1,5 +1,5 @@
 """`pneumotriage model ...`: train, evaluate, export (the inference service adds `deploy` to the
-same group: ``from services.inference.model_cli import model; @model.command("deploy")``).
+same group: ``from services.inference.tools.model_cli import model; @model.command("deploy")``).
 
 torch is imported only inside train/export (the [train] extra); evaluate needs onnxruntime only.
 """
@@ -12,7 +12,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[3]
 DEFAULT_REPOSITORY = REPO_ROOT / "deploy" / "triton" / "model_repository"
 DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "kermany224" / "train"
 
@@ -23,7 +23,7 @@ console = Console()
 
 
 def _check_images(data: Path, n: int = 16) -> list[Path]:
-    from services.inference.training.dataset import scan_folder
+    from services.inference.tools.training.dataset import scan_folder
 
     records = scan_folder(data)
     step = max(1, len(records) // n)
@@ -57,9 +57,9 @@ def train_cmd(
 ) -> None:
     """Train on CPU, calibrate on the validation split, export ONNX into the model repository."""
     from services.inference.preprocess import INPUT_SIZE
-    from services.inference.training.network import NetConfig
-    from services.inference.training.split import SPLIT_FILE
-    from services.inference.training.train import TrainConfig, save_checkpoint, train
+    from services.inference.tools.training.network import NetConfig
+    from services.inference.tools.training.split import SPLIT_FILE
+    from services.inference.tools.training.train import TrainConfig, save_checkpoint, train
 
     config = TrainConfig(
         epochs=epochs,
@@ -101,14 +101,14 @@ def _export(
     evaluate_test: bool,
     rethreshold: bool = False,
 ) -> Path:
-    from services.inference.training.export import export_version
+    from services.inference.tools.training.export import export_version
 
     vdir = export_version(net, info, out, _check_images(data), version)
     if rethreshold:  # operating points from the exported ONNX on the validation split, current rule
         import numpy as np
 
-        from services.inference.evaluation import predict, select_records
-        from services.inference.training.calibrate import choose_thresholds
+        from services.inference.tools.evaluation import predict, select_records
+        from services.inference.tools.training.calibrate import choose_thresholds
 
         records = select_records(data, "val", split_path)
         _, probs, _ = predict(vdir, [r.path for r in records])
@@ -116,7 +116,7 @@ def _export(
         meta["thresholds"] = choose_thresholds(probs, np.array([r.label for r in records]))
         (vdir / "metadata.json").write_text(json.dumps(meta, indent=1) + "\n")
     if evaluate_test:
-        from services.inference.evaluation import evaluate_folder, json_safe
+        from services.inference.tools.evaluation import evaluate_folder, json_safe
 
         report = evaluate_folder(data, vdir, split="test", split_file=split_path, bootstrap=200, console=console)
         meta = json.loads((vdir / "metadata.json").read_text())
@@ -142,8 +142,8 @@ def export_cmd(
     ),
 ) -> None:
     """Export a trained checkpoint to ONNX as a new model-repository version (checked against PyTorch)."""
-    from services.inference.training.split import SPLIT_FILE
-    from services.inference.training.train import load_checkpoint
+    from services.inference.tools.training.split import SPLIT_FILE
+    from services.inference.tools.training.train import load_checkpoint
 
     net, info = load_checkpoint(checkpoint)
     vdir = _export(net, info, data, out, version or None, split_file or SPLIT_FILE, evaluate_test, rethreshold)
@@ -163,7 +163,7 @@ def evaluate_cmd(
     ),
 ) -> None:
     """Evaluate the ONNX model with onnxruntime: metrics with bootstrap CIs, calibration, plots, subgroups."""
-    from services.inference.evaluation import evaluate_folder, latest_version_dir, print_summary
+    from services.inference.tools.evaluation import evaluate_folder, latest_version_dir, print_summary
 
     if split not in ("all", "test", "val", "train"):
         raise typer.BadParameter("split must be all, test, val or train")
@@ -198,8 +198,8 @@ def proxy_eval_cmd(
     """Proxy external validation: held-out acquisition batches under a stress suite of realistic shifts."""
     from rich.table import Table
 
-    from services.inference.evaluation import latest_version_dir
-    from services.inference.proxy import proxy_evaluate, write_report
+    from services.inference.tools.evaluation import latest_version_dir
+    from services.inference.tools.proxy import proxy_evaluate, write_report
 
     dirs = model_dir or [latest_version_dir(DEFAULT_REPOSITORY / "pneumonia")]
     reports = [proxy_evaluate(d, data, sample or None, stress or None, choose_threshold=set_threshold) for d in dirs]

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
-from services.inference.training.dataset import ImageRecord, file_sha256, patient_id
+from services.inference.tools.training.dataset import ImageRecord, file_sha256, patient_id
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from services.inference.training.dataset import ImageRecord, dataset_sha256, deduplicate
+from services.inference.tools.training.dataset import ImageRecord, dataset_sha256, deduplicate
 
 SPLIT_FILE = Path(__file__).with_name("split.json")
 DEFAULT_SEED = 20180222

@@ -33,10 +33,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from sklearn.metrics import roc_auc_score
 
 from services.inference.preprocess import CLIP, INPUT_SIZE, load_image_file, resize_to_fit
-from services.inference.training.calibrate import choose_thresholds, fit_platt, log_loss, sigmoid
-from services.inference.training.dataset import ImageRecord, scan_folder
-from services.inference.training.network import NetConfig, PneumoniaNet
-from services.inference.training.split import SPLIT_FILE, assign, load_split, make_split, save_split
+from services.inference.tools.training.calibrate import choose_thresholds, fit_platt, log_loss, sigmoid
+from services.inference.tools.training.dataset import ImageRecord, scan_folder
+from services.inference.tools.training.network import NetConfig, PneumoniaNet
+from services.inference.tools.training.split import SPLIT_FILE, assign, load_split, make_split, save_split
 
 
 @dataclass
@@ -208,11 +208,18 @@ def git_dirty() -> bool:
     """True when the model code differs from the recorded commit (uncommitted changes)."""
     try:
         out = subprocess.run(
-            ["git", "status", "--porcelain", "--", "services/inference/training", "services/inference/preprocess.py"],
+            [
+                "git",
+                "status",
+                "--porcelain",
+                "--",
+                "services/inference/tools/training",
+                "services/inference/preprocess.py",
+            ],
             capture_output=True,
             text=True,
             check=True,
-            cwd=Path(__file__).resolve().parents[3],
+            cwd=Path(__file__).resolve().parents[4],
         ).stdout
     except (OSError, subprocess.CalledProcessError):
         return True
@@ -246,7 +253,7 @@ def train(
     train_recs, val_recs = parts["train"], parts["val"]
     n_external = 0
     if config.hold_out_external:
-        from services.inference.proxy import is_external
+        from services.inference.tools.proxy import is_external
 
         n_external = sum(is_external(r.name) for r in train_recs + val_recs)
         train_recs = [r for r in train_recs if not is_external(r.name)]
