@@ -1,5 +1,7 @@
-"""The import graph of `services` has no cycles (module-level or inside functions), and no service
-imports another service: they meet only through `services.core` and the broker."""
+"""The import graph of `services` has no cycles (module-level or inside functions), no service
+imports another service (they meet only through `services.core` and the broker), and the running
+service (its `app.py` and everything that imports, transitively) never imports its tooling
+(`services/<svc>/tools/`: DICOM makers and senders, the simulated crowd, training, the local Triton)."""
 
 from __future__ import annotations
 
@@ -71,3 +73,58 @@ def test_no_service_imports_another_service() -> None:
         for target in targets:
             other = target.split(".")[1] if target.count(".") >= 1 else ""
             assert other == parts[1] or other not in SERVICES, f"{module} imports {target}"
+
+
+def runtime_modules(graph: dict[str, set[str]], service: str) -> set[str]:
+    """`services.<service>.app` and every module it imports, transitively (imports inside functions too)."""
+    seen: set[str] = set()
+    todo = [f"services.{service}.app"]
+    while todo:
+        module = todo.pop()
+        if module not in seen:
+            seen.add(module)
+            todo.extend(graph.get(module, ()))
+    return seen
+
+
+def is_tool(module: str) -> bool:
+    parts = module.split(".")
+    return len(parts) >= 3 and parts[2] == "tools"
+
+
+def tool_imports(graph: dict[str, set[str]], service: str) -> list[tuple[str, str]]:
+    """(runtime module, tool module) for every import of a tool reachable from the service's app."""
+    return sorted(
+        (module, target)
+        for module in runtime_modules(graph, service)
+        for target in graph.get(module, ())
+        if is_tool(target) and not is_tool(module)
+    )
+
+
+def test_the_running_services_never_import_tools() -> None:
+    graph = module_graph()
+    for service in SERVICES:
+        runtime = runtime_modules(graph, service)
+        assert f"services.{service}.app" in graph and len(runtime) > 5, f"{service}: app.py not found in the graph"
+        assert tool_imports(graph, service) == [], f"{service}'s running code imports tooling"
+
+
+def test_the_tools_check_finds_a_tool_import() -> None:
+    graph = {
+        "services.ingest.app": {"services.ingest.scp", "services.core.broker"},
+        "services.ingest.scp": {"services.ingest.tools.make_dicom"},
+        "services.ingest.cli": {"services.ingest.tools.send"},  # a command may use tools: not runtime
+    }
+    assert tool_imports(graph, "ingest") == [("services.ingest.scp", "services.ingest.tools.make_dicom")]
+    assert tool_imports({"services.ingest.app": {"services.ingest.tools"}}, "ingest") == [
+        ("services.ingest.app", "services.ingest.tools")
+    ]
+
+
+def test_every_tools_package_says_it_is_tooling() -> None:
+    packages = sorted((ROOT / "services").glob("*/tools/__init__.py"))
+    assert {p.parent.parent.name for p in packages} >= {"ingest", "labeling", "inference"}
+    for init in packages:
+        doc = ast.get_docstring(ast.parse(init.read_text())) or ""
+        assert "not imported by the running" in doc, f"{init.relative_to(ROOT)}: docstring must say it is tooling"
