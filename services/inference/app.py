@@ -4,7 +4,8 @@ Start: load the model (embedded onnxruntime) or connect to Triton (it may come u
 says 503 until it answers), connect to RabbitMQ (retried until it answers), consume with a bounded
 prefetch, serve /healthz and /metrics on PT_INFERENCE_HTTP_PORT.
 Stop (SIGINT/SIGTERM): take no new messages, let in-flight images finish and publish (up to
-PT_INFERENCE_DRAIN_TIMEOUT_S), close the connection — whatever is unacked goes back to the queue.
+PT_INFERENCE_DRAIN_TIMEOUT_S), close the connection — whatever is unacked goes back to the queue;
+exit 0. The ops server or the consumer failing stops the process with exit 1 (services/core/runner.py).
 kill -9 is safe: nothing is acked before its prediction is confirmed by the broker, and the only
 local state (heatmap PNGs) is written atomically under a deterministic name.
 """

@@ -1,10 +1,12 @@
 """The running ingest service: DICOM SCP + outbox relay + /healthz and /metrics.
 
-Start order: database migrations, store directory, SCP (images are accepted even while the broker is
-down: they wait in the outbox), relay (connects to RabbitMQ in the background, retrying), HTTP.
-SIGINT/SIGTERM: stop accepting associations, let running ones finish, flush what the relay can,
-close. kill -9 is safe: an instance is acknowledged only after its file and rows are durable, and
-the relay re-sends anything not marked published (consumers are idempotent).
+Run by services/core/runner.py (logging, signals, exit code). Start order: database migrations,
+store directory, SCP (images are accepted even while the broker is down: they wait in the outbox),
+relay (connects to RabbitMQ in the background, retrying), HTTP. SIGINT/SIGTERM: stop accepting
+associations, let running ones finish, flush what the relay can, close; exit 0. The relay or the
+HTTP server failing stops the process the same way with exit 1.
+kill -9 is safe: an instance is acknowledged only after its file and rows are durable, and the relay
+re-sends anything not marked published (consumers are idempotent).
 """
 
 from __future__ import annotations
