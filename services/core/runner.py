@@ -13,7 +13,7 @@ in this order:
    is a failure;
 5. the process runs until a signal (exit 0) or the FIRST component failure (exit 1, so that a
    supervisor or Kubernetes restarts it instead of reading the failure as a clean stop). A start-up
-   that raises (a refused secret, a migration that fails, a port in use) is exit 1 as well;
+   that raises (a refused secret key, a failed migration, an unwritable store) is exit 1 as well;
 6. stop: `runner.stop` is set, then the service's own graceful stop runs (its order: stop intake,
    finish or flush in-flight work, close connections), bounded by `stop_timeout_s`; whatever
    component still runs after it is cancelled.

@@ -62,32 +62,32 @@ class ServiceProcess:
             )
 
     def output(self) -> str:
-        return self.log.read_text()[-6000:] if self.log.exists() else ""
+        return self.log.read_text() if self.log.exists() else ""
 
     def wait_http(self, port: int, timeout: float = EXIT_BOUND_S) -> httpx.Response:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            assert self.process.poll() is None, f"exited with {self.process.returncode}:\n{self.output()}"
+            assert self.process.poll() is None, f"exited with {self.process.returncode}:\n{self.output()[-6000:]}"
             try:
                 return httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5)  # 503 without a broker: serving
             except httpx.HTTPError:
                 time.sleep(0.3)
-        raise AssertionError(f"no HTTP answer on {port}:\n{self.output()}")
+        raise AssertionError(f"no HTTP answer on {port}:\n{self.output()[-6000:]}")
 
     def wait_log(self, text: str, timeout: float = EXIT_BOUND_S) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if text in self.output():
                 return
-            assert self.process.poll() is None, f"exited with {self.process.returncode}:\n{self.output()}"
+            assert self.process.poll() is None, f"exited with {self.process.returncode}:\n{self.output()[-6000:]}"
             time.sleep(0.3)
-        raise AssertionError(f"{text!r} not logged:\n{self.output()}")
+        raise AssertionError(f"{text!r} not logged:\n{self.output()[-6000:]}")
 
     def exit_code(self, timeout: float) -> int:
         try:
             return self.process.wait(timeout)
         except subprocess.TimeoutExpired:
-            raise AssertionError(f"still running after {timeout} s:\n{self.output()}") from None
+            raise AssertionError(f"still running after {timeout} s:\n{self.output()[-6000:]}") from None
 
     def kill(self) -> None:
         if self.process.poll() is None:
@@ -122,9 +122,25 @@ def test_a_failed_component_stops_the_process_with_exit_1(
     finally:
         holder.close()
     out = proc.output()
-    assert "component failed" in out, out
-    assert "cannot serve HTTP" in out, out
+    assert "component failed" in out, out[-6000:]
+    assert "cannot serve HTTP" in out, out[-6000:]
     assert f"{service} stopped" in out, out  # the graceful stop ran before the exit
+
+
+@pytest.mark.parametrize("service", ["ingest", "labeling", "aggregator"])
+def test_a_database_that_cannot_be_migrated_stops_the_start_with_exit_1_before_anything_listens(
+    service: str, tmp_path: Path, processes: list[ServiceProcess]
+) -> None:
+    corrupt = tmp_path / "corrupt.db"
+    corrupt.write_bytes(b"this is not an SQLite database\n" * 200)
+    env = service_env(service, tmp_path, free_port())
+    env["PT_DATABASE_URL"] = f"sqlite+aiosqlite:///{corrupt}"
+    proc = ServiceProcess(service, env, tmp_path / f"{service}.log")
+    processes.append(proc)
+    assert proc.exit_code(EXIT_BOUND_S) == 1
+    out = proc.output()
+    assert "migrating database" in out and "start-up failed" in out, out[-6000:]
+    assert "listening" not in out and "running" not in out, out  # no port opened before the migration
 
 
 @pytest.mark.parametrize("service", SERVICES)
@@ -137,10 +153,10 @@ def test_sigterm_is_a_clean_exit_even_while_the_broker_is_unreachable(
     proc.wait_http(port)
     proc.wait_log("broker not reachable yet")  # in its retry loop: the broker is not a start-up dependency
     proc.process.send_signal(signal.SIGTERM)
-    assert proc.exit_code(60) == 0, proc.output()
+    assert proc.exit_code(60) == 0, proc.output()[-6000:]
     out = proc.output()
-    assert f"{service} stopping" in out and f"{service} stopped" in out, out
-    assert "component failed" not in out, out
+    assert f"{service} stopping" in out and f"{service} stopped" in out, out[-6000:]
+    assert "component failed" not in out, out[-6000:]
 
 
 def test_ingest_retries_the_broker_until_a_node_starts_then_delivers_what_waited(
@@ -172,12 +188,12 @@ def test_ingest_retries_the_broker_until_a_node_starts_then_delivers_what_waited
         node.start()
         deadline = time.monotonic() + 60  # back-off is capped at 5 s
         while not proc.wait_http(http_port).json()["checks"]["broker"]["connected"]:
-            assert time.monotonic() < deadline, proc.output()
+            assert time.monotonic() < deadline, proc.output()[-6000:]
             time.sleep(0.5)
         events = asyncio.run(drain(node.url, "inference.images", expected=1, timeout=60))
         assert len(events) == 1
         proc.process.send_signal(signal.SIGTERM)
-        assert proc.exit_code(60) == 0, proc.output()
+        assert proc.exit_code(60) == 0, proc.output()[-6000:]
     finally:
         proc.kill()
         node.stop()
