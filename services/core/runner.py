@@ -120,6 +120,7 @@ async def with_broker(
     """A component that connects to the broker, retrying with back-off until it works or `stop` is
     set, then runs `then()` (consume, relay the outbox, ...). Returns at once when stopped first."""
     if await broker.connect_with_retry(stop, max_delay=max_delay, on_retry=on_retry):
+        log.info("broker connected", extra={"exchange": broker.exchange_name})
         await then()
 
 
