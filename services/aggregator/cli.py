@@ -25,9 +25,9 @@ def run_service(ctx: typer.Context) -> None:
     """Run the aggregator (consumer + outbox relay + SR sender + web) until SIGINT/SIGTERM."""
     if ctx.invoked_subcommand is not None:
         return
-    from services.aggregator.app import run
+    from services.aggregator.app import main
 
-    asyncio.run(run())
+    main()
 
 
 @aggregator.command("add-user")

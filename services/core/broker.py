@@ -200,10 +200,17 @@ class Broker:
         self._exchange = await declare_topology(self._channel, self.exchange_name, self.quorum)
         return self
 
-    async def connect_with_retry(self, stop: asyncio.Event, max_delay: float = 10.0) -> bool:
+    async def connect_with_retry(
+        self,
+        stop: asyncio.Event,
+        max_delay: float = 10.0,
+        on_retry: Callable[[BaseException], Awaitable[None]] | None = None,
+    ) -> bool:
         """Connect, retrying with exponential back-off until it works (True) or `stop` is set (False).
 
-        Services start before the broker is reachable (or while it restarts) without crashing.
+        Services start before the broker is reachable (or while it restarts) without crashing; the
+        one retry loop of every service (see services/core/runner.with_broker). `on_retry(error)` runs
+        after each failed attempt (e.g. ingest updates its outbox-backlog gauge).
         """
         delay = 0.5
         while not stop.is_set():
@@ -212,6 +219,9 @@ class Broker:
                 return True
             except Exception as exc:
                 log.warning("broker not reachable yet", extra={"error": repr(exc), "retry_in_s": delay})
+                if on_retry is not None:
+                    with contextlib.suppress(Exception):
+                        await on_retry(exc)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), timeout=delay)
                 delay = min(delay * 2, max_delay)

@@ -128,11 +128,19 @@ async def serve_http(app: Any, host: str, port: int) -> None:
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False, lifespan="on")
     server = uvicorn.Server(config)
     server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign]  # the service owns signals
-    task = asyncio.ensure_future(server.serve())
+
+    async def serve() -> None:
+        # uvicorn calls sys.exit() when it cannot bind. Caught here, inside the task: a SystemExit that
+        # leaves a task is re-raised by the event loop itself and ends the process with uvicorn's code
+        # instead of letting the service runner stop gracefully (exit 1).
+        try:
+            await server.serve()
+        except SystemExit:
+            raise RuntimeError(f"cannot serve HTTP on {host}:{port} (port in use?)") from None
+
+    task = asyncio.ensure_future(serve())
     try:
         await asyncio.shield(task)
-    except SystemExit:  # uvicorn exits the process when it cannot bind: make it an ordinary error
-        raise RuntimeError(f"cannot serve HTTP on {host}:{port} (port in use?)") from None
     except asyncio.CancelledError:
         # Ask uvicorn to finish in-flight requests and close, instead of cancelling it mid-request
         # (which works but prints a CancelledError traceback).

@@ -4,7 +4,8 @@ Start: load the model (embedded onnxruntime) or connect to Triton (it may come u
 says 503 until it answers), connect to RabbitMQ (retried until it answers), consume with a bounded
 prefetch, serve /healthz and /metrics on PT_INFERENCE_HTTP_PORT.
 Stop (SIGINT/SIGTERM): take no new messages, let in-flight images finish and publish (up to
-PT_INFERENCE_DRAIN_TIMEOUT_S), close the connection — whatever is unacked goes back to the queue.
+PT_INFERENCE_DRAIN_TIMEOUT_S), close the connection — whatever is unacked goes back to the queue;
+exit 0. The ops server or the consumer failing stops the process with exit 1 (services/core/runner.py).
 kill -9 is safe: nothing is acked before its prediction is confirmed by the broker, and the only
 local state (heatmap PNGs) is written atomically under a deterministic name.
 """
@@ -14,11 +15,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import signal
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from services.core.broker import CONSUMERS, Broker
-from services.core.telemetry import configure_logging, ops_app, serve_http
+from services.core.runner import Components, ServiceRunner, with_broker
+from services.core.telemetry import ops_app, serve_http
 from services.inference.config import InferenceSettings
 from services.inference.runtime import InferenceRuntime, make_runtime
 from services.inference.worker import RUNTIME_UP, InferenceWorker, Pipeline
@@ -54,32 +56,29 @@ class InferenceService:
         }
 
     async def run(self, stop: asyncio.Event) -> None:
+        """Serve until `stop` (drain in-flight images, then close) or until a component fails: the ops
+        HTTP server, or the consumer (runtime start-up, broker, consume) — then raise its error."""
         s = self.settings
-        http = asyncio.create_task(
-            serve_http(ops_app("inference", self.health), s.http_host, s.http_port), name="inference-ops-http"
-        )
-        stopped = asyncio.create_task(stop.wait())
+        components = Components(stop)
+        http = components.spawn("http", serve_http(ops_app("inference", self.health), s.http_host, s.http_port))
+        consumer = components.spawn("consumer", self._consume(stop))
+        waiters = [asyncio.create_task(stop.wait()), asyncio.create_task(components.failed.wait())]
         try:
-            await self.runtime.start()
-            if not await self.broker.connect_with_retry(stop):
-                return
-            self.pipeline.start()
-            await self.broker.consume(CONSUMERS["inference"], self.worker.handle, prefetch=s.prefetch)
-            log.info(
-                "inference service started",
-                extra={"runtime": self.runtime.describe(), "http_port": s.http_port, "prefetch": s.prefetch},
-            )
-            self.started.set()
-            await asyncio.wait({stopped, http}, return_when=asyncio.FIRST_COMPLETED)
-            if http.done():
-                http.result()  # the ops server died: a fatal error for the service
-                raise RuntimeError("the ops HTTP server stopped unexpectedly")
-            log.info("stopping: draining in-flight images")
-            drained = await self.worker.drain(s.drain_timeout_s)
-            if not drained:
-                log.warning("drain timed out; unacked messages return to the queue")
+            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+            failure = components.failure
+            if failure is not None and not stop.is_set():
+                raise failure.error or RuntimeError(f"inference {failure.component} stopped unexpectedly")
+            if self.started.is_set():
+                log.info("stopping: draining in-flight images")
+                drained = await self.worker.drain(s.drain_timeout_s)
+                if not drained:
+                    log.warning("drain timed out; unacked messages return to the queue")
         finally:
-            stopped.cancel()
+            for waiter in waiters:
+                waiter.cancel()
+            consumer.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await consumer
             await self.broker.close()
             self.worker.release()
             await self.pipeline.close()
@@ -89,16 +88,37 @@ class InferenceService:
                 await http
             log.info("inference service stopped")
 
+    async def _consume(self, stop: asyncio.Event) -> None:
+        """Start the runtime, connect (retrying while the broker is down), consume until `stop`."""
+        await self.runtime.start()
 
-async def serve(settings: InferenceSettings) -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    await InferenceService(settings).run(stop)
+        async def consume() -> None:
+            s = self.settings
+            self.pipeline.start()
+            await self.broker.consume(CONSUMERS["inference"], self.worker.handle, prefetch=s.prefetch)
+            log.info(
+                "inference service started",
+                extra={"runtime": self.runtime.describe(), "http_port": s.http_port, "prefetch": s.prefetch},
+            )
+            self.started.set()
+            await stop.wait()
+
+        await with_broker(self.broker, stop, consume)
 
 
 def main(settings: InferenceSettings | None = None) -> None:
+    """The inference process (services/core/runner.py: logging, signals, exit code). No database;
+    `run` is its one component: it ends by itself once the runner's stop is set (after draining), and
+    raises when the runtime or the ops server fails."""
     settings = settings or InferenceSettings()
-    configure_logging("inference", settings.log_level, settings.log_json)
-    asyncio.run(serve(settings))
+
+    async def start(runner: ServiceRunner) -> Callable[[], Awaitable[None]]:
+        service = runner.spawn("inference", InferenceService(settings).run(runner.stop))
+
+        async def stop() -> None:  # the run drains and closes by itself once runner.stop is set
+            await asyncio.wait([service])
+
+        return stop
+
+    # the drain may take PT_INFERENCE_DRAIN_TIMEOUT_S, then the runtime closes
+    ServiceRunner("inference", settings, stop_timeout_s=settings.drain_timeout_s + 30).main(start)

@@ -1,10 +1,12 @@
 """The running ingest service: DICOM SCP + outbox relay + /healthz and /metrics.
 
-Start order: database migrations, store directory, SCP (images are accepted even while the broker is
-down: they wait in the outbox), relay (connects to RabbitMQ in the background, retrying), HTTP.
-SIGINT/SIGTERM: stop accepting associations, let running ones finish, flush what the relay can,
-close. kill -9 is safe: an instance is acknowledged only after its file and rows are durable, and
-the relay re-sends anything not marked published (consumers are idempotent).
+Run by services/core/runner.py (logging, signals, exit code). Start order: database migrations,
+store directory, SCP (images are accepted even while the broker is down: they wait in the outbox),
+relay (connects to RabbitMQ in the background, retrying), HTTP. SIGINT/SIGTERM: stop accepting
+associations, let running ones finish, flush what the relay can, close; exit 0. The relay or the
+HTTP server failing stops the process the same way with exit 1.
+kill -9 is safe: an instance is acknowledged only after its file and rows are durable, and the relay
+re-sends anything not marked published (consumers are idempotent).
 """
 
 from __future__ import annotations
@@ -12,8 +14,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import signal
 import warnings
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from sqlalchemy import text
@@ -21,7 +23,8 @@ from sqlalchemy import text
 from services.core.broker import Broker
 from services.core.db import make_engine, make_sessionmaker, upgrade
 from services.core.db.outbox import OUTBOX_BACKLOG, OutboxRelay
-from services.core.telemetry import configure_logging, ops_app, serve_http
+from services.core.runner import Components, ServiceRunner, with_broker
+from services.core.telemetry import ops_app, serve_http
 from services.ingest.commit import LoopCommitter, ThreadCommitter, make_committer
 from services.ingest.config import IngestSettings
 from services.ingest.models import Base, Outbox
@@ -46,10 +49,11 @@ class IngestService:
         self.committer: ThreadCommitter | LoopCommitter | None = None
         self._stop = asyncio.Event()
         self._notify_pending = False
-        self._tasks: list[asyncio.Task[Any]] = []
+        self.components = Components(self._stop)  # relay, HTTP: the runner stops on the first failure
 
-    async def start(self, http: bool = True) -> IngestService:
-        await upgrade(self.engine, SERVICE, Base.metadata)
+    async def start(self, http: bool = True, migrate: bool = True) -> IngestService:
+        if migrate:  # the process runner migrates first (ServiceRunner.migrate); in-process tests here
+            await upgrade(self.engine, SERVICE, Base.metadata)
         self.store.root.mkdir(parents=True, exist_ok=True)
         loop = asyncio.get_running_loop()
         self.committer = make_committer(self.settings.database_url_for(SERVICE), self.engine, loop)
@@ -58,14 +62,10 @@ class IngestService:
             self.settings, self.sessions, self.store, loop, self.committer, on_commit=self._events_committed
         )
         self.scp.start()
-        self._tasks.append(asyncio.create_task(self._run_relay(), name="ingest-relay"))
+        self.components.spawn("relay", self._run_relay())
         if http:
             app = ops_app(SERVICE, self.health)
-            self._tasks.append(
-                asyncio.create_task(
-                    serve_http(app, self.settings.http_host, self.settings.http_port), name="ingest-http"
-                )
-            )
+            self.components.spawn("http", serve_http(app, self.settings.http_host, self.settings.http_port))
         return self
 
     def _events_committed(self) -> None:
@@ -87,20 +87,14 @@ class IngestService:
         return self.scp.port
 
     async def _run_relay(self) -> None:
-        delay = 0.5
-        while not self._stop.is_set():
-            try:
-                await self.broker.connect()
-                break
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                OUTBOX_BACKLOG.labels(SERVICE).set(await self._backlog_or_zero())
-                log.warning("broker not reachable yet; images wait in the outbox", extra={"error": repr(exc)})
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stop.wait(), timeout=delay)
-                delay = min(delay * 2, 5.0)
-        await self.relay.run(self._stop)
+        """Connect (retrying: images keep arriving and wait in the outbox meanwhile), then relay."""
+
+        async def broker_down(_error: BaseException) -> None:
+            OUTBOX_BACKLOG.labels(SERVICE).set(await self._backlog_or_zero())
+
+        await with_broker(
+            self.broker, self._stop, lambda: self.relay.run(self._stop), max_delay=5.0, on_retry=broker_down
+        )
 
     async def _backlog_or_zero(self) -> int:
         try:
@@ -134,11 +128,7 @@ class IngestService:
         with contextlib.suppress(Exception):  # one last flush of the outbox, bounded
             if self.broker.is_connected:
                 await asyncio.wait_for(self.relay.run_once(), timeout=10)
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await self.components.cancel()
         await self.broker.close()
         await self.engine.dispose()
 
@@ -159,21 +149,21 @@ def quiet_pydicom() -> None:
     warnings.filterwarnings("ignore", module=r"pydicom(\..*)?")
 
 
-async def serve(settings: IngestSettings | None = None) -> None:
+def main(settings: IngestSettings | None = None) -> None:
+    """The ingest process (services/core/runner.py: logging, signals, migrations, exit code)."""
     settings = settings or IngestSettings()
-    configure_logging(SERVICE, settings.log_level, settings.log_json)
     quiet_pydicom()
-    service = IngestService(settings)
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    await service.start()
-    log.info("ingest running", extra={"dicom_port": service.dicom_port, "http_port": settings.http_port})
-    await stop.wait()
-    log.info("ingest stopping")
-    await service.stop()
 
+    async def start(runner: ServiceRunner) -> Callable[[], Awaitable[None]]:
+        service = IngestService(settings)
+        await runner.migrate(service.engine, SERVICE, Base.metadata)
+        runner.watch(service.components)
+        try:
+            await service.start(migrate=False)
+        except BaseException:
+            await service.stop()  # what did start (SCP, committer) closes before the process exits
+            raise
+        log.info("ingest listening", extra={"dicom_port": service.dicom_port, "http_port": settings.http_port})
+        return service.stop
 
-def main() -> None:
-    asyncio.run(serve())
+    ServiceRunner(SERVICE, settings).main(start)

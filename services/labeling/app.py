@@ -1,13 +1,13 @@
 """The running labeling service: image.received consumer, finaliser + aggregation loop, outbox relay
-and the web app, in one asyncio process. SIGINT/SIGTERM stop it gracefully; after kill -9 nothing is
+and the web app, in one asyncio process run by services/core/runner.py: SIGINT/SIGTERM stop it
+gracefully (exit 0), the first component failure stops it with exit 1. After kill -9 nothing is
 lost: tasks, judgments and outbox rows are committed before anything is acknowledged."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import signal
-import sys
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from prometheus_client import Counter, Gauge
@@ -17,7 +17,8 @@ from services.core.auth import Account, WebSessions
 from services.core.broker import CONSUMERS, Broker
 from services.core.db import make_engine, make_sessionmaker, upgrade
 from services.core.db.outbox import OutboxRelay
-from services.core.telemetry import configure_logging, serve_http
+from services.core.runner import Components, ServiceRunner, with_broker
+from services.core.telemetry import serve_http
 from services.labeling.config import LabelingSettings
 from services.labeling.consumer import ImageConsumer
 from services.labeling.job import JobDefinition, load_job
@@ -60,6 +61,7 @@ class LabelingService:
         self.stop = asyncio.Event()
         self._wake = asyncio.Event()
         self._broker_ready = False
+        self.components = Components(self.stop)
 
     def wake(self) -> None:
         self._wake.set()
@@ -103,42 +105,31 @@ class LabelingService:
         )
         return create_app(ctx, web_sessions, self.health, max_body_bytes=self.settings.http_max_body_bytes)
 
-    async def run(self) -> int:
-        """Serve until stopped (0) or until a component fails (1: the process must exit non-zero so
-        that a supervisor restarts it, instead of reading the failure as a clean stop)."""
-        await upgrade(self.engine, "labeling", Base.metadata)
+    async def start(self, migrate: bool = True) -> LabelingService:
+        """Start the components: broker (connect with retry, consume, outbox relay), quality loop,
+        web app. The process runner (`main`) migrates first and stops on the first component failure."""
+        if migrate:
+            await upgrade(self.engine, "labeling", Base.metadata)
         await record_job(self.sessions, self.job)
         web = self.web_app()  # refuses a placeholder PT_SECRET_KEY before anything starts
-        tasks = [
-            asyncio.create_task(self._broker_loop(), name="broker"),
-            asyncio.create_task(self._quality_loop(), name="quality"),
-            asyncio.create_task(serve_http(web, self.settings.http_host, self.settings.labeling_http_port), name="web"),
-        ]
+        self.components.spawn("broker", with_broker(self.broker, self.stop, self._consume_and_relay))
+        self.components.spawn("quality", self._quality_loop())
+        self.components.spawn("web", serve_http(web, self.settings.http_host, self.settings.labeling_http_port))
         log.info("labeling service started", extra={"port": self.settings.labeling_http_port, "job": self.job.key})
-        stopper = asyncio.create_task(self.stop.wait())
-        done, _ = await asyncio.wait([*tasks, stopper], return_when=asyncio.FIRST_COMPLETED)
-        failed = False
-        for t in done:
-            if t is stopper:
-                continue
-            error = t.exception()
-            if error is not None or not self.stop.is_set():
-                failed = True
-                log.error("component failed", extra={"component": t.get_name(), "error": repr(error or "ended")})
-        for t in [*tasks, stopper]:
-            t.cancel()
-        await asyncio.gather(*tasks, stopper, return_exceptions=True)
+        return self
+
+    async def close(self) -> None:
+        """Stop: components end (the web server finishes its requests), then connections close."""
+        self.stop.set()
+        await self.components.cancel()
         await self.broker.close()
         await self.engine.dispose()
-        log.info("labeling service stopped", extra={"failed": failed})
-        return 1 if failed else 0
+        log.info("labeling service stopped")
 
-    async def _broker_loop(self) -> None:
+    async def _consume_and_relay(self) -> None:
         consumer = ImageConsumer(
             self.sessions, self.job, self.settings.render_dir(), self.settings.labeling_render_max_side
         )
-        if not await self.broker.connect_with_retry(self.stop):
-            return
         await self.broker.consume(CONSUMERS["labeling"], consumer.handle)
         self._broker_ready = True
         await self.relay.run(self.stop)
@@ -173,14 +164,18 @@ class LabelingService:
 
 
 def main() -> None:
+    """The labeling process (services/core/runner.py: logging, signals, migrations, exit code)."""
     settings = LabelingSettings()
-    configure_logging("labeling", settings.log_level, settings.log_json)
 
-    async def _main() -> int:
+    async def start(runner: ServiceRunner) -> Callable[[], Awaitable[None]]:
         service = LabelingService(settings)
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, service.stop.set)
-        return await service.run()
+        await runner.migrate(service.engine, "labeling", Base.metadata)
+        runner.watch(service.components)
+        try:
+            await service.start(migrate=False)
+        except BaseException:
+            await service.close()
+            raise
+        return service.close
 
-    sys.exit(asyncio.run(_main()))
+    ServiceRunner("labeling", settings).main(start)

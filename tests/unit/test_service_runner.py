@@ -1,0 +1,180 @@
+"""The service runner's life cycle (services/core/runner.py) with small in-test components, in this
+event loop: the first failure stops the service with exit 1 whatever the others do, a stop is exit 0,
+the service's graceful stop runs before what remains is cancelled, and the stop is bounded.
+The same runner in real processes: tests/integration/test_service_runner_process.py."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+
+import pytest
+
+from services.core.runner import Components, ServiceRunner
+
+BOUND_S = 10.0  # every run here must end well within this: none of them is told to stop otherwise
+
+
+def runner(**kwargs: float) -> ServiceRunner:
+    return ServiceRunner("test", signals=(), **kwargs)  # type: ignore[arg-type]
+
+
+async def forever(events: list[str], name: str) -> None:
+    try:
+        await asyncio.Event().wait()
+    except asyncio.CancelledError:
+        events.append(f"{name} cancelled")
+        raise
+
+
+async def fail_after(seconds: float, error: Exception) -> None:
+    await asyncio.sleep(seconds)
+    raise error
+
+
+async def test_first_component_failure_stops_everything_with_exit_1() -> None:
+    events: list[str] = []
+    r = runner()
+
+    async def start(run: ServiceRunner) -> Callable[[], Awaitable[None]]:
+        run.spawn("steady", forever(events, "steady"))
+        run.spawn("broken", fail_after(0.2, RuntimeError("disk gone")))
+        run.spawn("late", fail_after(0.6, RuntimeError("second failure")))
+
+        async def stop() -> None:
+            events.append("service stop")
+
+        return stop
+
+    t0 = time.monotonic()
+    code = await asyncio.wait_for(r.run(start), BOUND_S)
+    assert code == 1
+    assert time.monotonic() - t0 < 5
+    # the graceful stop runs first, then what still runs is cancelled (the late failure included)
+    assert events == ["service stop", "steady cancelled"]
+    assert r.components.failure is not None
+    assert r.components.failure.component == "broken"
+    assert "disk gone" in repr(r.components.failure.error)
+    assert all(t.done() for t in r.components.tasks)
+
+
+async def test_a_component_that_returns_before_the_stop_is_a_failure() -> None:
+    r = runner()
+
+    async def quits() -> None:
+        await asyncio.sleep(0.1)
+
+    async def start(run: ServiceRunner) -> None:
+        run.spawn("quits", quits())
+
+    assert await asyncio.wait_for(r.run(start), BOUND_S) == 1
+    assert r.components.failure is not None and r.components.failure.error is None
+
+
+async def test_stop_is_exit_0_and_components_may_end_on_it() -> None:
+    events: list[str] = []
+    r = runner()
+
+    async def until_stopped(stop: asyncio.Event) -> None:
+        await stop.wait()
+        events.append("loop ended on stop")
+
+    async def start(run: ServiceRunner) -> Callable[[], Awaitable[None]]:
+        run.spawn("loop", until_stopped(run.stop))
+        run.spawn("steady", forever(events, "steady"))
+        asyncio.get_running_loop().call_later(0.2, run.stop.set)  # what SIGTERM does
+
+        async def stop() -> None:
+            await asyncio.sleep(0)
+            events.append("service stop")
+
+        return stop
+
+    assert await asyncio.wait_for(r.run(start), BOUND_S) == 0
+    assert events == ["loop ended on stop", "service stop", "steady cancelled"]
+    assert r.components.failure is None
+
+
+async def test_a_failure_in_a_watched_service_group_stops_the_process() -> None:
+    """Ingest and labeling keep their components in their own group (tests run them in-process);
+    the runner watches it."""
+    events: list[str] = []
+    service_stop = asyncio.Event()
+    group = Components(service_stop)
+    r = runner()
+
+    async def start(run: ServiceRunner) -> Callable[[], Awaitable[None]]:
+        run.watch(group)
+        group.spawn("relay", forever(events, "relay"))
+        group.spawn("http", fail_after(0.1, OSError("address already in use")))
+
+        async def stop() -> None:
+            service_stop.set()
+            await group.cancel()
+            events.append("service closed")
+
+        return stop
+
+    assert await asyncio.wait_for(r.run(start), BOUND_S) == 1
+    assert events == ["relay cancelled", "service closed"]
+    assert group.failure is not None and group.failure.component == "http"
+
+
+async def test_start_up_failure_is_exit_1_and_cancels_what_started() -> None:
+    events: list[str] = []
+    r = runner()
+
+    async def start(run: ServiceRunner) -> None:
+        run.spawn("steady", forever(events, "steady"))
+        await asyncio.sleep(0.05)  # it runs
+        raise RuntimeError("PT_SECRET_KEY is refused")
+
+    assert await asyncio.wait_for(r.run(start), BOUND_S) == 1
+    assert events == ["steady cancelled"]
+
+
+async def test_a_hanging_graceful_stop_is_bounded() -> None:
+    events: list[str] = []
+    r = runner(stop_timeout_s=0.5)
+
+    async def start(run: ServiceRunner) -> Callable[[], Awaitable[None]]:
+        run.spawn("steady", forever(events, "steady"))
+        run.stop.set()
+
+        async def stop() -> None:
+            await asyncio.Event().wait()  # a flush that never ends
+
+        return stop
+
+    t0 = time.monotonic()
+    assert await asyncio.wait_for(r.run(start), BOUND_S) == 0
+    assert 0.4 < time.monotonic() - t0 < 5
+    assert events == ["steady cancelled"]
+
+
+async def test_a_component_ending_after_the_stop_is_not_a_failure() -> None:
+    group = Components()
+    task = group.spawn("quick", asyncio.sleep(0))
+    group.stopping.set()
+    await task
+    await asyncio.sleep(0)  # done callbacks run on the next loop turn
+    assert group.failure is None and not group.failed.is_set()
+
+
+@pytest.mark.parametrize("error", [RuntimeError("boom"), None])
+async def test_components_record_only_the_first_failure(error: Exception | None) -> None:
+    group = Components()
+
+    async def end(delay: float, exc: Exception | None) -> None:
+        await asyncio.sleep(delay)
+        if exc is not None:
+            raise exc
+
+    group.spawn("first", end(0.05, error))
+    group.spawn("second", end(0.1, ValueError("later")))
+    await asyncio.wait_for(group.failed.wait(), BOUND_S)
+    await asyncio.sleep(0.2)
+    assert group.failure is not None and group.failure.component == "first"
+    assert group.failure.error is error
+    await group.cancel()
