@@ -164,7 +164,7 @@ def test_ingest_retries_the_broker_until_a_node_starts_then_delivers_what_waited
 ) -> None:
     """The retry loop is tested against a real node that does not exist yet when ingest starts: an
     image stored meanwhile waits in the outbox and is published once the node is up."""
-    from services.ingest.make_dicom import make_dicom_file
+    from services.ingest.tools.make_dicom import make_dicom_file
     from tests.support.dicom_peers import STORESCU, wait_for_port
 
     node = RabbitNode()  # its port is chosen now; the node starts later
