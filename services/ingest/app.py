@@ -13,7 +13,9 @@ import asyncio
 import contextlib
 import logging
 import signal
+import socket
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import text
@@ -27,16 +29,29 @@ from services.ingest.config import IngestSettings
 from services.ingest.models import Base, Outbox
 from services.ingest.scp import IngestSCP
 from services.ingest.store import ContentStore
+from services.ingest.workers import WorkerPool, listen_socket
 
 log = logging.getLogger(__name__)
 SERVICE = "ingest"
 
 
 class IngestService:
-    """Everything of one ingest process; `await start()` / `await stop()` (tests run it in-process)."""
+    """Everything of one ingest process; `await start()` / `await stop()` (tests run it in-process).
 
-    def __init__(self, settings: IngestSettings | None = None) -> None:
+    With several workers (workers.py) every process gets the shared `listen_socket`; only the primary
+    runs the relay (relay=True), the others call `notify` after each commit to wake it."""
+
+    def __init__(
+        self,
+        settings: IngestSettings | None = None,
+        listen_socket: socket.socket | None = None,
+        relay: bool = True,
+        notify: Callable[[], None] | None = None,
+    ) -> None:
         self.settings = settings or IngestSettings()
+        self.listen_socket = listen_socket
+        self.runs_relay = relay
+        self.notify = notify
         self.engine = make_engine(self.settings.database_url_for(SERVICE))
         self.sessions = make_sessionmaker(self.engine)
         self.store = ContentStore(self.settings.resolved_store_dir())
@@ -47,6 +62,7 @@ class IngestService:
         self._stop = asyncio.Event()
         self._notify_pending = False
         self._tasks: list[asyncio.Task[Any]] = []
+        self.workers: WorkerPool | None = None  # the primary's other SCP processes, when there are any
 
     async def start(self, http: bool = True) -> IngestService:
         await upgrade(self.engine, SERVICE, Base.metadata)
@@ -54,11 +70,11 @@ class IngestService:
         loop = asyncio.get_running_loop()
         self.committer = make_committer(self.settings.database_url_for(SERVICE), self.engine, loop)
         self.committer.start()
-        self.scp = IngestSCP(
-            self.settings, self.sessions, self.store, loop, self.committer, on_commit=self._events_committed
-        )
-        self.scp.start()
-        self._tasks.append(asyncio.create_task(self._run_relay(), name="ingest-relay"))
+        on_commit = self._events_committed if self.runs_relay else self.notify
+        self.scp = IngestSCP(self.settings, self.sessions, self.store, loop, self.committer, on_commit=on_commit)
+        self.scp.start(self.listen_socket)
+        if self.runs_relay:
+            self._tasks.append(asyncio.create_task(self._run_relay(), name="ingest-relay"))
         if http:
             app = ops_app(SERVICE, self.health)
             self._tasks.append(
@@ -122,7 +138,13 @@ class IngestService:
             "store": self.store.check(),
             # the broker being down degrades nothing: images wait in the outbox
             "broker": {"ok": True, "connected": self.broker.is_connected, "outbox_backlog": backlog},
+            "workers": self._workers_health(),
         }
+
+    def _workers_health(self) -> dict[str, Any]:
+        alive = 1 + (self.workers.alive() if self.workers is not None else 0)
+        expected = self.settings.workers if self.workers is not None else 1
+        return {"ok": alive == expected, "configured": self.settings.workers, "alive": alive}
 
     async def stop(self) -> None:
         if self.scp is not None:
@@ -159,21 +181,49 @@ def quiet_pydicom() -> None:
     warnings.filterwarnings("ignore", module=r"pydicom(\..*)?")
 
 
-async def serve(settings: IngestSettings | None = None) -> None:
+async def serve(settings: IngestSettings | None = None) -> int:
+    """Run until SIGINT/SIGTERM (exit status 0) or until a worker process dies (1)."""
     settings = settings or IngestSettings()
     configure_logging(SERVICE, settings.log_level, settings.log_json)
     quiet_pydicom()
-    service = IngestService(settings)
+    sock = listen_socket(settings.host, settings.port) if settings.workers > 1 else None
+    service = IngestService(settings, listen_socket=sock)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await service.start()
-    log.info("ingest running", extra={"dicom_port": service.dicom_port, "http_port": settings.http_port})
-    await stop.wait()
+    pool: WorkerPool | None = None
+    if sock is not None:  # after start(): migrations are done before any worker opens the database
+        pool = WorkerPool(settings, sock, service._events_committed)
+        pool.start(loop)
+        service.workers = pool
+        try:
+            await pool.wait_ready()
+        except Exception:
+            log.exception("ingest workers did not start")
+            await pool.stop()
+            await service.stop()
+            return 1
+    log.info(
+        "ingest running",
+        extra={"dicom_port": service.dicom_port, "http_port": settings.http_port, "workers": settings.workers},
+    )
+    waits = [asyncio.create_task(stop.wait())]
+    if pool is not None:
+        waits.append(asyncio.create_task(pool.watch()))
+    done, pending = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    for task in pending:
+        task.cancel()
+    failed = any(t.exception() is not None for t in done if not t.cancelled())
     log.info("ingest stopping")
+    if pool is not None:
+        await pool.stop()
     await service.stop()
+    return 1 if failed else 0
 
 
 def main() -> None:
-    asyncio.run(serve())
+    code = asyncio.run(serve())
+    if code:
+        raise SystemExit(code)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 import threading
 import time
 from collections.abc import Callable, Coroutine, Iterator
@@ -161,13 +162,15 @@ class IngestSCP:
             (evt.EVT_ABORTED, self._on_closed),
         ]
 
-    def start(self) -> None:
-        """Start listening (the committer must be running)."""
+    def start(self, listen_socket: socket.socket | None = None) -> None:
+        """Start listening (the committer must be running); on `listen_socket` when the port is
+        shared by several worker processes (workers.py), else on a socket of our own."""
         s = self.settings
         self.spool_dir.mkdir(parents=True, exist_ok=True)
         if removed := clean_spool(self.spool_dir):
             log.info("removed stale spool files", extra={"count": removed})
-        server = self.ae.make_server((s.host, s.port), evt_handlers=self.handlers(), server_class=GuardedServer)
+        server_class = GuardedServer if listen_socket is None else GuardedServer.sharing(listen_socket)
+        server = self.ae.make_server((s.host, s.port), evt_handlers=self.handlers(), server_class=server_class)
         server.max_pending = s.max_pending_connections
         self.ae._servers.append(server)  # as AE.start_server does; AssociationServer.shutdown removes it
         threading.Thread(target=server.serve_forever, name="ingest-dicom-accept", daemon=True).start()

@@ -544,14 +544,36 @@ class GuardedServer(ThreadedAssociationServer):
     """ThreadedAssociationServer + TCP_NODELAY + a bound on connections still waiting to associate."""
 
     max_pending = 16
+    shared_socket: socket.socket | None = None  # set by sharing(): a listening socket of several processes
+
+    @classmethod
+    def sharing(cls, sock: socket.socket) -> type[GuardedServer]:
+        """This server class accepting from an already listening (non-blocking) socket that other
+        worker processes accept from too: a worker that loses the race gets EAGAIN, which
+        socketserver ignores, and waits for the next connection."""
+        return type("SharedGuardedServer", (cls,), {"shared_socket": sock})
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._pending: dict[socket.socket, tuple[float, str]] = {}
         self._pending_lock = threading.Lock()
         super().__init__(*args, **kwargs)
 
+    def server_bind(self) -> None:
+        if self.shared_socket is None:
+            super().server_bind()
+            return
+        self.socket.close()
+        self.socket = self.shared_socket
+        self.socket.setblocking(False)
+        self.server_address = self.socket.getsockname()
+
+    def server_activate(self) -> None:
+        if self.shared_socket is None:
+            super().server_activate()  # a shared socket is listening already
+
     def get_request(self) -> tuple[socket.socket, Any]:
         sock, address = super().get_request()
+        sock.setblocking(True)  # the shared listening socket is non-blocking; the connection is not
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return sock, address
