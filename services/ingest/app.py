@@ -15,7 +15,6 @@ import logging
 import signal
 import socket
 import warnings
-from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import text
@@ -29,7 +28,7 @@ from services.ingest.config import IngestSettings
 from services.ingest.models import Base, Outbox
 from services.ingest.scp import IngestSCP
 from services.ingest.store import ContentStore
-from services.ingest.workers import WorkerPool, listen_socket
+from services.ingest.workers import RemoteCommitter, WorkerPool, listen_socket
 
 log = logging.getLogger(__name__)
 SERVICE = "ingest"
@@ -38,39 +37,40 @@ SERVICE = "ingest"
 class IngestService:
     """Everything of one ingest process; `await start()` / `await stop()` (tests run it in-process).
 
-    With several workers (workers.py) every process gets the shared `listen_socket`; only the primary
-    runs the relay (relay=True), the others call `notify` after each commit to wake it."""
+    With several workers (workers.py) every process gets the shared `listen_socket`; a worker runs no
+    relay and no migrations (relay=False) and commits through the primary (`committer`)."""
 
     def __init__(
         self,
         settings: IngestSettings | None = None,
         listen_socket: socket.socket | None = None,
         relay: bool = True,
-        notify: Callable[[], None] | None = None,
+        committer: RemoteCommitter | None = None,
     ) -> None:
         self.settings = settings or IngestSettings()
         self.listen_socket = listen_socket
         self.runs_relay = relay
-        self.notify = notify
         self.engine = make_engine(self.settings.database_url_for(SERVICE))
         self.sessions = make_sessionmaker(self.engine)
         self.store = ContentStore(self.settings.resolved_store_dir())
         self.broker = Broker(self.settings.amqp_url, self.settings.exchange, self.settings.quorum_queues)
         self.relay = OutboxRelay(SERVICE, self.sessions, Outbox, self.broker, idle_seconds=0.5)
         self.scp: IngestSCP | None = None
-        self.committer: ThreadCommitter | LoopCommitter | None = None
+        self.committer: ThreadCommitter | LoopCommitter | RemoteCommitter | None = committer
         self._stop = asyncio.Event()
         self._notify_pending = False
         self._tasks: list[asyncio.Task[Any]] = []
         self.workers: WorkerPool | None = None  # the primary's other SCP processes, when there are any
 
     async def start(self, http: bool = True) -> IngestService:
-        await upgrade(self.engine, SERVICE, Base.metadata)
+        if self.runs_relay:  # the primary (or the only process); workers start after its migrations
+            await upgrade(self.engine, SERVICE, Base.metadata)
         self.store.root.mkdir(parents=True, exist_ok=True)
         loop = asyncio.get_running_loop()
-        self.committer = make_committer(self.settings.database_url_for(SERVICE), self.engine, loop)
+        if self.committer is None:
+            self.committer = make_committer(self.settings.database_url_for(SERVICE), self.engine, loop)
         self.committer.start()
-        on_commit = self._events_committed if self.runs_relay else self.notify
+        on_commit = self._events_committed if self.runs_relay else None  # the primary wakes its relay
         self.scp = IngestSCP(self.settings, self.sessions, self.store, loop, self.committer, on_commit=on_commit)
         self.scp.start(self.listen_socket)
         if self.runs_relay:
@@ -195,7 +195,8 @@ async def serve(settings: IngestSettings | None = None) -> int:
     await service.start()
     pool: WorkerPool | None = None
     if sock is not None:  # after start(): migrations are done before any worker opens the database
-        pool = WorkerPool(settings, sock, service._events_committed)
+        assert service.committer is not None
+        pool = WorkerPool(settings, sock, service.committer.submit, service._events_committed)
         pool.start(loop)
         service.workers = pool
         try:

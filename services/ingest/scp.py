@@ -22,7 +22,7 @@ import threading
 import time
 from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from prometheus_client import Counter, Gauge, Histogram
 from pydicom.dataset import Dataset
@@ -60,6 +60,9 @@ from services.ingest.validate import (
     decide,
 )
 from services.ingest.wire import GuardedServer, Waker, Wire, clean_spool, install_reactor_wakeups, spool_dir
+
+if TYPE_CHECKING:
+    from services.ingest.workers import RemoteCommitter
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -108,7 +111,7 @@ class IngestSCP:
         sessions: async_sessionmaker[AsyncSession],
         store: ContentStore,
         loop: asyncio.AbstractEventLoop,
-        committer: ThreadCommitter | LoopCommitter,
+        committer: ThreadCommitter | LoopCommitter | RemoteCommitter,
         on_commit: Callable[[], None] | None = None,
     ) -> None:
         self.settings = settings

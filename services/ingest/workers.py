@@ -4,16 +4,21 @@ One ingest process is one Python interpreter: its association threads share one 
 most about one core of Python whatever the number of associations. With N workers, the process that
 `pneumotriage ingest` starts (the primary) opens the listening socket and starts N - 1 worker
 processes that inherit it; every process accepts from that one socket (the kernel hands each
-connection to one of them; a connection waiting in the queue is never lost when a worker dies, the
-others accept it) and runs the whole C-STORE path itself: validate, store, fsync, commit to the
-shared database (SQLite in WAL mode, or PostgreSQL), answer.
+connection to one of them; a connection waiting in the queue is never lost when a worker dies: the
+others accept it) and does the C-STORE work itself: receive, validate, hash, store with fsync.
 
-Only the primary runs the outbox relay: the outbox rows of every worker are in the one database,
-and each worker writes a byte to a pipe after it commits, which wakes the primary's relay as its
-own commits do. Each worker serves /healthz and /metrics on PT_INGEST_HTTP_PORT + k (k = 1..N-1;
-a port of 0 picks a free one). A worker that exits is a failure of the service: the primary stops
-the others and exits non-zero, and its supervisor (pneumotriage up, systemd, Kubernetes) restarts
-the whole service; nothing acknowledged is lost (each answer came after fsync + commit).
+The database commit stays in one place: a worker hands each instance to the primary over a pipe
+(multiprocessing.connection, pickled records) and answers the C-STORE only when the primary's group
+committer has committed it, together with what the other processes sent meanwhile. So there is
+still one writer and one group commit per batch on SQLite (several processes writing would wait on
+SQLite's lock with sleeping retries, and lose group commit), and one outbox relay, woken by every
+commit. Each worker serves /healthz and /metrics on PT_INGEST_HTTP_PORT + k (k = 1..N-1; a port of 0
+picks a free one).
+
+A worker that exits is a failure of the service: the primary stops the others and exits non-zero,
+and its supervisor (pneumotriage up, systemd, Kubernetes) restarts the whole service; a worker whose
+primary is gone (even after kill -9) sees its pipe close and stops, so the port is free for the
+restart. Nothing acknowledged is lost: each answer came after fsync + commit.
 
 Limits (max associations, per peer, pending connections) are enforced per process: with N workers
 a peer may hold up to N x PT_INGEST_MAX_ASSOCIATIONS_PER_PEER associations (docs/security.md).
@@ -22,25 +27,32 @@ a peer may hold up to N x PT_INGEST_MAX_ASSOCIATIONS_PER_PEER associations (docs
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
+import itertools
 import logging
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 from collections.abc import Callable
+from multiprocessing.connection import Connection, Pipe
+from typing import Any
 
 from services.ingest.config import IngestSettings
+from services.ingest.store import StoredFile
+from services.ingest.validate import Decision
 
 log = logging.getLogger(__name__)
 
 ENV_LISTEN_FD = "PT_INGEST_WORKER_LISTEN_FD"  # internal: set by the primary for its workers
-ENV_NOTIFY_FD = "PT_INGEST_WORKER_NOTIFY_FD"
+ENV_PIPE_FD = "PT_INGEST_WORKER_PIPE_FD"
 ENV_INDEX = "PT_INGEST_WORKER_INDEX"
-ENV_LIFELINE_FD = "PT_INGEST_WORKER_LIFELINE_FD"  # read end of a pipe only the primary writes to
 STOP_TIMEOUT_S = 90.0
-READY, COMMITTED = b"R", b"C"  # what a worker writes to the primary's pipe
+READY = "ready"  # worker -> primary: its SCP is listening
+COMMIT = "commit"  # worker -> primary: (COMMIT, id, decision, stored, calling_ae); answer (id, stored?, error)
 
 
 def listen_socket(host: str, port: int, backlog: int = 128) -> socket.socket:
@@ -55,72 +67,80 @@ def listen_socket(host: str, port: int, backlog: int = 128) -> socket.socket:
     return sock
 
 
-class WorkerPool:
-    """The primary's N - 1 worker processes: start, wake-ups from their commits, watch, stop."""
+Submit = Callable[[Decision, StoredFile, str], "concurrent.futures.Future[Any]"]
 
-    def __init__(self, settings: IngestSettings, sock: socket.socket, on_commit: Callable[[], None]) -> None:
+
+class WorkerPool:
+    """The primary's N - 1 worker processes: start, commit on their behalf, watch, stop."""
+
+    def __init__(self, settings: IngestSettings, sock: socket.socket, submit: Submit, on_commit: Callable[[], None]):
         self.settings = settings
         self.sock = sock
-        self.on_commit = on_commit
+        self.submit = submit  # the primary's group committer
+        self.on_commit = on_commit  # wakes the relay
         self.procs: list[subprocess.Popen[bytes]] = []
-        self._readers: list[int] = []
-        self._ready: set[int] = set()  # read ends of the workers that said READY
-        self._reader_of: dict[int, int] = {}  # worker index -> read end of its pipe
+        self._conns: list[Connection] = []
+        self._ready: set[int] = set()
         self._stopping = False
-        # the workers read EOF from this pipe when the primary is gone, even after kill -9
-        self._lifeline_read, self._lifeline_write = os.pipe()
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def http_port(self, index: int) -> int:
         base = self.settings.http_port
         return 0 if base == 0 else base + index
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
-        count = max(1, self.settings.workers)
-        for index in range(1, count):
-            read_fd, write_fd = os.pipe()
-            os.set_blocking(read_fd, False)
+        self._loop = loop
+        for index in range(1, max(1, self.settings.workers)):
+            ours, theirs = Pipe(duplex=True)
             env = {
                 **os.environ,
                 ENV_LISTEN_FD: str(self.sock.fileno()),
-                ENV_NOTIFY_FD: str(write_fd),
+                ENV_PIPE_FD: str(theirs.fileno()),
                 ENV_INDEX: str(index),
-                ENV_LIFELINE_FD: str(self._lifeline_read),
                 "PT_INGEST_HTTP_PORT": str(self.http_port(index)),
             }
             proc = subprocess.Popen(
                 [sys.executable, "-m", "services.ingest.workers"],
                 env=env,
-                pass_fds=(self.sock.fileno(), write_fd, self._lifeline_read),
+                pass_fds=(self.sock.fileno(), theirs.fileno()),
             )
-            os.close(write_fd)
-            loop.add_reader(read_fd, self._drain, read_fd)
-            self._reader_of[index] = read_fd
-            self._readers.append(read_fd)
+            theirs.close()
+            self._conns.append(ours)
             self.procs.append(proc)
+            threading.Thread(target=self._serve, args=(index, ours), name=f"ingest-worker-{index}", daemon=True).start()
             log.info("ingest worker started", extra={"worker": index, "pid": proc.pid})
 
-    def _drain(self, fd: int) -> None:
-        try:
-            data = os.read(fd, 4096)
-        except BlockingIOError:
-            return
-        except OSError:
-            data = b""
-        if READY in data:
-            self._ready.add(fd)
-        if COMMITTED in data:
-            self.on_commit()
-        else:  # the worker's end closed: it exited; watch() reports it
-            with contextlib.suppress(Exception):
-                asyncio.get_running_loop().remove_reader(fd)
+    def _serve(self, index: int, conn: Connection) -> None:
+        """Commit what worker `index` stored; answer each request when its commit is done."""
+        send_lock = threading.Lock()
+
+        def answer(request_id: int, future: concurrent.futures.Future[Any]) -> None:
+            error = future.exception()
+            stored = error is None and future.result() is not None
+            if stored and self._loop is not None:
+                self._loop.call_soon_threadsafe(self.on_commit)
+            with send_lock, contextlib.suppress(OSError, ValueError):
+                conn.send((request_id, stored, None if error is None else repr(error)[:500]))
+
+        while True:
+            try:
+                message = conn.recv()
+            except (EOFError, OSError):
+                return  # the worker exited; watch() reports it
+            if message[0] == READY:
+                self._ready.add(index)
+            elif message[0] == COMMIT:
+                _, request_id, decision, stored, calling_ae = message
+                try:
+                    future = self.submit(decision, stored, calling_ae)
+                except Exception as exc:
+                    future = concurrent.futures.Future()
+                    future.set_exception(exc)
+                future.add_done_callback(lambda f, r=request_id: answer(r, f))
 
     def alive(self) -> int:
         """Workers running and accepting (they said READY once their SCP was listening)."""
-        return sum(
-            1
-            for index, p in enumerate(self.procs, start=1)
-            if p.poll() is None and self._reader_of.get(index) in self._ready
-        )
+        return sum(1 for i, p in enumerate(self.procs, start=1) if p.poll() is None and i in self._ready)
 
     async def wait_ready(self, timeout: float = 120.0) -> None:
         """Until every worker accepts; raises when one exits first or the time is up."""
@@ -145,7 +165,8 @@ class WorkerPool:
             await asyncio.sleep(0.5)
 
     async def stop(self) -> None:
-        """SIGTERM every worker (each finishes its running associations), wait, then SIGKILL."""
+        """SIGTERM every worker (each finishes its running associations, still committing through
+        us), wait, then SIGKILL. Call before the primary's committer stops."""
         self._stopping = True
         for proc in self.procs:
             if proc.poll() is None:
@@ -157,26 +178,69 @@ class WorkerPool:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 await asyncio.to_thread(proc.wait)
-        loop = asyncio.get_running_loop()
-        for fd in self._readers:
-            with contextlib.suppress(Exception):
-                loop.remove_reader(fd)
+        for conn in self._conns:
             with contextlib.suppress(OSError):
-                os.close(fd)
-        self._readers.clear()
-        for fd in (self._lifeline_read, self._lifeline_write):
-            with contextlib.suppress(OSError):
-                os.close(fd)
+                conn.close()
 
 
-def _notifier(fd: int) -> Callable[[], None]:
-    os.set_blocking(fd, False)
+class RemoteCommitter:
+    """A worker's committer: each instance is committed by the primary (same interface as
+    commit.ThreadCommitter for the SCP: submit() -> Future, None when already stored)."""
 
-    def notify() -> None:
-        with contextlib.suppress(BlockingIOError):  # the pipe is full: the primary is awake anyway
-            os.write(fd, COMMITTED)
+    def __init__(self, conn: Connection, on_lost: Callable[[], None]) -> None:
+        self.conn = conn
+        self.on_lost = on_lost  # the primary is gone: the worker stops
+        self._pending: dict[int, concurrent.futures.Future[Any]] = {}
+        self._ids = itertools.count(1)
+        self._lock = threading.Lock()
+        self._reader: threading.Thread | None = None
 
-    return notify
+    def start(self) -> None:
+        self._reader = threading.Thread(target=self._read, name="ingest-remote-commit", daemon=True)
+        self._reader.start()
+
+    def ready(self) -> None:
+        with self._lock:
+            self.conn.send((READY,))
+
+    def submit(self, decision: Decision, stored: StoredFile, calling_ae: str) -> concurrent.futures.Future[Any]:
+        future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        with self._lock:
+            request_id = next(self._ids)
+            self._pending[request_id] = future
+            try:
+                self.conn.send((COMMIT, request_id, decision, stored, calling_ae))
+            except (OSError, ValueError) as exc:
+                del self._pending[request_id]
+                future.set_exception(RuntimeError(f"the ingest primary is gone: {exc!r}"))
+        return future
+
+    def _read(self) -> None:
+        while True:
+            try:
+                request_id, stored, error = self.conn.recv()
+            except (EOFError, OSError):
+                break
+            with self._lock:
+                future = self._pending.pop(request_id, None)
+            if future is None or not future.set_running_or_notify_cancel():
+                continue  # the sender gave up (timeout); the commit may have landed: a retry finds it
+            if error is not None:
+                future.set_exception(RuntimeError(f"commit failed in the ingest primary: {error}"))
+            else:
+                future.set_result(True if stored else None)
+        with self._lock:
+            pending, self._pending = self._pending, {}
+        for future in pending.values():
+            if future.set_running_or_notify_cancel():
+                future.set_exception(RuntimeError("the ingest primary is gone"))
+        self.on_lost()
+
+    async def stop(self) -> None:
+        with contextlib.suppress(OSError):
+            self.conn.close()
+        if self._reader is not None:
+            await asyncio.to_thread(self._reader.join, 10)
 
 
 async def _run_worker() -> None:
@@ -187,23 +251,21 @@ async def _run_worker() -> None:
     index = int(os.environ[ENV_INDEX])
     configure_logging(f"ingest-worker-{index}", settings.log_level, settings.log_json)
     quiet_pydicom()
-    sock = socket.socket(fileno=int(os.environ[ENV_LISTEN_FD]))
-    notify_fd = int(os.environ[ENV_NOTIFY_FD])
-    service = IngestService(settings, listen_socket=sock, relay=False, notify=_notifier(notify_fd))
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    lifeline = int(os.environ[ENV_LIFELINE_FD])
 
-    def primary_gone() -> None:  # EOF: the primary exited (even kill -9); stop, so the port is freed
-        loop.remove_reader(lifeline)
-        log.error("ingest primary gone: worker stopping", extra={"worker": index})
-        stop.set()
+    def primary_gone() -> None:
+        if not stop.is_set():
+            log.error("ingest primary gone: worker stopping", extra={"worker": index})
+            loop.call_soon_threadsafe(stop.set)
 
-    loop.add_reader(lifeline, primary_gone)
+    committer = RemoteCommitter(Connection(int(os.environ[ENV_PIPE_FD])), primary_gone)
+    sock = socket.socket(fileno=int(os.environ[ENV_LISTEN_FD]))
+    service = IngestService(settings, listen_socket=sock, relay=False, committer=committer)
     await service.start()
-    os.write(notify_fd, READY)
+    committer.ready()
     log.info("ingest worker running", extra={"worker": index, "http_port": settings.http_port})
     await stop.wait()
     await service.stop()
