@@ -7,10 +7,12 @@ loopback by dcmtk's storescu to, in turn:
   storescp      dcmtk's storescp writing each file to a directory (no validation, no fsync, no DB)
   orthanc       Orthanc 1.10 (Debian) with its SQLite index and file storage, default durability
                 (SyncStorageArea=true: each file fsynced, index committed before the answer)
-  pneumotriage  `pneumotriage ingest` as a process: full validation incl. pixel decode, sha256,
-                content-addressed write with fsync, SQLite (WAL, synchronous=FULL) instance + outbox
-                rows in one transaction, answered after the commit; its relay publishes every event
-                to a real RabbitMQ node with publisher confirms during the run
+  pneumotriage  `pneumotriage ingest` as a process: validation of the header and of the Pixel
+                Data's length and structure (no decode), sha256, content-addressed write with fsync,
+                SQLite (WAL, synchronous=FULL) instance + outbox rows in one transaction, answered
+                after the commit; its relay publishes every event to a real RabbitMQ node with
+                publisher confirms during the run. Measured with PT_INGEST_WORKERS=1 (one process)
+                and =2 (two processes accepting from one port, services/ingest/workers.py)
 
 Every dcmtk process (the storescu senders, storescp, Orthanc, which uses dcmtk's network layer) runs
 with TCP_NODELAY=1 in its environment: dcmtk's documented switch, without which Nagle's algorithm
@@ -25,7 +27,8 @@ Store Response" log line (millisecond timestamps via a log4cplus config): the da
 the SCP's work until it answers. For ours, the time until the outbox is drained (every event
 confirmed by RabbitMQ) is printed as well.
 
-    python bench/ingest.py                          # 500 images, 512x512, 12 bit, 1 and 4 senders
+    python bench/ingest.py                          # 500 images, 512x512, 12 bit, 1 and 4 senders,
+                                                    # our ingest with 1 and 2 worker processes
     python bench/ingest.py --n 1000 --size 1024 --senders 2 --json var/bench/ingest.json
 """
 
@@ -42,8 +45,10 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -77,7 +82,8 @@ def configuration() -> list[str]:
         f"storescu senders, storescp, Orthanc: environment {env} (dcmtk's switch for TCP_NODELAY)",
         f"Orthanc: {json.dumps(ORTHANC_CONFIG)} (its default: fsync per file), SQLite index",
         "storescp: +xa (accept all syntaxes), -od (one file per instance), no fsync, no index",
-        "PneumoTriage ingest: TCP_NODELAY on accepted sockets, fsync file + SQLite commit before answering",
+        "PneumoTriage ingest: TCP_NODELAY on accepted sockets, fsync file + SQLite commit before answering;"
+        " PT_INGEST_WORKERS=W processes share the port (a row per W)",
     ]
 
 
@@ -226,7 +232,29 @@ def run_orthanc(files: list[Path], senders: int, work: Path) -> Result:
     return result
 
 
-def run_ours(files: list[Path], senders: int, work: Path, rabbit: RabbitNode, extra: dict[str, str]) -> Result:
+def wait_healthy(http_port: int, proc: subprocess.Popen[bytes], timeout: float = 120) -> None:
+    """Until /healthz answers 200 (with several workers: every worker accepting)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"ingest exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/healthz", timeout=5) as answer:
+                if answer.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.1)
+    raise TimeoutError("ingest not healthy")
+
+
+def ours_name(workers: int) -> str:
+    return "pneumotriage ingest" if workers == 1 else f"pneumotriage ingest, {workers} workers"
+
+
+def run_ours(
+    files: list[Path], senders: int, work: Path, rabbit: RabbitNode, extra: dict[str, str], workers: int = 1
+) -> Result:
     data_dir = work / "pneumotriage"
     port, http_port = free_port(), free_port()
     env = {
@@ -237,6 +265,7 @@ def run_ours(files: list[Path], senders: int, work: Path, rabbit: RabbitNode, ex
         "PT_INGEST_HOST": "127.0.0.1",
         "PT_INGEST_HTTP_PORT": str(http_port),
         "PT_INGEST_AE_TITLE": AE,
+        "PT_INGEST_WORKERS": str(workers),
         **extra,
     }
     data_dir.mkdir(parents=True)
@@ -245,6 +274,7 @@ def run_ours(files: list[Path], senders: int, work: Path, rabbit: RabbitNode, ex
     try:
         wait_for_port("127.0.0.1", port, 120, proc)
         wait_for_port("127.0.0.1", http_port, 60, proc)
+        wait_healthy(http_port, proc)
         started = time.perf_counter()
         cpu = cpu_seconds(proc.pid)
         wall, ok, lat = send(port, AE, files, senders, work)
@@ -262,7 +292,7 @@ def run_ours(files: list[Path], senders: int, work: Path, rabbit: RabbitNode, ex
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=60)
-    result = summarize("pneumotriage ingest", senders, files, wall, ok, lat)
+    result = summarize(ours_name(workers), senders, files, wall, ok, lat)
     result.events_drained_s = round(drained, 2)
     result.cpu_ms_per_image = round(cpu * 1000 / len(files), 2)
     return result
@@ -278,6 +308,9 @@ def main() -> None:
     ap.add_argument("--json", type=Path, help="also write the results here")
     ap.add_argument(
         "--targets", nargs="+", default=["storescp", "orthanc", "ours"], choices=["storescp", "orthanc", "ours"]
+    )
+    ap.add_argument(
+        "--workers", type=int, nargs="+", default=[1, 2], help="our ingest with PT_INGEST_WORKERS=W, for each W"
     )
     ap.add_argument("--ingest-env", nargs="*", default=[], metavar="PT_X=V", help="extra settings for our ingest")
     args = ap.parse_args()
@@ -299,18 +332,22 @@ def main() -> None:
         runs: dict[tuple[str, int], list[Result]] = {}
         for rnd in range(1, args.rounds + 1):  # targets interleaved, so load changes hit all of them
             for senders in args.senders:
-                for name, runner in (
-                    ("storescp", lambda w, s=senders: run_storescp(files, s, w)),
-                    ("orthanc", lambda w, s=senders: run_orthanc(files, s, w)),
-                    ("ours", lambda w, s=senders: run_ours(files, s, w, rabbit, extra)),
-                ):
+                runners: list[tuple[str, str, Any]] = [
+                    ("storescp", "storescp", lambda w, s=senders: run_storescp(files, s, w)),
+                    ("orthanc", "orthanc", lambda w, s=senders: run_orthanc(files, s, w)),
+                ]
+                runners += [
+                    ("ours", f"ours{n}", lambda w, s=senders, n=n: run_ours(files, s, w, rabbit, extra, n))
+                    for n in args.workers
+                ]
+                for name, label, runner in runners:
                     if name not in args.targets:
                         continue
-                    target_dir = work / f"{name}-{senders}-{rnd}"
+                    target_dir = work / f"{label}-{senders}-{rnd}"
                     target_dir.mkdir()
                     r = runner(target_dir)
                     console.print(f"round {rnd}: {r.target}, {senders} sender(s): {r.images_per_s} images/s")
-                    runs.setdefault((name, senders), []).append(r)
+                    runs.setdefault((label, senders), []).append(r)
                     shutil.rmtree(target_dir, ignore_errors=True)
         results = [combine(v) for v in runs.values()]
     finally:
@@ -332,15 +369,19 @@ def main() -> None:
     console.print(table)
     for senders in args.senders:
         by = {r.target: r for r in results if r.senders == senders}
-        if len(by) < 3:
+        if "Orthanc" not in by or "dcmtk storescp" not in by:
             continue
-        ours = by["pneumotriage ingest"]
-        console.print(
-            f"{senders} sender(s): ours/Orthanc throughput {ours.images_per_s / by['Orthanc'].images_per_s:.2f}x, "
-            f"ours/storescp {ours.images_per_s / by['dcmtk storescp'].images_per_s:.2f}x; "
-            f"p50 latency ours/Orthanc {ours.p50_ms / by['Orthanc'].p50_ms:.2f}x, "
-            f"p99 latency ours/Orthanc {ours.p99_ms / by['Orthanc'].p99_ms:.2f}x"
-        )
+        for workers in args.workers:
+            ours = by.get(ours_name(workers))
+            if ours is None:
+                continue
+            console.print(
+                f"{senders} sender(s), {workers} worker(s): ours/Orthanc throughput "
+                f"{ours.images_per_s / by['Orthanc'].images_per_s:.2f}x, "
+                f"ours/storescp {ours.images_per_s / by['dcmtk storescp'].images_per_s:.2f}x; "
+                f"p50 latency ours/Orthanc {ours.p50_ms / by['Orthanc'].p50_ms:.2f}x, "
+                f"p99 latency ours/Orthanc {ours.p99_ms / by['Orthanc'].p99_ms:.2f}x"
+            )
     console.print(f"load average (1/5/15 min) before: {load_before}, after: {load_after}; {os.cpu_count()} CPUs")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

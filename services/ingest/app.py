@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 import warnings
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -30,39 +31,55 @@ from services.ingest.config import IngestSettings
 from services.ingest.models import Base, Outbox
 from services.ingest.scp import IngestSCP
 from services.ingest.store import ContentStore
+from services.ingest.workers import RemoteCommitter, WorkerPool, listen_socket
 
 log = logging.getLogger(__name__)
 SERVICE = "ingest"
 
 
 class IngestService:
-    """Everything of one ingest process; `await start()` / `await stop()` (tests run it in-process)."""
+    """Everything of one ingest process; `await start()` / `await stop()` (tests run it in-process).
 
-    def __init__(self, settings: IngestSettings | None = None) -> None:
+    With several workers (workers.py) every process gets the shared `listen_socket`; a worker runs no
+    relay and no migrations (relay=False) and commits through the primary (`committer`)."""
+
+    def __init__(
+        self,
+        settings: IngestSettings | None = None,
+        listen_socket: socket.socket | None = None,
+        relay: bool = True,
+        committer: RemoteCommitter | None = None,
+    ) -> None:
         self.settings = settings or IngestSettings()
+        self.listen_socket = listen_socket
+        self.runs_relay = relay
         self.engine = make_engine(self.settings.database_url_for(SERVICE))
         self.sessions = make_sessionmaker(self.engine)
         self.store = ContentStore(self.settings.resolved_store_dir())
         self.broker = Broker(self.settings.amqp_url, self.settings.exchange, self.settings.quorum_queues)
         self.relay = OutboxRelay(SERVICE, self.sessions, Outbox, self.broker, idle_seconds=0.5)
         self.scp: IngestSCP | None = None
-        self.committer: ThreadCommitter | LoopCommitter | None = None
+        self.committer: ThreadCommitter | LoopCommitter | RemoteCommitter | None = committer
         self._stop = asyncio.Event()
         self._notify_pending = False
         self.components = Components(self._stop)  # relay, HTTP: the runner stops on the first failure
+        self.workers: WorkerPool | None = None  # the primary's other SCP processes, when there are any
 
     async def start(self, http: bool = True, migrate: bool = True) -> IngestService:
-        if migrate:  # the process runner migrates first (ServiceRunner.migrate); in-process tests here
+        # the process runner migrates first (ServiceRunner.migrate), workers after their primary did;
+        # in-process tests migrate here
+        if migrate:
             await upgrade(self.engine, SERVICE, Base.metadata)
         self.store.root.mkdir(parents=True, exist_ok=True)
         loop = asyncio.get_running_loop()
-        self.committer = make_committer(self.settings.database_url_for(SERVICE), self.engine, loop)
+        if self.committer is None:
+            self.committer = make_committer(self.settings.database_url_for(SERVICE), self.engine, loop)
         self.committer.start()
-        self.scp = IngestSCP(
-            self.settings, self.sessions, self.store, loop, self.committer, on_commit=self._events_committed
-        )
-        self.scp.start()
-        self.components.spawn("relay", self._run_relay())
+        on_commit = self._events_committed if self.runs_relay else None  # the primary wakes its relay
+        self.scp = IngestSCP(self.settings, self.sessions, self.store, loop, self.committer, on_commit=on_commit)
+        self.scp.start(self.listen_socket)
+        if self.runs_relay:
+            self.components.spawn("relay", self._run_relay())
         if http:
             app = ops_app(SERVICE, self.health)
             self.components.spawn("http", serve_http(app, self.settings.http_host, self.settings.http_port))
@@ -116,7 +133,13 @@ class IngestService:
             "store": self.store.check(),
             # the broker being down degrades nothing: images wait in the outbox
             "broker": {"ok": True, "connected": self.broker.is_connected, "outbox_backlog": backlog},
+            "workers": self._workers_health(),
         }
+
+    def _workers_health(self) -> dict[str, Any]:
+        alive = 1 + (self.workers.alive() if self.workers is not None else 0)
+        expected = self.settings.workers if self.workers is not None else 1
+        return {"ok": alive == expected, "configured": self.settings.workers, "alive": alive}
 
     async def stop(self) -> None:
         if self.scp is not None:
@@ -150,20 +173,40 @@ def quiet_pydicom() -> None:
 
 
 def main(settings: IngestSettings | None = None) -> None:
-    """The ingest process (services/core/runner.py: logging, signals, migrations, exit code)."""
+    """The ingest process (services/core/runner.py: logging, signals, migrations, exit code). With
+    PT_INGEST_WORKERS > 1 it is the primary: it opens the port, then starts the other worker
+    processes (workers.py); one of them exiting stops the service with exit 1."""
     settings = settings or IngestSettings()
     quiet_pydicom()
 
     async def start(runner: ServiceRunner) -> Callable[[], Awaitable[None]]:
-        service = IngestService(settings)
+        sock = listen_socket(settings.host, settings.port) if settings.workers > 1 else None
+        service = IngestService(settings, listen_socket=sock)
         await runner.migrate(service.engine, SERVICE, Base.metadata)
         runner.watch(service.components)
+        pool: WorkerPool | None = None
+
+        async def stop() -> None:
+            if pool is not None:  # first: they commit through our committer until they are done
+                await pool.stop()
+            await service.stop()
+
         try:
             await service.start(migrate=False)
+            if sock is not None:  # after the migrations: workers never migrate
+                assert service.committer is not None
+                pool = WorkerPool(settings, sock, service.committer.submit, service._events_committed)
+                service.workers = pool
+                pool.start(asyncio.get_running_loop())
+                await pool.wait_ready()
+                runner.spawn("workers", pool.watch())
         except BaseException:
-            await service.stop()  # what did start (SCP, committer) closes before the process exits
+            await stop()  # what did start (SCP, committer, workers) closes before the process exits
             raise
-        log.info("ingest listening", extra={"dicom_port": service.dicom_port, "http_port": settings.http_port})
-        return service.stop
+        log.info(
+            "ingest listening",
+            extra={"dicom_port": service.dicom_port, "http_port": settings.http_port, "workers": settings.workers},
+        )
+        return stop
 
     ServiceRunner(SERVICE, settings).main(start)

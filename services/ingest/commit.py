@@ -214,6 +214,14 @@ class _Committer:
         item.future.set_exception(exc)
 
 
+def _driver_autocommit(dbapi_connection: Any, _record: Any) -> None:
+    dbapi_connection.isolation_level = None  # pysqlite emits no BEGIN of its own; _begin_immediate does
+
+
+def _begin_immediate(conn: Connection) -> None:
+    conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
 class ThreadCommitter(_Committer):
     """Group commit on a writer thread with a synchronous SQLite engine."""
 
@@ -221,6 +229,11 @@ class ThreadCommitter(_Committer):
         url = make_url(sqlite_url).set(drivername="sqlite")
         self.engine: Engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
         event.listen(self.engine, "connect", sqlite_pragmas)
+        # BEGIN IMMEDIATE (SQLAlchemy's pysqlite recipe): a batch takes the write lock before it reads
+        # which instances are stored, so committers in several worker processes (workers.py)
+        # serialise instead of both reading "new" and one failing on the unique SOP Instance UID.
+        event.listen(self.engine, "connect", _driver_autocommit)
+        event.listen(self.engine, "begin", _begin_immediate)
         self._queue: queue.Queue[Pending | None] = queue.Queue()
         self._thread: threading.Thread | None = None
 

@@ -15,8 +15,11 @@ class IngestSettings(CommonSettings):
     ae_title: str = "PNEUMOTRIAGE"
     port: int = 11112
     host: str = "0.0.0.0"
-    # /healthz and /metrics.
+    # /healthz and /metrics (with several workers, worker k serves them on http_port + k).
     http_port: int = 8001
+    # SCP processes sharing the DICOM port (services/ingest/workers.py); about one per CPU core.
+    # Association limits below apply per process.
+    workers: int = 1
     # Calling AE titles allowed to associate, comma-separated; empty = any (logged: set it in production).
     allowed_calling_aes: str = ""
     # Association policy. max_associations counts negotiated associations (A-ASSOCIATE-RQ received);

@@ -17,11 +17,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 import threading
 import time
 from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from prometheus_client import Counter, Gauge, Histogram
 from pydicom.dataset import Dataset
@@ -59,6 +60,9 @@ from services.ingest.validate import (
     decide,
 )
 from services.ingest.wire import GuardedServer, Waker, Wire, clean_spool, install_reactor_wakeups, spool_dir
+
+if TYPE_CHECKING:
+    from services.ingest.workers import RemoteCommitter
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -107,7 +111,7 @@ class IngestSCP:
         sessions: async_sessionmaker[AsyncSession],
         store: ContentStore,
         loop: asyncio.AbstractEventLoop,
-        committer: ThreadCommitter | LoopCommitter,
+        committer: ThreadCommitter | LoopCommitter | RemoteCommitter,
         on_commit: Callable[[], None] | None = None,
     ) -> None:
         self.settings = settings
@@ -161,13 +165,15 @@ class IngestSCP:
             (evt.EVT_ABORTED, self._on_closed),
         ]
 
-    def start(self) -> None:
-        """Start listening (the committer must be running)."""
+    def start(self, listen_socket: socket.socket | None = None) -> None:
+        """Start listening (the committer must be running); on `listen_socket` when the port is
+        shared by several worker processes (workers.py), else on a socket of our own."""
         s = self.settings
         self.spool_dir.mkdir(parents=True, exist_ok=True)
         if removed := clean_spool(self.spool_dir):
             log.info("removed stale spool files", extra={"count": removed})
-        server = self.ae.make_server((s.host, s.port), evt_handlers=self.handlers(), server_class=GuardedServer)
+        server_class = GuardedServer if listen_socket is None else GuardedServer.sharing(listen_socket)
+        server = self.ae.make_server((s.host, s.port), evt_handlers=self.handlers(), server_class=server_class)
         server.max_pending = s.max_pending_connections
         self.ae._servers.append(server)  # as AE.start_server does; AssociationServer.shutdown removes it
         threading.Thread(target=server.serve_forever, name="ingest-dicom-accept", daemon=True).start()

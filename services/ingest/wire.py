@@ -25,7 +25,6 @@ The C-STORE handler takes the completed spool file (`Wire.take`) and either move
 from __future__ import annotations
 
 import collections
-import concurrent.futures
 import contextlib
 import errno
 import hashlib
@@ -60,9 +59,6 @@ PIXEL_DATA_TAG = (0x7FE0, 0x0010)
 UNDEFINED = 0xFFFFFFFF
 LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"})
 SPOOL_DIR = ".incoming"
-# fsyncs of complete spool files start on these threads as the last fragment arrives, so the disk
-# works while pynetdicom hands the request to the association's thread and the handler validates it
-_SYNC_POOL = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="ingest-fsync")
 STALE_SPOOL_S = 3600.0
 
 
@@ -116,7 +112,6 @@ class Spool:
         self.complete = False
         self.error: str | None = None
         self.fd: int | None = None
-        self._sync: concurrent.futures.Future[None] | None = None
         # the DUL thread writes while the association may end on another thread: the fd is only
         # used and closed under this lock, so a closed (and reused) fd number is never written to
         self._fd_lock = threading.RLock()
@@ -154,34 +149,20 @@ class Spool:
     def sha256(self) -> str:
         return self.sha.hexdigest()
 
-    def start_sync(self) -> None:
-        """Begin the fsync in the background (the file is complete)."""
-        with self._fd_lock:
-            if self.fd is not None and self._sync is None:
-                self._sync = _SYNC_POOL.submit(os.fsync, self.fd)
-
-    def _wait_sync(self) -> None:
-        if self._sync is not None:
-            sync, self._sync = self._sync, None
-            sync.result()
-
     def sync_and_close(self) -> None:
         with self._fd_lock:
             if self.fd is None:
                 raise OSError(errno.EBADF, self.error or "the spool file was discarded")
             try:
-                if self._sync is not None:
-                    self._wait_sync()
-                else:
-                    os.fsync(self.fd)
+                # on the association's thread: a background fsync (tried) overlapped the disk with
+                # validation but cost ~1-2 ms of CPU per image in thread hand-overs (docs/performance.md)
+                os.fsync(self.fd)
             finally:
                 fd, self.fd = self.fd, None
                 os.close(fd)
 
     def discard(self) -> None:
         with self._fd_lock:
-            with contextlib.suppress(Exception):
-                self._wait_sync()  # never close an fd a pool thread is about to fsync
             if self.fd is not None:
                 fd, self.fd = self.fd, None
                 with contextlib.suppress(OSError):
@@ -530,8 +511,6 @@ class Wire:
                 )
         if last:
             spool.complete = True
-            if spool.error is None:
-                spool.start_sync()
             with self._lock:
                 self._done.append(spool)
                 self._spool = None
@@ -544,14 +523,36 @@ class GuardedServer(ThreadedAssociationServer):
     """ThreadedAssociationServer + TCP_NODELAY + a bound on connections still waiting to associate."""
 
     max_pending = 16
+    shared_socket: socket.socket | None = None  # set by sharing(): a listening socket of several processes
+
+    @classmethod
+    def sharing(cls, sock: socket.socket) -> type[GuardedServer]:
+        """This server class accepting from an already listening (non-blocking) socket that other
+        worker processes accept from too: a worker that loses the race gets EAGAIN, which
+        socketserver ignores, and waits for the next connection."""
+        return type("SharedGuardedServer", (cls,), {"shared_socket": sock})
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._pending: dict[socket.socket, tuple[float, str]] = {}
         self._pending_lock = threading.Lock()
         super().__init__(*args, **kwargs)
 
+    def server_bind(self) -> None:
+        if self.shared_socket is None:
+            super().server_bind()
+            return
+        self.socket.close()
+        self.socket = self.shared_socket
+        self.socket.setblocking(False)
+        self.server_address = self.socket.getsockname()
+
+    def server_activate(self) -> None:
+        if self.shared_socket is None:
+            super().server_activate()  # a shared socket is listening already
+
     def get_request(self) -> tuple[socket.socket, Any]:
         sock, address = super().get_request()
+        sock.setblocking(True)  # the shared listening socket is non-blocking; the connection is not
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return sock, address
