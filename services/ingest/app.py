@@ -139,7 +139,8 @@ class IngestService:
     def _workers_health(self) -> dict[str, Any]:
         alive = 1 + (self.workers.alive() if self.workers is not None else 0)
         expected = self.settings.workers if self.workers is not None else 1
-        return {"ok": alive == expected, "configured": self.settings.workers, "alive": alive}
+        ports = self.workers.http_ports if self.workers is not None else []
+        return {"ok": alive == expected, "configured": self.settings.workers, "alive": alive, "http_ports": ports}
 
     async def stop(self) -> None:
         if self.scp is not None:

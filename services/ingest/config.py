@@ -15,11 +15,14 @@ class IngestSettings(CommonSettings):
     ae_title: str = "PNEUMOTRIAGE"
     port: int = 11112
     host: str = "0.0.0.0"
-    # /healthz and /metrics (with several workers, worker k serves them on http_port + k).
+    # /healthz and /metrics.
     http_port: int = 8001
     # SCP processes sharing the DICOM port (services/ingest/workers.py); about one per CPU core.
     # Association limits below apply per process.
     workers: int = 1
+    # Worker k (1..workers-1) serves its own /healthz and /metrics on worker_http_port_base + k - 1;
+    # 0 = a free port each, listed in the primary's /healthz (checks.workers.http_ports).
+    worker_http_port_base: int = 0
     # Calling AE titles allowed to associate, comma-separated; empty = any (logged: set it in production).
     allowed_calling_aes: str = ""
     # Association policy. max_associations counts negotiated associations (A-ASSOCIATE-RQ received);

@@ -12,8 +12,8 @@ The database commit stays in one place: a worker hands each instance to the prim
 committer has committed it, together with what the other processes sent meanwhile. So there is
 still one writer and one group commit per batch on SQLite (several processes writing would wait on
 SQLite's lock with sleeping retries, and lose group commit), and one outbox relay, woken by every
-commit. Each worker serves /healthz and /metrics on PT_INGEST_HTTP_PORT + k (k = 1..N-1; a port of 0
-picks a free one).
+commit. Each worker serves /healthz and /metrics on its own port (PT_INGEST_WORKER_HTTP_PORT_BASE
++ k - 1 for worker k, or a free port each; the primary's /healthz lists them).
 
 A worker that exits is a failure of the service: the primary stops the others and exits non-zero,
 and its supervisor (pneumotriage up, systemd, Kubernetes) restarts the whole service; a worker whose
@@ -41,6 +41,7 @@ from collections.abc import Awaitable, Callable
 from multiprocessing.connection import Connection, Pipe
 from typing import Any
 
+from services.core.net import free_port
 from services.ingest.config import IngestSettings
 from services.ingest.store import StoredFile
 from services.ingest.validate import Decision
@@ -80,24 +81,26 @@ class WorkerPool:
         self.on_commit = on_commit  # wakes the relay
         self.procs: list[subprocess.Popen[bytes]] = []
         self._conns: list[Connection] = []
+        self.http_ports: list[int] = []  # worker k's /healthz and /metrics: http_ports[k - 1]
         self._ready: set[int] = set()
         self._stopping = False
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def http_port(self, index: int) -> int:
-        base = self.settings.http_port
-        return 0 if base == 0 else base + index
+        base = self.settings.worker_http_port_base
+        return base + index - 1 if base else free_port(self.settings.http_host)
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
         for index in range(1, max(1, self.settings.workers)):
             ours, theirs = Pipe(duplex=True)
+            self.http_ports.append(self.http_port(index))
             env = {
                 **os.environ,
                 ENV_LISTEN_FD: str(self.sock.fileno()),
                 ENV_PIPE_FD: str(theirs.fileno()),
                 ENV_INDEX: str(index),
-                "PT_INGEST_HTTP_PORT": str(self.http_port(index)),
+                "PT_INGEST_HTTP_PORT": str(self.http_ports[-1]),
             }
             proc = subprocess.Popen(
                 [sys.executable, "-m", "services.ingest.workers"],
