@@ -36,6 +36,8 @@ class ServiceSpec:
     env: dict[str, str] = field(default_factory=dict)
     health_url: str | None = None
     cwd: Path | None = None
+    # names removed from the inherited environment (e.g. a test's PT_AMQP_URL a child must not see)
+    unset_env: tuple[str, ...] = ()
 
 
 LineSink = Callable[[str, str], None]
@@ -63,7 +65,7 @@ class ChildProcess:
 
     def start(self) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, **self.spec.env}
+        env = {k: v for k, v in {**os.environ, **self.spec.env}.items() if k not in self.spec.unset_env}
         log = open(self.log_path, "ab")  # handed to the child / the reader thread
         self.process = subprocess.Popen(
             self.spec.argv,
