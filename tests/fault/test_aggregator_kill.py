@@ -25,9 +25,9 @@ from tests.support.aggregator_service import (  # noqa: F401
     publish,
     received,
     triage_tap_fixture,
-    wait_for,
     write_test_policy,
 )
+from tests.support.wait import eventually_async
 
 N_STUDIES = 120
 EXPECTED = {0: "URGENT", 1: "LIKELY_HEALTHY", 2: "UNCERTAIN"}
@@ -88,7 +88,7 @@ async def test_kill_9_mid_run_loses_and_duplicates_nothing(
             rows = await asyncio.to_thread(query, db, "SELECT count(*) FROM aggregator_triage_history")
             return bool(rows) and rows[0][0] >= 40
 
-        await wait_for(some_done, timeout=180, what="the aggregator to be mid-run")
+        await eventually_async(some_done, timeout=180, what="the aggregator to be mid-run")
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(30)
         done_before = (await asyncio.to_thread(query, db, "SELECT count(*) FROM aggregator_triage_history"))[0][0]
@@ -111,7 +111,7 @@ async def test_kill_9_mid_run_loses_and_duplicates_nothing(
             )
             return flagged[0][0] == N_STUDIES and backlog[0][0] == 0
 
-        await wait_for(settled, timeout=300, what="every study flagged and every event published")
+        await eventually_async(settled, timeout=300, what="every study flagged and every event published")
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
@@ -139,7 +139,7 @@ async def test_kill_9_mid_run_loses_and_duplicates_nothing(
         got = {(e.study_instance_uid, e.revision) for e in triage_tap.events}
         return all((s, r) in got for s, revs in revisions.items() for r in revs)
 
-    await wait_for(all_published, timeout=60, what="every revision on triage.updated")
+    await eventually_async(all_published, timeout=60, what="every revision on triage.updated")
     # a revision re-sent after the crash carries the same content (at-least-once, idempotent)
     by_key: dict[tuple[str, int], set[int]] = defaultdict(set)
     for e in triage_tap.events:

@@ -34,11 +34,13 @@ async def take(
     timeout: float = 60.0,
     settle: float = 0.0,
     keep: Keep | None = None,
+    remove: bool = True,
 ) -> list[AbstractIncomingMessage]:
     """Messages taken off `queue` (acked: removed) until `count` of them passed `keep` (the others
     are taken and dropped), or `timeout` passed. With `settle`, keep taking until none came for that
     long; without, stop at `count`. `count=0`: until the queue is empty. `source`: an open
-    connection or an AMQP URL."""
+    connection or an AMQP URL. `remove=False` peeks: nothing is acked, and closing the channel
+    puts every message back."""
     connection = await aio_pika.connect(source) if isinstance(source, str) else source
     got: list[AbstractIncomingMessage] = []
     channel = await connection.channel()
@@ -52,7 +54,8 @@ async def take(
                 break  # exactly `count`: what came after stays in the queue
             message = await q.get(no_ack=False, fail=False, timeout=30)
             if message is not None:
-                await message.ack()
+                if remove:
+                    await message.ack()
                 quiet_since = loop.time()
                 if keep is None or keep(message):
                     got.append(message)

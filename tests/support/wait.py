@@ -32,7 +32,7 @@ def _message(what: Describe, timeout: float, last: Any) -> str:
 
 def eventually(
     condition: Callable[[], T],
-    timeout: float = 30.0,
+    timeout: float = 60.0,
     interval: float = 0.1,
     what: Describe = "",
     ignore: tuple[type[BaseException], ...] = (),
@@ -61,7 +61,7 @@ def eventually(
 
 async def eventually_async(
     condition: Callable[[], Awaitable[T] | T],
-    timeout: float = 30.0,
+    timeout: float = 60.0,
     interval: float = 0.1,
     what: Describe = "",
     ignore: tuple[type[BaseException], ...] = (),
