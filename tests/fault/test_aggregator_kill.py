@@ -6,10 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
 import sqlite3
-import subprocess
-import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -27,6 +24,7 @@ from tests.support.aggregator_service import (  # noqa: F401
     triage_tap_fixture,
     write_test_policy,
 )
+from tests.support.processes import CLI, TestProcess
 from tests.support.wait import eventually_async
 
 N_STUDIES = 120
@@ -43,14 +41,8 @@ def events(i: int) -> list[object]:
     return out
 
 
-def start(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "services.cli", "aggregator"],
-        env=env,
-        stdout=open(log, "ab"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+def start(env: dict[str, str], log: Path) -> TestProcess:
+    return TestProcess("aggregator", [*CLI, "aggregator"], log, env=env).launch()
 
 
 def query(db: Path, sql: str) -> list[tuple]:
@@ -89,8 +81,7 @@ async def test_kill_9_mid_run_loses_and_duplicates_nothing(
             return bool(rows) and rows[0][0] >= 40
 
         await eventually_async(some_done, timeout=180, what="the aggregator to be mid-run")
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(30)
+        proc.kill9()
         done_before = (await asyncio.to_thread(query, db, "SELECT count(*) FROM aggregator_triage_history"))[0][0]
         assert done_before < N_STUDIES * 4, "killed too late to test anything"
         # Redeliver a slice of events as duplicates too (a producer's outbox re-send after its own crash).
@@ -113,12 +104,7 @@ async def test_kill_9_mid_run_loses_and_duplicates_nothing(
 
         await eventually_async(settled, timeout=300, what="every study flagged and every event published")
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
+        proc.stop(30)
 
     studies = dict(query(db, "SELECT study_uid, flag FROM aggregator_studies"))
     assert len(studies) == N_STUDIES
