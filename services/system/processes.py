@@ -1,7 +1,8 @@
 """Child processes of the local system: one service each, its own log, health and memory probes.
 
 Used by `pneumotriage up` (through supervisor.py) and by the test harness
-(tests/support/system_harness.py), so the way a service is started is the same in both.
+(tests/support/system_harness.py, tests/support/processes.py), so the way a service is started is the
+same in both.
 """
 
 from __future__ import annotations
