@@ -1,7 +1,8 @@
 """Child processes of the local system: one service each, its own log, health and memory probes.
 
 Used by `pneumotriage up` (through supervisor.py) and by the test harness
-(tests/support/system_harness.py), so the way a service is started is the same in both.
+(tests/support/system_harness.py, tests/support/processes.py), so the way a service is started is the
+same in both.
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ class ServiceSpec:
     env: dict[str, str] = field(default_factory=dict)
     health_url: str | None = None
     cwd: Path | None = None
+    # names removed from the inherited environment (e.g. a test's PT_AMQP_URL a child must not see)
+    unset_env: tuple[str, ...] = ()
 
 
 LineSink = Callable[[str, str], None]
@@ -63,7 +66,7 @@ class ChildProcess:
 
     def start(self) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, **self.spec.env}
+        env = {k: v for k, v in {**os.environ, **self.spec.env}.items() if k not in self.spec.unset_env}
         log = open(self.log_path, "ab")  # handed to the child / the reader thread
         self.process = subprocess.Popen(
             self.spec.argv,

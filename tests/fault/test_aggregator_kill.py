@@ -6,10 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
 import sqlite3
-import subprocess
-import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -25,9 +22,10 @@ from tests.support.aggregator_service import (  # noqa: F401
     publish,
     received,
     triage_tap_fixture,
-    wait_for,
     write_test_policy,
 )
+from tests.support.processes import CLI, TestProcess
+from tests.support.wait import eventually_async
 
 N_STUDIES = 120
 EXPECTED = {0: "URGENT", 1: "LIKELY_HEALTHY", 2: "UNCERTAIN"}
@@ -43,14 +41,8 @@ def events(i: int) -> list[object]:
     return out
 
 
-def start(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "services.cli", "aggregator"],
-        env=env,
-        stdout=open(log, "ab"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+def start(env: dict[str, str], log: Path) -> TestProcess:
+    return TestProcess("aggregator", [*CLI, "aggregator"], log, env=env).launch()
 
 
 def query(db: Path, sql: str) -> list[tuple]:
@@ -88,9 +80,8 @@ async def test_kill_9_mid_run_loses_and_duplicates_nothing(
             rows = await asyncio.to_thread(query, db, "SELECT count(*) FROM aggregator_triage_history")
             return bool(rows) and rows[0][0] >= 40
 
-        await wait_for(some_done, timeout=180, what="the aggregator to be mid-run")
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(30)
+        await eventually_async(some_done, timeout=180, what="the aggregator to be mid-run")
+        proc.kill9()
         done_before = (await asyncio.to_thread(query, db, "SELECT count(*) FROM aggregator_triage_history"))[0][0]
         assert done_before < N_STUDIES * 4, "killed too late to test anything"
         # Redeliver a slice of events as duplicates too (a producer's outbox re-send after its own crash).
@@ -111,14 +102,9 @@ async def test_kill_9_mid_run_loses_and_duplicates_nothing(
             )
             return flagged[0][0] == N_STUDIES and backlog[0][0] == 0
 
-        await wait_for(settled, timeout=300, what="every study flagged and every event published")
+        await eventually_async(settled, timeout=300, what="every study flagged and every event published")
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
+        proc.stop(30)
 
     studies = dict(query(db, "SELECT study_uid, flag FROM aggregator_studies"))
     assert len(studies) == N_STUDIES
@@ -139,7 +125,7 @@ async def test_kill_9_mid_run_loses_and_duplicates_nothing(
         got = {(e.study_instance_uid, e.revision) for e in triage_tap.events}
         return all((s, r) in got for s, revs in revisions.items() for r in revs)
 
-    await wait_for(all_published, timeout=60, what="every revision on triage.updated")
+    await eventually_async(all_published, timeout=60, what="every revision on triage.updated")
     # a revision re-sent after the crash carries the same content (at-least-once, idempotent)
     by_key: dict[tuple[str, int], set[int]] = defaultdict(set)
     for e in triage_tap.events:

@@ -5,13 +5,8 @@ prediction), and SIGTERM drains gracefully (exit 0, nothing left unacked or dead
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
-
-import httpx
 
 from services.core.broker import Broker
 from services.core.net import free_port
@@ -25,14 +20,14 @@ from tests.support.inference_service import (
     store_copies,
     uid_for,
 )
+from tests.support.processes import CLI, TestProcess
 from tests.support.triton import inference_repository_fixture  # noqa: F401
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
-def _start(amqp_url: str, tmp: Path, repository: Path, port: int) -> subprocess.Popen[bytes]:
-    env = dict(os.environ)
-    env.update(
+def _start(amqp_url: str, tmp: Path, repository: Path, port: int) -> TestProcess:
+    env = dict(
         PT_AMQP_URL=amqp_url,
         PT_DATA_DIR=str(tmp / "var"),
         PT_INFERENCE_MODEL_REPOSITORY=str(repository),
@@ -45,29 +40,10 @@ def _start(amqp_url: str, tmp: Path, repository: Path, port: int) -> subprocess.
         PT_INFERENCE_MAX_WAIT_MS="100",
         PT_LOG_LEVEL="WARNING",
     )
-    env.pop("PT_INFERENCE_TRITON_URL", None)
-    return subprocess.Popen(
-        [sys.executable, "-m", "services.cli", "inference"],
-        cwd=REPO_ROOT,
-        env=env,
-        stdout=open(tmp / f"inference-{port}.log", "ab"),
-        stderr=subprocess.STDOUT,
-    )
-
-
-async def _wait_healthy(port: int, proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    async with httpx.AsyncClient(timeout=2) as http:
-        while loop.time() < deadline:
-            assert proc.poll() is None, f"inference service exited with {proc.returncode}"
-            try:
-                if (await http.get(f"http://127.0.0.1:{port}/healthz")).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            await asyncio.sleep(0.3)
-    raise TimeoutError("inference service not healthy")
+    health = f"http://127.0.0.1:{port}/healthz"
+    log = tmp / f"inference-{port}.log"
+    unset = ("PT_INFERENCE_TRITON_URL",)
+    return TestProcess("inference", [*CLI, "inference"], log, env, REPO_ROOT, health, unset).launch()
 
 
 async def test_kill_9_mid_run_then_restart_loses_nothing_and_sigterm_drains(
@@ -78,27 +54,25 @@ async def test_kill_9_mid_run_then_restart_loses_nothing_and_sigterm_drains(
     port = free_port()
     proc = _start(rabbit.url, tmp_path, inference_repository, port)
     try:
-        await _wait_healthy(port, proc)
+        await asyncio.to_thread(proc.wait_healthy, 60)
         await publish_events(broker, events)
         before = await collect_predictions(broker, 20, timeout=60)
         assert len(before) >= 20
-        proc.send_signal(signal.SIGKILL)
+        proc.signal(signal.SIGKILL)
         await asyncio.to_thread(proc.wait, 10)
         depths = rabbit.queue_depths()
         assert depths["inference.images"] > 0, "the run finished before the kill: nothing was tested"
 
         proc = _start(rabbit.url, tmp_path, inference_repository, port)
-        await _wait_healthy(port, proc)
+        await asyncio.to_thread(proc.wait_healthy, 60)
         remaining = {e.image.sop_instance_uid for e in events} - {p.image.sop_instance_uid for p, _ in before}
         after = await collect_predictions(broker, len(remaining), timeout=120, settle=1.0)
 
         # graceful stop: SIGTERM, exit 0
-        proc.send_signal(signal.SIGTERM)
+        proc.signal(signal.SIGTERM)
         assert await asyncio.to_thread(proc.wait, 60) == 0
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
+        proc.stop()
 
     by_uid: dict[str, set[bytes]] = {}
     for p, m in before + after:

@@ -26,6 +26,7 @@ from tests.support.inference_service import (
     uid_for,
 )
 from tests.support.triton import private_triton_fixture  # noqa: F401
+from tests.support.wait import eventually_async
 
 pytestmark = pytest.mark.triton
 
@@ -53,8 +54,15 @@ async def test_triton_killed_mid_run_loses_nothing(
         assert len(got) == len(first)
 
         # kill -9 while the next images are being consumed and predicted
+        def published() -> float:
+            return (
+                REGISTRY.get_sample_value("pt_broker_messages_published_total", {"routing_key": "image.received"}) or 0
+            )
+
+        before = published()
         publishing = asyncio.create_task(publish_events(broker, second))
-        await asyncio.sleep(0.05)
+        # the next images are arriving (the first of them is published): kill now
+        await eventually_async(lambda: published() > before, 10, 0.01, what="the first of the next images published")
         await asyncio.to_thread(private_triton.kill)
         await publishing
         await publish_events(broker, third)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections import Counter
 from pathlib import Path
 
@@ -14,6 +13,7 @@ from services.ingest.tools.make_dicom import make_dicom_file
 from services.system.rabbitmq import RabbitNode
 from tests.support.dicom_peers import STORESCU
 from tests.support.ingest_service import AE_TITLE, call, drain, ingest_service_fixture, run  # noqa: F401
+from tests.support.wait import eventually_async
 
 
 async def test_broker_outage_delays_but_never_drops_events(
@@ -42,9 +42,9 @@ async def test_broker_outage_delays_but_never_drops_events(
     counts = Counter(p.image.sop_instance_uid for _, p in events)
     assert set(counts) == expected  # none lost
     assert max(counts.values()) == 1  # none duplicated
+
     # the outbox is empty again
-    for _ in range(50):
-        if await ingest_service.relay.backlog() == 0:
-            break
-        await asyncio.sleep(0.2)
-    assert await ingest_service.relay.backlog() == 0
+    async def outbox_empty() -> bool:
+        return await ingest_service.relay.backlog() == 0
+
+    await eventually_async(outbox_empty, 10, 0.2, what="an empty outbox")

@@ -4,7 +4,6 @@ limited per peer, unknown calling AEs are logged, and one SOP instance is stored
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import socket
 import struct
@@ -22,6 +21,7 @@ from services.system.rabbitmq import RabbitNode
 from tests.support.dicom_peers import ECHOSCU
 from tests.support.dicom_raw import RawAssociation, c_store_command, dx_header, p_data
 from tests.support.ingest_service import AE_TITLE, call, ingest_settings, run
+from tests.support.wait import eventually, eventually_async
 
 GIB = 1 << 30
 MIB = 1 << 20
@@ -41,14 +41,6 @@ def _rejected(code: str) -> float:
 def _spooled(service: IngestService) -> list[Path]:
     assert service.scp is not None
     return sorted(service.scp.spool_dir.glob("*.part"))
-
-
-async def _eventually(condition, timeout: float = 10.0) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.05)
 
 
 async def _echo_ok(port: int) -> bool:
@@ -87,7 +79,7 @@ async def test_pixel_data_declared_as_1_gib_is_refused_at_its_header(
             )
         assert sent is not None and sent < 8 * MIB, f"the SCP kept reading ({sent} bytes)"
         assert _rejected("image_too_large") == before + 1
-        await _eventually(lambda: _spooled(service) == [])
+        await eventually_async(lambda: _spooled(service) == [], 10, 0.05)
         assert not any(p.is_file() for p in service.store.root.rglob("*.dcm"))
     finally:
         await service.stop()
@@ -104,15 +96,15 @@ async def test_a_large_instance_streams_to_disk_not_to_memory(
             await call(
                 assoc.stream, command + p_data(3, 0x00, header), 4 * MIB, 64 * 1024, lambda b: p_data(3, 0x00, b)
             )
-            await _eventually(lambda: sum(p.stat().st_size for p in _spooled(service)) >= 4 * MIB)
+            await eventually_async(lambda: sum(p.stat().st_size for p in _spooled(service)) >= 4 * MIB, 10, 0.05)
             rss_before = _rss()
             sent = await call(assoc.stream, b"", 64 * MIB, 64 * 1024, lambda b: p_data(3, 0x00, b))
             assert sent is None  # not refused: it is within the limits
-            await _eventually(lambda: sum(p.stat().st_size for p in _spooled(service)) >= 68 * MIB)
+            await eventually_async(lambda: sum(p.stat().st_size for p in _spooled(service)) >= 68 * MIB, 10, 0.05)
             grown = _rss() - rss_before
             assert grown < 24 * MIB, f"ingest memory grew {grown / MIB:.0f} MiB for 64 MiB received"
         # the peer went away mid-instance: its spool file is removed
-        await _eventually(lambda: _spooled(service) == [])
+        await eventually_async(lambda: _spooled(service) == [], 10, 0.05)
     finally:
         await service.stop()
 
@@ -219,22 +211,16 @@ async def test_a_third_sender_of_one_uid_waits_for_the_second(
             with guard:
                 inside -= 1
 
-    def wait_for(cond, timeout: float = 10.0) -> None:  # type: ignore[no-untyped-def]
-        deadline = time.monotonic() + timeout
-        while not cond():
-            assert time.monotonic() < deadline, "timed out"
-            time.sleep(0.01)
-
     try:
         threads = [threading.Thread(target=sender, args=(i,), daemon=True) for i in range(3)]
         threads[0].start()
         entered[0].wait(10)
         threads[1].start()
-        wait_for(lambda: scp._uid_users(uid) == 2)  # the second waits on the first's lock
+        eventually(lambda: scp._uid_users(uid) == 2, 10, 0.01)  # the second waits on the first's lock
         release[0].set()
         entered[1].wait(10)  # the first left; the second holds the lock
         threads[2].start()
-        wait_for(lambda: scp._uid_users(uid) == 2 or entered[2].is_set())
+        eventually(lambda: scp._uid_users(uid) == 2 or entered[2].is_set(), 10, 0.01)
         assert not entered[2].is_set(), "the third sender ran beside the second"
         release[1].set()
         release[2].set()

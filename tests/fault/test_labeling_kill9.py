@@ -3,13 +3,11 @@ every acknowledged answer is there, becomes final and reaches the broker exactly
 
 from __future__ import annotations
 
-import asyncio
-import threading
 from pathlib import Path
 
 import pytest
 
-from services.core.broker import Broker, PermanentError, decode
+from services.core.broker import PermanentError, decode
 from services.system.rabbitmq import RabbitNode
 from tests.support.labeling_service import (  # noqa: F401
     ANNOTATOR,
@@ -19,28 +17,18 @@ from tests.support.labeling_service import (  # noqa: F401
     labeling_server_fixture,
     work_sources,
 )
+from tests.support.queues import take_sync
 
 
 def judgment_ids_on_broker(url: str) -> list[str]:
     got: list[str] = []
-
-    async def _read() -> None:
-        broker = await Broker(url).connect()
-        assert broker.connection is not None
-        channel = await broker.connection.channel()
-        queue = await channel.get_queue("aggregator.events")
-        while (msg := await queue.get(fail=False, no_ack=True)) is not None:
-            try:
-                env = decode(msg)
-            except PermanentError:  # something another test left on the shared node: not ours
-                continue
-            if env.routing_key == "judgment.submitted":
-                got.append(env.payload.judgment_id)
-        await broker.close()
-
-    t = threading.Thread(target=lambda: asyncio.run(_read()))
-    t.start()
-    t.join(60)
+    for msg in take_sync(url, "aggregator.events"):
+        try:
+            env = decode(msg)
+        except PermanentError:  # something another test left on the shared node: not ours
+            continue
+        if env.routing_key == "judgment.submitted":
+            got.append(env.payload.judgment_id)
     return got
 
 

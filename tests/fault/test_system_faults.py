@@ -118,7 +118,8 @@ def test_database_locked_past_busy_timeout(system_factory, shared_data: Path, tm
 @pytest.mark.slow
 def test_store_unwritable_mid_run(system_factory, shared_data: Path, tmp_path: Path) -> None:
     if not chattr_available(tmp_path):
-        pytest.skip("chattr +i is not supported on this filesystem (root ignores permission bits)")
+        # optional: the filesystem (overlayfs, tmpfs) or the container may not support the attribute
+        pytest.skip("optional: chattr +i is not supported on this filesystem (root ignores permission bits)")
     system = system_factory()
     batch = batch_of(shared_data, tmp_path, BIG)
     rec, _sent = run_with_fault(system, batch, lambda: store_unwritable_for(system, 8.0))

@@ -22,8 +22,8 @@ from tests.support.aggregator_service import (  # noqa: F401
     received,
     rejected,
     triage_tap_fixture,
-    wait_for,
 )
+from tests.support.wait import eventually_async
 
 
 async def study_row(agg: Aggregator, uid: str) -> Study | None:
@@ -48,7 +48,7 @@ async def drained(agg: Aggregator, broker: Broker) -> None:
         depths = await asyncio.to_thread(rabbit.queue_depths)
         return depths.get("aggregator.events", 0) == 0 and await agg.relay.backlog() == 0
 
-    await wait_for(check, what="queue drained and outbox published")
+    await eventually_async(check, what="queue drained and outbox published")
 
 
 RABBIT: list[RabbitNode] = []
@@ -75,7 +75,7 @@ async def test_judgments_before_prediction_and_duplicates(
         row = await study_row(aggregator, study)
         return row is not None and row.flag == "URGENT"
 
-    await wait_for(urgent, what="URGENT")
+    await eventually_async(urgent, what="URGENT")
     await drained(aggregator, broker)
     row = await study_row(aggregator, study)
     assert row is not None and row.human_judgments == 2 and row.model_version == "1"
@@ -84,7 +84,7 @@ async def test_judgments_before_prediction_and_duplicates(
     assert await count(aggregator, Study, study_uid=study) == 1
     # Every visible change is in the audit trail, and each was published once as triage.updated.
     assert await count(aggregator, TriageHistory, study_uid=study) == row.revision
-    await wait_for(lambda: _has(triage_tap, study, row.revision), what="triage.updated events")
+    await eventually_async(lambda: _has(triage_tap, study, row.revision), what="triage.updated events")
     events = triage_tap.for_study(study)
     assert sorted(e.revision for e in events) == list(range(1, row.revision + 1))
     assert max(events, key=lambda e: e.revision).flag == Flag.FLAG_URGENT
@@ -103,9 +103,9 @@ async def test_newer_model_version_supersedes_older_in_any_order(aggregator: Agg
         row = await study_row(aggregator, study)
         return row is not None and row.flag == flag
 
-    await wait_for(lambda: flag_is("URGENT"), what="URGENT from v1")
+    await eventually_async(lambda: flag_is("URGENT"), what="URGENT from v1")
     await publish(broker, prediction(sop, 0.03, "10", study=study))
-    await wait_for(lambda: flag_is("LIKELY_HEALTHY"), what="LIKELY_HEALTHY from v10")
+    await eventually_async(lambda: flag_is("LIKELY_HEALTHY"), what="LIKELY_HEALTHY from v10")
     # An older version arriving late (e.g. a redelivery) does not take over: "10" > "9" > "1".
     await publish(broker, prediction(sop, 0.99, "9", study=study))
     await drained(aggregator, broker)
@@ -124,7 +124,7 @@ async def test_rejected_and_ineligible_images_are_not_triaged(aggregator: Aggreg
         a, b = await study_row(aggregator, s1), await study_row(aggregator, s2)
         return a is not None and b is not None and a.flag == b.flag == "NOT_TRIAGED"
 
-    await wait_for(both, what="NOT_TRIAGED")
+    await eventually_async(both, what="NOT_TRIAGED")
     a, b = await study_row(aggregator, s1), await study_row(aggregator, s2)
     assert a is not None and "modality CT" in a.reason
     assert b is not None and "view position LL" in b.reason
@@ -144,12 +144,12 @@ async def test_study_takes_its_most_urgent_image_and_crowd_disagreement_is_uncer
         row = await study_row(aggregator, study)
         return row is not None and row.flag == flag
 
-    await wait_for(lambda: flag_is("LIKELY_HEALTHY"), what="both images healthy")
+    await eventually_async(lambda: flag_is("LIKELY_HEALTHY"), what="both images healthy")
     # An annotator calls image b pneumonia: the fused P stays low, but the model and the crowd
     # disagree, so the study is no longer cleared.
     await publish(broker, judgment(b, "jb1", True, trust=0.8, study=study))
     await drained(aggregator, broker)
-    await wait_for(lambda: flag_is("UNCERTAIN"), what="UNCERTAIN after disagreement")
+    await eventually_async(lambda: flag_is("UNCERTAIN"), what="UNCERTAIN after disagreement")
     async with aggregator.sessions() as s:
         history = (
             await s.scalars(

@@ -23,9 +23,10 @@ from services.core.broker import Broker
 from services.core.contracts import ImageRef, Prediction
 from services.ingest.app import IngestService
 from services.system.rabbitmq import RabbitNode
-from tests.support.aggregator_service import aggregator_fixture, publish, rejected, wait_for  # noqa: F401
+from tests.support.aggregator_service import aggregator_fixture, publish, rejected  # noqa: F401
 from tests.support.dicom_peers import STORESCU
 from tests.support.ingest_service import AE_TITLE, ingest_service_fixture, run  # noqa: F401
+from tests.support.wait import eventually_async
 
 REASON = "unsupported_sop_class"
 
@@ -47,7 +48,7 @@ async def settled(rabbit: RabbitNode) -> dict[str, int]:
         depths.update(await asyncio.to_thread(rabbit.queue_depths))
         return depths.get("aggregator.events", 1) == 0
 
-    await wait_for(empty, what="aggregator.events drained")
+    await eventually_async(empty, what="aggregator.events drained")
     return depths
 
 
@@ -81,7 +82,7 @@ async def test_storescu_refusals_are_counted_not_dead_lettered(
             study = await s.get(Study, str(pydicom.dcmread(xray, stop_before_pixels=True).StudyInstanceUID))
         return await refusal_count(aggregator) == 2 and study is not None
 
-    await wait_for(recorded, what="two refusals and the X-ray's study in the aggregator")
+    await eventually_async(recorded, what="two refusals and the X-ray's study in the aggregator")
     depths = await settled(rabbit)
     assert depths.get("aggregator.events.dlq", 0) == 0, "a refusal is not a dead letter"
     assert refusals_metric(REASON) - before == 2
@@ -117,7 +118,7 @@ async def test_redelivered_refusal_and_a_real_failure(
     async def done() -> bool:
         return await refusal_count(aggregator) == 2
 
-    await wait_for(done, what="two refusals recorded")
+    await eventually_async(done, what="two refusals recorded")
     depths = await settled(rabbit)
     assert depths.get("aggregator.events.dlq", 0) == 1, "the prediction without a study is a real failure"
     async with aggregator.sessions() as s:

@@ -48,7 +48,7 @@ async def apply(agg: Aggregator, msg: object, attempts: int = 20) -> None:
             agg.after_commit(change)
             return
         except DBAPIError:
-            await asyncio.sleep(0.05 * (attempt + 1))
+            await asyncio.sleep(0.05 * (attempt + 1))  # the retry's back-off (the broker's), not synchronisation
     raise AssertionError("never applied")
 
 

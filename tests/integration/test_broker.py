@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import pytest
 
 from services.core.broker import CONSUMERS, Broker, ConsumerSpec, Envelope, PermanentError
 from services.core.contracts import ImageReceived, ImageRef, Prediction
 from services.system.rabbitmq import RabbitNode
+from tests.support.queues import take
+from tests.support.wait import eventually_async
 
 
 def _received(uid: str) -> ImageReceived:
@@ -87,18 +90,11 @@ async def test_permanent_error_goes_to_dead_letter_queue_with_reason(broker: Bro
     await broker.publish("image.received", _received("6.6"), message_id="m4")
     await asyncio.wait_for(seen.wait(), 10)
     assert broker.connection is not None
-    ch = await broker.connection.channel()
-    dlq = await ch.get_queue("labeling.images.dlq")
-    msg = None
-    for _ in range(50):
-        msg = await dlq.get(fail=False)
-        if msg:
-            break
-        await asyncio.sleep(0.1)
-    assert msg is not None
+    dead = await take(broker.connection, "labeling.images.dlq", count=1, timeout=5)
+    assert len(dead) == 1
+    msg = dead[0]
     assert msg.headers["x-death-reason"] == "pixel data cannot be decoded"
     assert msg.headers["x-original-routing-key"] == "image.received"
-    await msg.ack()
 
 
 async def test_undecodable_body_is_dead_lettered(broker: Broker) -> None:
@@ -115,25 +111,23 @@ async def test_undecodable_body_is_dead_lettered(broker: Broker) -> None:
     ch = await broker.connection.channel()
     ex = await ch.get_exchange("triage")
     await ex.publish(aio_pika.Message(b"\xff\xff\xff not protobuf", message_id="bad"), routing_key="prediction.made")
-    dlq = await ch.get_queue("aggregator.events.dlq")
-    msg = None
-    for _ in range(50):
-        msg = await dlq.get(fail=False)
-        if msg:
-            break
-        await asyncio.sleep(0.1)
-    assert msg is not None and "undecodable" in msg.headers["x-death-reason"]
+    dead = await take(broker.connection, "aggregator.events.dlq", count=1, timeout=5)
+    assert len(dead) == 1 and "undecodable" in dead[0].headers["x-death-reason"]
     assert not called
-    await msg.ack()
 
 
-async def test_connect_with_retry_waits_for_the_broker_and_gives_up_on_stop(rabbit: RabbitNode) -> None:
+async def test_connect_with_retry_waits_for_the_broker_and_gives_up_on_stop(
+    rabbit: RabbitNode, caplog: pytest.LogCaptureFixture
+) -> None:
     stop = asyncio.Event()
     rabbit.stop_app()
     try:
         b = Broker(rabbit.url)
-        attempt = asyncio.create_task(b.connect_with_retry(stop, max_delay=0.5))
-        await asyncio.sleep(1.5)
+        with caplog.at_level(logging.WARNING, logger="services.core.broker"):
+            attempt = asyncio.create_task(b.connect_with_retry(stop, max_delay=0.5))
+            # each failed attempt is logged: three of them, and it is still trying
+            failures = lambda: sum("not reachable" in r.getMessage() for r in caplog.records)  # noqa: E731
+            await eventually_async(lambda: failures() >= 3, 30, what=lambda: f"3 failed attempts ({failures()})")
         assert not attempt.done(), "must keep retrying while the broker is down"
     finally:
         rabbit.start_app()

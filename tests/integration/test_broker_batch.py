@@ -9,7 +9,7 @@ import asyncio
 from services.core.broker import CONSUMERS, Broker, Envelope, PermanentError
 from services.core.contracts import ImageReceived, ImageRef
 from services.system.rabbitmq import RabbitNode
-from tests.support.aggregator_service import wait_for
+from tests.support.wait import eventually_async
 
 SPEC = CONSUMERS["aggregator"]
 
@@ -48,7 +48,7 @@ async def test_batches_in_order_and_a_poison_message_only_fails_itself(broker: B
             depths = await asyncio.to_thread(rabbit.queue_depths)
             return len(handled) == n - 1 and depths.get(SPEC.queue, 1) == 0 and depths.get(SPEC.dlq, 0) == 1
 
-        await wait_for(settled, what="every message handled or dead-lettered")
+        await eventually_async(settled, what="every message handled or dead-lettered")
     finally:
         await consumer.close()
     # a pre-filled queue is handed over in batches (never bigger than max_batch), in delivery order

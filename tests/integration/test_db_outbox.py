@@ -21,6 +21,8 @@ from services.core.db.outbox import OutboxMixin, OutboxRelay, add_event
 from services.system.rabbitmq import RabbitNode
 from tests.conftest import purge_all
 from tests.support.postgres import postgres  # noqa: F401
+from tests.support.queues import take
+from tests.support.wait import eventually_async
 
 Base = make_base("kerneltest")
 
@@ -99,24 +101,22 @@ async def test_outbox_survives_broker_outage_without_loss_or_duplicates(
     finally:
         rabbit.start_app()
 
+    async def outbox_empty() -> bool:
+        return await relay.backlog() == 0
+
     stop = asyncio.Event()
     task = asyncio.create_task(relay.run(stop))
-    for _ in range(200):
-        if await relay.backlog() == 0:
-            break
-        await asyncio.sleep(0.1)
+    await eventually_async(outbox_empty, 20, what="the relay to publish the backlog")
     stop.set()
     relay.notify()
     await asyncio.wait_for(task, 10)
     assert await relay.backlog() == 0
 
     assert broker.connection is not None
-    channel = await broker.connection.channel()
-    queue = await channel.get_queue("inference.images")
-    uids = []
-    while (msg := await queue.get(fail=False)) is not None:
-        uids.append(ImageReceived.FromString(msg.body).image.sop_instance_uid)
-        await msg.ack()
+    uids = [
+        ImageReceived.FromString(m.body).image.sop_instance_uid
+        for m in await take(broker.connection, "inference.images")
+    ]
     assert sorted(uids) == sorted(f"2.{i}" for i in range(20))
     await broker.close()
 
@@ -143,24 +143,23 @@ async def test_notify_during_a_run_is_not_lost(engine: AsyncEngine, rabbit: Rabb
         return rabbit.ctl("list_connections", "state", "--no-table-headers").stdout.split()
 
     try:
-        await asyncio.sleep(0)  # the first (empty) round runs, then the relay waits up to 30 s
         rabbit.ctl("set_vm_memory_high_watermark", "0")  # every publisher blocks from now on
         await stage("3.1")
-        for _ in range(300):  # the relay has selected 3.1 and is blocked publishing it
-            if "blocked" in await asyncio.to_thread(connection_states):
-                break
-            await asyncio.sleep(0.1)
-        else:
-            raise AssertionError("the relay never published")
+
+        async def publishing_blocked() -> bool:  # the relay has selected 3.1 and is blocked publishing it
+            return "blocked" in await asyncio.to_thread(connection_states)
+
+        await eventually_async(publishing_blocked, 30, what="the relay blocked publishing 3.1")
         await stage("3.2")  # committed after the relay's SELECT, notified during its run
     finally:
         rabbit.ctl("set_vm_memory_high_watermark", "0.4")
     try:
-        for _ in range(50):  # 5 s, far below the 30 s poll
-            if await relay.backlog() == 0:
-                break
-            await asyncio.sleep(0.1)
-        assert await relay.backlog() == 0, "the notify during the run was lost until the next poll"
+
+        async def outbox_empty() -> bool:
+            return await relay.backlog() == 0
+
+        # 5 s, far below the 30 s poll: a lost notify would leave 3.2 there until the next poll
+        await eventually_async(outbox_empty, 5, what="3.2 published at once (the notify during the run kept)")
     finally:
         stop.set()
         relay.notify()

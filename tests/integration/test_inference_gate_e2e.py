@@ -19,9 +19,10 @@ from services.aggregator.service import Aggregator
 from services.core.broker import Broker
 from services.inference.tools.gate_fit import bundled_dicom_images, chest_dicom, load_gray, resize
 from services.system.rabbitmq import RabbitNode
-from tests.support.aggregator_service import aggregator_fixture, wait_for  # noqa: F401
+from tests.support.aggregator_service import aggregator_fixture  # noqa: F401
 from tests.support.inference_service import image_received, publish_events, running_service, service_settings
 from tests.support.triton import inference_repository_fixture  # noqa: F401
+from tests.support.wait import eventually_async
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -88,7 +89,7 @@ async def test_non_chest_images_are_never_flagged_and_chests_are_triaged(
                 rows = [await s.get(Study, uid) for uid in names]
             return all(r is not None and r.flag not in ("PENDING", "") for r in rows)
 
-        await wait_for(all_flagged, timeout=240, what="a flag for every study")
+        await eventually_async(all_flagged, timeout=240, what="a flag for every study")
 
     async with aggregator.sessions() as s:
         results = {uid: await s.get(Study, uid) for uid in names}

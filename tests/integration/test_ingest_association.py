@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 
 from pynetdicom import AE
@@ -12,6 +11,7 @@ from services.ingest.app import IngestService
 from services.system.rabbitmq import RabbitNode
 from tests.support.dicom_peers import ECHOSCU
 from tests.support.ingest_service import AE_TITLE, call, ingest_settings, run
+from tests.support.wait import eventually_async
 
 
 async def test_association_limit_and_unsupported_syntax(tmp_path: Path, rabbit: RabbitNode, broker: object) -> None:
@@ -35,12 +35,11 @@ async def test_association_limit_and_unsupported_syntax(tmp_path: Path, rabbit: 
             assert (await call(held.send_c_echo)).Status == 0
         finally:
             await call(held.release)
+
         # released: a new association is accepted again (once the old association's thread has ended)
-        for _ in range(40):
-            if (await run([ECHOSCU, "-aec", AE_TITLE, "127.0.0.1", str(port)])).returncode == 0:
-                break
-            await asyncio.sleep(0.25)
-        else:
-            raise AssertionError("no association accepted after the held one was released")
+        async def echo_accepted() -> bool:
+            return (await run([ECHOSCU, "-aec", AE_TITLE, "127.0.0.1", str(port)])).returncode == 0
+
+        await eventually_async(echo_accepted, 20, 0.25, what="an association accepted after the held one was released")
     finally:
         await service.stop()

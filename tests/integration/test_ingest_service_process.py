@@ -4,10 +4,7 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import subprocess
-import sys
 from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -18,10 +15,9 @@ import pytest
 
 from services.core.net import free_port
 from services.system.rabbitmq import RabbitNode
-from tests.support.dicom_peers import ECHOSCU, STORESCU, wait_for_port
+from tests.support.dicom_peers import ECHOSCU, STORESCU
 from tests.support.ingest_service import AE_TITLE, drain, run
-
-CLI = [sys.executable, "-m", "services.cli"]
+from tests.support.processes import CLI, TestProcess
 
 
 class IngestProcess:
@@ -29,7 +25,6 @@ class IngestProcess:
         self.dicom_port, self.http_port = free_port(), free_port()
         self.log = data_dir / "ingest.log"
         self.env = {
-            **os.environ,
             "PT_DATA_DIR": str(data_dir),
             "PT_AMQP_URL": amqp_url,
             "PT_INGEST_PORT": str(self.dicom_port),
@@ -38,24 +33,18 @@ class IngestProcess:
             "PT_INGEST_AE_TITLE": AE_TITLE,
             **env,
         }
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def _spawn(self) -> None:
-        self.log.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.log, "ab") as log:
-            self.process = subprocess.Popen([*CLI, "ingest"], env=self.env, stdout=log, stderr=subprocess.STDOUT)
+        self.process = TestProcess("ingest", [*CLI, "ingest"], self.log, env=self.env)
 
     async def start(self) -> IngestProcess:
-        await asyncio.to_thread(self._spawn)
-        await asyncio.to_thread(wait_for_port, "127.0.0.1", self.dicom_port, 120, self.process)
-        await asyncio.to_thread(wait_for_port, "127.0.0.1", self.http_port, 60, self.process)
+        await asyncio.to_thread(self.process.start)
+        await asyncio.to_thread(self.process.wait_listening, self.dicom_port, 120)
+        await asyncio.to_thread(self.process.wait_listening, self.http_port, 60)
         return self
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
-        assert self.process is not None
-        if self.process.poll() is None:
-            self.process.send_signal(sig)
-        return self.process.wait(timeout=timeout)
+        """`sig` to the service process alone (as a user's kill); its exit code."""
+        self.process.signal(sig)
+        return self.process.wait(timeout)
 
 
 @pytest.fixture
@@ -64,7 +53,7 @@ async def ingest_process(tmp_path: Path, rabbit: RabbitNode, broker: object) -> 
     try:
         yield proc
     finally:
-        if proc.process is not None and proc.process.poll() is None:
+        if proc.process.alive():
             proc.stop(signal.SIGKILL)
 
 

@@ -4,7 +4,6 @@ figures and export run on the same code as SQLite."""
 from __future__ import annotations
 
 import csv
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import pytest
 from services.system.rabbitmq import RabbitNode
 from tests.support.labeling_service import ANNOTATOR, OWNER, Api, LabelingServer, work_sources
 from tests.support.postgres import PostgresCluster, postgres  # noqa: F401
+from tests.support.wait import eventually
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]  # ~45 s: keeps the default run short
 
@@ -30,10 +30,8 @@ def test_labeling_on_postgres(pg_server: LabelingServer, shared_data: Path, tmp_
     server = pg_server
     server.add_work_images([p for p, _ in work_sources(shared_data, 3, offset=700)])
     owner = Api(server.url, *OWNER)
-    deadline = time.monotonic() + 90
-    while len(owner.get("/api/owner/labels").json()["tasks"]) < 3:
-        assert time.monotonic() < deadline, server.log()
-        time.sleep(0.5)
+    eventually(lambda: len(owner.get("/api/owner/labels").json()["tasks"]) >= 3, 90, 0.5,
+               what=lambda: f"3 work tasks:\n{server.log()}")  # fmt: skip
     ann = Api(server.url, *ANNOTATOR)
     assert ann.post("/api/instructions").status_code == 200
     # quiz attempt 1: always "pneumonia" (fails: the quiz is balanced); the retake asks other images,
@@ -69,10 +67,12 @@ def test_labeling_on_postgres(pg_server: LabelingServer, shared_data: Path, tmp_
     for _ in range(2):
         nxt = ann.get("/api/next").json()
         assert ann.post("/api/judgments", json={**body, "task_id": nxt["task_id"]}).status_code == 200
-    deadline = time.monotonic() + 60
-    while (labels := owner.get("/api/owner/labels").json())["pending"]:
-        assert time.monotonic() < deadline, server.log()
-        time.sleep(0.5)
+
+    def settled_labels() -> dict | None:
+        labels = owner.get("/api/owner/labels").json()
+        return None if labels["pending"] else labels
+
+    labels = eventually(settled_labels, 60, 0.5, what=lambda: f"no pending answer:\n{server.log()}")
     by_id = {t["task_id"]: t for t in labels["tasks"]}
     assert [j["answer"] for j in by_id[first]["all_judgments"]] == ["healthy"]
     assert by_id[first]["final_label"] == "healthy" and by_id[first]["revision"] >= 1

@@ -3,7 +3,6 @@ the outbox, roles, PHI, CSRF/XSS and bad input."""
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import httpx
@@ -22,6 +21,9 @@ from tests.support.labeling_service import (  # noqa: F401
     labeling_server_fixture,
     work_sources,
 )
+from tests.support.metrics import counter_total
+from tests.support.queues import take_sync
+from tests.support.wait import eventually
 
 WORK_N = 6
 
@@ -48,12 +50,17 @@ def pass_quiz(api: Api, server: LabelingServer) -> None:
 
 
 def test_tasks_from_image_received(labeling_server: LabelingServer, with_images: list[str]) -> None:
-    time.sleep(2)  # let the duplicate and the not-eligible events be handled too
+    # the fixture published WORK_N images, a duplicate of the first and 2 LL views: wait until all
+    # WORK_N + 3 events were handled (the counters add up), then check each outcome exactly
+    def all_handled() -> str | None:
+        metrics = httpx.get(labeling_server.url + "/metrics").text
+        return metrics if counter_total(metrics, "pt_labeling_tasks_created") >= WORK_N + 3 else None
+
+    metrics = eventually(all_handled, 90, 0.2, what="every image.received event handled")
     rows = labeling_server.query("SELECT sop_instance_uid, id FROM labeling_tasks WHERE kind='work'")
     assert sorted(r[0] for r in rows) == sorted(with_images)  # one task each: duplicate and LL views skipped
     for _uid, task_id in rows:
         assert task_id not in with_images and "." not in task_id  # opaque id, not a UID
-    metrics = httpx.get(labeling_server.url + "/metrics").text
     assert f'pt_labeling_tasks_created_total{{outcome="created"}} {float(WORK_N)}' in metrics
     assert 'pt_labeling_tasks_created_total{outcome="duplicate"} 1.0' in metrics
     assert 'pt_labeling_tasks_created_total{outcome="skipped_not_eligible"} 2.0' in metrics
@@ -149,10 +156,7 @@ def test_events_published_through_outbox(
     labeling_server: LabelingServer, with_images: list[str], rabbit: RabbitNode
 ) -> None:
     """judgment.submitted and label.aggregated reach the aggregator's queue once the answers are final."""
-    import asyncio
-    import threading
-
-    from services.core.broker import Broker, PermanentError, decode
+    from services.core.broker import PermanentError, decode
 
     ann = Api(labeling_server.url, *ANNOTATOR)
     pass_quiz(ann, labeling_server)
@@ -167,30 +171,16 @@ def test_events_published_through_outbox(
     assert answered == 2, nxt
     labeling_server.wait_for("SELECT count(*) FROM labeling_judgments WHERE state='pending'", lambda r: r[0][0] == 0)
     labeling_server.wait_for("SELECT count(*) FROM labeling_outbox WHERE published_at IS NULL", lambda r: r[0][0] == 0)
-    got: list[object] = []
+    got: list[tuple[str, str, object]] = []
     uids = set(with_images)  # other tests on the same broker node publish too: look at ours only
-
-    async def _read() -> None:
-        broker = await Broker(rabbit.url).connect()
-        assert broker.connection is not None
-        channel = await broker.connection.channel()
-        queue = await channel.get_queue("aggregator.events")
-        while True:
-            msg = await queue.get(fail=False, no_ack=True)
-            if msg is None:
-                break
-            try:
-                env = decode(msg)
-            except PermanentError:  # something another test left on the shared node: not ours
-                continue
-            ours = getattr(env.payload, "image", None) is not None and env.payload.image.sop_instance_uid in uids
-            if env.routing_key in ("judgment.submitted", "label.aggregated") and ours:
-                got.append((env.routing_key, env.message_id, env.payload))
-        await broker.close()
-
-    t = threading.Thread(target=lambda: asyncio.run(_read()))
-    t.start()
-    t.join(60)
+    for msg in take_sync(rabbit.url, "aggregator.events"):
+        try:
+            env = decode(msg)
+        except PermanentError:  # something another test left on the shared node: not ours
+            continue
+        ours = getattr(env.payload, "image", None) is not None and env.payload.image.sop_instance_uid in uids
+        if env.routing_key in ("judgment.submitted", "label.aggregated") and ours:
+            got.append((env.routing_key, env.message_id, env.payload))
     judgments = [p for k, _m, p in got if k == "judgment.submitted"]
     assert judgments, "no judgment.submitted on aggregator.events"
     published = labeling_server.query(

@@ -35,6 +35,7 @@ from services.ingest.models import Outbox as IngestOutbox
 from services.system.rabbitmq import RabbitNode
 from tests.support.aggregator_service import judgment, message_id, prediction, received, write_test_policy
 from tests.support.postgres import PostgresServer, postgres  # noqa: F401
+from tests.support.queues import take
 
 pytestmark = pytest.mark.postgres
 
@@ -176,16 +177,12 @@ async def test_outbox_relays_of_three_replicas_publish_each_event_once(
         async def drain(i: int) -> None:
             while await relays[i].backlog():
                 published[i] += await relays[i].run_once()
-                await asyncio.sleep(0)
+                await asyncio.sleep(0)  # yield: the three relays take turns (not a wait for anything)
 
         await asyncio.gather(*(drain(i) for i in range(3)))
         assert sum(published) == n and sum(1 for p in published if p) >= 2, published
-        channel = await brokers[0].connection.channel()  # type: ignore[union-attr]
-        queue = await channel.get_queue("inference.images")
-        uids: list[str] = []
-        while (msg := await queue.get(fail=False, timeout=10)) is not None:
-            uids.append(ImageReceived.FromString(msg.body).image.sop_instance_uid)
-            await msg.ack()
+        taken = await take(brokers[0].connection, "inference.images")  # type: ignore[arg-type]
+        uids = [ImageReceived.FromString(msg.body).image.sop_instance_uid for msg in taken]
         assert sorted(uids) == sorted(f"9.{i}" for i in range(n)), "each event published exactly once"
     finally:
         for b in brokers:

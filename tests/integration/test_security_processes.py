@@ -9,16 +9,15 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 
-import httpx
 import pytest
 
 from services.core.broker import CONSUMERS, Broker
 from services.core.net import free_port
 from services.system.rabbitmq import RabbitNode
+from tests.support.processes import CLI, TestProcess
 
 PLACEHOLDER = "change-me-to-a-long-random-string"  # the value shipped in deploy/k8s/secrets.yaml
 
@@ -87,25 +86,11 @@ async def test_labeling_exits_non_zero_when_a_component_dies(tmp_path: Path, rab
 def test_labeling_exits_zero_on_sigterm(tmp_path: Path) -> None:
     port = free_port()
     env = service_env(tmp_path, PT_SECRET_KEY=os.urandom(32).hex(), PT_LABELING_HTTP_PORT=str(port))
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "services.cli", "labeling"],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    unset = [k for k in os.environ if k.startswith("PT_") and k not in env]  # none of the test's own settings
+    proc = TestProcess("labeling", [*CLI, "labeling"], tmp_path / "labeling.log", env=env, unset_env=unset).launch()
     try:
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            assert proc.poll() is None, proc.stdout.read().decode() if proc.stdout else ""
-            try:
-                httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2)  # 503 without a broker: serving
-                break
-            except httpx.HTTPError:
-                time.sleep(0.3)
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(60) == 0
+        proc.wait_answering(f"http://127.0.0.1:{port}/healthz", 90)  # 503 without a broker: serving
+        proc.signal(signal.SIGTERM)
+        assert proc.wait(60) == 0, proc.tail()
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
+        proc.stop()

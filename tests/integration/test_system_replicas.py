@@ -8,7 +8,6 @@ and the work was really shared (each replica handled some of it).
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from tests.support.metrics import counter_total
 from tests.support.system_cluster import CONSUMED_QUEUES, ScaleOut
 from tests.support.system_reconcile import wait_reconciled
 from tests.support.system_scenario import make_batch
+from tests.support.wait import eventually
 
 pytestmark = pytest.mark.postgres
 N_IMAGES = 12
@@ -38,17 +38,16 @@ def test_two_replicas_of_everything_on_a_three_node_cluster(
     # the Erlang distribution of every node listens on loopback only
     for node, addresses in scale_out.dist_listeners().items():
         assert addresses and set(addresses) == {"127.0.0.1"}, (node, addresses)
+
     # every queue is a quorum queue on all three nodes; each work queue has one consumer per replica
     # A quorum queue registers a consumer through its Raft log: the count can lag a service's
     # "started" by a moment on a loaded machine, so wait for it (bounded) before asserting.
-    deadline = time.monotonic() + 30
-    while True:
+    def consumers_registered() -> dict[str, tuple[str, int, int]] | None:
         facts = scale_out.queue_facts()
-        if time.monotonic() > deadline or all(
-            facts.get(q, ("", 0, 0))[1] == len(system.replicas_of(svc)) for q, svc in CONSUMED_QUEUES.items()
-        ):
-            break
-        time.sleep(0.5)
+        counted = all(facts.get(q, ("", 0, 0))[1] == len(system.replicas_of(s)) for q, s in CONSUMED_QUEUES.items())
+        return facts if counted else None
+
+    facts = eventually(consumers_registered, 30, 0.5, what="one consumer per replica on every work queue")
     assert facts and all(t == "quorum" and members == 3 for t, _c, members in facts.values()), facts
     for queue, service in CONSUMED_QUEUES.items():
         assert facts[queue][1] == len(system.replicas_of(service)) == 2, (queue, facts[queue])

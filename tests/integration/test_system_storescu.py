@@ -4,39 +4,29 @@ a real dcmtk storescp (accepting, and refusing associations)."""
 from __future__ import annotations
 
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
-from services.core.net import free_port
+from tests.support.dicom_peers import StoreSCP
 from tests.support.system_dicom import make_study_set
 from tests.support.system_harness import STORESCU, parse_storescu_log
-
-
-def _storescp(tmp_path: Path, *extra: str) -> tuple[subprocess.Popen[bytes], int]:
-    port = free_port()
-    out = tmp_path / "scp"
-    out.mkdir(exist_ok=True)
-    proc = subprocess.Popen(["/usr/bin/storescp", "+xa", *extra, "-od", str(out), str(port)])
-    time.sleep(0.5)
-    return proc, port
 
 
 @pytest.mark.parametrize("refuse", [False, True])
 def test_parse_real_storescu_output(tmp_path: Path, shared_data: Path, refuse: bool) -> None:
     made = make_study_set(shared_data, tmp_path / "dcm", 5)
-    proc, port = _storescp(tmp_path, *(["--refuse"] if refuse else []))
+    scp = StoreSCP(base_dir=tmp_path / "scp", extra_args=["--refuse"] if refuse else []).start()
     try:
         res = subprocess.run(
-            [STORESCU, "-v", "-xy", "127.0.0.1", str(port), *(str(m.path) for m in made)],
+            [STORESCU, "-v", "-xy", "127.0.0.1", str(scp.port), *(str(m.path) for m in made)],
             capture_output=True,
             text=True,
             timeout=120,
         )
+        received = scp.received()
     finally:
-        proc.terminate()
-        proc.wait(10)
+        scp.stop()
     parsed = parse_storescu_log(res.stdout + res.stderr)
     if refuse:
         assert parsed.acked == []
@@ -44,4 +34,4 @@ def test_parse_real_storescu_output(tmp_path: Path, shared_data: Path, refuse: b
     else:
         assert sorted(parsed.acked) == sorted(m.path for m in made)
         assert parsed.refused == []
-        assert len(list((tmp_path / "scp").iterdir())) == 5
+        assert len(received) == 5

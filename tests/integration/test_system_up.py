@@ -11,27 +11,16 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
 import httpx
 
 from services.core.net import free_port
 from services.system.processes import SERVICES
+from tests.support.processes import CLI, TestProcess
 from tests.support.system_scenario import model_env
-
-
-def _wait_for(pattern: str, log: Path, proc: subprocess.Popen[bytes], timeout: float) -> re.Match[str]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        text = log.read_text(errors="replace")
-        if m := re.search(pattern, text):
-            return m
-        assert proc.poll() is None, f"`up` exited with {proc.returncode}:\n{text[-3000:]}"
-        time.sleep(0.5)
-    raise AssertionError(f"no {pattern!r} after {timeout}s:\n{log.read_text(errors='replace')[-3000:]}")
+from tests.support.wait import eventually
 
 
 def _alive(pid: int) -> bool:
@@ -47,7 +36,6 @@ def test_up_runs_restarts_and_stops_cleanly(tmp_path: Path) -> None:
     rabbit_dir = Path(tempfile.mkdtemp(prefix="pt-up-rabbit-"))
     amqp = free_port()
     env = {
-        **os.environ,
         **model_env(),
         "PT_INGEST_PORT": str(free_port()),
         **{f"PT_{svc.upper()}_HTTP_PORT": str(port) for svc, port in ports.items()},
@@ -58,21 +46,11 @@ def test_up_runs_restarts_and_stops_cleanly(tmp_path: Path) -> None:
         "PT_SYSTEM_RESTART_BACKOFF_S": "0.5",
         "COLUMNS": "200",
     }
-    env.pop("PT_AMQP_URL", None)
-    env.pop("PT_DATA_DIR", None)
-    log = tmp_path / "up.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "services.cli", "up"],
-            cwd=tmp_path,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    up = TestProcess("up", [*CLI, "up"], tmp_path / "up.log", env=env, cwd=tmp_path,
+                     unset_env=("PT_AMQP_URL", "PT_DATA_DIR")).launch()  # fmt: skip
     try:
-        _wait_for(r"PneumoTriage is up", log, proc, timeout=240)
-        text = log.read_text()
+        up.wait_log(r"PneumoTriage is up", timeout=240)
+        text = up.log_text()
         pids = {name: int(pid) for name, pid in re.findall(r"started (\w+) \(pid (\d+)", text)}
         assert set(pids) == set(SERVICES)
         assert f":{ports['aggregator']}/" in text and "AE PNEUMOTRIAGE" in text and "pneumotriage send" in text
@@ -83,38 +61,30 @@ def test_up_runs_restarts_and_stops_cleanly(tmp_path: Path) -> None:
 
         # kill -9 a service: the supervisor restarts it and it is healthy again
         os.kill(pids["inference"], signal.SIGKILL)
-        m = _wait_for(r"restarted inference \(pid (\d+)", log, proc, timeout=60)
+        m = up.wait_log(r"restarted inference \(pid (\d+)", timeout=60)
         new_pid = int(m.group(1))
         assert new_pid != pids["inference"]
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"http://127.0.0.1:{ports['inference']}/healthz", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        else:
-            raise AssertionError("restarted inference never became healthy")
+        health = f"http://127.0.0.1:{ports['inference']}/healthz"
+        eventually(lambda: httpx.get(health, timeout=5).status_code == 200, 120, 0.5,
+                   what="the restarted inference to be healthy", ignore=(httpx.HTTPError,))  # fmt: skip
 
         # Ctrl-C: everything stops, children first, and `up` exits 0
-        proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=180) == 0, log.read_text()[-3000:]
-        text = log.read_text()
+        up.signal(signal.SIGINT)
+        assert up.wait(timeout=180) == 0, up.tail()
+        text = up.log_text()
         assert text.index("ingest stopped") < text.index("stopped.")
         for pid in [new_pid, *(p for s, p in pids.items() if s != "inference")]:
             assert not _alive(pid), f"pid {pid} survived `up`"
         with socket.socket() as s:
             assert s.connect_ex(("127.0.0.1", amqp)) != 0, "RabbitMQ still listening after `up` stopped"
     finally:
-        if proc.poll() is None:  # a failure above: stop it the graceful way, then by force
-            proc.send_signal(signal.SIGTERM)
+        if up.alive():  # a failure above: stop it the graceful way, then by force (services too)
+            up.signal(signal.SIGTERM)
             try:
-                proc.wait(timeout=150)
+                up.wait(timeout=150)
             except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                for pid in re.findall(r"(?:started|restarted) \w+ \(pid (\d+)", log.read_text()):
+                up.kill9()
+                for pid in re.findall(r"(?:started|restarted) \w+ \(pid (\d+)", up.log_text()):
                     with contextlib.suppress(ProcessLookupError):
                         os.killpg(int(pid), signal.SIGKILL)
-                proc.wait(10)
         shutil.rmtree(rabbit_dir, ignore_errors=True)

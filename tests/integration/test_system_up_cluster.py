@@ -17,8 +17,11 @@ import pytest
 
 from services.core.net import free_port
 from services.system.processes import SERVICES
-from tests.integration.test_system_up import _alive, _wait_for
+from tests.integration.test_system_up import _alive
+from tests.support.processes import CLI, TestProcess
 from tests.support.system_scenario import model_env
+
+UNSET = ("PT_AMQP_URL", "PT_DATA_DIR", "PT_DATABASE_URL")  # the test's own settings; `up` makes them
 
 
 def _env(ports: dict[str, int], dicom: int) -> dict[str, str]:
@@ -30,7 +33,7 @@ def _env(ports: dict[str, int], dicom: int) -> dict[str, str]:
         "PT_SYSTEM_MANAGEMENT_PORT": "0",
         "COLUMNS": "250",
     }
-    for key in ("PT_AMQP_URL", "PT_DATA_DIR", "PT_DATABASE_URL"):
+    for key in UNSET:
         env.pop(key, None)
     return env
 
@@ -54,20 +57,12 @@ def test_up_cluster_with_two_replicas(tmp_path: Path) -> None:
     # replica k listens on port + 100·(k-1): pick base ports whose +100 is free too
     ports = {svc: free_port() for svc in SERVICES}
     dicom = free_port()
-    log = tmp_path / "up.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "services.cli", "up", "--cluster", "--replicas", "2"],
-            cwd=tmp_path,
-            env=_env(ports, dicom),
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    up = TestProcess("up", [*CLI, "up", "--cluster", "--replicas", "2"], tmp_path / "up.log", env=_env(ports, dicom),
+                     cwd=tmp_path, unset_env=UNSET).launch()  # fmt: skip
     pids: dict[str, int] = {}
     try:
-        _wait_for(r"PneumoTriage is up", log, proc, timeout=420)
-        text = log.read_text()
+        up.wait_log(r"PneumoTriage is up", timeout=420)
+        text = up.log_text()
         pids = {name: int(pid) for name, pid in re.findall(r"started ([\w-]+) \(pid (\d+)", text)}
         assert set(pids) == set(SERVICES) | {f"{svc}-2" for svc in SERVICES}
         assert "RabbitMQ cluster ready" in text and "PostgreSQL ready" in text and "quorum queues" in text
@@ -78,18 +73,17 @@ def test_up_cluster_with_two_replicas(tmp_path: Path) -> None:
             echo = subprocess.run(["/usr/bin/echoscu", "-aec", "PNEUMOTRIAGE", "127.0.0.1", str(p)], timeout=60)
             assert echo.returncode == 0, p
         assert not list((tmp_path / "var").glob("*.db")), "every service is on PostgreSQL"
-        proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=240) == 0, log.read_text()[-3000:]
+        up.signal(signal.SIGINT)
+        assert up.wait(timeout=240) == 0, up.tail()
         for pid in pids.values():
             assert not _alive(pid), f"pid {pid} survived `up`"
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
+        if up.alive():
+            up.signal(signal.SIGTERM)
             try:
-                proc.wait(timeout=200)
+                up.wait(timeout=200)
             except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
+                up.kill9()
                 for pid in pids.values():
                     with contextlib.suppress(ProcessLookupError):
                         os.killpg(pid, signal.SIGKILL)
-                proc.wait(10)

@@ -5,12 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
 import subprocess
 import sys
 import threading
-import time
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,9 +20,9 @@ from services.core.broker import Broker
 from services.core.net import free_port
 from services.system.rabbitmq import RabbitNode
 from tests.support.aggregator_service import publish, write_test_policy
+from tests.support.processes import CLI, TestProcess
 
 PASSWORD = "correct horse battery"
-CLI = (sys.executable, "-m", "services.cli")
 
 
 def run_async(coro: Any) -> Any:
@@ -99,21 +96,6 @@ class AggregatorServer:
         return path.as_uri()
 
 
-def _wait_healthy(url: str, proc: subprocess.Popen[bytes], log: Path, timeout: float = 90) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"aggregator exited: {log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(url + "/healthz", timeout=5) as resp:
-                if resp.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.3)
-    raise RuntimeError(f"aggregator not healthy in {timeout}s: {log.read_text()[-3000:]}")
-
-
 @pytest.fixture(name="aggregator_server", scope="module")
 def aggregator_server_fixture(
     rabbit: RabbitNode, tmp_path_factory: pytest.TempPathFactory
@@ -131,25 +113,19 @@ def aggregator_server_fixture(
         PT_LOG_LEVEL="INFO",
     )
     rabbit.ctl("purge_queue", "aggregator.events", check=False)  # leftovers of other tests are not ours
-    log = data_dir / "aggregator.log"
-    proc = subprocess.Popen(
+    proc = TestProcess(
+        "aggregator",
         [*CLI, "aggregator"],
+        data_dir / "aggregator.log",
         env=env,
-        stdout=open(log, "ab"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+        health_url=f"http://127.0.0.1:{port}/healthz",
+    ).launch()
     server = AggregatorServer(f"http://127.0.0.1:{port}", rabbit.url, data_dir, env)
     try:
-        _wait_healthy(server.url, proc, log)
+        proc.wait_healthy(90)
         yield server
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
+        proc.stop(30)
 
 
 class BrowserThread:

@@ -6,8 +6,7 @@ collects the triage.updated events it publishes."""
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -114,15 +113,6 @@ def message_id(msg: Any) -> str:
 
 async def publish(broker: Broker, msg: Any) -> None:
     await broker.publish(ROUTING[type(msg)], msg, message_id=message_id(msg), correlation_id=msg.image.sop_instance_uid)
-
-
-async def wait_for(check: Callable[[], Awaitable[bool]], timeout: float = 60.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if await check():
-            return
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 class TriageTap:

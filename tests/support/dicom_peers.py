@@ -18,13 +18,10 @@ Use in a test module:
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
 import socket
 import subprocess
 import tempfile
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterable, Iterator, Mapping
@@ -34,6 +31,8 @@ from typing import Any
 import pytest
 
 from services.core.net import free_port
+from tests.support.processes import TestProcess
+from tests.support.wait import eventually
 
 ORTHANC_BIN = "/usr/sbin/Orthanc"
 STORESCP = "/usr/bin/storescp"
@@ -45,32 +44,17 @@ ECHOSCU = "/usr/bin/echoscu"
 DCMTK_NODELAY_ENV: dict[str, str] = {"TCP_NODELAY": "1"}
 
 
-def _env(extra: Mapping[str, str] | None) -> dict[str, str] | None:
-    return None if not extra else {**os.environ, **extra}
-
-
 def wait_for_port(host: str, port: int, timeout: float = 30.0, process: subprocess.Popen[bytes] | None = None) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    """Until host:port accepts connections (fails at once when `process` exits first). For a
+    process of a TestProcess, `TestProcess.wait_listening` says the same with its log tail."""
+
+    def listening() -> bool:
         if process is not None and process.poll() is not None:
             raise RuntimeError(f"process exited with {process.returncode} before listening on {port}")
-        try:
-            with socket.create_connection((host, port), timeout=1):
-                return
-        except OSError:
-            time.sleep(0.1)
-    raise TimeoutError(f"nothing listening on {host}:{port} after {timeout}s")
+        with socket.create_connection((host, port), timeout=1):
+            return True
 
-
-def _stop(process: subprocess.Popen[bytes] | None, timeout: float = 20.0) -> None:
-    if process is None or process.poll() is not None:
-        return
-    process.send_signal(signal.SIGTERM)
-    try:
-        process.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait(timeout=10)
+    eventually(listening, timeout, what=f"something listening on {host}:{port}", ignore=(OSError,))
 
 
 class Orthanc:
@@ -89,7 +73,11 @@ class Orthanc:
         self.config_overrides = dict(config_overrides or {})
         self.http_port = free_port()
         self.dicom_port = free_port()
-        self.process: subprocess.Popen[bytes] | None = None
+        self.proc: TestProcess | None = None
+
+    @property
+    def process(self) -> subprocess.Popen[bytes] | None:
+        return self.proc.process if self.proc is not None else None
 
     @property
     def url(self) -> str:
@@ -131,28 +119,22 @@ class Orthanc:
         self.base.mkdir(parents=True, exist_ok=True)
         cfg = self.base / "orthanc.json"
         cfg.write_text(json.dumps(self.config(), indent=2))
-        with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen(
-                [ORTHANC_BIN, str(cfg)],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                env=_env(self.env),
-            )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"Orthanc exited: {self.log_path.read_text()[-2000:]}")
-            try:
-                self.get("/system")
-                wait_for_port("127.0.0.1", self.dicom_port, timeout=5, process=self.process)
-                return self
-            except (OSError, urllib.error.URLError, TimeoutError):
-                time.sleep(0.2)
-        raise TimeoutError(f"Orthanc did not start in {timeout}s: {self.log_path.read_text()[-2000:]}")
+        self.proc = TestProcess("orthanc", [ORTHANC_BIN, str(cfg)], self.log_path, env=self.env).launch()
+        eventually(lambda: self._check_started() and self.get("/system"), timeout, 0.2,
+                   what=lambda: f"Orthanc's REST API: {self.proc.tail(2000) if self.proc else ''}",
+                   ignore=(OSError, urllib.error.URLError))  # fmt: skip
+        self.proc.wait_listening(self.dicom_port, timeout)
+        return self
+
+    def _check_started(self) -> bool:
+        assert self.proc is not None
+        if not self.proc.alive():
+            raise RuntimeError(f"Orthanc exited: {self.proc.tail(2000)}")
+        return True
 
     def stop(self) -> None:
-        _stop(self.process, timeout=30)
+        if self.proc is not None:
+            self.proc.stop(timeout=30)
         shutil.rmtree(self.base, ignore_errors=True)
 
     # --- REST -----------------------------------------------------------------------------------
@@ -231,7 +213,11 @@ class StoreSCP:
         self.env = dict(env or {})
         self.port = free_port()
         self.extra_args = list(extra_args)
-        self.process: subprocess.Popen[bytes] | None = None
+        self.proc: TestProcess | None = None
+
+    @property
+    def process(self) -> subprocess.Popen[bytes] | None:
+        return self.proc.process if self.proc is not None else None
 
     @property
     def out_dir(self) -> Path:
@@ -240,18 +226,16 @@ class StoreSCP:
     def start(self, timeout: float = 30.0) -> StoreSCP:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         cmd = [STORESCP, "-aet", self.aet, "+xa", "-od", str(self.out_dir), *self.extra_args, str(self.port)]
-        with open(self.base / "storescp.log", "ab") as log:
-            self.process = subprocess.Popen(
-                cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=_env(self.env)
-            )
-        wait_for_port("127.0.0.1", self.port, timeout=timeout, process=self.process)
+        self.proc = TestProcess("storescp", cmd, self.base / "storescp.log", env=self.env).launch()
+        self.proc.wait_listening(self.port, timeout)
         return self
 
     def received(self) -> list[Path]:
         return sorted(p for p in self.out_dir.iterdir() if p.is_file())
 
     def stop(self) -> None:
-        _stop(self.process)
+        if self.proc is not None:
+            self.proc.stop(timeout=20)
         shutil.rmtree(self.base, ignore_errors=True)
 
     def __enter__(self) -> StoreSCP:

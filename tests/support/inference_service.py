@@ -18,6 +18,7 @@ from services.core.net import free_port
 from services.inference.app import InferenceService
 from services.inference.config import InferenceSettings
 from services.inference.runtime import InferenceRuntime
+from tests.support.queues import routing_key_is, take
 
 SHARED_DICOM = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "dicom"
 
@@ -64,49 +65,23 @@ async def publish_events(broker: Broker, events: list[ImageReceived]) -> None:
 async def collect_predictions(
     broker: Broker, count: int, timeout: float = 60.0, settle: float = 0.0
 ) -> list[tuple[Prediction, aio_pika.abc.AbstractIncomingMessage]]:
-    """Take prediction.made messages from aggregator.events until `count` arrived (then wait `settle`
-    seconds for any extra ones); other events on that queue are acked and ignored."""
+    """Take prediction.made messages from aggregator.events until `count` arrived (with `settle`:
+    until no more came for that long, so extra ones are caught); other events on that queue are
+    taken and ignored (tests.support.queues.take)."""
     assert broker.connection is not None
-    channel = await broker.connection.channel()
-    queue = await channel.get_queue("aggregator.events")
-    got: list[tuple[Prediction, aio_pika.abc.AbstractIncomingMessage]] = []
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    try:
-        while True:
-            if len(got) >= count:
-                if settle <= 0:
-                    break
-                deadline = min(deadline, loop.time() + settle)
-                settle = 0
-            if loop.time() > deadline:
-                break
-            message = await queue.get(no_ack=False, fail=False)
-            if message is None:
-                await asyncio.sleep(0.1)
-                continue
-            await message.ack()
-            if message.routing_key == "prediction.made":
-                got.append((Prediction.FromString(message.body), message))
-    finally:
-        await channel.close()
-    return got
+    messages = await take(
+        broker.connection, "aggregator.events", count, timeout, settle, routing_key_is("prediction.made")
+    )
+    return [(Prediction.FromString(message.body), message) for message in messages]
 
 
 async def dead_letters(broker: Broker, queue_name: str = "inference.images.dlq") -> list[tuple[str, str]]:
-    """(sop_instance_uid, x-death-reason) of every message in the DLQ (acked = removed)."""
+    """(sop_instance_uid, x-death-reason) of every message in the DLQ (taken = removed)."""
     assert broker.connection is not None
-    channel = await broker.connection.channel()
-    queue = await channel.get_queue(queue_name)
-    out = []
-    try:
-        while (message := await queue.get(no_ack=False, fail=False)) is not None:
-            await message.ack()
-            event = ImageReceived.FromString(message.body)
-            out.append((event.image.sop_instance_uid, str((message.headers or {}).get("x-death-reason", ""))))
-    finally:
-        await channel.close()
-    return out
+    return [
+        (ImageReceived.FromString(m.body).image.sop_instance_uid, str((m.headers or {}).get("x-death-reason", "")))
+        for m in await take(broker.connection, queue_name)
+    ]
 
 
 def service_settings(amqp_url: str, tmp: Path, repository: Path, **overrides: object) -> InferenceSettings:

@@ -12,11 +12,11 @@ import aio_pika
 import pytest
 
 from services.core.broker import Broker
-from services.core.contracts import MESSAGE_BY_ROUTING_KEY
 from services.core.net import free_port
 from services.ingest.app import IngestService
 from services.ingest.config import IngestSettings
 from services.system.rabbitmq import RabbitNode
+from tests.support.queues import payload, take
 
 AE_TITLE = "PNEUMOTRIAGE"
 
@@ -57,28 +57,10 @@ async def call(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
 async def drain(
     rabbit_url: str, queue: str, expected: int, timeout: float = 60.0, settle: float = 1.0
 ) -> list[tuple[aio_pika.abc.AbstractIncomingMessage, Any]]:
-    """Take messages off a queue until `expected` arrived and nothing more came for `settle` seconds."""
-    connection = await aio_pika.connect(rabbit_url)
-    got: list[tuple[aio_pika.abc.AbstractIncomingMessage, Any]] = []
-    try:
-        channel = await connection.channel()
-        q = await channel.get_queue(queue)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        quiet_since = loop.time()
-        while loop.time() < deadline:
-            msg = await q.get(no_ack=True, fail=False)
-            if msg is None:
-                if len(got) >= expected and loop.time() - quiet_since >= settle:
-                    break
-                await asyncio.sleep(0.1)
-                continue
-            quiet_since = loop.time()
-            key = msg.headers.get("x-original-routing-key") or msg.routing_key
-            got.append((msg, MESSAGE_BY_ROUTING_KEY[str(key)].FromString(msg.body)))
-    finally:
-        await connection.close()
-    return got
+    """Take messages off a queue until `expected` arrived and nothing more came for `settle` seconds
+    (tests.support.queues.take), each with its decoded payload."""
+    messages = await take(rabbit_url, queue, count=expected, timeout=timeout, settle=settle)
+    return [(message, payload(message)) for message in messages]
 
 
 def sop_uids(events: Iterable[tuple[Any, Any]]) -> list[str]:

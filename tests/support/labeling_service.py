@@ -7,13 +7,10 @@ import asyncio
 import os
 import re
 import shutil
-import signal
 import sqlite3
 import subprocess
-import sys
 import tempfile
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -29,6 +26,8 @@ from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, ge
 from services.core.broker import Broker
 from services.core.contracts import ImageReceived, ImageRef
 from services.core.net import free_port
+from tests.support.processes import CLI, TestProcess
+from tests.support.wait import eventually
 
 OWNER = ("owner1", "owner-pass-1")
 ANNOTATOR = ("ann1", "ann-pass-1")
@@ -191,12 +190,14 @@ class LabelingServer:
         if database_url:
             self.env["PT_DATABASE_URL"] = database_url
         self.gold_data, self.n_gold = gold_data, n_gold
-        self.process: subprocess.Popen[bytes] | None = None
+        self.proc = TestProcess(
+            "labeling", [*CLI, "labeling"], self.base / "service.log", env=self.env, health_url=self.url + "/healthz"
+        )
         self.db = self.base / "var" / "labeling.db"
 
     def cli(self, *args: str) -> str:
         res = subprocess.run(
-            [sys.executable, "-m", "services.cli", "labeling", *args],
+            [*CLI, "labeling", *args],
             env=self.env,
             capture_output=True,
             text=True,
@@ -215,41 +216,18 @@ class LabelingServer:
         return self.launch()
 
     def kill9(self) -> None:
-        assert self.process is not None
-        os.killpg(self.process.pid, signal.SIGKILL)
-        self.process.wait(10)
+        self.proc.kill9()
 
     def launch(self) -> LabelingServer:
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "services.cli", "labeling"],
-            env=self.env,
-            stdout=open(self.base / "service.log", "ab"),
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            assert self.process.poll() is None, self.log()
-            try:
-                if httpx.get(self.url + "/healthz", timeout=5).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        raise RuntimeError("labeling service did not become healthy:\n" + self.log())
+        self.proc.start()
+        self.proc.wait_healthy(90)
+        return self
 
     def log(self) -> str:
-        p = self.base / "service.log"
-        return p.read_text()[-12000:] if p.exists() else ""
+        return self.proc.tail(12000)
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(10)
+        self.proc.stop(30)
         shutil.rmtree(self.base, ignore_errors=True)
 
     def query(self, sql: str, *params: Any) -> list[tuple[Any, ...]]:
@@ -257,14 +235,14 @@ class LabelingServer:
             return con.execute(sql, params).fetchall()
 
     def wait_for(self, sql: str, predicate: Any, timeout: float = 60.0, *params: Any) -> list[tuple[Any, ...]]:
-        deadline = time.monotonic() + timeout
-        rows: list[tuple[Any, ...]] = []
-        while time.monotonic() < deadline:
-            rows = self.query(sql, *params)
-            if predicate(rows):
-                return rows
-            time.sleep(0.3)
-        raise AssertionError(f"timed out waiting on {sql!r}: last {rows!r}\n{self.log()}")
+        """The rows of `sql` once predicate(rows) holds (tests.support.wait.eventually)."""
+        seen: list[list[tuple[Any, ...]]] = [[]]
+
+        def rows_ok() -> tuple[list[tuple[Any, ...]]] | None:
+            seen[0] = self.query(sql, *params)
+            return (seen[0],) if predicate(seen[0]) else None  # (rows,): no rows can be the answer
+
+        return eventually(rows_ok, timeout, 0.3, what=lambda: f"{sql!r}: last {seen[0]!r}\n{self.log()}")[0]
 
     def add_work_images(self, sources: list[Path], eligible: bool = True, duplicate_first: bool = False) -> list[str]:
         uids, events = [], []

@@ -25,6 +25,7 @@ from services.system.rabbit_cluster import RabbitCluster
 from tests.support.system_harness import SendResult, SystemHarness
 from tests.support.system_reconcile import Reconciliation, wait_reconciled
 from tests.support.system_scenario import FAST_ENV, Batch, model_env
+from tests.support.wait import eventually
 
 CONSUMED_QUEUES = {"inference.images": "inference", "labeling.images": "labeling", "aggregator.events": "aggregator"}
 
@@ -114,12 +115,8 @@ class ScaleOut:
 def _wait_stored(system: SystemHarness, sender: threading.Thread, target: int, timeout: float = 600.0) -> int:
     from tests.support.system_faults import ingest_count
 
-    deadline = time.monotonic() + timeout
-    while sender.is_alive() and time.monotonic() < deadline:
-        n = ingest_count(system)
-        if n >= target:
-            return n
-        time.sleep(0.2)
+    eventually(lambda: not sender.is_alive() or ingest_count(system) >= target, timeout, 0.2,
+               what=f"ingest to hold {target} images")  # fmt: skip
     return ingest_count(system)
 
 
@@ -157,7 +154,7 @@ def replica_faults(run: ScaleOut, batch: Batch, associations: int = 4, settle_ti
             retry = [path for path, _status in total.refused]
             if not retry:
                 break
-            time.sleep(2.0)
+            time.sleep(2.0)  # a PACS's retry delay (pacing the sender), not synchronisation
             again = system.send(retry, associations=min(associations, len(retry)))
             total.refused = again.refused
             total.acked += again.acked
@@ -180,13 +177,13 @@ def replica_faults(run: ScaleOut, batch: Batch, associations: int = 4, settle_ti
     node = len(run.cluster.nodes) - 1
     run.cluster.stop_node(node)
     note(f"RabbitMQ node {run.cluster.nodes[node].nodename} stopped")
-    time.sleep(10)
+    time.sleep(10)  # how long the node stays down: the fault itself, not synchronisation
     run.cluster.start_node(node)
     note("RabbitMQ node started again")
     _wait_stored(system, sender, int(n * 0.55))
     run.postgres.stop_server("fast")
     note("PostgreSQL stopped")
-    time.sleep(5)
+    time.sleep(5)  # how long PostgreSQL stays down: the fault itself, not synchronisation
     run.postgres.start_server()
     note("PostgreSQL started again")
     sender.join(timeout=3600)

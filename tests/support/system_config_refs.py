@@ -18,11 +18,6 @@ SERVICES = ("ingest", "inference", "labeling", "aggregator")
 SETTINGS_MODULES = ("services.core.settings", "services.core.auth", *(f"services.{s}.config" for s in SERVICES))
 
 
-def landed(service: str) -> bool:
-    """The service's code exists in this tree (its config module and its CLI)."""
-    return (REPO / "services" / service / "config.py").exists() and (REPO / "services" / service / "cli.py").exists()
-
-
 @cache
 def settings_classes() -> tuple[type[BaseSettings], ...]:
     found: list[type[BaseSettings]] = []

@@ -20,6 +20,7 @@ from pathlib import Path
 from tests.support.system_harness import SendResult, SystemHarness
 from tests.support.system_reconcile import DbReader, Reconciliation, wait_reconciled
 from tests.support.system_scenario import Batch
+from tests.support.wait import eventually
 
 
 def ingest_count(system: SystemHarness) -> int:
@@ -44,9 +45,8 @@ def run_with_fault(
     sender = threading.Thread(target=lambda: box.setdefault("sent", system.send(batch.paths, associations)))
     sender.start()
     target = max(1, int(len(batch.images) * trigger_fraction))
-    deadline = time.monotonic() + 300
-    while sender.is_alive() and ingest_count(system) < target and time.monotonic() < deadline:
-        time.sleep(0.05)
+    eventually(lambda: not sender.is_alive() or ingest_count(system) >= target, 300, 0.05,
+               what=f"ingest to hold {target} images")  # fmt: skip
     print(f"fault at {ingest_count(system)} of {len(batch.images)} images stored")
     fault()
     sender.join(timeout=900)
@@ -66,7 +66,7 @@ def run_with_fault(
 
 def kill_and_restart(system: SystemHarness, service: str, down_s: float = 2.0) -> None:
     system.kill9(service)
-    time.sleep(down_s)
+    time.sleep(down_s)  # how long the service stays down: the fault itself, not synchronisation
     system.restart(service)
 
 
@@ -74,7 +74,7 @@ def broker_outage(system: SystemHarness, down_s: float = 10.0) -> None:
     # rabbitmqctl can be slow on a loaded machine: give it time, the outage is what matters
     system.rabbit.ctl("stop_app", timeout=180)
     try:
-        time.sleep(down_s)
+        time.sleep(down_s)  # how long the broker stays down: the fault itself, not synchronisation
     finally:
         try:
             system.rabbit.start_app()
@@ -99,7 +99,7 @@ def db_locked(db: Path) -> Iterator[None]:
 
 def lock_db_for(system: SystemHarness, service: str, seconds: float) -> None:
     with db_locked(system.data_dir / f"{service}.db"):
-        time.sleep(seconds)
+        time.sleep(seconds)  # how long the lock is held: the fault itself, not synchronisation
 
 
 def chattr_available(probe_dir: Path) -> bool:
@@ -128,7 +128,7 @@ def store_unwritable_for(system: SystemHarness, seconds: float) -> None:
     store.mkdir(parents=True, exist_ok=True)
     subprocess.run(["chattr", "-R", "+i", str(store)], check=True, capture_output=True)
     try:
-        time.sleep(seconds)
+        time.sleep(seconds)  # how long the store stays unwritable: the fault itself, not synchronisation
     finally:
         subprocess.run(["chattr", "-R", "-i", str(store)], check=True, capture_output=True)
 
@@ -141,7 +141,7 @@ def postgres_outage(cluster: object, seconds: float) -> None:
     subprocess.run(_as_postgres([_bin("pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop"]), check=True,
                    capture_output=True, timeout=120)  # fmt: skip
     try:
-        time.sleep(seconds)
+        time.sleep(seconds)  # how long PostgreSQL stays down: the fault itself, not synchronisation
     finally:
         opts = f"-p {port} -k {sock_dir} -c listen_addresses=127.0.0.1 -c fsync=on"
         subprocess.run(

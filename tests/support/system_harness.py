@@ -33,6 +33,7 @@ from services.system.processes import SERVICES, ChildProcess
 from services.system.rabbit_cluster import RabbitCluster
 from services.system.rabbitmq import RabbitNode
 from services.system.stack import StackConfig
+from tests.support.wait import eventually
 
 STORESCU = "/usr/bin/storescu"
 _SENDING = re.compile(r"Sending file: (.+)$")
@@ -261,11 +262,5 @@ class SystemHarness:
 
     @staticmethod
     def wait_for(predicate: Callable[[], Any], timeout: float = 120.0, interval: float = 1.0, what: str = "") -> Any:
-        deadline = time.monotonic() + timeout
-        last: Any = None
-        while time.monotonic() < deadline:
-            last = predicate()
-            if last:
-                return last
-            time.sleep(interval)
-        raise TimeoutError(f"timed out after {timeout}s waiting for {what or predicate} (last: {last!r})")
+        """tests.support.wait.eventually, polling once a second by default (the system is slow to change)."""
+        return eventually(predicate, timeout, interval, what=what or str(predicate))

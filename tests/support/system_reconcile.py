@@ -20,7 +20,9 @@ from urllib.parse import unquote, urlparse
 import aio_pika
 
 from services.core.broker import CONSUMERS
+from tests.support.queues import take
 from tests.support.system_harness import SystemHarness
+from tests.support.wait import NotYet, eventually
 
 PENDING_FLAGS = {None, "", "PENDING"}
 
@@ -70,16 +72,13 @@ async def _peek_dead_letters(amqp_url: str) -> dict[str, list[tuple[str, str]]]:
     out: dict[str, list[tuple[str, str]]] = {}
     connection = await aio_pika.connect(amqp_url, timeout=30)
     try:
-        channel = await connection.channel()
         for spec in CONSUMERS.values():
-            queue = await channel.get_queue(spec.dlq, ensure=False)
             entries: list[tuple[str, str]] = []
-            while (message := await queue.get(no_ack=False, fail=False, timeout=30)) is not None:
+            for message in await take(connection, spec.dlq, remove=False):
                 headers = dict(message.headers or {})
                 reason = headers.get("x-death-reason") or headers.get("x-first-death-reason") or "(no reason)"
                 entries.append((str(message.correlation_id or headers.get("x-correlation-id") or ""), str(reason)))
             out[spec.dlq] = entries
-        await channel.close()  # unacked messages go back to their queues
     finally:
         await connection.close()
     return out
@@ -231,20 +230,19 @@ def wait_reconciled(
     system: SystemHarness, acked: set[str], timeout: float = 300.0, check_labeling: bool = True
 ) -> Reconciliation:
     """Poll until every acknowledged image is accounted for (or the timeout), then print the table."""
-    import time
 
-    deadline = time.monotonic() + timeout
-    while True:
+    def accounted() -> Reconciliation | None:
         r = reconcile(system, acked, verify_hashes=False)
-        if not r.problems(check_labeling):
-            # Settled without hashing; confirm with the full check. Late events (a vote that lands
-            # between the two looks, with its outbox row not yet relayed) mean: keep polling.
-            r = reconcile(system, acked, verify_hashes=True)
-            if not r.problems(check_labeling):
-                break
-        if time.monotonic() > deadline:
-            r = reconcile(system, acked, verify_hashes=True)
-            break
-        time.sleep(2.0)
+        if r.problems(check_labeling):
+            return None
+        # Settled without hashing; confirm with the full check. Late events (a vote that lands
+        # between the two looks, with its outbox row not yet relayed) mean: keep polling.
+        r = reconcile(system, acked, verify_hashes=True)
+        return None if r.problems(check_labeling) else r
+
+    try:
+        r = eventually(accounted, timeout, 2.0, what="every acknowledged image accounted for")
+    except NotYet:  # the caller asserts on the table's problems
+        r = reconcile(system, acked, verify_hashes=True)
     print(r.table())
     return r

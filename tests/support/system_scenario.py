@@ -8,8 +8,6 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
-
 from tests.support.system_dicom import MadeImage, make_study_set
 from tests.support.system_harness import SendResult, SystemHarness
 
@@ -30,8 +28,9 @@ def model_env() -> dict[str, str]:
     override = os.environ.get("PT_SYSTEM_TEST_MODEL_REPOSITORY")
     if override:
         return {"PT_INFERENCE_MODEL_REPOSITORY": override}
-    if not list(MODEL_REPOSITORY.glob("pneumonia/*/model.onnx")):
-        pytest.skip("no committed model under deploy/triton/model_repository/pneumonia yet")
+    assert list(MODEL_REPOSITORY.glob("pneumonia/*/model.onnx")), (
+        "no committed model under deploy/triton/model_repository/pneumonia (it is part of the repository)"
+    )
     return {}
 
 

@@ -13,12 +13,18 @@ from prometheus_client import REGISTRY
 from services.inference.runtime import ModelRepository, OnnxRuntime
 from services.inference.worker import MicroBatcher
 from tests.support.inference_model import build_tiny_onnx, make_repository
+from tests.support.wait import eventually_async
 
 
 @pytest.fixture(scope="module")
 def tiny_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("batcher")
     return make_repository(root / "models", build_tiny_onnx(root / "tiny.onnx", 64), input_size=64)
+
+
+def _unavailable() -> float:
+    """Runs that found the runtime unavailable so far (each one is a retry of the batch)."""
+    return REGISTRY.get_sample_value("pt_inference_errors_total", {"kind": "runtime_unavailable"}) or 0.0
 
 
 def _inputs(n: int) -> list[np.ndarray]:
@@ -48,17 +54,16 @@ async def test_unavailable_runtime_is_retried_until_it_answers(tiny_repository: 
     runtime = OnnxRuntime(ModelRepository(tiny_repository, "pneumonia"), threads=1)  # not started yet
     batcher = MicroBatcher(runtime, max_batch=8, max_wait_ms=5, max_backoff_s=0.2)
     batcher.start()
-    before = REGISTRY.get_sample_value("pt_inference_errors_total", {"kind": "runtime_unavailable"}) or 0
+    before = _unavailable()
     try:
         pending = [asyncio.ensure_future(batcher.submit(x)) for x in _inputs(3)]
-        await asyncio.sleep(1.0)
+        await eventually_async(lambda: _unavailable() - before >= 2, 10, what="two failed runs")  # retried twice
         assert not any(p.done() for p in pending)
         assert batcher.available is False
         await runtime.start()
         items = await asyncio.wait_for(asyncio.gather(*pending), 10)
         assert len(items) == 3 and batcher.available
-        after = REGISTRY.get_sample_value("pt_inference_errors_total", {"kind": "runtime_unavailable"}) or 0
-        assert after - before >= 2
+        assert _unavailable() - before >= 2
     finally:
         await batcher.close()
         await runtime.close()
@@ -69,12 +74,13 @@ async def test_cancelled_waiters_stop_the_retry(tiny_repository: Path) -> None:
     batcher = MicroBatcher(runtime, max_batch=2, max_wait_ms=1, max_backoff_s=0.05)
     batcher.start()
     try:
+        before = _unavailable()
         pending = [asyncio.ensure_future(batcher.submit(x)) for x in _inputs(2)]
-        await asyncio.sleep(0.3)
+        await eventually_async(lambda: _unavailable() > before, 10, 0.02, what="a failed run (the retry loop runs)")
         for p in pending:
             p.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
-        await asyncio.sleep(0.3)
-        assert not batcher._inflight  # the retry loop gave up: nobody was waiting any more
+        # the retry loop gives up: nobody is waiting any more
+        await eventually_async(lambda: not batcher._inflight, 5, 0.02, what="the retry loop to give up")
     finally:
         await batcher.close()

@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from services.core.broker import CONSUMERS
-from tests.support.system_config_refs import REPO, SERVICES, cli_commands, env_var_names, landed, settings_default
+from tests.support.system_config_refs import REPO, SERVICES, cli_commands, env_var_names, settings_default
 
 K8S = REPO / "deploy/k8s"
 K8S_VERSION = "1.30.0"
@@ -202,8 +202,6 @@ def test_service_deployment_matches_the_code(service: str) -> None:
     assert cm[f"PT_{service.upper()}_HTTP_PORT"] == str(HTTP_PORT[service])
     assert any(v["persistentVolumeClaim"]["claimName"] == "pneumotriage-images"
                for v in deploy["spec"]["template"]["spec"]["volumes"] if "persistentVolumeClaim" in v)  # fmt: skip
-    if not landed(service):
-        pytest.skip(f"services/{service} has not landed yet: its env vars and command are checked once it does")
     assert service in cli_commands()
     assert settings_default(f"PT_{service.upper()}_HTTP_PORT") == HTTP_PORT[service]
 
@@ -212,15 +210,13 @@ def test_configured_env_vars_are_read_by_the_code() -> None:
     cm = by_kind("ConfigMap")["pneumotriage-config"]["data"]
     secret = by_kind("Secret")["pneumotriage-secrets"]["stringData"]
     names = env_var_names()
-    pending = {s for s in SERVICES if not landed(s)}
-    unknown = [
-        k for k in [*cm, *secret]
-        if k.startswith("PT_") and k not in names and not any(k.startswith(f"PT_{s.upper()}_") for s in pending)
-    ]  # fmt: skip
+    unknown = [k for k in [*cm, *secret] if k.startswith("PT_") and k not in names]
     assert not unknown, f"manifests set env vars no settings class reads: {unknown}"
 
 
-@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl (with kustomize) is not installed")
+# optional: kubectl is not one of the test peers ./pt test installs (a dev box or CI may lack it);
+# the manifests themselves are checked above without it
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="optional: kubectl (with kustomize) is not installed")
 def test_kustomize_renders() -> None:
     out = subprocess.run(["kubectl", "kustomize", str(K8S)], capture_output=True, text=True, timeout=120, check=True)
     rendered = [d for d in yaml.safe_load_all(out.stdout) if d]

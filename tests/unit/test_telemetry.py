@@ -66,13 +66,11 @@ async def test_serve_http_answers_then_stops_cleanly_when_cancelled() -> None:
 
     port = free_port()
     task = asyncio.create_task(serve_http(ops_app("test"), "127.0.0.1", port))
+    from tests.support.wait import eventually_async
+
     async with httpx.AsyncClient() as client:
-        for _ in range(100):
-            try:
-                resp = await client.get(f"http://127.0.0.1:{port}/healthz")
-                break
-            except httpx.ConnectError:
-                await asyncio.sleep(0.05)
+        url = f"http://127.0.0.1:{port}/healthz"
+        resp = await eventually_async(lambda: client.get(url), 10, 0.05, ignore=(httpx.ConnectError,))
         assert resp.status_code == 200
     task.cancel()
     try:
