@@ -8,7 +8,6 @@ for the restart."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import re
 import signal
@@ -16,6 +15,7 @@ import socket
 import sqlite3
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pydicom
@@ -24,6 +24,7 @@ from services.system.rabbitmq import RabbitNode
 from tests.integration.test_ingest_service_process import IngestProcess
 from tests.support.dicom_peers import STORESCU
 from tests.support.ingest_service import AE_TITLE, drain, run
+from tests.support.wait import eventually_async
 
 
 def children(pid: int) -> list[int]:
@@ -44,27 +45,15 @@ def port_closed(port: int) -> bool:
         return sock.connect_ex(("127.0.0.1", port)) != 0
 
 
-async def until(condition: object, timeout: float) -> bool:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while loop.time() < deadline:
-        if condition():  # type: ignore[operator]
-            return True
-        await asyncio.sleep(0.1)
-    return bool(condition())  # type: ignore[operator]
+async def workers_ready(proc: IngestProcess, count: int) -> dict[str, Any]:
+    """The primary's /healthz once `count` processes (itself included) accept."""
 
+    async def ready() -> dict[str, Any] | None:
+        async with httpx.AsyncClient() as client:
+            checks = (await client.get(f"http://127.0.0.1:{proc.http_port}/healthz", timeout=5)).json()["checks"]
+        return checks["workers"] if checks["workers"]["alive"] == count else None
 
-async def workers_ready(proc: IngestProcess, count: int, timeout: float = 60) -> bool:
-    async with httpx.AsyncClient() as client:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while loop.time() < deadline:
-            with contextlib.suppress(httpx.HTTPError):
-                health = await client.get(f"http://127.0.0.1:{proc.http_port}/healthz", timeout=5)
-                if health.json()["checks"]["workers"]["alive"] == count:
-                    return True
-            await asyncio.sleep(0.1)
-    return False
+    return await eventually_async(ready, timeout=60, what=f"{count} ingest processes", ignore=(httpx.HTTPError,))
 
 
 def received(metrics: str) -> float:
@@ -81,7 +70,7 @@ async def test_two_workers_share_the_port_and_store_each_instance_once(
     same = files[0]  # sent on every association at once: different processes race for one UID
     proc = await IngestProcess(tmp_path / "var", rabbit.url, PT_INGEST_WORKERS="2").start()
     try:
-        assert await workers_ready(proc, 2)
+        await workers_ready(proc, 2)
         senders = 8
         chunks = [[same, *files[1 + k :: senders]] for k in range(senders)]
         results = await asyncio.gather(
@@ -118,13 +107,14 @@ async def test_two_workers_share_the_port_and_store_each_instance_once(
 
 async def test_a_dead_worker_stops_the_service_non_zero(tmp_path: Path, rabbit: RabbitNode) -> None:
     proc = await IngestProcess(tmp_path / "var", rabbit.url, PT_INGEST_WORKERS="3").start()
-    assert proc.process is not None
-    assert await workers_ready(proc, 3)
-    workers = children(proc.process.pid)
+    await workers_ready(proc, 3)
+    primary = proc.process.process
+    assert primary is not None
+    workers = children(primary.pid)
+    assert len(workers) == 2
     os.kill(workers[0], signal.SIGKILL)
-    code = await asyncio.to_thread(proc.process.wait, 60)
-    assert code != 0
-    assert await until(lambda: port_closed(proc.dicom_port), 30)  # the other worker stopped too
+    assert await asyncio.to_thread(proc.process.wait, 60) == 1
+    await eventually_async(lambda: port_closed(proc.dicom_port), 30, what="the DICOM port closed")  # all stopped
     assert "ingest worker exited" in proc.log.read_text()
 
 
@@ -135,17 +125,19 @@ async def test_primary_killed_takes_its_workers_down_and_restarts(
 
     data_dir = tmp_path / "var"
     proc = await IngestProcess(data_dir, rabbit.url, PT_INGEST_WORKERS="2").start()
-    assert proc.process is not None
-    assert await workers_ready(proc, 2)
-    (worker,) = children(proc.process.pid)
+    await workers_ready(proc, 2)
+    primary = proc.process.process
+    assert primary is not None
+    (worker,) = children(primary.pid)
     proc.stop(signal.SIGKILL)
-    assert await until(lambda: not Path(f"/proc/{worker}").exists(), 30)
-    assert await until(lambda: port_closed(proc.dicom_port), 10)
+    await eventually_async(lambda: not Path(f"/proc/{worker}").exists(), 30, what="the worker gone")
+    await eventually_async(lambda: port_closed(proc.dicom_port), 10, what="the DICOM port closed")
 
-    again = IngestProcess(data_dir, rabbit.url, PT_INGEST_WORKERS="2")
+    same_ports = {"PT_INGEST_PORT": str(proc.dicom_port), "PT_INGEST_HTTP_PORT": str(proc.http_port)}
+    again = IngestProcess(data_dir, rabbit.url, PT_INGEST_WORKERS="2", **same_ports)
     again.dicom_port, again.http_port = proc.dicom_port, proc.http_port
-    again.env.update(PT_INGEST_PORT=str(proc.dicom_port), PT_INGEST_HTTP_PORT=str(proc.http_port))
     await again.start()
+    await workers_ready(again, 2)
     try:
         image = sorted((shared_data / "kermany224" / "train" / "NORMAL").glob("*.jpeg"))[300]
         file = make_dicom_file(image, tmp_path / "in", transfer_syntax="explicit", bits=12, size=256)
