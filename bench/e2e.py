@@ -129,13 +129,26 @@ def count(db: Path, sql: str) -> int:
 
 
 def cpu_seconds(system: SystemHarness, service: str) -> float:
-    """CPU time (user + system) the service's process has used so far, from /proc."""
+    """CPU time (user + system) the service's process and its children (ingest workers) have used
+    so far, from /proc."""
     pid = system.children[service].pid
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
+    tick = os.sysconf("SC_CLK_TCK")
+    stats: dict[int, tuple[int, float]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            stats[int(entry.name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / tick)
+    if pid not in stats:
         return float("nan")
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    total, frontier = 0.0, [pid]
+    while frontier:
+        current = frontier.pop()
+        total += stats[current][1]
+        frontier.extend(p for p, (ppid, _) in stats.items() if ppid == current)
+    return total
 
 
 def queue_ready(system: SystemHarness, *names: str) -> dict[str, int]:
@@ -542,7 +555,10 @@ def main() -> None:
     parser.add_argument("--rate-seconds", type=float, default=20.0, help="how long each offered-load level lasts")
     parser.add_argument("--json-out", type=Path, default=None)
     parser.add_argument("--workdir", type=Path, default=None, help="keep the run's files (logs, DBs) here")
+    parser.add_argument("--ingest-workers", type=int, default=1, help="PT_INGEST_WORKERS for the ingest service")
     args = parser.parse_args()
+    os.environ["PT_INGEST_WORKERS"] = str(args.ingest_workers)  # the services inherit the environment
+    print(f"ingest: PT_INGEST_WORKERS={args.ingest_workers}")
     n, alone, curve = args.n, args.alone, args.curve
     if args.rate and "--n" not in sys.argv and "--alone" not in sys.argv:
         n, alone, curve = 0, 0, []  # `--rate R` alone: just that offered load
