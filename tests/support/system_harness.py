@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import secrets
 import subprocess
 import sys
 import time
@@ -110,7 +111,7 @@ class SystemHarness:
             amqp_url=self.amqp_url,
             http_ports={svc: free_port() for svc in SERVICES},
             dicom_port=free_port(),
-            env={"PT_LOG_JSON": "true", "PT_LOG_LEVEL": "INFO", "PT_SECRET_KEY": "system-test-secret", **(env or {})},
+            env={"PT_LOG_JSON": "true", "PT_LOG_LEVEL": "INFO", "PT_SECRET_KEY": secrets.token_hex(32), **(env or {})},
             service_env=service_env or {},
             services=services,
             replicas=replicas,
