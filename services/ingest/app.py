@@ -26,12 +26,12 @@ from services.core.db import make_engine, make_sessionmaker, upgrade
 from services.core.db.outbox import OUTBOX_BACKLOG, OutboxRelay
 from services.core.runner import Components, ServiceRunner, with_broker
 from services.core.telemetry import ops_app, serve_http
-from services.ingest.commit import LoopCommitter, ThreadCommitter, make_committer
+from services.ingest.commit import Committer, make_committer
 from services.ingest.config import IngestSettings
 from services.ingest.models import Base, Outbox
 from services.ingest.scp import IngestSCP
 from services.ingest.store import ContentStore
-from services.ingest.workers import RemoteCommitter, WorkerPool, listen_socket
+from services.ingest.workers import WorkerPool, listen_socket
 
 log = logging.getLogger(__name__)
 SERVICE = "ingest"
@@ -48,7 +48,7 @@ class IngestService:
         settings: IngestSettings | None = None,
         listen_socket: socket.socket | None = None,
         relay: bool = True,
-        committer: RemoteCommitter | None = None,
+        committer: Committer | None = None,
     ) -> None:
         self.settings = settings or IngestSettings()
         self.listen_socket = listen_socket
@@ -59,7 +59,7 @@ class IngestService:
         self.broker = Broker(self.settings.amqp_url, self.settings.exchange, self.settings.quorum_queues)
         self.relay = OutboxRelay(SERVICE, self.sessions, Outbox, self.broker, idle_seconds=0.5)
         self.scp: IngestSCP | None = None
-        self.committer: ThreadCommitter | LoopCommitter | RemoteCommitter | None = committer
+        self.committer: Committer | None = committer
         self._stop = asyncio.Event()
         self._notify_pending = False
         self.components = Components(self._stop)  # relay, HTTP: the runner stops on the first failure

@@ -26,7 +26,7 @@ import queue
 import threading
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 from sqlalchemy import Connection, Engine, bindparam, create_engine, event, insert, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -173,6 +173,17 @@ def record_batch(conn: Connection, items: list[tuple[Decision, StoredFile, str]]
 
 def _is_stored(conn: Connection, uid: str) -> bool:
     return conn.execute(select(Instance.id).where(Instance.sop_instance_uid == uid)).first() is not None
+
+
+class Committer(Protocol):
+    """What the SCP commits through: ThreadCommitter (SQLite), LoopCommitter (PostgreSQL) or, in a
+    worker process, workers.RemoteCommitter (the first process commits)."""
+
+    def start(self) -> None: ...
+
+    def submit(self, decision: Decision, stored: StoredFile, calling_ae: str) -> concurrent.futures.Future[Any]: ...
+
+    async def stop(self) -> None: ...
 
 
 class _Committer:

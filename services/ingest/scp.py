@@ -22,7 +22,7 @@ import threading
 import time
 from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 from prometheus_client import Counter, Gauge, Histogram
 from pydicom.dataset import Dataset
@@ -46,7 +46,7 @@ from pynetdicom.sop_class import Verification
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from services.core.telemetry import bound_correlation_id
-from services.ingest.commit import LoopCommitter, ThreadCommitter
+from services.ingest.commit import Committer
 from services.ingest.config import IngestSettings
 from services.ingest.records import record_refusal
 from services.ingest.store import ContentStore, StoredFile, StoreError
@@ -60,9 +60,6 @@ from services.ingest.validate import (
     decide,
 )
 from services.ingest.wire import GuardedServer, Waker, Wire, clean_spool, install_reactor_wakeups, spool_dir
-
-if TYPE_CHECKING:
-    from services.ingest.workers import RemoteCommitter
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -111,7 +108,7 @@ class IngestSCP:
         sessions: async_sessionmaker[AsyncSession],
         store: ContentStore,
         loop: asyncio.AbstractEventLoop,
-        committer: ThreadCommitter | LoopCommitter | RemoteCommitter,
+        committer: Committer,
         on_commit: Callable[[], None] | None = None,
     ) -> None:
         self.settings = settings

@@ -37,7 +37,7 @@ import socket
 import subprocess
 import sys
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from multiprocessing.connection import Connection, Pipe
 from typing import Any
 
@@ -103,7 +103,7 @@ class WorkerPool:
                 "PT_INGEST_HTTP_PORT": str(self.http_ports[-1]),
             }
             proc = subprocess.Popen(
-                [sys.executable, "-m", "services.ingest.workers"],
+                [sys.executable, "-m", "services.ingest.worker_process"],
                 env=env,
                 pass_fds=(self.sock.fileno(), theirs.fileno()),
             )
@@ -244,45 +244,3 @@ class RemoteCommitter:
             self.conn.close()
         if self._reader is not None:
             await asyncio.to_thread(self._reader.join, 10)
-
-
-def worker_main() -> None:
-    """A worker process (started by the primary's WorkerPool), run by the same service runner:
-    exit 0 on SIGTERM, 1 when a component fails or the primary is gone."""
-    from services.core.runner import ServiceRunner
-    from services.ingest.app import IngestService, quiet_pydicom
-
-    settings = IngestSettings()
-    index = int(os.environ[ENV_INDEX])
-    quiet_pydicom()
-
-    async def start(runner: ServiceRunner) -> Callable[[], Awaitable[None]]:
-        loop = asyncio.get_running_loop()
-        gone = asyncio.Event()
-        committer = RemoteCommitter(
-            Connection(int(os.environ[ENV_PIPE_FD])), lambda: loop.call_soon_threadsafe(gone.set)
-        )
-        sock = socket.socket(fileno=int(os.environ[ENV_LISTEN_FD]))
-        service = IngestService(settings, listen_socket=sock, relay=False, committer=committer)
-        runner.watch(service.components)
-        try:
-            await service.start(migrate=False)
-        except BaseException:
-            await service.stop()
-            raise
-
-        async def primary_alive() -> None:
-            await gone.wait()  # its pipe closed: the primary exited (even kill -9); free the port
-            if not runner.stop.is_set():
-                raise RuntimeError("the ingest primary is gone")
-
-        runner.spawn("primary", primary_alive())
-        committer.ready()
-        log.info("ingest worker running", extra={"worker": index, "http_port": settings.http_port})
-        return service.stop
-
-    ServiceRunner(f"ingest-worker-{index}", settings).main(start)
-
-
-if __name__ == "__main__":
-    worker_main()
