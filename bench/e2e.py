@@ -234,9 +234,20 @@ def stage_summaries(t: dict[str, dict[str, float | None]]) -> dict[str, dict[str
     }
 
 
+def machine_cpu() -> tuple[float, float]:
+    """(busy, total) CPU seconds of the whole machine so far, from /proc/stat."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    tick = os.sysconf("SC_CLK_TCK")
+    return (sum(fields) - idle) / tick, sum(fields) / tick
+
+
 def phase_pipeline(system: SystemHarness, batch: Batch, associations: int) -> dict[str, object]:
     agg = system.data_dir / "aggregator.db"
     started = time.time()
+    services = list(system.children)
+    cpu0 = {name: cpu_seconds(system, name) for name in services}
+    busy0, total0 = machine_cpu()
     sent = system.send(batch.paths, associations=associations)
     acked = batch.acked_uids(sent)
     studies = {m.study_instance_uid for m in batch.images if m.sop_instance_uid in acked}
@@ -248,6 +259,8 @@ def phase_pipeline(system: SystemHarness, batch: Batch, associations: int) -> di
         900,
         f"pipeline: waiting for {len(studies)} studies to get their first flag ...",
     )
+    busy1, total1 = machine_cpu()
+    cpu = {name: cpu_seconds(system, name) - cpu0[name] for name in services}
     t = timeline(system, acked)
     accepted = [v["accepted"] for v in t.values() if v.get("accepted")]
     flagged = [v["first_flag"] for v in t.values() if v.get("first_flag")]
@@ -261,6 +274,10 @@ def phase_pipeline(system: SystemHarness, batch: Batch, associations: int) -> di
 
     span = max(flagged) - min(accepted)  # type: ignore[type-var,operator]
     return {
+        # CPU of each service per acknowledged image during the burst, and how busy the whole
+        # machine was: when it is ~100 %, the pipeline is bound by the CPU all stages share
+        "cpu_ms_per_image": {name: 1000 * c / max(1, len(acked)) for name, c in cpu.items()},
+        "machine_busy": (busy1 - busy0) / max(1e-9, total1 - total0),
         "acked": len(acked),
         "refused": len(sent.refused),
         "send_seconds": sent.seconds,
@@ -514,6 +531,12 @@ def report(result: dict[str, object]) -> None:
                 f"{result['ceiling_images_per_s']:.1f} images/s = [bold]{result['pipeline_over_ceiling']:.2f}[/bold]"
             )
             console.print(f"RSS after the pipeline phase (MB): {pipe['rss_mb']}")  # type: ignore[index]
+            per_image = pipe["cpu_ms_per_image"]  # type: ignore[index]
+            console.print(
+                "during the burst: CPU ms per image "
+                + ", ".join(f"{k} {v:.1f}" for k, v in per_image.items())  # type: ignore[union-attr]
+                + f" (sum {sum(per_image.values()):.1f}); machine busy {100 * pipe['machine_busy']:.0f} %"  # type: ignore[union-attr,index]
+            )
     levels = result.get("offered_load") or []
     if levels:
         curve = Table(title="offered load: C-STORE accepted -> study's first flag (SLO: p95 <= 1 s at 50 % of ceiling)")
