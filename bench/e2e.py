@@ -376,6 +376,23 @@ def phase_alone(system: SystemHarness, batch: Batch, associations: int) -> dict[
     }
 
 
+class _HeldCheckpoint(threading.Event):
+    """Keeps a requestor association's reactor paused while we send.
+
+    pynetdicom 3.0's requestor reactor can take a C-STORE response off the DIMSE queue between
+    send_c_store's "is the reactor paused?" check and the reactor's own get_msg (a race in its
+    pause protocol); the sender then waits its whole DIMSE timeout for a response that was already
+    received. Seen here as 120 s stalls at high offered loads: py-spy showed the sender threads in
+    send_c_store's get_msg, the SCP's threads idle, and both sockets' queues empty. Our sender needs
+    no reactor (the SCP sends it no requests), so it stays paused until the release."""
+
+    hold = True
+
+    def set(self) -> None:
+        if not self.hold:
+            super().set()
+
+
 def paced_send(system: SystemHarness, files: list[Path], rate: float, associations: int) -> dict[str, object]:
     """Offered load: image i is sent at t0 + i/rate, over `associations` associations opened up
     front (a study's images on one association; pynetdicom SCU, TCP_NODELAY, files streamed as
@@ -416,6 +433,11 @@ def paced_send(system: SystemHarness, files: list[Path], rate: float, associatio
         raw = getattr(getattr(assoc.dul, "socket", None), "socket", None)
         if raw is not None:
             raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        checkpoint = _HeldCheckpoint()
+        assoc._reactor_checkpoint = checkpoint  # the reactor blocks on it at its next turn
+        time.sleep(0.01)  # a bench, not a test: past any turn the reactor began with the old one
+        while assoc.is_established and not assoc._is_paused:
+            time.sleep(0.0001)
         associated.wait()
         go.wait()
         try:
@@ -433,8 +455,10 @@ def paced_send(system: SystemHarness, files: list[Path], rate: float, associatio
                     else:
                         refused.append((path, "no response" if code is None else f"0x{code:04X}"))
         finally:
+            checkpoint.hold = False
             if assoc.is_established:
                 assoc.release()
+            checkpoint.set()  # let the reactor thread see the end
 
     threads = [threading.Thread(target=worker, args=(items,), daemon=True) for items in schedule]
     for thread in threads:
