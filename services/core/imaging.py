@@ -102,7 +102,9 @@ def to_png(arr: np.ndarray, max_side: int | None = None, window: tuple[float, fl
     if max_side and max(img.size) > max_side:
         img.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
     buf = io.BytesIO()
-    img.save(buf, format="PNG", optimize=False)
+    # zlib level 1 (as inference's heatmaps): measured 1.3 ms against 4.9 ms at Pillow's default 6
+    # for a 224-px chest X-ray, files ~15 % larger; labeling renders every incoming image with it
+    img.save(buf, format="PNG", optimize=False, compress_level=1)
     return buf.getvalue()
 
 
