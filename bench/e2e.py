@@ -45,6 +45,7 @@ sys.path.insert(0, str(REPO))
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
+from services.system.processes import tree_cpu_seconds  # noqa: E402
 from services.system.rabbitmq import RabbitNode  # noqa: E402
 from tests.support.system_harness import SystemHarness, chunk_by_study  # noqa: E402
 from tests.support.system_scenario import Batch, make_batch  # noqa: E402
@@ -131,24 +132,7 @@ def count(db: Path, sql: str) -> int:
 def cpu_seconds(system: SystemHarness, service: str) -> float:
     """CPU time (user + system) the service's process and its children (ingest workers) have used
     so far, from /proc."""
-    pid = system.children[service].pid
-    tick = os.sysconf("SC_CLK_TCK")
-    stats: dict[int, tuple[int, float]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except (OSError, IndexError):
-                continue
-            stats[int(entry.name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / tick)
-    if pid not in stats:
-        return float("nan")
-    total, frontier = 0.0, [pid]
-    while frontier:
-        current = frontier.pop()
-        total += stats[current][1]
-        frontier.extend(p for p, (ppid, _) in stats.items() if ppid == current)
-    return total
+    return tree_cpu_seconds(system.children[service].pid)
 
 
 def queue_ready(system: SystemHarness, *names: str) -> dict[str, int]:

@@ -59,6 +59,7 @@ from rich.table import Table  # noqa: E402
 
 from services.core.net import free_port  # noqa: E402
 from services.ingest.tools.make_dicom import DicomOptions, make_dicom_file  # noqa: E402
+from services.system.processes import tree_cpu_seconds  # noqa: E402
 from services.system.rabbitmq import RabbitNode  # noqa: E402
 from tests.support.dicom_peers import DCMTK_NODELAY_ENV, STORESCU, Orthanc, StoreSCP, wait_for_port  # noqa: E402
 
@@ -106,27 +107,6 @@ class Result:
     cpu_ms_per_image: float | None = None  # CPU time of the target's processes while the senders ran
     rounds: int = 1
     latencies: list[float] = field(default_factory=list, repr=False)
-
-
-def cpu_seconds(pid: int) -> float:
-    """user + system CPU seconds of a process and its live descendants (from /proc)."""
-    tick = os.sysconf("SC_CLK_TCK")
-    stats: dict[int, tuple[int, float]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        stats[int(entry.name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / tick)
-    total, frontier = 0.0, [pid]
-    while frontier:
-        current = frontier.pop()
-        if current in stats:
-            total += stats[current][1]
-        frontier.extend(p for p, (ppid, _) in stats.items() if ppid == current)
-    return total
 
 
 def make_files(n: int, size: int, bits: int, out: Path) -> list[Path]:
@@ -210,9 +190,9 @@ def combine(runs: list[Result]) -> Result:
 def run_storescp(files: list[Path], senders: int, work: Path) -> Result:
     with StoreSCP(aet=AE, base_dir=work / "storescp", env=DCMTK_NODELAY_ENV) as scp:
         assert scp.process is not None
-        cpu = cpu_seconds(scp.process.pid)
+        cpu = tree_cpu_seconds(scp.process.pid)
         wall, ok, lat = send(scp.port, AE, files, senders, work)
-        cpu = cpu_seconds(scp.process.pid) - cpu
+        cpu = tree_cpu_seconds(scp.process.pid) - cpu
         assert len(scp.received()) == len(files), "storescp did not receive everything"
     result = summarize("dcmtk storescp", senders, files, wall, ok, lat)
     result.cpu_ms_per_image = round(cpu * 1000 / len(files), 2)
@@ -222,9 +202,9 @@ def run_storescp(files: list[Path], senders: int, work: Path) -> Result:
 def run_orthanc(files: list[Path], senders: int, work: Path) -> Result:
     with Orthanc(aet=AE, base_dir=work / "orthanc", env=DCMTK_NODELAY_ENV, config_overrides=ORTHANC_CONFIG) as pacs:
         assert pacs.process is not None
-        cpu = cpu_seconds(pacs.process.pid)
+        cpu = tree_cpu_seconds(pacs.process.pid)
         wall, ok, lat = send(pacs.dicom_port, AE, files, senders, work)
-        cpu = cpu_seconds(pacs.process.pid) - cpu
+        cpu = tree_cpu_seconds(pacs.process.pid) - cpu
         count = pacs.get("/statistics")["CountInstances"]
         assert count == len(files), f"Orthanc holds {count} instances"
     result = summarize("Orthanc", senders, files, wall, ok, lat)
@@ -276,9 +256,9 @@ def run_ours(
         wait_for_port("127.0.0.1", http_port, 60, proc)
         wait_healthy(http_port, proc)
         started = time.perf_counter()
-        cpu = cpu_seconds(proc.pid)
+        cpu = tree_cpu_seconds(proc.pid)
         wall, ok, lat = send(port, AE, files, senders, work)
-        cpu = cpu_seconds(proc.pid) - cpu
+        cpu = tree_cpu_seconds(proc.pid) - cpu
         db = sqlite3.connect(data_dir / "ingest.db")
         while True:  # until every event is confirmed by the broker
             (backlog,) = db.execute("SELECT count(*) FROM ingest_outbox WHERE published_at IS NULL").fetchone()

@@ -20,24 +20,12 @@ from typing import Any
 import httpx
 import pydicom
 
+from services.system.processes import children_of
 from services.system.rabbitmq import RabbitNode
 from tests.integration.test_ingest_service_process import IngestProcess
 from tests.support.dicom_peers import STORESCU
 from tests.support.ingest_service import AE_TITLE, drain, run
 from tests.support.wait import eventually_async
-
-
-def children(pid: int) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                found.append(int(entry.name))
-    return found
 
 
 def port_closed(port: int) -> bool:
@@ -110,7 +98,7 @@ async def test_a_dead_worker_stops_the_service_non_zero(tmp_path: Path, rabbit: 
     await workers_ready(proc, 3)
     primary = proc.process.process
     assert primary is not None
-    workers = children(primary.pid)
+    workers = children_of(primary.pid)
     assert len(workers) == 2
     os.kill(workers[0], signal.SIGKILL)
     assert await asyncio.to_thread(proc.process.wait, 60) == 1
@@ -128,7 +116,7 @@ async def test_primary_killed_takes_its_workers_down_and_restarts(
     await workers_ready(proc, 2)
     primary = proc.process.process
     assert primary is not None
-    (worker,) = children(primary.pid)
+    (worker,) = children_of(primary.pid)
     proc.stop(signal.SIGKILL)
     await eventually_async(lambda: not Path(f"/proc/{worker}").exists(), 30, what="the worker gone")
     await eventually_async(lambda: port_closed(proc.dicom_port), 10, what="the DICOM port closed")
