@@ -13,38 +13,10 @@ import httpx
 import pydicom
 import pytest
 
-from services.core.net import free_port
 from services.system.rabbitmq import RabbitNode
 from tests.support.dicom_peers import ECHOSCU, STORESCU
-from tests.support.ingest_service import AE_TITLE, drain, run
-from tests.support.processes import CLI, TestProcess
-
-
-class IngestProcess:
-    def __init__(self, data_dir: Path, amqp_url: str, **env: str) -> None:
-        self.dicom_port, self.http_port = free_port(), free_port()
-        self.log = data_dir / "ingest.log"
-        self.env = {
-            "PT_DATA_DIR": str(data_dir),
-            "PT_AMQP_URL": amqp_url,
-            "PT_INGEST_PORT": str(self.dicom_port),
-            "PT_INGEST_HOST": "127.0.0.1",
-            "PT_INGEST_HTTP_PORT": str(self.http_port),
-            "PT_INGEST_AE_TITLE": AE_TITLE,
-            **env,
-        }
-        self.process = TestProcess("ingest", [*CLI, "ingest"], self.log, env=self.env)
-
-    async def start(self) -> IngestProcess:
-        await asyncio.to_thread(self.process.start)
-        await asyncio.to_thread(self.process.wait_listening, self.dicom_port, 120)
-        await asyncio.to_thread(self.process.wait_listening, self.http_port, 60)
-        return self
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
-        """`sig` to the service process alone (as a user's kill); its exit code."""
-        self.process.signal(sig)
-        return self.process.wait(timeout)
+from tests.support.ingest_service import AE_TITLE, IngestProcess, drain, run
+from tests.support.processes import CLI
 
 
 @pytest.fixture

@@ -22,9 +22,8 @@ import pydicom
 
 from services.system.processes import children_of
 from services.system.rabbitmq import RabbitNode
-from tests.integration.test_ingest_service_process import IngestProcess
 from tests.support.dicom_peers import STORESCU
-from tests.support.ingest_service import AE_TITLE, drain, run
+from tests.support.ingest_service import AE_TITLE, IngestProcess, drain, run
 from tests.support.wait import eventually_async
 
 
