@@ -241,8 +241,8 @@ class ThreadCommitter(_Committer):
         self.engine: Engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
         event.listen(self.engine, "connect", sqlite_pragmas)
         # BEGIN IMMEDIATE (SQLAlchemy's pysqlite recipe): a batch takes the write lock before it reads
-        # which instances are stored, so committers in several worker processes (workers.py)
-        # serialise instead of both reading "new" and one failing on the unique SOP Instance UID.
+        # which instances are stored, so another writer of the same file (the relay, a refusal
+        # recorded by a worker process) makes it wait at BEGIN instead of failing it mid-batch.
         event.listen(self.engine, "connect", _driver_autocommit)
         event.listen(self.engine, "begin", _begin_immediate)
         self._queue: queue.Queue[Pending | None] = queue.Queue()
