@@ -1,10 +1,11 @@
 """Committing stored instances: rows + outbox event in one transaction, with group commit.
 
 The transaction itself is written once, as plain SQLAlchemy Core on a synchronous Connection
-(`record_batch`): the study (upsert, image count), the series (upsert), the instance and its
-ImageReceived outbox row. Whatever arrived from concurrent associations while the previous commit
-ran goes into the next transaction together (one fsync for all of them); each C-STORE is answered
-only after the commit holding its rows. A failing batch is retried one instance per transaction, so
+(`record_batch`): the studies (upsert, image count), the series (upsert), the instances and their
+ImageReceived outbox rows, in a fixed number of statements per batch (executemany for the rows).
+Whatever arrived from concurrent associations while the previous commit ran goes into the next
+transaction together (one fsync for all of them); each C-STORE is answered only after the commit
+holding its rows. A failing batch is retried one instance per transaction, so
 one bad row never fails the others. Two committers run it:
 
 - ThreadCommitter (SQLite, the default): a dedicated writer thread with a synchronous engine on the
@@ -58,16 +59,18 @@ _STATEMENTS: dict[str, dict[str, Any]] = {}
 
 
 def _statements(conn: Connection) -> dict[str, Any]:
-    """The statements of add_stored, built once per dialect with bind parameters: SQLAlchemy then
-    reuses their compiled form, instead of building and compiling five new statements per image."""
+    """The statements of record_batch, built once per dialect with bind parameters: SQLAlchemy then
+    reuses their compiled form instead of building and compiling new statements per batch."""
     name = conn.dialect.name
     found = _STATEMENTS.get(name)
     if found is not None:
         return found
     ins = pg_insert if name == "postgresql" else sqlite_insert
-    study = ins(Study).values(study_instance_uid=bindparam("uid"), image_count=1, created_at=bindparam("now"))
+    study = ins(Study).values(
+        study_instance_uid=bindparam("uid"), image_count=bindparam("count"), created_at=bindparam("now")
+    )
     study = study.on_conflict_do_update(
-        index_elements=[Study.study_instance_uid], set_={"image_count": Study.image_count + 1}
+        index_elements=[Study.study_instance_uid], set_={"image_count": Study.image_count + study.excluded.image_count}
     ).returning(Study.id, Study.image_count)
     series = ins(Series).values(
         series_instance_uid=bindparam("uid"),
@@ -79,7 +82,9 @@ def _statements(conn: Connection) -> dict[str, Any]:
         index_elements=[Series.series_instance_uid], set_={"series_instance_uid": series.excluded.series_instance_uid}
     ).returning(Series.id)
     built = {
-        "exists": select(Instance.id).where(Instance.sop_instance_uid == bindparam("uid")),
+        "stored": select(Instance.sop_instance_uid).where(
+            Instance.sop_instance_uid.in_(bindparam("uids", expanding=True))
+        ),
         "study": study,
         "series": series,
         "instance": insert(Instance),
@@ -89,56 +94,38 @@ def _statements(conn: Connection) -> dict[str, Any]:
     return built
 
 
-def _study(conn: Connection, uid: str, now: datetime) -> tuple[int, int]:
-    """(id, image count including this image) of the study, created on first sight: one statement."""
-    row = conn.execute(_statements(conn)["study"], {"uid": uid, "now": now}).one()
-    return int(row.id), int(row.image_count)
-
-
-def _series(conn: Connection, uid: str, study_id: int, modality: str, now: datetime) -> int:
-    params = {"uid": uid, "study_id": study_id, "modality": modality, "now": now}
-    return int(conn.execute(_statements(conn)["series"], params).scalar_one())
-
-
-def add_stored(conn: Connection, decision: Decision, stored: StoredFile, calling_ae: str) -> ImageReceived | None:
-    """Write one instance and its event in the connection's transaction; None when already stored."""
-    now = datetime.now(UTC)
-    uid = decision.sop_instance_uid
-    statements = _statements(conn)
-    if conn.execute(statements["exists"], {"uid": uid}).first() is not None:
-        return None
-    study_id, study_count = _study(conn, decision.study_instance_uid, now)
-    series_id = _series(conn, decision.series_instance_uid, study_id, decision.modality, now)
-    not_triaged = decision.reason if not decision.triage_eligible else ""
-    conn.execute(
-        statements["instance"],
-        dict(
-            sop_instance_uid=uid,
-            series_id=series_id,
-            sop_class_uid=decision.sop_class_uid,
-            transfer_syntax_uid=decision.transfer_syntax_uid,
-            sha256=stored.sha256,
-            storage_uri=stored.uri,
-            size_bytes=stored.size,
-            modality=decision.modality,
-            body_part_examined=decision.body_part_examined,
-            view_position=decision.view_position,
-            rows=decision.rows,
-            columns=decision.columns,
-            photometric_interpretation=decision.photometric_interpretation,
-            patient_age_years=decision.patient_age_years,
-            triage_eligible=decision.triage_eligible,
-            not_triaged_reason=not_triaged,
-            outside_intended_use=decision.outside_intended_use,
-            calling_ae_title=calling_ae,
-            received_at=now,
-        ),
+def _instance_row(
+    decision: Decision, stored: StoredFile, calling_ae: str, series_id: int, now: datetime
+) -> dict[str, Any]:
+    return dict(
+        sop_instance_uid=decision.sop_instance_uid,
+        series_id=series_id,
+        sop_class_uid=decision.sop_class_uid,
+        transfer_syntax_uid=decision.transfer_syntax_uid,
+        sha256=stored.sha256,
+        storage_uri=stored.uri,
+        size_bytes=stored.size,
+        modality=decision.modality,
+        body_part_examined=decision.body_part_examined,
+        view_position=decision.view_position,
+        rows=decision.rows,
+        columns=decision.columns,
+        photometric_interpretation=decision.photometric_interpretation,
+        patient_age_years=decision.patient_age_years,
+        triage_eligible=decision.triage_eligible,
+        not_triaged_reason=decision.reason if not decision.triage_eligible else "",
+        outside_intended_use=decision.outside_intended_use,
+        calling_ae_title=calling_ae,
+        received_at=now,
     )
-    received = ImageReceived(
+
+
+def _event(decision: Decision, stored: StoredFile, calling_ae: str, study_count: int, now: datetime) -> ImageReceived:
+    return ImageReceived(
         image=ImageRef(
             study_instance_uid=decision.study_instance_uid,
             series_instance_uid=decision.series_instance_uid,
-            sop_instance_uid=uid,
+            sop_instance_uid=decision.sop_instance_uid,
             sop_class_uid=decision.sop_class_uid,
             storage_uri=stored.uri,
             sha256=stored.sha256,
@@ -157,18 +144,68 @@ def add_stored(conn: Connection, decision: Decision, stored: StoredFile, calling
         calling_ae_title=calling_ae,
         received_at=to_timestamp(now),
         study_image_count=study_count,
-        not_triaged_reason=not_triaged,
+        not_triaged_reason=decision.reason if not decision.triage_eligible else "",
     )
-    # the same outbox row add_event writes, inserted with Core (no ORM session on this thread)
-    conn.execute(
-        statements["outbox"],
-        {**outbox_row(received, message_id=message_id(uid), correlation_id=uid), "created_at": now, "attempts": 0},
-    )
-    return received
 
 
 def record_batch(conn: Connection, items: list[tuple[Decision, StoredFile, str]]) -> list[ImageReceived | None]:
-    return [add_stored(conn, d, s, ae) for d, s, ae in items]
+    """Write a batch of instances and their events in the connection's transaction, in a fixed
+    number of statements whatever the batch size: which instances are stored already (one query),
+    one upsert per distinct study (its image count grows by the batch's new images) and per distinct
+    series, then every instance row and every outbox row (two executemany inserts). Returns, per
+    item and in order, its event, or None when the instance was stored already (before, or earlier
+    in this batch: the same instance from two worker processes)."""
+    if not items:
+        return []
+    now = datetime.now(UTC)
+    st = _statements(conn)
+    uids = list(dict.fromkeys(d.sop_instance_uid for d, _, _ in items))
+    stored_before = set(conn.execute(st["stored"], {"uids": uids}).scalars())
+    new: list[int] = []  # indexes of the items that are written
+    seen: set[str] = set()
+    for i, (decision, _, _) in enumerate(items):
+        uid = decision.sop_instance_uid
+        if uid not in stored_before and uid not in seen:
+            seen.add(uid)
+            new.append(i)
+    results: list[ImageReceived | None] = [None] * len(items)
+    if not new:
+        return results
+    per_study: dict[str, int] = {}
+    for i in new:
+        uid = items[i][0].study_instance_uid
+        per_study[uid] = per_study.get(uid, 0) + 1
+    studies: dict[str, tuple[int, int]] = {}  # uid -> (id, count before this batch)
+    for uid, added in per_study.items():
+        row = conn.execute(st["study"], {"uid": uid, "count": added, "now": now}).one()
+        studies[uid] = (int(row.id), int(row.image_count) - added)
+    series_ids: dict[str, int] = {}
+    for i in new:
+        decision = items[i][0]
+        if decision.series_instance_uid not in series_ids:
+            params = {
+                "uid": decision.series_instance_uid,
+                "study_id": studies[decision.study_instance_uid][0],
+                "modality": decision.modality,
+                "now": now,
+            }
+            series_ids[decision.series_instance_uid] = int(conn.execute(st["series"], params).scalar_one())
+    instance_rows, outbox_rows = [], []
+    counted: dict[str, int] = {}
+    for i in new:
+        decision, stored, calling_ae = items[i]
+        study_uid = decision.study_instance_uid
+        counted[study_uid] = counted.get(study_uid, 0) + 1
+        received = _event(decision, stored, calling_ae, studies[study_uid][1] + counted[study_uid], now)
+        uid = decision.sop_instance_uid
+        instance_rows.append(_instance_row(decision, stored, calling_ae, series_ids[decision.series_instance_uid], now))
+        # the same outbox row add_event writes, inserted with Core (no ORM session on this thread)
+        row = outbox_row(received, message_id=message_id(uid), correlation_id=uid)
+        outbox_rows.append({**row, "created_at": now, "attempts": 0})
+        results[i] = received
+    conn.execute(st["instance"], instance_rows)
+    conn.execute(st["outbox"], outbox_rows)
+    return results
 
 
 def _is_stored(conn: Connection, uid: str) -> bool:
@@ -247,6 +284,7 @@ class ThreadCommitter(_Committer):
         event.listen(self.engine, "begin", _begin_immediate)
         self._queue: queue.Queue[Pending | None] = queue.Queue()
         self._thread: threading.Thread | None = None
+        self._conn: Connection | None = None  # the writer thread's own, kept open between batches
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="ingest-commit", daemon=True)
@@ -258,8 +296,22 @@ class ThreadCommitter(_Committer):
         return item.future
 
     def _transaction(self, items: list[Pending]) -> list[ImageReceived | None]:
-        with self.engine.begin() as conn:
-            return record_batch(conn, [(p.decision, p.stored, p.calling_ae) for p in items])
+        # One connection for the thread's life: no pool check-out and reset (a ROLLBACK) per batch.
+        # After any failure it is closed, so the next batch starts on a fresh one.
+        if self._conn is None:
+            self._conn = self.engine.connect()
+        try:
+            with self._conn.begin():
+                return record_batch(self._conn, [(p.decision, p.stored, p.calling_ae) for p in items])
+        except BaseException:
+            self._close_connection()
+            raise
+
+    def _close_connection(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                conn.close()
 
     def _stored(self, uid: str) -> bool:
         with self.engine.connect() as conn:
@@ -299,6 +351,7 @@ class ThreadCommitter(_Committer):
                 break
             if item is not None and item.future.set_running_or_notify_cancel():
                 item.future.set_exception(RuntimeError("ingest is stopping"))
+        self._close_connection()
         self.engine.dispose()
 
 

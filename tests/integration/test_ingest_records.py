@@ -124,3 +124,43 @@ async def test_a_failing_row_does_not_fail_its_batch(
     assert all(r is not None and not isinstance(r, Exception) for i, r in enumerate(results) if i != 5)
     assert await _count(sessions, Instance) == 10
     assert await _count(sessions, Outbox) == 10
+
+
+def test_a_batch_is_a_fixed_number_of_statements_with_exact_counts(tmp_path: Path) -> None:
+    """record_batch on a real SQLite file: 3 studies, 4 series, 40 instances of which one is stored
+    already and one comes twice in the batch (two worker processes sending it at once). Each study's
+    image counts run on from what was stored; one statement per distinct study and series plus three,
+    whatever the number of instances (the committer's time per image does not grow with the batch)."""
+    from sqlalchemy import create_engine, event
+
+    from services.ingest.commit import record_batch
+    from services.ingest.models import Series
+
+    engine = create_engine(f"sqlite:///{tmp_path / 'ingest.db'}")
+    Base.metadata.create_all(engine)
+    with engine.begin() as conn:
+        assert record_batch(conn, [(_decision(0, "1.1"), _stored(0, tmp_path), "AE")])[0] is not None
+    items = []
+    for i in range(40):
+        study = ("1.1", "2.2", "3.3")[i % 3]
+        d = _decision(i, study)
+        d.series_instance_uid = f"{study}.{1 + (i % 2) * (study == '1.1')}"  # study 1.1 has two series
+        items.append((d, _stored(i, tmp_path), "AE"))
+    items.append((_decision(7, "2.2"), _stored(7, tmp_path), "AE"))  # 7 again, same batch
+    statements: list[str] = []
+    event.listen(engine, "before_cursor_execute", lambda *a: statements.append(a[2]))
+    with engine.begin() as conn:
+        results = record_batch(conn, items)
+    assert results[0] is None and results[40] is None  # stored before; repeated within the batch
+    written = [r for r in results if r is not None]
+    assert len(written) == 39
+    for study, expected in (("1.1", range(2, 15)), ("2.2", range(1, 14)), ("3.3", range(1, 14))):
+        assert [r.study_image_count for r in written if r.image.study_instance_uid == study] == list(expected)
+    assert len(statements) == 1 + 3 + 4 + 2  # stored?, studies, series, instances + outbox (executemany)
+    with engine.connect() as conn:
+        assert conn.scalar(select(func.count()).select_from(Instance)) == 40
+        assert conn.scalar(select(func.count()).select_from(Outbox)) == 40
+        assert conn.scalar(select(func.count()).select_from(Series)) == 4
+        counts = dict(conn.execute(select(Study.study_instance_uid, Study.image_count)).all())
+    assert counts == {"1.1": 14, "2.2": 13, "3.3": 13}
+    engine.dispose()
