@@ -45,7 +45,9 @@ class StoredFile:
 
     @property
     def uri(self) -> str:
-        return self.path.resolve().as_uri()
+        # the store's paths are absolute and canonical already (ContentStore resolves its root once):
+        # resolving again would lstat every path component, twice per image
+        return (self.path if self.path.is_absolute() else self.path.resolve()).as_uri()
 
 
 def _fsync_dir(path: Path) -> None:
@@ -58,7 +60,7 @@ def _fsync_dir(path: Path) -> None:
 
 class ContentStore:
     def __init__(self, root: Path | str) -> None:
-        self.root = Path(root)
+        self.root = Path(root).resolve()
 
     def path_for(self, sha256: str) -> Path:
         return self.root / sha256[:2] / sha256[2:4] / f"{sha256}.dcm"
