@@ -97,6 +97,47 @@ def part10_header(sop_class_uid: str, sop_instance_uid: str, transfer_syntax: st
     return b"\x00" * 128 + b"DICM" + _element(0x0002, 0x0000, b"UL", struct.pack("<L", len(body))) + body
 
 
+class _Unremoved:
+    """Spool files that could not be removed when dropped (e.g. the store made immutable for a while):
+    retried whenever a new spool file is created, so a passing fault leaves no file behind."""
+
+    def __init__(self) -> None:
+        self._paths: set[Path] = set()
+        self._lock = threading.Lock()
+
+    def add(self, path: Path) -> None:
+        with self._lock:
+            self._paths.add(path)
+
+    def retry(self) -> int:
+        """Remove what can be removed now; returns how many are still left."""
+        if not self._paths:  # the common case: no lock taken
+            return 0
+        with self._lock:
+            for path in list(self._paths):
+                try:
+                    path.unlink()
+                except FileNotFoundError:
+                    pass
+                except OSError:
+                    continue
+                self._paths.discard(path)
+            return len(self._paths)
+
+
+UNREMOVED = _Unremoved()
+
+
+def remove_spool_file(path: Path) -> None:
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        log.warning("cannot remove a spool file yet: retried later", extra={"error": repr(exc)[:300]})
+        UNREMOVED.add(path)
+
+
 class Spool:
     """One C-STORE data set received into a file (preamble + File Meta + data set), hashed as written.
 
@@ -112,6 +153,7 @@ class Spool:
         self.complete = False
         self.error: str | None = None
         self.fd: int | None = None
+        UNREMOVED.retry()
         # the DUL thread writes while the association may end on another thread: the fd is only
         # used and closed under this lock, so a closed (and reused) fd number is never written to
         self._fd_lock = threading.RLock()
@@ -167,8 +209,7 @@ class Spool:
                 fd, self.fd = self.fd, None
                 with contextlib.suppress(OSError):
                     os.close(fd)
-        with contextlib.suppress(OSError):
-            self.path.unlink()
+        remove_spool_file(self.path)
 
 
 def spool_dir(store_root: Path) -> Path:

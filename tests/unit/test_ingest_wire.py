@@ -111,3 +111,30 @@ def test_command_fields_match_pynetdicom() -> None:
     )
     assert command_fields(echo_raw) == {0x0100: 0x0030, 0x0800: 0x0101}  # C-ECHO-RQ, no data set
     assert command_fields(b"\x08\x00\x16\x00\xff\xff\xff\xff") is None  # not group 0000, runs past the end
+
+
+def test_a_spool_file_that_cannot_be_removed_is_removed_once_it_can(tmp_path: Path) -> None:
+    """A dropped spool file whose directory is immutable at that moment (the store made unwritable
+    mid-transfer) is not left behind: the next spool file created removes it."""
+    import subprocess
+
+    from services.ingest.wire import UNREMOVED, Spool
+    from tests.support.system_faults import chattr_available
+
+    if not chattr_available(tmp_path):
+        pytest.skip("optional: chattr +i is not supported on this filesystem (root ignores permission bits)")
+    incoming = tmp_path / ".incoming"
+    incoming.mkdir()
+    stuck = Spool(incoming, "1.2.840.10008.5.1.4.1.1.1.1", "1.2.3", "1.2.840.10008.1.2.1")
+    subprocess.run(["chattr", "+i", str(incoming)], check=True)
+    try:
+        stuck.discard()
+        assert stuck.path.exists()  # the directory refused the unlink
+        assert UNREMOVED.retry() == 1
+    finally:
+        subprocess.run(["chattr", "-i", str(incoming)], check=True)
+    fresh = Spool(incoming, "1.2.840.10008.5.1.4.1.1.1.1", "1.2.4", "1.2.840.10008.1.2.1")
+    assert not stuck.path.exists()
+    assert [p.name for p in incoming.iterdir()] == [fresh.path.name]
+    fresh.discard()
+    assert UNREMOVED.retry() == 0
