@@ -30,6 +30,12 @@ confirmed by RabbitMQ) is printed as well.
     python bench/ingest.py                          # 500 images, 512x512, 12 bit, 1 and 4 senders,
                                                     # our ingest with 1 and 2 worker processes
     python bench/ingest.py --n 1000 --size 1024 --senders 2 --json var/bench/ingest.json
+    python bench/ingest.py --n 200 --senders 1 4 --association-per-image   # association set-up cost
+
+--association-per-image sends every file on an association of its own (one storescu process per
+file, K lanes at once), as modalities and PACS that open an association per image or per study do:
+throughput then includes the association's negotiation (storescu proposes its default ~120
+presentation contexts) and release on both sides.
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from dataclasses import asdict, dataclass, field
@@ -117,21 +124,43 @@ def make_files(n: int, size: int, bits: int, out: Path) -> list[Path]:
     return [make_dicom_file(p, out, opts) for p in track(chosen, description=f"make-dicom {n} x {size}px {bits} bit")]
 
 
+# --association-per-image: every file on an association of its own (modalities and some PACS
+# forward that way), instead of one association per sender for all its files
+PER_IMAGE = False
+
+
+def _sender_lane(cmd: list[str], chunk: list[Path], log_path: Path) -> None:
+    """One storescu process per file, one after the other (the --association-per-image mode)."""
+    env = {**os.environ, **DCMTK_NODELAY_ENV}
+    with open(log_path, "w") as log:
+        for path in chunk:
+            subprocess.run([*cmd, str(path)], stdout=log, stderr=subprocess.STDOUT, env=env, timeout=600)
+
+
 def send(port: int, called_ae: str, files: list[Path], senders: int, work: Path) -> tuple[float, int, list[float]]:
-    """Run K storescu processes at once; returns (wall seconds, successes, per-image latencies in s)."""
+    """Run K storescu processes at once (or K lanes of one storescu per file); returns (wall seconds,
+    successes, per-image latencies in s)."""
     cfg = work / "storescu-log.cfg"
     cfg.write_text(LOG_CONFIG)
     chunks = [files[i::senders] for i in range(senders)]
     procs = []
+    lanes = []
     started = time.perf_counter()
     for i, chunk in enumerate(chunks):
-        log = open(work / f"storescu-{i}.log", "w")
         cmd = [STORESCU, "-lc", str(cfg), "-aet", f"BENCH{i}", "-aec", called_ae, "-to", "60", "127.0.0.1", str(port)]
+        if PER_IMAGE:
+            lane = threading.Thread(target=_sender_lane, args=(cmd, chunk, work / f"storescu-{i}.log"))
+            lane.start()
+            lanes.append(lane)
+            continue
+        log = open(work / f"storescu-{i}.log", "w")
         env = {**os.environ, **DCMTK_NODELAY_ENV}
         procs.append((subprocess.Popen([*cmd, *map(str, chunk)], stdout=log, stderr=subprocess.STDOUT, env=env), log))
     for proc, log in procs:
         proc.wait(timeout=3600)
         log.close()
+    for lane in lanes:
+        lane.join()
     wall = time.perf_counter() - started
     ok, latencies = 0, []
     for i in range(senders):
@@ -293,7 +322,14 @@ def main() -> None:
         "--workers", type=int, nargs="+", default=[1, 2], help="our ingest with PT_INGEST_WORKERS=W, for each W"
     )
     ap.add_argument("--ingest-env", nargs="*", default=[], metavar="PT_X=V", help="extra settings for our ingest")
+    ap.add_argument(
+        "--association-per-image",
+        action="store_true",
+        help="every file on an association of its own (one storescu per file); measures association set-up",
+    )
     args = ap.parse_args()
+    global PER_IMAGE
+    PER_IMAGE = args.association_per_image
 
     extra = dict(kv.split("=", 1) for kv in args.ingest_env)
     work = Path(tempfile.mkdtemp(prefix="pt-bench-ingest-"))
@@ -337,6 +373,8 @@ def main() -> None:
     load_after = load_average()
     title = f"C-STORE over loopback: {args.n} DX images, {args.size}x{args.size}, {args.bits} bit"
     title += f", median of {args.rounds} round(s)"
+    if PER_IMAGE:
+        title += ", one association per image"
     table = Table(title=title)
     for col in ("target", "senders", "ok", "images/s", "MB/s", "p50 ms", "p99 ms", "CPU ms/img", "events out (s)"):
         table.add_column(col, justify="right" if col != "target" else "left", no_wrap=True)
