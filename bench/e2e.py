@@ -545,6 +545,15 @@ def report(result: dict[str, object]) -> None:
                 + ", ".join(f"{k} {v:.1f}" for k, v in per_image.items())  # type: ignore[union-attr]
                 + f" (sum {sum(per_image.values()):.1f}); machine busy {100 * pipe['machine_busy']:.0f} %"  # type: ignore[union-attr,index]
             )
+            # What the services' CPU alone allows on this machine when every stage shares its cores
+            # (RabbitMQ's and the sender's CPU not counted): the bound the pipeline meets here, where
+            # "slowest stage alone" assumes a stage has the cores to itself.
+            cpu_bound = 1000 * int(result["cpus"]) / max(1e-9, sum(per_image.values()))  # type: ignore[union-attr,arg-type]
+            result["cpu_bound_images_per_s"] = cpu_bound
+            console.print(
+                f"shared-CPU bound: {result['cpus']} CPUs / {sum(per_image.values()):.1f} ms per image = "  # type: ignore[union-attr]
+                f"{cpu_bound:.1f} images/s; pipeline / that = [bold]{pipe['images_per_s'] / cpu_bound:.2f}[/bold]"  # type: ignore[index]
+            )
     levels = result.get("offered_load") or []
     if levels:
         curve = Table(title="offered load: C-STORE accepted -> study's first flag (SLO: p95 <= 1 s at 50 % of ceiling)")
