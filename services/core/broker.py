@@ -299,7 +299,8 @@ class Broker:
         try:  # as Exchange.publish: a closed channel fails at once, a reconnecting one is waited for
             if exchange.channel.is_closed:
                 raise aiormq.exceptions.ChannelInvalidStateError(f"{exchange.channel!r} closed")
-            channel = await asyncio.wait_for(exchange.channel.get_underlay_channel(), timeout)
+            async with asyncio.timeout(timeout):
+                channel = await exchange.channel.get_underlay_channel()
         except Exception as exc:
             for i in valid:
                 results[i] = exc
