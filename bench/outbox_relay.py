@@ -9,7 +9,8 @@ outstanding together, one UPDATE for the confirmed rows). Each round fills the o
 ImageReceived events (as ingest writes them) and times `run_once` until the backlog is 0, serial and
 batched alternately; the queues are purged between runs. Prints events/s, the process's CPU ms per
 event (this Python process only; RabbitMQ's own CPU is not counted) and ours / serial from each
-round. `--single K`: K rounds of one event each (the trickle case: per-round overhead).
+round. `--single K`: K rounds of one event each, the two relays alternating (the trickle case:
+per-round overhead).
 """
 
 from __future__ import annotations
@@ -159,16 +160,17 @@ async def run(n: int, batch: int, rounds: int, single: int) -> None:
             trickle = Table(title=f"one event per round ({single} rounds): ms per round (wall), CPU ms per event")
             for col in ("relay", "wall ms p50", "CPU ms/event"):
                 trickle.add_column(col, justify="right" if col != "relay" else "left")
-            for name, relay in relays.items():
-                walls: list[float] = []
-                cpus: list[float] = []
-                for i in range(single):
+            walls: dict[str, list[float]] = {name: [] for name in relays}
+            cpus: dict[str, list[float]] = {name: [] for name in relays}
+            for i in range(single):  # the two relays alternate, one event each time
+                for name, relay in relays.items():
                     await fill(sessions, 1, f"s{name[0]}{i}")
                     w, c = time.perf_counter(), time.process_time()
                     assert await relay.run_once() == 1
-                    walls.append(1000 * (time.perf_counter() - w))
-                    cpus.append(1000 * (time.process_time() - c))
-                trickle.add_row(name, f"{statistics.median(walls):.2f}", f"{statistics.mean(cpus):.2f}")
+                    walls[name].append(1000 * (time.perf_counter() - w))
+                    cpus[name].append(1000 * (time.process_time() - c))
+            for name in relays:
+                trickle.add_row(name, f"{statistics.median(walls[name]):.2f}", f"{statistics.mean(cpus[name]):.2f}")
             await purge(broker)
             console.print(trickle)
 
