@@ -3,6 +3,14 @@ relay publishes with broker confirms and marks it sent. A broker outage only del
 
 Delivery is at-least-once (a crash between the confirm and the commit re-sends the event with the
 same message id); consumers are idempotent.
+
+One relay round: select up to `batch_size` pending rows (id order; on PostgreSQL `FOR UPDATE SKIP
+LOCKED`, so replicas' relays take disjoint rows), publish them all in id order with their confirms
+outstanding together (Broker.publish_many: one round trip per batch, not per event), then in one
+transaction mark the confirmed rows published and give every other row of the batch its error
+(`last_error`, `attempts` + 1, `published_at` left NULL: the next round sends it again). A row that
+fails does not stop the rest of its batch, so after a failure the retried rows may reach the queue
+after later ones; consumers never relied on order across a retry (they de-duplicate by message id).
 """
 
 from __future__ import annotations
@@ -14,16 +22,21 @@ from typing import Any
 
 from google.protobuf.message import Message
 from prometheus_client import Gauge
-from sqlalchemy import DateTime, Integer, LargeBinary, String, Text, func, select
+from sqlalchemy import DateTime, Integer, LargeBinary, String, Table, Text, bindparam, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.orm import Mapped, mapped_column
 
-from services.core.broker import Broker
-from services.core.contracts import ROUTING_KEY_BY_MESSAGE
+from services.core.broker import Broker, Outgoing
+from services.core.contracts import MESSAGE_BY_ROUTING_KEY, ROUTING_KEY_BY_MESSAGE
 
 log = logging.getLogger(__name__)
 
 OUTBOX_BACKLOG = Gauge("pt_outbox_backlog", "Events committed but not yet confirmed by the broker", ["service"])
+
+
+# Up to this many rows are marked with a cached `WHERE id = :id` statement run once per row; more
+# with one `WHERE id IN (...)` (SQLite, measured: 0.33 vs 0.55 ms for one row, 1.7 vs 1.2 ms for 200).
+SMALL_UPDATE = 16
 
 
 def utcnow() -> datetime:
@@ -68,6 +81,15 @@ def add_event(
     return row
 
 
+class OutboxPublishError(Exception):
+    """Some events of a relay round were not confirmed (they stay pending); `sent` others were."""
+
+    def __init__(self, sent: int, failed: int, first: BaseException) -> None:
+        super().__init__(f"{failed} of {sent + failed} events not confirmed, e.g. {first!r}")
+        self.sent = sent
+        self.failed = failed
+
+
 class OutboxRelay:
     def __init__(
         self,
@@ -100,37 +122,64 @@ class OutboxRelay:
         return int(n or 0)
 
     async def run_once(self) -> int:
-        """Publish one batch of pending events; returns how many were confirmed."""
-        from services.core.contracts import MESSAGE_BY_ROUTING_KEY
-
-        sent = 0
+        """Publish one batch of pending events; returns how many were confirmed. Raises
+        OutboxPublishError (after recording it) when any event of the batch was not confirmed."""
+        table: Table = self.model.__table__  # type: ignore[attr-defined]
+        c = table.c
         async with self.sessions() as session:
             rows = (
-                await session.scalars(
-                    select(self.model)
-                    .where(self.model.published_at.is_(None))
-                    .order_by(self.model.id)
+                await session.execute(
+                    select(c.id, c.message_id, c.routing_key, c.payload, c.correlation_id)
+                    .where(c.published_at.is_(None))
+                    .order_by(c.id)
                     .limit(self.batch_size)
                     .with_for_update(skip_locked=True)
                 )
             ).all()
-            try:
-                for row in rows:
-                    message = MESSAGE_BY_ROUTING_KEY[row.routing_key].FromString(row.payload)
-                    row.attempts += 1
-                    await self.broker.publish(
-                        row.routing_key, message, message_id=row.message_id, correlation_id=row.correlation_id
-                    )
-                    row.published_at = utcnow()
-                    sent += 1
-            except Exception as exc:
-                for row in rows:
-                    if row.published_at is None:
-                        row.last_error = repr(exc)[:1000]
-                await session.commit()
-                raise
+            if not rows:
+                return 0
+            errors: dict[int, BaseException] = {}
+            ids: list[int] = []
+            outgoing: list[Outgoing] = []
+            for row_id, message_id, routing_key, payload, correlation_id in rows:
+                try:
+                    message = MESSAGE_BY_ROUTING_KEY[routing_key].FromString(payload)
+                except Exception as exc:  # an unknown routing key, an undecodable payload: not sent
+                    errors[row_id] = exc
+                    continue
+                ids.append(row_id)
+                outgoing.append(Outgoing(routing_key, message, message_id, correlation_id))
+            results = await self.broker.publish_many(outgoing)
+            confirmed: list[int] = []
+            for row_id, result in zip(ids, results, strict=True):
+                if result is None:
+                    confirmed.append(row_id)
+                else:
+                    errors[row_id] = result
+            if len(confirmed) > SMALL_UPDATE:
+                await session.execute(
+                    update(table).where(c.id.in_(confirmed)).values(published_at=utcnow(), attempts=c.attempts + 1)
+                )
+            elif confirmed:  # a few rows: one cached statement per row beats rendering an IN list
+                now = utcnow()
+                await session.execute(
+                    update(table)
+                    .where(c.id == bindparam("row_id"))
+                    .values(published_at=bindparam("now"), attempts=c.attempts + 1),
+                    [{"row_id": row_id, "now": now} for row_id in confirmed],
+                )
+            by_error: dict[str, list[int]] = {}
+            for row_id, exc in errors.items():
+                by_error.setdefault(repr(exc)[:1000], []).append(row_id)
+            for text, failed in by_error.items():
+                await session.execute(
+                    update(table).where(c.id.in_(failed)).values(last_error=text, attempts=c.attempts + 1)
+                )
             await session.commit()
-        return sent
+        if errors:
+            first = errors[min(errors)]
+            raise OutboxPublishError(len(confirmed), len(errors), first) from first
+        return len(confirmed)
 
     async def run(self, stop: asyncio.Event | None = None) -> None:
         backoff = self.idle_seconds
@@ -147,6 +196,15 @@ class OutboxRelay:
                     continue
             except asyncio.CancelledError:
                 raise
+            except OutboxPublishError as exc:
+                if exc.sent:  # the broker takes events: retry the others next round, without back-off
+                    log.warning("outbox relay: events not confirmed, retrying", extra={"error": repr(exc)})
+                    backoff = self.idle_seconds
+                    if exc.sent + exc.failed >= self.batch_size:
+                        continue
+                else:
+                    log.warning("outbox relay cannot publish yet", extra={"error": repr(exc), "retry_in_s": backoff})
+                    backoff = min(backoff * 2, self.max_backoff_seconds)
             except Exception as exc:
                 log.warning("outbox relay cannot publish yet", extra={"error": repr(exc), "retry_in_s": backoff})
                 backoff = min(backoff * 2, self.max_backoff_seconds)
