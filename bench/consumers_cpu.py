@@ -1,0 +1,186 @@
+"""CPU milliseconds per image of the inference and labeling consumers' handlers, without the broker.
+
+    python bench/consumers_cpu.py --n 200 --rounds 3            # both consumers, CPU ms per image
+    python bench/consumers_cpu.py --n 200 --profile inference   # + cProfile of a synchronous run (top 25)
+
+Images: --n real chest X-rays from ../shared/data/kermany224 wrapped as DX DICOM (JPEG baseline,
+224 x 224), exactly what bench/e2e.py sends (tests/support/system_dicom.make_study_set).
+
+- inference: the service's `Pipeline.predict` (read + sha256 + decode + preprocess + input gate in
+  decode threads, micro-batches through embedded onnxruntime, calibration, heatmap PNG), 32 images
+  in flight (the service's prefetch);
+- labeling: `ImageConsumer.handle` (duplicate check, render the PNG, insert the task) on a migrated
+  SQLite database, 32 in flight.
+
+Per round: CPU time (user + system, every thread of this process) over the round / images. The
+broker (aio-pika, publish confirms, acks) is not in the loop: bench/e2e.py measures the services
+whole. --profile runs the same work in the main thread under cProfile (decode threads hide it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import cProfile
+import hashlib
+import os
+import pstats
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from services.core.contracts import ImageReceived  # noqa: E402
+from tests.support.system_dicom import make_study_set  # noqa: E402
+
+SHARED = Path(os.environ.get("PT_SHARED_DATA", ROOT.parent / "shared" / "data"))
+REPOSITORY = ROOT / "deploy" / "triton" / "model_repository"
+
+
+def events_for(files: list[Path], tag: str) -> list[ImageReceived]:
+    out = []
+    for i, p in enumerate(files):
+        e = ImageReceived(triage_eligible=True)
+        e.image.sop_instance_uid = f"1.2.826.0.1.3680043.8.498.77.{tag}.{i}"
+        e.image.study_instance_uid = f"1.2.826.0.1.3680043.8.498.78.{tag}.{i}"
+        e.image.storage_uri = p.resolve().as_uri()
+        e.image.sha256 = hashlib.sha256(p.read_bytes()).hexdigest()
+        out.append(e)
+    return out
+
+
+@dataclass
+class FakeEnvelope:  # what the consumers read of services.core.broker.Envelope
+    payload: Any
+    routing_key: str = "image.received"
+    redelivered: bool = False
+
+
+async def run_bounded(coros: list[Any], limit: int = 32) -> None:
+    sem = asyncio.Semaphore(limit)
+
+    async def one(c: Any) -> None:
+        async with sem:
+            await c
+
+    await asyncio.gather(*(one(c) for c in coros))
+
+
+def cpu() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
+async def inference_rounds(files: list[Path], rounds: int, work: Path, threads: int) -> list[float]:
+    from services.inference.config import DEFAULT_GATE_FILE
+    from services.inference.runtime import ModelRepository, OnnxRuntime
+    from services.inference.worker import Pipeline
+
+    runtime = OnnxRuntime(ModelRepository(REPOSITORY, "pneumonia"), threads=threads)
+    await runtime.start()
+    pipeline = Pipeline(runtime, heatmap_dir=work / "heatmaps", gate_file=DEFAULT_GATE_FILE)
+    pipeline.start()
+    try:
+        await run_bounded([pipeline.predict(e) for e in events_for(files[:32], "warm")])
+        out = []
+        for r in range(rounds):
+            events = events_for(files, f"i{r}")
+            c0 = cpu()
+            await run_bounded([pipeline.predict(e) for e in events])
+            out.append((cpu() - c0) * 1000.0 / len(events))
+        return out
+    finally:
+        await pipeline.close()
+        await runtime.close()
+
+
+async def labeling_rounds(files: list[Path], rounds: int, work: Path) -> list[float]:
+    from services.core.db import make_engine, make_sessionmaker, upgrade
+    from services.labeling.consumer import ImageConsumer
+    from services.labeling.job import load_job
+    from services.labeling.models import Base
+
+    engine = make_engine(f"sqlite+aiosqlite:///{work / 'labeling.db'}")
+    await upgrade(engine, "labeling", Base.metadata)
+    sessions = make_sessionmaker(engine)
+    from services.labeling.config import DEFAULT_JOB_FILE
+
+    consumer = ImageConsumer(sessions, load_job(DEFAULT_JOB_FILE), work / "render", 1024)
+    try:
+        await run_bounded([consumer.handle(FakeEnvelope(e)) for e in events_for(files[:32], "warm")])
+        out = []
+        for r in range(rounds):
+            events = events_for(files, f"l{r}")
+            c0 = cpu()
+            await run_bounded([consumer.handle(FakeEnvelope(e)) for e in events])
+            out.append((cpu() - c0) * 1000.0 / len(events))
+        return out
+    finally:
+        await engine.dispose()
+
+
+def profile_inference(files: list[Path], work: Path, threads: int) -> cProfile.Profile:
+    """The inference pipeline's stages synchronously in this thread (batches of 16)."""
+    from services.inference.config import DEFAULT_GATE_FILE
+    from services.inference.heatmaps import save_heatmap
+    from services.inference.runtime import ModelRepository, OnnxRuntime
+    from services.inference.worker import load_image
+
+    runtime = OnnxRuntime(ModelRepository(REPOSITORY, "pneumonia"), threads=threads)
+    runtime.load()
+    model = runtime.model(runtime.model_version)
+    events = events_for(files, "p")
+    prof = cProfile.Profile()
+    prof.enable()
+    for start in range(0, len(events), 16):
+        chunk = events[start : start + 16]
+        gate = str(DEFAULT_GATE_FILE)
+        loaded = [load_image(e.image.storage_uri, e.image.sha256, runtime.input_size, gate) for e in chunk]
+        import numpy as np
+
+        out = runtime.run_sync(np.stack([x.tensor for x in loaded]))
+        for i, (e, x) in enumerate(zip(chunk, loaded, strict=True)):
+            float(model.calibration.apply(out.logits[i]))
+            save_heatmap(work / "hm-prof", e.image.sop_instance_uid, out.cams[i], x.rows, x.columns, 192, "p", "1")
+    prof.disable()
+    return prof
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=200)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--only", choices=["inference", "labeling"], default=None)
+    ap.add_argument("--profile", choices=["inference"], default=None)
+    ap.add_argument("--ort-threads", type=int, default=0, help="PT_INFERENCE_ORT_THREADS (0: onnxruntime's default)")
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory(prefix="pt-cons-") as tmp:
+        work = Path(tmp)
+        files = [m.path for m in make_study_set(SHARED, work / "dicom", args.n)]
+        if args.profile == "inference":
+            prof = profile_inference(files, work, args.ort_threads)
+            pstats.Stats(prof).sort_stats("cumulative").print_stats(25)
+            pstats.Stats(prof).sort_stats("tottime").print_stats(25)
+            return
+        results: dict[str, list[float]] = {}
+        if args.only in (None, "inference"):
+            results["inference"] = asyncio.run(inference_rounds(files, args.rounds, work, args.ort_threads))
+        if args.only in (None, "labeling"):
+            results["labeling"] = asyncio.run(labeling_rounds(files, args.rounds, work))
+        for name, values in results.items():
+            spread = f"min {min(values):.2f}, max {max(values):.2f}"
+            print(
+                f"{name:10s} CPU ms per image: median {statistics.median(values):.2f} ({spread}; "
+                f"{len(values)} rounds of {args.n}) rounds: {', '.join(f'{v:.2f}' for v in values)}"
+            )
+        _ = time
+
+
+if __name__ == "__main__":
+    main()
