@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from pydantic import AliasChoices, Field
@@ -37,14 +36,12 @@ class InferenceSettings(CommonSettings):
     max_batch: int = Field(16, validation_alias=_env("MAX_BATCH"))
     # How long the first image of a batch waits for company.
     max_wait_ms: float = Field(5.0, validation_alias=_env("MAX_WAIT_MS"))
-    # Threads that read, verify and decode DICOM files. One: decoding is mostly Python (it holds the
-    # GIL), so a second thread adds CPU (contention) more than throughput (docs/performance.md).
-    decode_workers: int = Field(1, validation_alias=_env("DECODE_WORKERS"))
+    # Threads that read, verify and decode DICOM files.
+    decode_workers: int = Field(2, validation_alias=_env("DECODE_WORKERS"))
     # Decode in this many worker processes instead (0: threads). Worth it with more cores than the
     # runtime uses (e.g. Triton on a GPU): DICOM parsing is mostly Python and holds the GIL.
     decode_processes: int = Field(0, validation_alias=_env("DECODE_PROCESSES"))
-    # onnxruntime intra-op threads for the embedded runtime (0 = auto: the CPUs this process may run
-    # on less one per decode thread or process, at least 1; see resolved_ort_threads).
+    # onnxruntime intra-op threads for the embedded runtime (0 = onnxruntime's default).
     ort_threads: int = Field(0, validation_alias=_env("ORT_THREADS"))
     # Let onnxruntime's threads busy-wait between runs (faster alone, slower beside the decode threads).
     ort_spin: bool = Field(False, validation_alias=_env("ORT_SPIN"))
@@ -61,16 +58,6 @@ class InferenceSettings(CommonSettings):
     # not judge (non-chest, too small, odd field of view). Off only for experiments.
     gate: bool = Field(True, validation_alias=_env("GATE"))
     gate_file: Path = Field(DEFAULT_GATE_FILE, validation_alias=_env("GATE_FILE"))
-
-    def resolved_ort_threads(self) -> int:
-        """The embedded runtime's intra-op threads: the setting, or (0) the CPUs this process may run
-        on less the decoders (each keeps a core busy while it decodes), at least 1. On 2 cores: 1
-        thread beside 1 decode thread, ~12 % less CPU per image than onnxruntime's own choice (a
-        thread per core, competing with the decoder) at the same throughput (docs/performance.md)."""
-        if self.ort_threads > 0:
-            return self.ort_threads
-        decoders = self.decode_processes if self.decode_processes > 0 else self.decode_workers
-        return max(1, len(os.sched_getaffinity(0)) - max(1, decoders))
 
     def resolved_gate_file(self) -> Path | None:
         return self.gate_file if self.gate else None

@@ -421,6 +421,4 @@ def make_runtime(settings: Any) -> InferenceRuntime:
         return TritonRuntime(
             settings.triton_url, repository, version=settings.model_version, timeout_s=settings.triton_timeout_s
         )
-    return OnnxRuntime(
-        repository, version=settings.model_version, threads=settings.resolved_ort_threads(), spin=settings.ort_spin
-    )
+    return OnnxRuntime(repository, version=settings.model_version, threads=settings.ort_threads, spin=settings.ort_spin)

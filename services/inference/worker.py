@@ -290,7 +290,7 @@ class Pipeline:
         *,
         max_batch: int = 16,
         max_wait_ms: float = 5.0,
-        decode_workers: int = 1,
+        decode_workers: int = 2,
         heatmap_dir: Path | None = None,
         max_backoff_s: float = 10.0,
         decode_processes: int = 0,
