@@ -283,7 +283,7 @@ def main() -> None:
     if args.decode_workers is None:
         args.decode_workers = settings.decode_workers
     if args.ort_threads is None:
-        args.ort_threads = settings.model_copy(update={"decode_workers": args.decode_workers}).resolved_ort_threads()
+        args.ort_threads = settings.ort_threads
     print(f"inference: {args.decode_workers} decode thread(s), {args.ort_threads or 'default'} onnxruntime thread(s)")
     with tempfile.TemporaryDirectory(prefix="pt-cons-") as tmp:
         work = Path(tmp)
