@@ -8,7 +8,8 @@ plugins (JPEG baseline/extended/lossless, JPEG-LS, JPEG 2000, RLE) pinned in pyp
 
 from __future__ import annotations
 
-import io
+import struct
+import zlib
 from pathlib import Path
 from typing import BinaryIO
 
@@ -98,14 +99,38 @@ def to_png(arr: np.ndarray, max_side: int | None = None, window: tuple[float, fl
     if window is not None:
         lo, hi = window
         arr = np.clip((arr - lo) / max(hi - lo, 1e-6), 0.0, 1.0)
-    img = Image.fromarray((np.clip(arr, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8), mode="L")
-    if max_side and max(img.size) > max_side:
+    pixels = (np.clip(arr, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+    if max_side and max(pixels.shape) > max_side:
+        img = Image.fromarray(pixels, mode="L")
         img.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
-    buf = io.BytesIO()
-    # zlib level 1 (as inference's heatmaps): measured 1.3 ms against 4.9 ms at Pillow's default 6
-    # for a 224-px chest X-ray, files ~15 % larger; labeling renders every incoming image with it
-    img.save(buf, format="PNG", optimize=False, compress_level=1)
-    return buf.getvalue()
+        pixels = np.asarray(img)
+    return png_gray8(pixels)
+
+
+def _png_chunk(tag: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
+
+
+def png_gray8(pixels: np.ndarray, compress_level: int = 1) -> bytes:
+    """An 8-bit greyscale PNG of a 2D uint8 array: every row with PNG's "Up" filter (computed by
+    numpy for the whole image) and zlib at level 1. The same pixels as Pillow's PNG writer, whose
+    per-row adaptive filter choice is the costlier half of its encoding: 0.64 against 1.29 ms for
+    a 224-px chest X-ray, files 0.5 % larger (labeling renders every incoming image with this)."""
+    a = np.ascontiguousarray(pixels, dtype=np.uint8)
+    if a.ndim != 2 or a.size == 0:
+        raise ValueError(f"expected a non-empty 2D image, got shape {a.shape}")
+    h, w = a.shape
+    rows = np.empty((h, w + 1), dtype=np.uint8)
+    rows[:, 0] = 2  # filter type Up: each byte minus the byte above it (mod 256); none above row 0
+    rows[0, 1:] = a[0]
+    np.subtract(a[1:], a[:-1], out=rows[1:, 1:])  # uint8 arithmetic wraps: exactly mod 256
+    header = struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0)  # 8 bits, greyscale, deflate, no interlace
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + _png_chunk(b"IHDR", header)
+        + _png_chunk(b"IDAT", zlib.compress(rows.tobytes(), compress_level))
+        + _png_chunk(b"IEND", b"")
+    )
 
 
 def deidentified_fields(

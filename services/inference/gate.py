@@ -312,20 +312,26 @@ def assess(
     return out
 
 
-def assess_dataset(ds: Any, model: GateModel | None) -> GateVerdict:
+def assess_dataset(ds: Any, model: GateModel | None, display: np.ndarray | None = None) -> GateVerdict:
     """The verdict for a decoded DICOM data set, from a subsampled display preview (the features need
-    ~64 px; the full-size display image is the preprocessing's job)."""
+    ~64 px; the full-size display image is the preprocessing's job). ``display``: the full-size
+    display image of frame 0 when the caller has it already; it is the preview itself when no
+    subsampling is due (shorter side under 2 x PREVIEW_SIDE), which saves decoding it twice."""
     from services.core.imaging import display_array
 
     rows, cols = int(ds.Rows), int(ds.Columns)
     step = max(1, min(rows, cols) // PREVIEW_SIDE)
-    return assess(display_array(ds, step=step), ds, model, shape=(rows, cols))
+    if step == 1 and display is not None and display.shape == (rows, cols):
+        preview = display
+    else:
+        preview = display_array(ds, step=step)
+    return assess(preview, ds, model, shape=(rows, cols))
 
 
-def gate_image(ds: Any, gate_file: str) -> GateVerdict:
+def gate_image(ds: Any, gate_file: str, display: np.ndarray | None = None) -> GateVerdict:
     """The verdict for a decoded DICOM data set (in a decode thread or process). A gate that fails
     must not stop triage: the image becomes borderline (UNCERTAIN) with the reason."""
     try:
-        return assess_dataset(ds, load_gate(gate_file))
+        return assess_dataset(ds, load_gate(gate_file), display)
     except Exception as exc:  # never lose a prediction to the gate itself
         return GateVerdict(BORDERLINE, f"input gate could not assess the image ({type(exc).__name__})", version="error")

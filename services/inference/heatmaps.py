@@ -10,6 +10,7 @@ stretches it over the image. The CAM's raw range and the model version are kept 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import os
@@ -85,8 +86,7 @@ def save_heatmap(
     max_side: int = MAX_SIDE,
 ) -> str:
     """Write the heatmap PNG (atomically) and return its file:// URI."""
-    path = heatmap_path(root, sop_instance_uid, model_name, model_version)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path = heatmap_path(_resolved(root), sop_instance_uid, model_name, model_version)
     image = render_heatmap(cam, rows, columns, input_size, max_side)
     info = PngImagePlugin.PngInfo()
     info.add_text("pt:cam_min", f"{float(np.min(cam)):.6g}")
@@ -94,7 +94,15 @@ def save_heatmap(
     info.add_text("pt:model", f"{model_name}:{model_version}")
     buf = io.BytesIO()
     image.save(buf, format="PNG", pnginfo=info, compress_level=COMPRESS_LEVEL, transparency=_ALPHA)
-    fd, tmp = tempfile.mkstemp(prefix=".hm-", dir=path.parent)
+    directory = str(path.parent)
+    if directory not in _MADE_DIRS:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".hm-", dir=directory)
+    except FileNotFoundError:  # removed since we made it (e.g. heatmaps pruned): make it again
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".hm-", dir=directory)
+    _MADE_DIRS.add(directory)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(buf.getvalue())
@@ -102,4 +110,14 @@ def save_heatmap(
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return path.resolve().as_uri()
+    return path.as_uri()
+
+
+# Per process: heatmap directories known to exist (one mkdir per directory, not one per image; at
+# most 256 per root), and each root's resolved path (resolving costs a system call per component).
+_MADE_DIRS: set[str] = set()
+
+
+@functools.lru_cache(maxsize=16)
+def _resolved(root: Path) -> Path:
+    return Path(root).resolve()

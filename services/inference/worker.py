@@ -96,7 +96,8 @@ def load_image(uri: str, sha256: str, input_size: int, gate_file: str | None = N
     import pydicom
     from pydicom.errors import InvalidDicomError
 
-    from services.inference.preprocess import preprocess_dicom
+    from services.core.imaging import display_array
+    from services.inference.preprocess import preprocess_array
 
     path = storage_path(uri)
     try:
@@ -109,7 +110,8 @@ def load_image(uri: str, sha256: str, input_size: int, gate_file: str | None = N
     try:
         ds = pydicom.dcmread(io.BytesIO(data))
         rows, columns = int(ds.Rows), int(ds.Columns)
-        tensor = preprocess_dicom(ds, input_size)
+        display = display_array(ds)  # once: the gate's preview is this image when no subsampling is due
+        tensor = preprocess_array(display, input_size)
     except (
         InvalidDicomError,
         ValueError,
@@ -125,7 +127,7 @@ def load_image(uri: str, sha256: str, input_size: int, gate_file: str | None = N
         raise BadImage("undecodable", f"undecodable image: {type(exc).__name__}: {exc}"[:500]) from exc
     if tensor.shape != (1, input_size, input_size) or not np.all(np.isfinite(tensor)):
         raise BadImage("undecodable", f"preprocessing produced an unusable tensor {tensor.shape}")
-    gate = gate_image(ds, gate_file) if gate_file else None
+    gate = gate_image(ds, gate_file, display) if gate_file else None
     return LoadedImage(np.ascontiguousarray(tensor, dtype=np.float32), rows, columns, gate)
 
 

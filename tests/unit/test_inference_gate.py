@@ -119,3 +119,23 @@ def test_artifact_round_trips_and_matches_the_feature_code(gate: GateModel, tmp_
     arr = display_array(pydicom.dcmread(io.BytesIO(chest_dicom(np.eye(300, dtype=np.float32)))))
     assert abs(again.score(arr) - gate.score(arr)) < 1e-4
     assert 0 < gate.refuse_below <= gate.borderline_below < 1
+
+
+def test_the_display_image_passed_in_gives_the_same_verdict(gate: GateModel, shared_data: Path) -> None:
+    """load_image hands the gate the display image it decoded for the model: the same verdict as the
+    gate decoding its own preview (used as is below 2 x PREVIEW_SIDE, ignored above)."""
+    files = sorted((shared_data / "dicom").glob("*.dcm"))
+    big = np.tile(load_gray(sorted((shared_data / "kermany224" / "train" / "NORMAL").glob("*.jpeg"))[0]), (3, 3))
+    datasets = [pydicom.dcmread(f) for f in files] + [
+        pydicom.dcmread(io.BytesIO(chest_dicom(big, bits=12, photometric="MONOCHROME1")))
+    ]
+    assert max(int(ds.Rows) for ds in datasets) >= 2 * 256  # one is subsampled for the preview
+    for ds in datasets:
+        alone = assess_dataset(ds, gate)
+        given = assess_dataset(ds, gate, display_array(ds))
+        assert (given.verdict, given.reason, given.score, given.version) == (
+            alone.verdict,
+            alone.reason,
+            alone.score,
+            alone.version,
+        )
