@@ -11,10 +11,12 @@ Per image, timestamps from the services' own databases give the stages:
   inference   image.received published            -> prediction made (model + heatmap)
   aggregator queue  prediction made               -> stored by the aggregator (waiting in aggregator.events)
   aggregator  stored                              -> study's first flag
-Phase 2 (alone): the consumers are stopped, M more images are sent (ingest alone: C-STORE
-throughput), then inference is started alone against the full queue (its drain rate), then the
-aggregator alone against its full queue. ceiling = the slowest stage alone; pipeline/ceiling says
-how much of it the running system keeps.
+Phase 2 (alone): the consumers (inference, aggregator, labeling) are stopped, M more images are
+sent (ingest alone: C-STORE throughput), then inference is started alone against the full queue
+(its drain rate), then the aggregator alone against its full queue, then labeling (shown; it is
+off the model-only path to a first flag, so not part of the ceiling). ceiling = the slowest stage
+alone; pipeline/ceiling says how much of it the running system keeps. Since stages share the
+machine's cores in the pipeline, the CPUs / (services' CPU ms per image) bound is printed too.
 Phase 3 (offered load, latency vs load): images arrive at a steady rate R (image i is sent at
 t0 + i/R, over several associations, a study's images on one association) for --rate-seconds, at
 25/50/75/90 % of the ceiling just measured (--curve), or at one given --rate. Per level: the rate
@@ -180,7 +182,8 @@ def run(
                 result["pipeline"] = phase_pipeline(system, batch, associations)
             if batch2 is not None:
                 result["alone"] = phase_alone(system, batch2, associations)
-                stages = result["alone"]  # type: ignore[assignment]
+                # the stages on the path to a model-only first flag (labeling is shown, not counted)
+                stages = {k: v for k, v in result["alone"].items() if k != "labeling"}  # type: ignore[attr-defined]
                 slowest = min(stages, key=lambda k: stages[k]["images_per_s"])  # type: ignore[index]
                 ceiling = float(stages[slowest]["images_per_s"])  # type: ignore[index]
                 result["ceiling_stage"] = slowest
@@ -277,8 +280,12 @@ def phase_pipeline(system: SystemHarness, batch: Batch, associations: int) -> di
 def phase_alone(system: SystemHarness, batch: Batch, associations: int) -> dict[str, dict[str, float]]:
     data = system.data_dir
     agg = data / "aggregator.db"
-    for svc in ("inference", "aggregator"):
+    # every consumer stops, labeling too: it renders each image it receives for annotators (CPU
+    # the stages would otherwise share while "alone"); it is measured alone last
+    for svc in ("inference", "aggregator", "labeling"):
         system.children[svc].terminate()
+    labeling_db = data / "labeling.db"
+    before_tasks = count(labeling_db, "SELECT count(*) FROM labeling_tasks")
     before_pred = count(agg, "SELECT count(*) FROM aggregator_predictions")
     before_received = count(agg, "SELECT count(*) FROM aggregator_images WHERE eligible IS NOT NULL")
     # ingest alone: C-STORE until the outbox has published everything
@@ -338,6 +345,7 @@ def phase_alone(system: SystemHarness, batch: Batch, associations: int) -> dict[
     drain_s = max(1e-3, now - first_seen[0])
     aggregator_rate = (total_events - first_seen[1]) / drain_s / 2  # two events per image
     system.children["aggregator"].wait_healthy(60)
+    labeling = labeling_alone(system, labeling_db, before_tasks)
     t = timeline(system, acked)
     predicted = sorted(v["predicted"] for v in t.values() if v.get("predicted"))  # type: ignore[type-var]
     # inference's own rate from its prediction timestamps (start-up excluded)
@@ -357,7 +365,39 @@ def phase_alone(system: SystemHarness, batch: Batch, associations: int) -> dict[
             # contention-independent: images applied per second of the aggregator's own CPU time
             "images_per_cpu_s": (total_events - first_seen[1]) / 2 / aggregator_cpu if aggregator_cpu > 0 else None,
         },
+        "labeling": labeling,
     }
+
+
+def labeling_alone(system: SystemHarness, db: Path, before: int) -> dict[str, float]:
+    """Labeling started alone against its full queue: tasks created per second, from the first poll
+    that sees it working to the last new task (polled every 0.1 s). Labeling is off the model-only
+    path to a first flag, so it is reported but not part of the ceiling."""
+    system.children["labeling"].start()
+    first: tuple[float, int] | None = None
+    last: tuple[float, int] = (time.time(), before)
+    cpu0 = float("nan")
+    with console.status("labeling alone: draining its queue ..."):
+        deadline = time.time() + 900
+        while time.time() < deadline:
+            now, done = time.time(), count(db, "SELECT count(*) FROM labeling_tasks")
+            if first is None and done > before:
+                first, cpu0 = (now, done), cpu_seconds(system, "labeling")
+            if done > last[1]:
+                last = (now, done)
+            elif (
+                first is not None
+                and now - last[0] > 1.0
+                and queue_ready(system, "labeling.images")["labeling.images"] == 0
+            ):
+                break
+            time.sleep(0.1)
+    system.children["labeling"].wait_healthy(60)
+    if first is None or last[0] <= first[0]:
+        return {"images_per_s": float("nan"), "images_per_cpu_s": float("nan")}
+    cpu = cpu_seconds(system, "labeling") - cpu0
+    made = last[1] - first[1]
+    return {"images_per_s": made / (last[0] - first[0]), "images_per_cpu_s": made / cpu if cpu > 0 else float("nan")}
 
 
 class _HeldCheckpoint(threading.Event):
@@ -527,7 +567,8 @@ def report(result: dict[str, object]) -> None:
         alone.add_column("images per CPU-second of the service", justify="right")
         for name, s in result["alone"].items():  # type: ignore[attr-defined]
             per_cpu = s.get("images_per_cpu_s")
-            alone.add_row(name, f"{s['images_per_s']:.1f}", "-" if per_cpu is None else f"{per_cpu:.0f}")
+            label = f"{name} (off the first-flag path)" if name == "labeling" else name
+            alone.add_row(label, f"{s['images_per_s']:.1f}", "-" if per_cpu is None else f"{per_cpu:.0f}")
         if pipe is not None:
             alone.add_row("[bold]pipeline (sustained)", f"[bold]{pipe['images_per_s']:.1f}", "")  # type: ignore[index]
         console.print(alone)
