@@ -138,3 +138,45 @@ def test_a_spool_file_that_cannot_be_removed_is_removed_once_it_can(tmp_path: Pa
     assert [p.name for p in incoming.iterdir()] == [fresh.path.name]
     fresh.discard()
     assert UNREMOVED.retry() == 0
+
+
+def test_associations_share_the_servers_presentation_contexts_unchanged() -> None:
+    """pynetdicom deep-copies the server's supported contexts for every association (~11 ms of CPU
+    for ours); GuardedServer hands each association the same context objects instead. Negotiating
+    two associations at once (a real requestor over loopback) leaves them exactly as they were."""
+    import copy
+    import threading
+
+    from pynetdicom import AE, AllStoragePresentationContexts, evt
+    from pynetdicom.sop_class import Verification
+
+    from services.ingest.wire import GuardedServer
+
+    scp = AE(ae_title="SHARED")
+    scp.add_supported_context(Verification)
+    for cx in AllStoragePresentationContexts:
+        scp.add_supported_context(cx.abstract_syntax)
+    server = scp.make_server(("127.0.0.1", 0), server_class=GuardedServer, evt_handlers=[(evt.EVT_C_ECHO, lambda e: 0)])
+    scp._servers.append(server)  # as AE.start_server does; shutdown() removes it
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        before = [(cx.abstract_syntax, list(cx.transfer_syntax), cx.scu_role, cx.scp_role) for cx in server.contexts]
+        first = server.contexts[0]
+        assert copy.deepcopy(server.contexts)[0] is first  # what each new association gets
+        scu = AE(ae_title="PROBE")
+        scu.add_requested_context(Verification)
+        scu.add_requested_context(AllStoragePresentationContexts[0].abstract_syntax)
+        port = server.server_address[1]
+        assocs = [scu.associate("127.0.0.1", port, ae_title="SHARED") for _ in range(2)]
+        try:
+            assert all(a.is_established for a in assocs)
+            assert all(a.send_c_echo().Status == 0 for a in assocs)
+            accepted = [{cx.abstract_syntax for cx in a.accepted_contexts} for a in assocs]
+            assert accepted[0] == accepted[1] == {Verification, AllStoragePresentationContexts[0].abstract_syntax}
+        finally:
+            for a in assocs:
+                a.release()
+        after = [(cx.abstract_syntax, list(cx.transfer_syntax), cx.scu_role, cx.scp_role) for cx in server.contexts]
+        assert server.contexts[0] is first and after == before
+    finally:
+        server.shutdown()
