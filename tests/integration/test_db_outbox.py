@@ -329,3 +329,53 @@ async def test_broker_lost_mid_batch_marks_nothing_unconfirmed(engine: AsyncEngi
         assert set(got) == set(uids), "no event lost"
     finally:
         await broker.close()
+
+
+async def test_backlog_gauge_is_not_a_query_per_round(engine: AsyncEngine, rabbit: RabbitNode) -> None:
+    """Events arriving one at a time make one relay round each; the pt_outbox_backlog gauge is read
+    from the table at most once a second meanwhile (it was a COUNT query after every round), and
+    an idle round brings it up to date."""
+    import time
+
+    from prometheus_client import REGISTRY
+
+    sessions = make_sessionmaker(engine)
+    broker = await Broker(rabbit.url).connect()
+    await purge_all(broker)
+    relay = OutboxRelay("kerneltest-gauge", sessions, Outbox, broker, idle_seconds=30)
+    reads = 0
+    count_backlog = relay.backlog
+
+    async def counted() -> int:
+        nonlocal reads
+        reads += 1
+        return await count_backlog()
+
+    relay.backlog = counted  # type: ignore[method-assign]
+    stop = asyncio.Event()
+    task = asyncio.create_task(relay.run(stop))
+    try:
+        await eventually_async(lambda: reads == 1, 10, what="the relay's first (idle) round")
+        started = time.monotonic()
+        for i in range(20):
+            async with sessions() as session:
+                add_event(session, Outbox, _event(f"8.{i}"), message_id=f"test:8.{i}")
+                await session.commit()
+            relay.notify()
+
+            async def published(i: int = i) -> bool:
+                async with sessions() as session:
+                    row = await session.scalar(select(Outbox.published_at).where(Outbox.message_id == f"test:8.{i}"))
+                return row is not None
+
+            await eventually_async(published, 10, what=f"event {i} published")
+        elapsed = time.monotonic() - started
+        assert reads - 1 <= 1 + elapsed / 1.0, (reads, elapsed)  # 20 rounds; before: 20 reads
+        relay.notify()  # nothing pending: an idle round reads the gauge again
+        await eventually_async(lambda: reads >= 2, 10, what="an idle round's read")
+        assert REGISTRY.get_sample_value("pt_outbox_backlog", {"service": "kerneltest-gauge"}) == 0
+    finally:
+        stop.set()
+        relay.notify()
+        await asyncio.wait_for(task, 10)
+        await broker.close()

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from datetime import UTC, datetime
 from typing import Any
 
@@ -33,6 +34,9 @@ log = logging.getLogger(__name__)
 
 OUTBOX_BACKLOG = Gauge("pt_outbox_backlog", "Events committed but not yet confirmed by the broker", ["service"])
 
+
+# While events flow, pt_outbox_backlog is read from the table at most this often (seconds).
+BACKLOG_GAUGE_EVERY_S = 1.0
 
 # Up to this many rows are marked with a cached `WHERE id = :id` statement run once per row; more
 # with one `WHERE id IN (...)` (SQLite, measured: 0.33 vs 0.55 ms for one row, 1.7 vs 1.2 ms for 200).
@@ -109,6 +113,16 @@ class OutboxRelay:
         self.idle_seconds = idle_seconds
         self.max_backoff_seconds = max_backoff_seconds
         self._wake = asyncio.Event()
+        self._backlog_read_at = float("-inf")  # when pt_outbox_backlog was last read from the table
+
+    async def _refresh_backlog_gauge(self, idle: bool) -> None:
+        """pt_outbox_backlog from a COUNT query (~0.85 ms of CPU on SQLite, measured): after an idle
+        round, else at most every BACKLOG_GAUGE_EVERY_S while events flow. Run after every round it
+        cost as much as the round's publishes when events come one at a time."""
+        now = time.monotonic()
+        if idle or now - self._backlog_read_at >= BACKLOG_GAUGE_EVERY_S:
+            self._backlog_read_at = now
+            OUTBOX_BACKLOG.labels(self.service).set(await self.backlog())
 
     def notify(self) -> None:
         """Tell the relay that new events were committed (so it does not wait for the next poll)."""
@@ -190,7 +204,7 @@ class OutboxRelay:
             self._wake.clear()
             try:
                 sent = await self.run_once()
-                OUTBOX_BACKLOG.labels(self.service).set(await self.backlog())
+                await self._refresh_backlog_gauge(idle=sent == 0)
                 backoff = self.idle_seconds
                 if sent >= self.batch_size:
                     continue
