@@ -94,15 +94,11 @@ def save_heatmap(
     info.add_text("pt:model", f"{model_name}:{model_version}")
     buf = io.BytesIO()
     image.save(buf, format="PNG", pnginfo=info, compress_level=COMPRESS_LEVEL, transparency=_ALPHA)
-    directory = str(path.parent)
-    if directory not in _MADE_DIRS:
+    try:  # the directory usually exists: make it only when it is missing (first image, or pruned)
+        fd, tmp = tempfile.mkstemp(prefix=".hm-", dir=path.parent)
+    except FileNotFoundError:
         path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=".hm-", dir=directory)
-    except FileNotFoundError:  # removed since we made it (e.g. heatmaps pruned): make it again
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".hm-", dir=directory)
-    _MADE_DIRS.add(directory)
+        fd, tmp = tempfile.mkstemp(prefix=".hm-", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(buf.getvalue())
@@ -113,11 +109,7 @@ def save_heatmap(
     return path.as_uri()
 
 
-# Per process: heatmap directories known to exist (one mkdir per directory, not one per image; at
-# most 256 per root), and each root's resolved path (resolving costs a system call per component).
-_MADE_DIRS: set[str] = set()
-
-
+# Each root's resolved path, once per process (resolving costs a system call per path component).
 @functools.lru_cache(maxsize=16)
 def _resolved(root: Path) -> Path:
     return Path(root).resolve()

@@ -25,6 +25,7 @@ import contextlib
 import logging
 import queue
 import threading
+from collections import Counter
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -113,7 +114,7 @@ def _instance_row(
         photometric_interpretation=decision.photometric_interpretation,
         patient_age_years=decision.patient_age_years,
         triage_eligible=decision.triage_eligible,
-        not_triaged_reason=decision.reason if not decision.triage_eligible else "",
+        not_triaged_reason=decision.not_triaged_reason,
         outside_intended_use=decision.outside_intended_use,
         calling_ae_title=calling_ae,
         received_at=now,
@@ -144,7 +145,7 @@ def _event(decision: Decision, stored: StoredFile, calling_ae: str, study_count:
         calling_ae_title=calling_ae,
         received_at=to_timestamp(now),
         study_image_count=study_count,
-        not_triaged_reason=decision.reason if not decision.triage_eligible else "",
+        not_triaged_reason=decision.not_triaged_reason,
     )
 
 
@@ -171,34 +172,22 @@ def record_batch(conn: Connection, items: list[tuple[Decision, StoredFile, str]]
     results: list[ImageReceived | None] = [None] * len(items)
     if not new:
         return results
-    per_study: dict[str, int] = {}
-    for i in new:
-        uid = items[i][0].study_instance_uid
-        per_study[uid] = per_study.get(uid, 0) + 1
-    studies: dict[str, tuple[int, int]] = {}  # uid -> (id, count before this batch)
-    for uid, added in per_study.items():
+    study_ids: dict[str, int] = {}
+    counts: dict[str, int] = {}  # study uid -> its image count so far (before this batch, then running)
+    for uid, added in Counter(items[i][0].study_instance_uid for i in new).items():
         row = conn.execute(st["study"], {"uid": uid, "count": added, "now": now}).one()
-        studies[uid] = (int(row.id), int(row.image_count) - added)
+        study_ids[uid], counts[uid] = int(row.id), int(row.image_count) - added
     series_ids: dict[str, int] = {}
-    for i in new:
-        decision = items[i][0]
-        if decision.series_instance_uid not in series_ids:
-            params = {
-                "uid": decision.series_instance_uid,
-                "study_id": studies[decision.study_instance_uid][0],
-                "modality": decision.modality,
-                "now": now,
-            }
-            series_ids[decision.series_instance_uid] = int(conn.execute(st["series"], params).scalar_one())
     instance_rows, outbox_rows = [], []
-    counted: dict[str, int] = {}
     for i in new:
         decision, stored, calling_ae = items[i]
-        study_uid = decision.study_instance_uid
-        counted[study_uid] = counted.get(study_uid, 0) + 1
-        received = _event(decision, stored, calling_ae, studies[study_uid][1] + counted[study_uid], now)
-        uid = decision.sop_instance_uid
-        instance_rows.append(_instance_row(decision, stored, calling_ae, series_ids[decision.series_instance_uid], now))
+        study, series, uid = decision.study_instance_uid, decision.series_instance_uid, decision.sop_instance_uid
+        if series not in series_ids:
+            params = {"uid": series, "study_id": study_ids[study], "modality": decision.modality, "now": now}
+            series_ids[series] = int(conn.execute(st["series"], params).scalar_one())
+        counts[study] += 1
+        received = _event(decision, stored, calling_ae, counts[study], now)
+        instance_rows.append(_instance_row(decision, stored, calling_ae, series_ids[series], now))
         # the same outbox row add_event writes, inserted with Core (no ORM session on this thread)
         row = outbox_row(received, message_id=message_id(uid), correlation_id=uid)
         outbox_rows.append({**row, "created_at": now, "attempts": 0})
@@ -209,7 +198,7 @@ def record_batch(conn: Connection, items: list[tuple[Decision, StoredFile, str]]
 
 
 def _is_stored(conn: Connection, uid: str) -> bool:
-    return conn.execute(select(Instance.id).where(Instance.sop_instance_uid == uid)).first() is not None
+    return conn.execute(_statements(conn)["stored"], {"uids": [uid]}).first() is not None
 
 
 class Committer(Protocol):

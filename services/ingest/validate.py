@@ -105,6 +105,11 @@ class Decision:
     def triage_eligible(self) -> bool:
         return self.action is Action.ACCEPT
 
+    @property
+    def not_triaged_reason(self) -> str:
+        """Why a stored image is not triaged ("" when it is)."""
+        return "" if self.triage_eligible else self.reason
+
 
 class Refusal(Exception):
     def __init__(self, status: int, code: str, reason: str) -> None:

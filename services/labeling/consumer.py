@@ -35,8 +35,7 @@ class ImageConsumer:
         render: Render = cached_png,
     ) -> None:
         """render(cache_dir, task_id, source, max_side) -> PNG path; runs with no transaction open."""
-        self.sessions = sessions
-        self.engine: AsyncEngine = sessions.kw["bind"]
+        self.engine: AsyncEngine = sessions.kw["bind"]  # Core statements only (see handle)
         self._find_task = select(Task.id).where(Task.sop_instance_uid == bindparam("sop"))
         self._insert_task = insert(Task)
         self.job = job

@@ -197,9 +197,12 @@ def tree_cpu_seconds(pid: int) -> float:
     stats = _proc_stats()
     if pid not in stats:
         return float("nan")
+    children: dict[int, list[int]] = {}
+    for p, (ppid, _) in stats.items():
+        children.setdefault(ppid, []).append(p)
     total, frontier = 0.0, [pid]
     while frontier:
         current = frontier.pop()
         total += stats[current][1]
-        frontier.extend(p for p, (ppid, _) in stats.items() if ppid == current)
+        frontier.extend(children.get(current, ()))
     return total

@@ -210,8 +210,9 @@ class OutboxRelay:
                     continue
             except asyncio.CancelledError:
                 raise
-            except OutboxPublishError as exc:
-                if exc.sent:  # the broker takes events: retry the others next round, without back-off
+            except Exception as exc:
+                if isinstance(exc, OutboxPublishError) and exc.sent:
+                    # the broker takes events: retry the others next round, without back-off
                     log.warning("outbox relay: events not confirmed, retrying", extra={"error": repr(exc)})
                     backoff = self.idle_seconds
                     if exc.sent + exc.failed >= self.batch_size:
@@ -219,9 +220,6 @@ class OutboxRelay:
                 else:
                     log.warning("outbox relay cannot publish yet", extra={"error": repr(exc), "retry_in_s": backoff})
                     backoff = min(backoff * 2, self.max_backoff_seconds)
-            except Exception as exc:
-                log.warning("outbox relay cannot publish yet", extra={"error": repr(exc), "retry_in_s": backoff})
-                backoff = min(backoff * 2, self.max_backoff_seconds)
             try:
                 await asyncio.wait_for(self._wake.wait(), timeout=backoff)
             except TimeoutError:
