@@ -17,6 +17,7 @@ from services.core.auth import Account, WebSessions
 from services.core.broker import CONSUMERS, Broker
 from services.core.db import make_engine, make_sessionmaker, upgrade
 from services.core.db.outbox import OutboxRelay
+from services.core.priority import lower_cpu_priority
 from services.core.runner import Components, ServiceRunner, with_broker
 from services.core.telemetry import serve_http
 from services.labeling.config import LabelingSettings
@@ -166,9 +167,11 @@ class LabelingService:
 def main() -> None:
     """The labeling process (services/core/runner.py: logging, signals, migrations, exit code)."""
     settings = LabelingSettings()
+    applied = lower_cpu_priority(settings.labeling_cpu_nice)  # before any thread starts
 
     async def start(runner: ServiceRunner) -> Callable[[], Awaitable[None]]:
         service = LabelingService(settings)
+        runner.log.info("cpu priority", extra={"nice": applied.thread_nice, "autogroup_nice": applied.autogroup_nice})
         await runner.migrate(service.engine, "labeling", Base.metadata)
         runner.watch(service.components)
         try:

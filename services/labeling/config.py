@@ -23,6 +23,10 @@ class LabelingSettings(AuthSettings):
     labeling_undo_window_s: float = 30.0
     # How long a task handed to an annotator stays reserved for them.
     labeling_lease_s: float = 600.0
+    # CPU priority of the labeling process (nice 0-19). Crowd tasks can wait minutes; a triage flag
+    # should not wait for annotator PNGs, so on a shared machine labeling yields the CPU to the
+    # triage path (services/core/priority.py). 0 = the same priority as the other services.
+    labeling_cpu_nice: int = 10
 
     def render_dir(self) -> Path:
         return self.labeling_render_dir or self.data_dir / "labeling-render"
