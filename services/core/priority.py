@@ -3,7 +3,8 @@
 Two Linux details decide whether a nice value has any effect against the *other* services:
 
 - Nice is per thread on Linux; `setpriority(PRIO_PROCESS, 0, n)` changes the calling thread only,
-  and threads started later inherit it. So this runs first thing in `main`, before any thread.
+  and threads started later inherit it from the thread that starts them. So every thread the
+  process already has (a library may start some at import) is lowered, first thing in `main`.
 - With the scheduler's autogroups on (`/proc/sys/kernel/sched_autogroup_enabled` = 1, the default
   on desktop and many server kernels) and the process in the root CPU cgroup, CPU time is first
   shared *between sessions* (autogroups), and a thread's nice only orders it within its own
@@ -42,14 +43,25 @@ def _autogroup_nice(path: Path) -> int | None:
         return None
 
 
+def _threads() -> list[int]:
+    try:
+        return [int(t) for t in os.listdir("/proc/self/task")]
+    except OSError:  # no /proc: this thread only
+        return [0]
+
+
 def lower_cpu_priority(nice: int, *, autogroup: Path = Path("/proc/self/autogroup")) -> Applied:
-    """Run this process at `nice` (0-19; never raised above what it already is). Call before any
-    thread starts. Returns what was applied; logs and carries on where the OS refuses."""
+    """Run this process at `nice` (0-19; never raised above what it already is): every thread it
+    has now, and so every thread they start. Call early, before the service starts its own threads.
+    Returns what was applied; logs and carries on where the OS refuses the session's group."""
     if not 0 <= nice <= 19:
         raise ValueError(f"nice must be 0..19, got {nice}")
-    current = os.getpriority(os.PRIO_PROCESS, 0)
-    if nice > current:
-        os.setpriority(os.PRIO_PROCESS, 0, nice)
+    for tid in _threads():  # libraries may have started threads at import (OpenBLAS does)
+        try:
+            if nice > os.getpriority(os.PRIO_PROCESS, tid):
+                os.setpriority(os.PRIO_PROCESS, tid, nice)
+        except ProcessLookupError:  # that thread has ended
+            pass
     group: int | None = None
     autogroups_on = AUTOGROUP_SWITCH.exists() and AUTOGROUP_SWITCH.read_text().strip() == "1"
     if nice and autogroups_on and os.getsid(0) == os.getpid() and autogroup.exists():

@@ -103,6 +103,23 @@ def test_every_image_is_acknowledged_and_accounted_for(e2e: E2ERun) -> None:
         assert not rec.dead_lettered, "healthy input must not be dead-lettered"
 
 
+def test_labeling_yields_the_cpu_to_the_flag_path(e2e: E2ERun) -> None:
+    """PT_LABELING_CPU_NICE (default 10): every labeling thread runs at nice 10 and, where the
+    kernel shares CPU by session (autogroups), so does its session; the flag path stays at 0."""
+
+    def nices(pid: int) -> set[int]:
+        tasks = Path(f"/proc/{pid}/task").iterdir()
+        return {int((t / "stat").read_text().rsplit(")", 1)[1].split()[16]) for t in tasks}
+
+    pids = {name: child.pid for name, child in e2e.system.children.items()}
+    assert nices(pids["labeling"]) == {10}
+    for name in ("ingest", "inference", "aggregator"):
+        assert nices(pids[name]) == {0}, name
+    group = Path(f"/proc/{pids['labeling']}/autogroup")
+    if group.exists() and Path("/proc/sys/kernel/sched_autogroup_enabled").read_text().strip() == "1":
+        assert group.read_text().strip().endswith("nice 10")
+
+
 def test_crowd_votes_reach_the_aggregator(e2e: E2ERun) -> None:
     import sqlite3
 
