@@ -29,6 +29,10 @@ class AggregatorSettings(AuthSettings):
     prefetch: int = 128
     # Most events applied in one transaction (the consumer takes what has arrived, never waits to fill).
     max_batch: int = 64
+    # How long the first event of a batch may wait for company (seconds; 0 = take what has arrived).
+    # Under load a transaction per few events costs ~1.5 ms of CPU per image more than one per
+    # dozens (docs/performance.md); 30 ms is small against the 1 s first-flag SLO.
+    max_wait_s: float = 0.03
     # Seconds between worklist refreshes pushed over server-sent events.
     sse_interval_seconds: float = 2.0
     # Drift monitor (services/aggregator/drift.py): where each model version's drift_reference.json

@@ -83,7 +83,12 @@ class Aggregator:
         """Consume aggregator.events in batches (one transaction per batch; see Broker.consume_batch)."""
         s = self.settings
         await self.broker.consume_batch(
-            CONSUMERS["aggregator"], self.handle, self.handle_batch, prefetch=s.prefetch, max_batch=s.max_batch
+            CONSUMERS["aggregator"],
+            self.handle,
+            self.handle_batch,
+            prefetch=s.prefetch,
+            max_batch=s.max_batch,
+            max_wait_s=s.max_wait_s,
         )
 
     async def handle(self, env: Envelope) -> None:

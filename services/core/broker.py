@@ -38,7 +38,7 @@ from aio_pika.abc import (
     AbstractRobustConnection,
 )
 from google.protobuf.message import DecodeError, Message
-from prometheus_client import Counter, Gauge
+from prometheus_client import Counter, Gauge, Histogram
 
 from services.core.contracts import MESSAGE_BY_ROUTING_KEY, SCHEMA_VERSION
 from services.core.telemetry import bound_correlation_id
@@ -81,6 +81,12 @@ BATCHES_FAILED = Counter(
     "pt_broker_batches_failed_total",
     "Batches whose handler raised (their messages were then handled one by one)",
     ["queue"],
+)
+BATCH_SIZE = Histogram(
+    "pt_broker_batch_size",
+    "Messages per batch handed to a batch consumer (consume_batch): small batches cost more per message",
+    ["queue"],
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128),
 )
 MESSAGES_PUBLISHED = Counter("pt_broker_messages_published_total", "Messages published (confirmed)", ["routing_key"])
 PUBLISHES_UNCONFIRMED = Gauge(
@@ -371,7 +377,13 @@ class Broker:
         return queue
 
     async def consume_batch(
-        self, spec: ConsumerSpec, handler: Handler, batch_handler: BatchHandler, prefetch: int = 64, max_batch: int = 32
+        self,
+        spec: ConsumerSpec,
+        handler: Handler,
+        batch_handler: BatchHandler,
+        prefetch: int = 64,
+        max_batch: int = 32,
+        max_wait_s: float = 0.0,
     ) -> AbstractQueue:
         """Consume spec.queue handing batch_handler every message already delivered (up to max_batch)
         at once, in delivery order, from one worker: a consumer that commits once per batch.
@@ -395,8 +407,19 @@ class Broker:
         async def worker() -> None:
             while True:
                 batch = [await inbox.get()]
-                while len(batch) < max_batch and not inbox.empty():
-                    batch.append(inbox.get_nowait())
+                deadline = time.monotonic() + max_wait_s
+                while len(batch) < max_batch:
+                    if not inbox.empty():
+                        batch.append(inbox.get_nowait())
+                        continue
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        break
+                    try:
+                        batch.append(await asyncio.wait_for(inbox.get(), remaining))
+                    except TimeoutError:
+                        break
+                BATCH_SIZE.labels(spec.queue).observe(len(batch))
                 try:
                     await self._handle_batch(spec, channel, handler, batch_handler, batch)
                 except asyncio.CancelledError:

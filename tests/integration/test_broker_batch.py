@@ -60,3 +60,39 @@ async def test_batches_in_order_and_a_poison_message_only_fails_itself(broker: B
     assert sorted(handled) == sorted(f"1.2.{i}" for i in range(n) if i != 33)
     depths = rabbit.queue_depths()
     assert depths[SPEC.dlq] == 1
+
+
+async def _batches_of_a_trickle(broker: Broker, rabbit: RabbitNode, max_wait_s: float) -> list[int]:
+    """12 messages published 10 ms apart (events trickling in, as from a busy pipeline)."""
+    sizes: list[int] = []
+    consumer = await Broker(rabbit.url).connect()
+    try:
+
+        async def batch_handler(envs: list[Envelope]) -> None:
+            sizes.append(len(envs))
+
+        async def handler(env: Envelope) -> None:
+            raise AssertionError("no batch fails here")
+
+        await consumer.consume_batch(SPEC, handler, batch_handler, prefetch=32, max_batch=8, max_wait_s=max_wait_s)
+        await asyncio.sleep(0.2)  # the consumer is attached before the first message
+        for i in range(12):
+            await broker.publish("image.received", _received(f"1.3.{i}"), message_id=f"t{max_wait_s}-{i}")
+            await asyncio.sleep(0.01)
+
+        async def all_handled() -> bool:
+            return sum(sizes) == 12
+
+        await eventually_async(all_handled, what="the trickle handled")
+    finally:
+        await consumer.close()
+    return sizes
+
+
+async def test_a_batch_waits_for_company_only_when_asked(broker: Broker, rabbit: RabbitNode) -> None:
+    """max_wait_s: the first message of a batch waits up to that long for more (fewer, larger
+    transactions under load), never past max_batch; 0 takes only what has already arrived."""
+    at_once = await _batches_of_a_trickle(broker, rabbit, 0.0)
+    assert len(at_once) >= 6, at_once  # 10 ms apart: mostly one message per batch
+    waited = await _batches_of_a_trickle(broker, rabbit, 0.5)
+    assert waited == [8, 4], waited  # the first batch fills to max_batch; the rest waits out 0.5 s
