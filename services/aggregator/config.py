@@ -27,7 +27,7 @@ class AggregatorSettings(AuthSettings):
     sr_retry_seconds: float = 5.0
     # Broker prefetch for aggregator.events (unacked messages in flight; keep it above max_batch).
     prefetch: int = 128
-    # Most events applied in one transaction (the consumer takes what has arrived, never waits to fill).
+    # Most events applied in one transaction.
     max_batch: int = 64
     # How long the first event of a batch may wait for company (seconds; 0 = take what has arrived).
     # Under load a transaction per few events costs ~1.5 ms of CPU per image more than one per

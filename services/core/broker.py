@@ -388,9 +388,10 @@ class Broker:
         """Consume spec.queue handing batch_handler every message already delivered (up to max_batch)
         at once, in delivery order, from one worker: a consumer that commits once per batch.
 
-        Nothing waits for a batch to fill: a message that arrives alone is handled alone, and under
-        load batches grow up to max_batch (prefetch should be larger, so the next batch is already
-        here while one is applied). The messages of a batch are acked after batch_handler returns.
+        A batch takes what has already been delivered and, for at most max_wait_s after its first
+        message, what arrives next, up to max_batch (prefetch should be larger, so the next batch is
+        already here while one is applied). With max_wait_s = 0 a message that arrives alone is
+        handled alone. The messages of a batch are acked after batch_handler returns.
         When it raises, each message of the batch goes through handler one by one, with the same
         retry and dead-letter path as consume(): a batch never changes what happens to a message.
         """
