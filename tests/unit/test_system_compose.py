@@ -50,6 +50,24 @@ def test_compose_has_the_whole_system() -> None:
     assert devices[0]["capabilities"] == ["gpu"]
 
 
+def test_labeling_yields_the_cpu_to_the_triage_path() -> None:
+    """Between containers a process's nice does not count; the CPU weight does (docs/performance.md)."""
+    services = COMPOSE["services"]
+    assert services["labeling"]["cpu_shares"] < 1024
+    assert all("cpu_shares" not in services[name] for name in ("ingest", "inference", "aggregator"))
+    k8s = {name: yaml.safe_load_all((REPO / f"deploy/k8s/{name}.yaml").read_text()) for name in SERVICES}
+
+    def cpu_request(docs: object) -> float:
+        for doc in docs:  # type: ignore[attr-defined]
+            if doc and doc.get("kind") == "Deployment":
+                value = doc["spec"]["template"]["spec"]["containers"][0]["resources"]["requests"]["cpu"]
+                return float(value[:-1]) / 1000 if str(value).endswith("m") else float(value)
+        raise AssertionError("no Deployment")
+
+    requests = {name: cpu_request(docs) for name, docs in k8s.items()}
+    assert requests["labeling"] < min(requests[n] for n in ("ingest", "inference", "aggregator")), requests
+
+
 @pytest.mark.parametrize("service", SERVICES)
 def test_service_container_matches_the_code(service: str) -> None:
     svc = COMPOSE["services"][service]
