@@ -14,7 +14,13 @@ in this order:
 5. the process runs until a signal (exit 0) or the FIRST component failure (exit 1, so that a
    supervisor or Kubernetes restarts it instead of reading the failure as a clean stop). A start-up
    that raises (a refused secret key, a failed migration, an unwritable store) is exit 1 as well;
-6. stop: `runner.stop` is set, then the service's own graceful stop runs (its order: stop intake,
+6. once started, the start-up heap is frozen (`gc.freeze()`, process entry point only): modules,
+   SQLAlchemy metadata, pydicom's dictionaries and the DICOM contexts (~140,000 objects in
+   ingest) move to the permanent generation, so a full collection no longer walks them. A full
+   collection took ~50 ms in ingest, with every thread stopped, and pynetdicom's server forces
+   one every 60 turns of its accept loop (`AssociationServer.service_actions`): a latency spike
+   for every open association. After the freeze it takes well under a millisecond;
+7. stop: `runner.stop` is set, then the service's own graceful stop runs (its order: stop intake,
    finish or flush in-flight work, close connections), bounded by `stop_timeout_s`; whatever
    component still runs after it is cancelled.
 
@@ -30,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 import sys
@@ -143,6 +150,7 @@ class ServiceRunner:
         self.components = Components(self.stop)
         self._watched: list[Components] = [self.components]
         self.log = logging.getLogger(f"services.{name}")
+        self.freeze_heap = False  # main() sets it: in-process tests must not freeze the test's heap
 
     # ---- what `start` uses ------------------------------------------------------------------
     def spawn(self, name: str, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
@@ -176,6 +184,8 @@ class ServiceRunner:
                 failure = f"start-up: {exc!r}"
                 self.log.error("start-up failed", extra={"error": repr(exc)}, exc_info=exc)
             else:
+                if self.freeze_heap:
+                    self._freeze_start_up_heap()
                 failure = await self._serve()
             await self._shutdown(stop_service, failure)
         finally:
@@ -183,8 +193,19 @@ class ServiceRunner:
                 loop.remove_signal_handler(sig)
         return 1 if failure is not None else 0
 
+    def _freeze_start_up_heap(self) -> None:
+        gc.collect()  # start-up garbage first: frozen objects are never collected
+        gc.freeze()
+        t0 = time.perf_counter()
+        gc.collect()
+        self.log.info(
+            "start-up heap frozen",
+            extra={"objects": gc.get_freeze_count(), "full_gc_ms": round((time.perf_counter() - t0) * 1000, 2)},
+        )
+
     def main(self, start: StartFn) -> NoReturn:
         """The process entry point: logging, the event loop, the exit code."""
+        self.freeze_heap = True
         if self.settings is not None:
             configure_logging(self.name, self.settings.log_level, self.settings.log_json)
         sys.exit(asyncio.run(self.run(start)))

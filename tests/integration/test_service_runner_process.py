@@ -152,6 +152,7 @@ def test_sigterm_is_a_clean_exit_even_while_the_broker_is_unreachable(
     processes.append(proc)
     proc.wait_http(port)
     proc.wait_log("broker not reachable yet")  # in its retry loop: the broker is not a start-up dependency
+    proc.wait_log("start-up heap frozen")  # full collections no longer walk the start-up objects
     proc.process.send_signal(signal.SIGTERM)
     assert proc.exit_code(60) == 0, proc.output()[-6000:]
     out = proc.output()

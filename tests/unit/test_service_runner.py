@@ -6,8 +6,13 @@ The same runner in real processes: tests/integration/test_service_runner_process
 from __future__ import annotations
 
 import asyncio
+import gc
+import json
+import subprocess
+import sys
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 import pytest
 
@@ -178,3 +183,48 @@ async def test_components_record_only_the_first_failure(error: Exception | None)
     assert group.failure is not None and group.failure.component == "first"
     assert group.failure.error is error
     await group.cancel()
+
+
+FROZEN_PROBE = """
+import asyncio, gc, json, time
+from services.core.runner import ServiceRunner
+
+def full_gc_ms():
+    t0 = time.perf_counter(); gc.collect(); return (time.perf_counter() - t0) * 1000
+
+async def start(run):
+    run.kept = [{"i": i, "l": [i]} for i in range(150_000)]  # start-up state, as a service builds
+    before = min(full_gc_ms() for _ in range(3))
+
+    async def report():
+        await asyncio.sleep(0)
+        after = min(full_gc_ms() for _ in range(3))
+        print(json.dumps({"before_ms": before, "after_ms": after, "frozen": gc.get_freeze_count()}), flush=True)
+        run.stop.set()
+
+    run.spawn("report", report())
+    return None
+
+ServiceRunner("probe", signals=()).main(start)
+"""
+
+
+def test_the_process_entry_point_freezes_the_start_up_heap() -> None:
+    """A full collection stops every thread; after start-up it no longer walks what start built."""
+    root = Path(__file__).resolve().parents[2]
+    out = subprocess.run(
+        [sys.executable, "-c", FROZEN_PROBE], cwd=root, capture_output=True, text=True, timeout=120, check=True
+    )
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    assert r["frozen"] >= 300_000  # the 150,000 dicts and their lists, at least
+    assert r["after_ms"] < r["before_ms"] / 3, r
+
+
+async def test_in_process_runs_leave_the_callers_heap_alone() -> None:
+    frozen = gc.get_freeze_count()
+
+    async def start(run: ServiceRunner) -> None:
+        run.stop.set()
+
+    assert await asyncio.wait_for(runner().run(start), BOUND_S) == 0
+    assert gc.get_freeze_count() == frozen
