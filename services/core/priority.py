@@ -27,6 +27,7 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 AUTOGROUP_SWITCH = Path("/proc/sys/kernel/sched_autogroup_enabled")
+AUTOGROUP = Path("/proc/self/autogroup")  # "/autogroup-123 nice 0": this session's group
 
 
 @dataclass(frozen=True)
@@ -35,10 +36,9 @@ class Applied:
     autogroup_nice: int | None  # None: autogroups off, or not this process's own session
 
 
-def _autogroup_nice(path: Path) -> int | None:
+def _autogroup_nice() -> int | None:
     try:
-        # "/autogroup-123 nice 10"
-        return int(path.read_text().split()[-1])
+        return int(AUTOGROUP.read_text().split()[-1])
     except (OSError, ValueError, IndexError):
         return None
 
@@ -50,7 +50,7 @@ def _threads() -> list[int]:
         return [0]
 
 
-def lower_cpu_priority(nice: int, *, autogroup: Path = Path("/proc/self/autogroup")) -> Applied:
+def lower_cpu_priority(nice: int) -> Applied:
     """Run this process at `nice` (0-19; never raised above what it already is): every thread it
     has now, and so every thread they start. Call early, before the service starts its own threads.
     Returns what was applied; logs and carries on where the OS refuses the session's group."""
@@ -64,11 +64,11 @@ def lower_cpu_priority(nice: int, *, autogroup: Path = Path("/proc/self/autogrou
             pass
     group: int | None = None
     autogroups_on = AUTOGROUP_SWITCH.exists() and AUTOGROUP_SWITCH.read_text().strip() == "1"
-    if nice and autogroups_on and os.getsid(0) == os.getpid() and autogroup.exists():
-        group = _autogroup_nice(autogroup)
+    if nice and autogroups_on and os.getsid(0) == os.getpid():
+        group = _autogroup_nice()
         if group is not None and nice > group:
             try:
-                autogroup.write_text(str(nice))
+                AUTOGROUP.write_text(str(nice))
                 group = nice
             except OSError as exc:
                 log.warning("cannot lower the session's CPU priority", extra={"error": repr(exc)})

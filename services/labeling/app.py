@@ -167,7 +167,7 @@ class LabelingService:
 def main() -> None:
     """The labeling process (services/core/runner.py: logging, signals, migrations, exit code)."""
     settings = LabelingSettings()
-    applied = lower_cpu_priority(settings.labeling_cpu_nice)  # before any thread starts
+    applied = lower_cpu_priority(settings.labeling_cpu_nice)  # before the service starts its threads
 
     async def start(runner: ServiceRunner) -> Callable[[], Awaitable[None]]:
         service = LabelingService(settings)
