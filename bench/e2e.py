@@ -337,10 +337,18 @@ def phase_alone(system: SystemHarness, batch: Batch, associations: int) -> dict[
     # inference alone against a full queue
     system.children["inference"].start()
     t1 = time.time()
+    # how busy the machine is while inference works (from the first poll that sees its queue
+    # shrink to the drained one): near 100 % means inference alone is bound by the two cores
+    busy_at: list[tuple[float, float]] = []
 
     def inference_drained() -> bool:
         ready = queue_ready(system, "inference.images", "aggregator.events")
-        return ready["inference.images"] == 0 and ready["aggregator.events"] >= len(acked) * 2
+        drained = ready["inference.images"] == 0 and ready["aggregator.events"] >= len(acked) * 2
+        if not busy_at and ready["inference.images"] < len(acked):
+            busy_at.append(machine_cpu())
+        if drained and busy_at:
+            busy_at.append(machine_cpu())
+        return drained
 
     wait_until(
         inference_drained,
@@ -391,7 +399,13 @@ def phase_alone(system: SystemHarness, batch: Batch, associations: int) -> dict[
             "seconds": ingest_s,
             "images_per_cpu_s": len(acked) / ingest_cpu if ingest_cpu > 0 else None,
         },
-        "inference": {"images_per_s": inference_rate, "seconds_incl_startup": inference_wall},
+        "inference": {
+            "images_per_s": inference_rate,
+            "seconds_incl_startup": inference_wall,
+            "machine_busy": (busy_at[-1][0] - busy_at[0][0]) / max(1e-9, busy_at[-1][1] - busy_at[0][1])
+            if len(busy_at) == 2
+            else None,
+        },
         "aggregator": {
             "images_per_s": aggregator_rate,
             "events_per_s": aggregator_rate * 2,
@@ -610,6 +624,9 @@ def report(result: dict[str, object]) -> None:
         if pipe is not None:
             alone.add_row("[bold]pipeline (sustained)", f"[bold]{pipe['images_per_s']:.1f}", "")  # type: ignore[index]
         console.print(alone)
+        busy = result["alone"]["inference"].get("machine_busy")  # type: ignore[index]
+        if busy is not None:
+            console.print(f"machine busy while inference ran alone: {100 * busy:.0f} % (100 %: bound by the cores)")
         console.print(f"slowest stage alone: [bold]{result['ceiling_stage']}[/bold] "
                       f"({result['ceiling_images_per_s']:.1f} images/s) = the ceiling")  # fmt: skip
         if pipe is not None:
