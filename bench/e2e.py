@@ -128,25 +128,26 @@ def wait_until(pred, timeout: float, what: str) -> None:  # type: ignore[no-unty
             time.sleep(0.5)
 
 
-def wait_for_labeling(system: SystemHarness, sops: set[str], what: str) -> float:
-    """Wait until every triage-eligible image in `sops` has its labeling task; epoch seconds of the
-    last task created. Labeling runs at a lower CPU priority (PT_LABELING_CPU_NICE) and catches up
-    after a burst; waiting keeps one phase's backlog out of the next one."""
+def wait_for_labeling(system: SystemHarness, sops: set[str], what: str) -> None:
+    """Wait until every triage-eligible image in `sops` has its labeling task. Labeling runs at a
+    lower CPU priority (PT_LABELING_CPU_NICE) and catches up after a burst; waiting keeps one
+    phase's backlog out of the next one (the tasks' times come from timeline())."""
     data = system.data_dir
     eligible = {
         sop for sop, ok in rows(data / "ingest.db", "SELECT sop_instance_uid, triage_eligible FROM ingest_instances")
         if sop in sops and ok
     }  # fmt: skip
-    created: dict[str, float] = {}
 
     def done() -> bool:
-        for sop, at in rows(data / "labeling.db", "SELECT sop_instance_uid, created_at FROM labeling_tasks"):
-            if sop in eligible:
-                created[sop] = ts(at)  # type: ignore[assignment]
-        return len(created) >= len(eligible)
+        tasks = {sop for (sop,) in rows(data / "labeling.db", "SELECT sop_instance_uid FROM labeling_tasks")}
+        return eligible <= tasks
 
     wait_until(done, 900, what)
-    return max(created.values(), default=time.time())
+
+
+def last_task(t: dict[str, dict[str, float | None]]) -> float:
+    """When the last of these images' labeling tasks was created (epoch seconds)."""
+    return max(float(v["task"]) for v in t.values() if v.get("task"))  # type: ignore[arg-type]
 
 
 def count(db: Path, sql: str) -> int:
@@ -276,9 +277,8 @@ def phase_pipeline(system: SystemHarness, batch: Batch, associations: int) -> di
         f"pipeline: waiting for {len(studies)} studies to get their first flag ...",
     )
     # labeling yields the CPU to the flag path and finishes later: its CPU per image counts in full
-    flags_done = time.time()
     busy1, total1 = machine_cpu()
-    last_task = wait_for_labeling(system, acked, "pipeline: labeling catching up ...")
+    wait_for_labeling(system, acked, "pipeline: labeling catching up ...")
     cpu = {name: cpu_seconds(system, name) - cpu0[name] for name in services}
     t = timeline(system, acked)
     accepted = [v["accepted"] for v in t.values() if v.get("accepted")]
@@ -298,8 +298,7 @@ def phase_pipeline(system: SystemHarness, batch: Batch, associations: int) -> di
         "cpu_ms_per_image": {name: 1000 * c / max(1, len(acked)) for name, c in cpu.items()},
         "machine_busy": (busy1 - busy0) / max(1e-9, total1 - total0),
         # seconds after the last first flag until labeling had every image's task
-        "labeling_behind_s": max(0.0, last_task - max(flagged)),  # type: ignore[type-var,operator]
-        "flags_to_labeling_done_s": time.time() - flags_done,
+        "labeling_behind_s": max(0.0, last_task(t) - max(flagged)),  # type: ignore[type-var,operator]
         "acked": len(acked),
         "refused": len(sent.refused),
         "send_seconds": sent.seconds,
@@ -567,7 +566,7 @@ def phase_rate(system: SystemHarness, batch: Batch, rate: float, associations: i
         900,
         f"{rate:.1f} images/s: waiting for {len(studies)} studies to get their first flag ...",
     )
-    last_task = wait_for_labeling(system, acked, f"{rate:.1f} images/s: labeling catching up ...")
+    wait_for_labeling(system, acked, f"{rate:.1f} images/s: labeling catching up ...")
     t = timeline(system, acked)
     per_study: dict[str, list[float]] = {}
     first_flag: dict[str, float] = {}
@@ -590,7 +589,7 @@ def phase_rate(system: SystemHarness, batch: Batch, rate: float, associations: i
         "accepted_to_first_flag_s": summary(e2e),
         "stages_s": stage_summaries(t),
         # labeling's last task of this level, seconds after the level's last C-STORE was accepted
-        "labeling_done_after_last_accepted_s": last_task - accepted[-1],  # type: ignore[operator]
+        "labeling_done_after_last_accepted_s": last_task(t) - accepted[-1],  # type: ignore[operator]
         "loadavg_1m": loadavg[0],
     }
 

@@ -4,7 +4,7 @@ Two Linux details decide whether a nice value has any effect against the *other*
 
 - Nice is per thread on Linux; `setpriority(PRIO_PROCESS, 0, n)` changes the calling thread only,
   and threads started later inherit it from the thread that starts them. So every thread the
-  process already has (a library may start some at import) is lowered, first thing in `main`.
+  process already has (a library may start some at import) is lowered, first thing at start-up.
 - With the scheduler's autogroups on (`/proc/sys/kernel/sched_autogroup_enabled` = 1, the default
   on desktop and many server kernels) and the process in the root CPU cgroup, CPU time is first
   shared *between sessions* (autogroups), and a thread's nice only orders it within its own

@@ -167,11 +167,12 @@ class LabelingService:
 def main() -> None:
     """The labeling process (services/core/runner.py: logging, signals, migrations, exit code)."""
     settings = LabelingSettings()
-    applied = lower_cpu_priority(settings.labeling_cpu_nice)  # before the service starts its threads
 
     async def start(runner: ServiceRunner) -> Callable[[], Awaitable[None]]:
-        service = LabelingService(settings)
+        # first, before the service starts its threads (they inherit it), with logging configured
+        applied = lower_cpu_priority(settings.labeling_cpu_nice)
         runner.log.info("cpu priority", extra={"nice": applied.thread_nice, "autogroup_nice": applied.autogroup_nice})
+        service = LabelingService(settings)
         await runner.migrate(service.engine, "labeling", Base.metadata)
         runner.watch(service.components)
         try:
