@@ -42,6 +42,8 @@ from pydicom.uid import (
     RLELossless,
 )
 from pynetdicom import AE, AllStoragePresentationContexts, _config, evt
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.service_class import StorageServiceClass
 from pynetdicom.sop_class import Verification
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -59,7 +61,16 @@ from services.ingest.validate import (
     Decision,
     decide,
 )
-from services.ingest.wire import GuardedServer, Waker, Wire, clean_spool, install_reactor_wakeups, spool_dir
+from services.ingest.wire import (
+    GuardedServer,
+    Spool,
+    StoreRequest,
+    Waker,
+    Wire,
+    clean_spool,
+    install_reactor_wakeups,
+    spool_dir,
+)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -88,6 +99,11 @@ STORE_LATENCY = Histogram(
     "pt_ingest_store_seconds",
     "Seconds from a complete C-STORE request to its answer (validate + fsync + commit)",
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+STORE_PATHS = Counter(
+    "pt_ingest_store_requests_total",
+    "C-STORE requests answered, by path: wire (taken past pynetdicom's DIMSE layer), dimse (pynetdicom's)",
+    ["path"],
 )
 ASSOCIATIONS = Gauge("pt_ingest_associations_active", "Open DICOM associations")
 ASSOCIATION_EVENTS = Counter("pt_ingest_associations_total", "Association outcomes", ["outcome"])
@@ -207,6 +223,7 @@ class IngestSCP:
             max_pdu=self.settings.max_pdu_bytes,
             max_instance_bytes=self.settings.instance_byte_limit,
             on_refused=lambda code: REJECTED.labels(code).inc(),
+            on_store=self._on_wire_store,
         )
         Waker(assoc)
 
@@ -313,13 +330,40 @@ class IngestSCP:
             raise
 
     def handle_store(self, event: evt.Event) -> Dataset:
-        started = time.perf_counter()
+        """EVT_C_STORE: a C-STORE request that came through pynetdicom's DIMSE layer."""
         request = event.request
         sop_uid = str(request.AffectedSOPInstanceUID or "")
-        calling_ae = str(event.assoc.requestor.ae_title).strip()
+        wire = Wire.of(event.assoc)
+        spool = wire.take(sop_uid) if wire is not None else None
+        STORE_PATHS.labels("dimse").inc()
+        return self._answer(event.assoc, sop_uid, str(request.AffectedSOPClassUID or ""), spool)
+
+    def _on_wire_store(self, wire: Wire, request: StoreRequest) -> None:
+        """A C-STORE request taken past pynetdicom's DIMSE layer (wire.py, on the DUL thread):
+        answered as handle_store answers, the response built and sent by pynetdicom (as its Storage
+        service class does: message ID, SOP class and instance, the status dataset's elements)."""
+        assoc = wire.assoc
+        STORE_PATHS.labels("wire").inc()
+        status = self._answer(assoc, request.sop_instance_uid, request.sop_class_uid, request.spool)
+        if not assoc.is_established:  # released or aborted meanwhile: nobody to answer
+            return
+        try:
+            rsp = C_STORE()
+            rsp.MessageID = request.message_id
+            rsp.MessageIDBeingRespondedTo = request.message_id
+            rsp.AffectedSOPClassUID = request.sop_class_uid
+            rsp.AffectedSOPInstanceUID = request.sop_instance_uid
+            rsp = StorageServiceClass(assoc).validate_status(status, rsp)
+            assoc.dimse.send_msg(rsp, request.context_id)
+        except Exception:  # the DUL thread must keep serving: the peer's DIMSE timeout tells it
+            log.exception("cannot send the C-STORE response")
+
+    def _answer(self, assoc: Any, sop_uid: str, sop_class: str, spool: Spool | None) -> Dataset:
+        started = time.perf_counter()
+        calling_ae = str(assoc.requestor.ae_title).strip()
         with bound_correlation_id(sop_uid or None):
             try:
-                status = self._store(event, sop_uid, str(request.AffectedSOPClassUID or ""), calling_ae)
+                status = self._store(spool, sop_uid, sop_class, calling_ae)
             except Exception:  # never let an exception reach pynetdicom: answer and keep serving
                 log.exception("C-STORE failed unexpectedly")
                 REJECTED.labels("internal_error").inc()
@@ -345,9 +389,7 @@ class IngestSCP:
         if self.on_commit is not None:
             self.loop.call_soon_threadsafe(self.on_commit)
 
-    def _store(self, event: evt.Event, sop_uid: str, sop_class: str, calling_ae: str) -> Dataset:
-        wire = Wire.of(event.assoc)
-        spool = wire.take(sop_uid) if wire is not None else None
+    def _store(self, spool: Spool | None, sop_uid: str, sop_class: str, calling_ae: str) -> Dataset:
         if spool is None:
             decision = Decision(Action.REFUSE, CANNOT_PARSE, "cannot_parse", "no data set was received")
             decision.sop_instance_uid, decision.sop_class_uid = sop_uid, sop_class

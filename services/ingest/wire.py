@@ -38,6 +38,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -320,8 +321,9 @@ class PixelLengthScan:
 
 def command_fields(raw: bytes) -> dict[int, int | str] | None:
     """The few command elements we need, from an encoded command set (group 0000, implicit VR
-    little endian): CommandField (0100), CommandDataSetType (0800) as numbers, Affected SOP Class
-    (0002) and Instance (1000) UIDs as text. None when the bytes are not a command set."""
+    little endian): CommandField (0100), MessageID (0110), CommandDataSetType (0800) as numbers,
+    Affected SOP Class (0002) and Instance (1000) UIDs as text. None when the bytes are not a
+    command set."""
     out: dict[int, int | str] = {}
     pos = 0
     while pos + 8 <= len(raw):
@@ -331,7 +333,7 @@ def command_fields(raw: bytes) -> dict[int, int | str] | None:
             return None
         value = raw[pos : pos + length]
         pos += length
-        if elem in (0x0100, 0x0800) and length == 2:
+        if elem in (0x0100, 0x0110, 0x0800) and length == 2:
             out[elem] = struct.unpack("<H", value)[0]
         elif elem in (0x0002, 0x1000):
             out[elem] = value.rstrip(b"\x00 ").decode("ascii", "replace")
@@ -339,8 +341,28 @@ def command_fields(raw: bytes) -> dict[int, int | str] | None:
 
 
 # --- the per-association PDU reader ------------------------------------------------------------
+@dataclass
+class StoreRequest:
+    """A whole C-STORE request taken past pynetdicom's DIMSE layer (see Wire)."""
+
+    context_id: int
+    message_id: int
+    sop_class_uid: str
+    sop_instance_uid: str
+    spool: Spool
+
+
 class Wire:
-    """Replaces `assoc.dul._read_pdu_data` for one association (see the module docstring)."""
+    """Replaces `assoc.dul._read_pdu_data` for one association (see the module docstring).
+
+    With `on_store`, a C-STORE request whose command set arrives whole in one fragment, on an
+    accepted presentation context of its SOP class while the association is established, is taken
+    past pynetdicom's DIMSE layer: neither its command nor its data set reaches pynetdicom, and
+    once the data set is complete `on_store` runs on this (the DUL) thread and queues the response
+    through pynetdicom's DIMSE provider, which the DUL thread sends before it reads again. That
+    skips, per instance, pynetdicom's decoding of the message, its hand-over to the association's
+    thread and back, and its service-class dispatch. Anything else (C-ECHO, a command in several
+    fragments) goes through pynetdicom as before."""
 
     def __init__(
         self,
@@ -349,6 +371,7 @@ class Wire:
         max_pdu: int,
         max_instance_bytes: int,
         on_refused: Callable[[str], None],
+        on_store: Callable[[Wire, StoreRequest], None] | None = None,
     ) -> None:
         self.assoc = assoc
         self.dul = assoc.dul
@@ -356,9 +379,12 @@ class Wire:
         self.max_pdu = max_pdu
         self.max_instance_bytes = max_instance_bytes
         self.on_refused = on_refused
+        self.on_store = on_store
         self.aborted = False
         self._command = bytearray()
         self._store: tuple[int, str, str] | None = None  # (context id, SOP class, SOP instance)
+        self._taken: tuple[int, int, str, str] | None = None  # a C-STORE taken past pynetdicom: (cx, msg id, ...)
+        self._ready: list[StoreRequest] = []
         self._other_bytes = 0
         self._spool: Spool | None = None
         self._scan: PixelLengthScan | None = None
@@ -390,8 +416,9 @@ class Wire:
     def close(self) -> None:
         """Discard whatever is still spooled (association over)."""
         with self._lock:
-            spools = [*self._done, *([self._spool] if self._spool else [])]
+            spools = [*self._done, *([self._spool] if self._spool else []), *(r.spool for r in self._ready)]
             self._done.clear()
+            self._ready = []
             self._spool = None
         for spool in spools:
             spool.discard()
@@ -449,6 +476,12 @@ class Wire:
                 log.exception("cannot handle a P-DATA PDU")
                 self._abort("internal_error", f"{type(exc).__name__}")
                 return
+            ready, self._ready = self._ready, []
+            for request in ready:
+                assert self.on_store is not None
+                self.on_store(self, request)  # never raises (scp.py answers every request)
+            if not body:  # every fragment was taken: nothing for pynetdicom
+                return
             header[2:6] = struct.pack(">L", len(body))
         try:
             pdu, event = dul._decode_pdu(header + body)
@@ -488,41 +521,58 @@ class Wire:
                 return body
             context_id, control = body[pos + 4], body[pos + 5]
             fragment = view[pos + 6 : pos + 4 + item_len]
-            spooled = False
+            spooled = taken = False
             if control & 1:
+                if self._taken is not None:
+                    raise WireRefusal("cannot_parse", "a command before the data set of the C-STORE request")
+                whole = not self._command and control & 2
                 self._command += fragment
                 if len(self._command) > MAX_COMMAND_BYTES:
                     raise WireRefusal("cannot_parse", "command set too long")
                 if control & 2:
-                    self._command_complete(context_id)
+                    taken = self._command_complete(context_id, bool(whole))
             elif self._store is not None and self._store[0] == context_id:
+                taken = self._taken is not None
                 self._dataset(fragment, last=bool(control & 2))
-                spooled = True
+                spooled = not taken
+            elif self._taken is not None:
+                raise WireRefusal("cannot_parse", "a data set on another presentation context than its C-STORE's")
             else:
                 self._other_bytes += len(fragment)
                 if self._other_bytes > MAX_NON_STORE_DATASET:
                     raise WireRefusal("dataset_too_large", "data set of a non-storage request too long")
                 if control & 2:
                     self._other_bytes = 0
-            if spooled and out is None:
+            if (spooled or taken) and out is None:
                 out = bytearray(body[:pos])
             if out is not None:
                 if spooled:
                     out += struct.pack(">LBB", 2, context_id, control)
-                else:
+                elif not taken:
                     out += body[pos : pos + 4 + item_len]
             pos += 4 + item_len
         return body if out is None else out
 
-    def _command_complete(self, context_id: int) -> None:
+    def _command_complete(self, context_id: int, whole: bool) -> bool:
+        """A command set is complete; True when its C-STORE request is taken past pynetdicom."""
         raw, self._command = bytes(self._command), bytearray()
         self._store = None
         cmd = command_fields(raw)
         if cmd is None:
-            return  # pynetdicom decodes the same bytes and handles the error
+            return False  # pynetdicom decodes the same bytes and handles the error
         if cmd.get(0x0100) != C_STORE_RQ or cmd.get(0x0800, NO_DATASET) == NO_DATASET:
-            return
-        self._store = (context_id, str(cmd.get(0x0002, "")), str(cmd.get(0x1000, "")))
+            return False
+        sop_class, sop_instance = str(cmd.get(0x0002, "")), str(cmd.get(0x1000, ""))
+        self._store = (context_id, sop_class, sop_instance)
+        if self.on_store is None or not whole or not isinstance(cmd.get(0x0110), int) or not sop_instance:
+            return False
+        context = self.assoc._accepted_cx.get(context_id)
+        if context is None or context.abstract_syntax != sop_class or not self.assoc.is_established:
+            return False  # pynetdicom answers what does not fit (and its state machine checks the state)
+        if self.dul.state_machine.current_state != "Sta6":
+            return False
+        self._taken = (context_id, int(cmd[0x0110]), sop_class, sop_instance)
+        return True
 
     def _dataset(self, fragment: memoryview, last: bool) -> None:
         assert self._store is not None
@@ -549,9 +599,16 @@ class Wire:
                 )
         if last:
             spool.complete = True
-            with self._lock:
-                self._done.append(spool)
-                self._spool = None
+            if self._taken is not None:
+                context_id, message_id, sop_class, sop_instance = self._taken
+                self._ready.append(StoreRequest(context_id, message_id, sop_class, sop_instance, spool))
+                self._taken = None
+                with self._lock:
+                    self._spool = None
+            else:
+                with self._lock:
+                    self._done.append(spool)
+                    self._spool = None
             self._store = None
             self._scan = None
 

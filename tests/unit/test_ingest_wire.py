@@ -99,6 +99,7 @@ def test_command_fields_match_pynetdicom() -> None:
     assert command_fields(raw) == {
         0x0002: str(cmd.AffectedSOPClassUID),
         0x0100: cmd.CommandField,
+        0x0110: cmd.MessageID,
         0x0800: cmd.CommandDataSetType,
         0x1000: str(cmd.AffectedSOPInstanceUID),
     }
@@ -109,7 +110,7 @@ def test_command_fields_match_pynetdicom() -> None:
     echo_raw = b"".join(
         pdv[1:] for p in msg.encode_msg(1, 1 << 20) for _, pdv in p.presentation_data_value_list if pdv[0] & 1
     )
-    assert command_fields(echo_raw) == {0x0100: 0x0030, 0x0800: 0x0101}  # C-ECHO-RQ, no data set
+    assert command_fields(echo_raw) == {0x0100: 0x0030, 0x0110: 7, 0x0800: 0x0101}  # C-ECHO-RQ, no data set
     assert command_fields(b"\x08\x00\x16\x00\xff\xff\xff\xff") is None  # not group 0000, runs past the end
 
 
