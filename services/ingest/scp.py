@@ -1,9 +1,11 @@
 """The DICOM Storage SCP (pynetdicom): C-ECHO and C-STORE, answered only after fsync + DB commit.
 
-pynetdicom runs each association in its own thread. Before a handler runs, wire.py has bounded what
-the peer may send (PDU length, per-instance bytes, connections waiting to associate) and written
-the data set to a spool file as it arrived. A C-STORE is handled in the association's thread:
-validate the spooled file, move it into the content-addressed store (fsync, rename), then hand the
+pynetdicom runs each association in two threads (network and DIMSE). Before a handler runs, wire.py
+has bounded what the peer may send (PDU length, per-instance bytes, connections waiting to
+associate) and written the data set to a spool file as it arrived. A C-STORE is handled on the
+association's network thread when wire.py took it past pynetdicom's DIMSE layer (the usual case,
+`_on_wire_store`), else on its DIMSE thread (`handle_store`), the same way either time: validate
+the spooled file, move it into the content-addressed store (fsync, rename), then hand the
 instance to the committer
 (commit.py: instance + outbox rows in one transaction, group-committed with whatever the other
 associations sent meanwhile) and wait for that commit before the status goes back. Refusals are
