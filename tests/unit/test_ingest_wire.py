@@ -181,3 +181,40 @@ def test_associations_share_the_servers_presentation_contexts_unchanged() -> Non
         assert server.contexts[0] is first and after == before
     finally:
         server.shutdown()
+
+
+@pytest.mark.parametrize(
+    ("status", "comment", "sop_class", "sop_instance", "message_id"),
+    [
+        (0x0000, "", "1.2.840.10008.5.1.4.1.1.1.1", "1.2.3.45", 1),  # even-length UIDs
+        (0x0000, "", "1.2.840.10008.5.1.4.1.1.1", "1.2.3.456", 65535),  # odd-length UIDs (padded)
+        (0x0122, "unsupported_sop_class", "1.2.840.10008.5.1.4.1.1.2", "1.2.3.4", 7),  # odd comment
+        (0xA700, "store_unavailable", "1.2.840.10008.5.1.4.1.1.1.1", "1.2.3.45", 300),
+        (0xA900, "sop_instance_mismatch", "1.2.840.10008.5.1.4.1.1.1.1", "1.2.3.45", 2),
+        (0xC210, "cannot_parse", "1.2.840.10008.5.1.4.1.1.1.1", "1.2.3.45", 3),
+    ],
+)
+def test_c_store_rsp_command_is_pynetdicoms_encoding(
+    status: int, comment: str, sop_class: str, sop_instance: str, message_id: int
+) -> None:
+    """The fast path's response (c_store_rsp_command) is byte for byte what pynetdicom's Storage
+    service class sends for the same status dataset (scp.status_dataset)."""
+    from pynetdicom.dimse_messages import C_STORE_RSP
+    from pynetdicom.dimse_primitives import C_STORE
+    from pynetdicom.service_class import StorageServiceClass
+
+    from services.ingest.scp import status_dataset
+    from services.ingest.wire import c_store_rsp_command
+
+    rsp = C_STORE()
+    rsp.MessageIDBeingRespondedTo = message_id
+    rsp.AffectedSOPClassUID = sop_class
+    rsp.AffectedSOPInstanceUID = sop_instance
+    rsp = StorageServiceClass(None).validate_status(status_dataset(status, comment), rsp)
+    msg = C_STORE_RSP()
+    msg.primitive_to_message(rsp)
+    pdus = list(msg.encode_msg(1, 1 << 16))
+    assert len(pdus) == 1
+    ((_, pdv),) = pdus[0].presentation_data_value_list
+    assert pdv[0] == 0x03  # command, last fragment
+    assert c_store_rsp_command(message_id, sop_class, sop_instance, status, comment) == pdv[1:]
