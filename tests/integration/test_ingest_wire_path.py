@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pydicom
+import pytest
 from pynetdicom import AE, evt
 from pynetdicom.dsutils import decode
 from pynetdicom.sop_class import CTImageStorage, DigitalXRayImageStorageForPresentation
@@ -28,14 +29,16 @@ def _paths() -> tuple[float, float]:
     return STORE_PATHS.labels("wire")._value.get(), STORE_PATHS.labels("dimse")._value.get()
 
 
-def _send(port: int, datasets: list[tuple[pydicom.Dataset, int]]) -> list[Any]:
-    """C-STORE each (dataset, message ID) with pynetdicom's SCU; the C-STORE-RSP messages received."""
+def _send(port: int, datasets: list[tuple[pydicom.Dataset, int]], max_pdu: int = 16382) -> list[Any]:
+    """C-STORE each (dataset, message ID) with pynetdicom's SCU (receiving PDUs of at most max_pdu
+    bytes); the C-STORE-RSP messages received."""
     received: list[Any] = []
 
     def on_recv(event: evt.Event) -> None:
         received.append(event.message.command_set)
 
     scu = AE(ae_title="WIRESCU")
+    scu.maximum_pdu_size = max_pdu
     for ds, _ in datasets:
         scu.add_requested_context(ds.SOPClassUID, [ds.file_meta.TransferSyntaxUID])
     assoc = scu.associate("127.0.0.1", port, ae_title=AE_TITLE, evt_handlers=[(evt.EVT_DIMSE_RECV, on_recv)])
@@ -48,16 +51,18 @@ def _send(port: int, datasets: list[tuple[pydicom.Dataset, int]]) -> list[Any]:
     return received
 
 
+@pytest.mark.parametrize("max_pdu", [16382, 64], ids=["one-pdu", "peer-pdus-too-small-for-the-response"])
 async def test_the_fast_path_answers_as_pynetdicom_would(
-    tmp_path: Path, rabbit: RabbitNode, broker: object, shared_data: Path
+    tmp_path: Path, rabbit: RabbitNode, broker: object, shared_data: Path, max_pdu: int
 ) -> None:
+    """With PDUs too small for the response, pynetdicom's DIMSE provider fragments it."""
     dx = pydicom.dcmread(make_study_set(shared_data, tmp_path / "in", 1)[0].path)
     ct = pydicom.dcmread(pydicom.data.get_testdata_file("CT_small.dcm"))
     assert ct.SOPClassUID == CTImageStorage
     service = await IngestService(ingest_settings(tmp_path, rabbit.url)).start(http=False)
     try:
         wire_before, dimse_before = _paths()
-        responses = await call(_send, service.dicom_port, [(dx, 42), (ct, 7)])
+        responses = await call(_send, service.dicom_port, [(dx, 42), (ct, 7)], max_pdu)
         assert _paths() == (wire_before + 2, dimse_before)  # both taken past pynetdicom's DIMSE layer
         stored, refused = responses
         assert stored.CommandField == 0x8001 and refused.CommandField == 0x8001  # C-STORE-RSP
