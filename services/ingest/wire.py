@@ -15,7 +15,7 @@ millisecond. The pieces here:
   from what pynetdicom sees, so memory does not grow with the instance. An instance whose Pixel Data
   element declares more than the per-instance byte limit, or whose bytes pass it, is aborted at once
   (A-ABORT), with a reason in the log and in `pt_ingest_rejected_total`. A C-STORE request that
-  fits (see Wire) is taken past pynetdicom's DIMSE layer and handled on this thread: ~1.2-1.9 ms of
+  fits (see Wire) is taken past pynetdicom's DIMSE layer and handled on this thread: ~1.3-1.9 ms of
   CPU less per instance (docs/performance.md).
 - `Waker` / `install_reactor_wakeups`: the two reactor threads of our associations wait for work
   (queue puts, socket data) instead of polling every millisecond.
@@ -391,11 +391,11 @@ class Wire:
     With `on_store`, a C-STORE request whose command set arrives whole in one fragment, on an
     accepted presentation context of its SOP class while the association is established, is taken
     past pynetdicom's DIMSE layer: neither its command nor its data set reaches pynetdicom, and
-    once the data set is complete `on_store` runs on this (the DUL) thread and queues the response
-    through pynetdicom's DIMSE provider, which the DUL thread sends before it reads again. That
+    once the data set is complete `on_store` runs on this (the DUL) thread and answers with
+    `send_command` (this thread sends every PDU of the association, so nothing interleaves). That
     skips, per instance, pynetdicom's decoding of the message, its hand-over to the association's
-    thread and back, and its service-class dispatch. Anything else (C-ECHO, a command in several
-    fragments) goes through pynetdicom as before."""
+    thread and back, its service-class dispatch and its encoding of the response. Anything else
+    (C-ECHO, a command in several fragments) goes through pynetdicom as before."""
 
     def __init__(
         self,
