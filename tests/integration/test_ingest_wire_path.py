@@ -14,6 +14,7 @@ import pydicom
 import pytest
 from pynetdicom import AE, evt
 from pynetdicom.dsutils import decode
+from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.sop_class import CTImageStorage, DigitalXRayImageStorageForPresentation
 
 from services.ingest.app import IngestService
@@ -29,26 +30,31 @@ def _paths() -> tuple[float, float]:
     return STORE_PATHS.labels("wire")._value.get(), STORE_PATHS.labels("dimse")._value.get()
 
 
-def _send(port: int, datasets: list[tuple[pydicom.Dataset, int]], max_pdu: int = 16382) -> list[Any]:
+def _send(port: int, datasets: list[tuple[pydicom.Dataset, int]], max_pdu: int = 16382) -> tuple[list[Any], list[int]]:
     """C-STORE each (dataset, message ID) with pynetdicom's SCU (receiving PDUs of at most max_pdu
-    bytes); the C-STORE-RSP messages received."""
+    bytes); the C-STORE-RSP messages received, and the length of every P-DATA-TF PDU received."""
     received: list[Any] = []
+    lengths: list[int] = []
 
     def on_recv(event: evt.Event) -> None:
         received.append(event.message.command_set)
 
+    def on_pdu(event: evt.Event) -> None:
+        if isinstance(event.pdu, P_DATA_TF):
+            lengths.append(event.pdu.pdu_length)
+
     scu = AE(ae_title="WIRESCU")
-    scu.maximum_pdu_size = max_pdu
     for ds, _ in datasets:
         scu.add_requested_context(ds.SOPClassUID, [ds.file_meta.TransferSyntaxUID])
-    assoc = scu.associate("127.0.0.1", port, ae_title=AE_TITLE, evt_handlers=[(evt.EVT_DIMSE_RECV, on_recv)])
+    handlers = [(evt.EVT_DIMSE_RECV, on_recv), (evt.EVT_PDU_RECV, on_pdu)]
+    assoc = scu.associate("127.0.0.1", port, ae_title=AE_TITLE, max_pdu=max_pdu, evt_handlers=handlers)
     assert assoc.is_established
     try:
         for ds, message_id in datasets:
             assoc.send_c_store(ds, msg_id=message_id)
     finally:
         assoc.release()
-    return received
+    return received, lengths
 
 
 @pytest.mark.parametrize("max_pdu", [16382, 64], ids=["one-pdu", "peer-pdus-too-small-for-the-response"])
@@ -62,8 +68,11 @@ async def test_the_fast_path_answers_as_pynetdicom_would(
     service = await IngestService(ingest_settings(tmp_path, rabbit.url)).start(http=False)
     try:
         wire_before, dimse_before = _paths()
-        responses = await call(_send, service.dicom_port, [(dx, 42), (ct, 7)], max_pdu)
+        responses, pdu_lengths = await call(_send, service.dicom_port, [(dx, 42), (ct, 7)], max_pdu)
         assert _paths() == (wire_before + 2, dimse_before)  # both taken past pynetdicom's DIMSE layer
+        assert max(pdu_lengths) <= max_pdu  # the peer's maximum PDU length is honoured
+        # one P-DATA-TF per response when it fits (sent by ingest), several when it does not (pynetdicom)
+        assert (len(pdu_lengths) == 2) if max_pdu > 1000 else (len(pdu_lengths) > 2)
         stored, refused = responses
         assert stored.CommandField == 0x8001 and refused.CommandField == 0x8001  # C-STORE-RSP
         assert stored.MessageIDBeingRespondedTo == 42 and refused.MessageIDBeingRespondedTo == 7
