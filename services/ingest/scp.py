@@ -112,9 +112,6 @@ ASSOCIATIONS = Gauge("pt_ingest_associations_active", "Open DICOM associations")
 ASSOCIATION_EVENTS = Counter("pt_ingest_associations_total", "Association outcomes", ["outcome"])
 
 
-STATUS_TAG, ERROR_COMMENT_TAG = 0x00000900, 0x00000902
-
-
 def status_dataset(status: int, comment: str = "") -> Dataset:
     ds = Dataset()
     ds.Status = status
@@ -348,24 +345,23 @@ class IngestSCP:
         """A C-STORE request taken past pynetdicom's DIMSE layer (wire.py, on the DUL thread):
         answered as handle_store answers. The response holds what pynetdicom's Storage service
         class would put in it (message ID, SOP class and instance, status, error comment), encoded
-        directly (the same bytes, tested) and sent on this thread; anything unusual (another element
-        in the status, a peer whose PDUs are too small for it) is built and sent by pynetdicom."""
+        directly (the same bytes, tested) and sent on this thread; when the peer's PDUs are too
+        small for it, pynetdicom builds, fragments and sends it."""
         assoc = wire.assoc
         STORE_PATHS.labels("wire").inc()
         status = self._answer(assoc, request.sop_instance_uid, request.sop_class_uid, request.spool)
         if not assoc.is_established:  # released or aborted meanwhile: nobody to answer
             return
         try:
-            if set(status.keys()) <= {STATUS_TAG, ERROR_COMMENT_TAG}:  # what status_dataset makes
-                command = c_store_rsp_command(
-                    request.message_id,
-                    request.sop_class_uid,
-                    request.sop_instance_uid,
-                    int(status.Status),
-                    str(status.get("ErrorComment", "")),
-                )
-                if wire.send_command(request.context_id, command):
-                    return
+            command = c_store_rsp_command(
+                request.message_id,
+                request.sop_class_uid,
+                request.sop_instance_uid,
+                int(status.Status),
+                str(status.get("ErrorComment", "")),
+            )
+            if wire.send_command(request.context_id, command):
+                return
             rsp = C_STORE()
             rsp.MessageID = request.message_id
             rsp.MessageIDBeingRespondedTo = request.message_id

@@ -416,7 +416,7 @@ class Wire:
         self.aborted = False
         self._command = bytearray()
         self._store: tuple[int, str, str] | None = None  # (context id, SOP class, SOP instance)
-        self._taken: tuple[int, int, str, str] | None = None  # a C-STORE taken past pynetdicom: (cx, msg id, ...)
+        self._taken: int | None = None  # message ID of the C-STORE in _store when taken past pynetdicom
         self._ready: list[StoreRequest] = []
         self._other_bytes = 0
         self._spool: Spool | None = None
@@ -461,7 +461,7 @@ class Wire:
         thread that sends every PDU of the association, so nothing interleaves). False, and nothing
         sent, when the peer's maximum PDU length is too small for it (the caller then goes through
         pynetdicom's DIMSE provider, which fragments)."""
-        peer_max = int(getattr(self.assoc.requestor, "maximum_length", 0) or 0)
+        peer_max = self.assoc.dimse.maximum_pdu_size or 0  # the peer's (A-ASSOCIATE-RQ), 0: unlimited
         item = struct.pack(">LBB", len(command) + 2, context_id, 0x03) + command  # command, last fragment
         if peer_max and len(item) > peer_max:
             return False
@@ -570,12 +570,12 @@ class Wire:
             if control & 1:
                 if self._taken is not None:
                     raise WireRefusal("cannot_parse", "a command before the data set of the C-STORE request")
-                whole = not self._command and control & 2
+                whole = not self._command and bool(control & 2)
                 self._command += fragment
                 if len(self._command) > MAX_COMMAND_BYTES:
                     raise WireRefusal("cannot_parse", "command set too long")
                 if control & 2:
-                    taken = self._command_complete(context_id, bool(whole))
+                    taken = self._command_complete(context_id, whole)
             elif self._store is not None and self._store[0] == context_id:
                 taken = self._taken is not None
                 self._dataset(fragment, last=bool(control & 2))
@@ -612,11 +612,11 @@ class Wire:
         if self.on_store is None or not whole or not isinstance(cmd.get(0x0110), int) or not sop_instance:
             return False
         context = self.assoc._accepted_cx.get(context_id)
-        if context is None or context.abstract_syntax != sop_class or not self.assoc.is_established:
-            return False  # pynetdicom answers what does not fit (and its state machine checks the state)
-        if self.dul.state_machine.current_state != "Sta6":
+        if context is None or context.abstract_syntax != sop_class:
+            return False  # pynetdicom answers what does not fit
+        if self.dul.state_machine.current_state != "Sta6":  # established, not releasing
             return False
-        self._taken = (context_id, int(cmd[0x0110]), sop_class, sop_instance)
+        self._taken = int(cmd[0x0110])
         return True
 
     def _dataset(self, fragment: memoryview, last: bool) -> None:
@@ -644,16 +644,13 @@ class Wire:
                 )
         if last:
             spool.complete = True
-            if self._taken is not None:
-                context_id, message_id, sop_class, sop_instance = self._taken
-                self._ready.append(StoreRequest(context_id, message_id, sop_class, sop_instance, spool))
-                self._taken = None
-                with self._lock:
-                    self._spool = None
-            else:
-                with self._lock:
+            taken, self._taken = self._taken, None
+            if taken is not None:  # handled on this thread once this PDU is read (read_pdu)
+                self._ready.append(StoreRequest(context_id, taken, sop_class, sop_instance, spool))
+            with self._lock:
+                if taken is None:  # the handler takes it (Wire.take)
                     self._done.append(spool)
-                    self._spool = None
+                self._spool = None
             self._store = None
             self._scan = None
 
