@@ -40,10 +40,14 @@ from aio_pika.abc import (
 from google.protobuf.message import DecodeError, Message
 from prometheus_client import Counter, Gauge, Histogram
 
+from services.core import amqp_blocked_close
 from services.core.contracts import MESSAGE_BY_ROUTING_KEY, SCHEMA_VERSION
 from services.core.telemetry import bound_correlation_id
 
 log = logging.getLogger(__name__)
+# a connection that closes while RabbitMQ blocks it (memory/disk alarm) must not leave its channels
+# unrestorable: see amqp_blocked_close.py
+amqp_blocked_close.install()
 
 EXCHANGE = "triage"
 RETRY_DELAYS_MS: tuple[int, ...] = (1_000, 5_000, 30_000)
