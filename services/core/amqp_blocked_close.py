@@ -25,7 +25,6 @@ loudly if it is gone, and tests/fault/test_broker_alarm_restart.py shows the rec
 
 from __future__ import annotations
 
-import asyncio
 import functools
 from importlib.metadata import version
 from typing import Any
@@ -40,17 +39,15 @@ def install() -> None:
     original = aiormq.Connection._on_close
     if getattr(original, "_pt_sets_unblocked", False):
         return
+    if _UNBLOCKED not in aiormq.Connection.__init__.__code__.co_names:
+        raise RuntimeError(f"aiormq {version('aiormq')} has no {_UNBLOCKED}: re-check {__name__}")
 
     @functools.wraps(original)
     async def _on_close(self: aiormq.Connection, *args: Any, **kwargs: Any) -> None:
         try:
             await original(self, *args, **kwargs)
         finally:
-            event = getattr(self, _UNBLOCKED, None)
-            if isinstance(event, asyncio.Event):
-                event.set()
+            getattr(self, _UNBLOCKED).set()  # wake ready() waiters: they fail on the closed connection
 
     _on_close._pt_sets_unblocked = True  # type: ignore[attr-defined]
-    if _UNBLOCKED not in aiormq.Connection.__init__.__code__.co_names:
-        raise RuntimeError(f"aiormq {version('aiormq')} has no {_UNBLOCKED}: re-check {__name__}")
     aiormq.Connection._on_close = _on_close  # type: ignore[method-assign]
