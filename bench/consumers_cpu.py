@@ -181,9 +181,9 @@ def breakdown(files: list[Path], work: Path, threads: int) -> dict[str, float]:
     import numpy as np
     import pydicom
 
+    from services.core.gate import gate_image
     from services.core.imaging import display_array, to_png
     from services.inference.config import DEFAULT_GATE_FILE
-    from services.inference.gate import gate_image
     from services.inference.heatmaps import save_heatmap
     from services.inference.preprocess import preprocess_array
     from services.inference.runtime import ModelRepository, OnnxRuntime

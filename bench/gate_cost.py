@@ -17,7 +17,7 @@ import pydicom
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from services.inference.gate import DEFAULT_GATE_FILE, gate_image  # noqa: E402
+from services.core.gate import DEFAULT_GATE_FILE, gate_image  # noqa: E402
 from services.inference.preprocess import INPUT_SIZE, preprocess_dicom  # noqa: E402
 from services.inference.tools.gate_fit import chest_dicom, load_gray, resize  # noqa: E402
 

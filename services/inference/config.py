@@ -7,10 +7,10 @@ from pathlib import Path
 from pydantic import AliasChoices, Field
 from pydantic_settings import SettingsConfigDict
 
+from services.core.gate import DEFAULT_GATE_FILE
 from services.core.settings import CommonSettings
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_GATE_FILE = Path(__file__).resolve().parent / "gate_model.json"
 DEFAULT_MODEL_REPOSITORY = REPO_ROOT / "deploy" / "triton" / "model_repository"
 
 

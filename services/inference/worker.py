@@ -32,7 +32,7 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from services.core.broker import Broker, Envelope, PermanentError
 from services.core.contracts import ImageReceived, ImageRef, Prediction
-from services.inference.gate import GateVerdict, gate_image
+from services.core.gate import GateVerdict, gate_image
 from services.inference.heatmaps import save_heatmap
 from services.inference.runtime import InferenceRuntime, InferOutput, RuntimeUnavailable
 
@@ -297,7 +297,7 @@ class Pipeline:
         gate_file: Path | None = None,
     ) -> None:
         self.runtime = runtime
-        self.gate_file = str(gate_file) if gate_file else None  # the input gate (services/inference/gate.py)
+        self.gate_file = str(gate_file) if gate_file else None  # the input gate (services/core/gate.py)
         self.batcher = MicroBatcher(runtime, max_batch, max_wait_ms, max_backoff_s)
         self.decode_pool = ThreadPoolExecutor(max_workers=max(1, decode_workers), thread_name_prefix="decode")
         # DICOM parsing is mostly Python (GIL-bound): processes let decoding use more than one core.

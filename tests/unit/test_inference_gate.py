@@ -12,8 +12,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from services.core.imaging import display_array
-from services.inference.gate import (
+from services.core.gate import (
     BORDERLINE,
     DEFAULT_GATE_FILE,
     OK,
@@ -23,6 +22,7 @@ from services.inference.gate import (
     assess_dataset,
     gate_image,
 )
+from services.core.imaging import display_array
 from services.inference.tools.gate_fit import (
     bundled_dicom_images,
     chest_dicom,

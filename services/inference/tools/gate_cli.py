@@ -9,8 +9,8 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
+from services.core.gate import DEFAULT_GATE_FILE
 from services.inference.config import DEFAULT_MODEL_REPOSITORY
-from services.inference.gate import DEFAULT_GATE_FILE
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "kermany224" / "train"
@@ -51,7 +51,7 @@ def gate_evaluate(
 ) -> None:
     """Measure the gate: false-refusal rate on held-out chests (as JPEG, 12-bit MONOCHROME1, 16-bit,
     true aspect, JPEG DICOM) and refusal rate on the non-chest corpus."""
-    from services.inference.gate import GateModel
+    from services.core.gate import GateModel
     from services.inference.tools.gate_fit import evaluate_gate
 
     results = evaluate_gate(GateModel.load(gate_file), data, limit=limit, seed=seed)

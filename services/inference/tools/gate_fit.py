@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from services.inference.gate import GateModel, GateRules, assess, assess_dataset, features
+from services.core.gate import GateModel, GateRules, assess, assess_dataset, features
 
 
 def load_gray(path: Path) -> np.ndarray:

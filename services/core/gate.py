@@ -1,4 +1,9 @@
-"""Input gate: may the model judge this image at all?
+"""Input gate: may the model judge this image at all? (and so: may the crowd be paid to judge it)
+
+One place for the gate's image rules, used by inference (every prediction carries the verdict) and
+by labeling (a refused image never becomes a crowd task; a borderline one is marked in the export).
+What stays with inference: the verdict's fields in ``Prediction``, its metrics, and the fitting
+tools (``services/inference/tools/gate_fit.py``, ``pneumotriage model gate-fit``).
 
 Headers lie (a DX / CHEST / PA tag on an MR slice, a test pattern, a thumbnail), and the CNN answers
 with a confident P(pneumonia) whatever it is shown. Before any flag, the gate looks at the decoded
@@ -7,7 +12,9 @@ pixels and the header and says:
 * ``ok``          the image looks like something the model was made for;
 * ``borderline``  it may be, but something is off (small, odd field of view, low gate score): the
                   aggregator makes it UNCERTAIN (a radiologist looks first, no automatic flag);
-* ``refuse``      it is not something the model may judge: NOT_TRIAGED with the reason.
+                  labeling makes a task and marks it in the export;
+* ``refuse``      it is not something the model may judge: NOT_TRIAGED with the reason; labeling
+                  makes no task (counted and listed on the owner page).
 
 Three kinds of checks, each with a human-readable reason:
 
@@ -38,7 +45,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-DEFAULT_GATE_FILE = Path(__file__).with_name("gate_model.json")
+DEFAULT_GATE_FILE = Path(__file__).resolve().with_name("gate_model.json")
 
 OK, BORDERLINE, REFUSE = "ok", "borderline", "refuse"
 _ORDER = {OK: 0, BORDERLINE: 1, REFUSE: 2}
