@@ -1,6 +1,10 @@
 """PHI-free images for the browser: only pixels are rendered (no header field ever reaches a page),
 windowed to display range, shrunk, cached as PNG under the render directory by opaque task id.
 
+Every image an annotator sees (work, hidden gold, quiz, examples; DICOM or JPEG/PNG) leaves through
+one function, ``display_png``: the same min-max contrast stretch before and after shrinking, so every
+PNG spans 0-255 and pixel statistics cannot tell hidden gold from work (issue 22, item 4).
+
 Burned-in text (names printed into the pixels by some modalities) is NOT removed: ingest only
 accepts CR/DX, where it is rare; docs/labeling-job.md says what to do about it.
 """
@@ -15,7 +19,7 @@ from urllib.parse import unquote, urlparse
 import numpy as np
 from PIL import Image
 
-from services.core.imaging import display_array, read_dicom, to_png
+from services.core.imaging import display_array, png_gray8, read_dicom
 
 
 def path_from_uri(uri: str) -> Path:
@@ -25,15 +29,33 @@ def path_from_uri(uri: str) -> Path:
     return Path(unquote(parsed.path))
 
 
+def _stretch(arr: np.ndarray) -> np.ndarray:
+    """Min-max contrast stretch to [0, 1] (a flat image becomes all 0)."""
+    arr = np.asarray(arr, dtype=np.float32)
+    lo, hi = float(np.min(arr)), float(np.max(arr))
+    return (arr - lo) / (hi - lo) if hi > lo else np.zeros_like(arr)
+
+
+def display_png(arr: np.ndarray, max_side: int) -> bytes:
+    """The one rendering path for every image shown to annotators: stretch to the full 8-bit range,
+    shrink to max_side, stretch again (resampling can soften the extremes), encode."""
+    pixels = (_stretch(arr) * 255.0 + 0.5).astype(np.uint8)
+    if max_side and max(pixels.shape) > max_side:
+        img = Image.fromarray(pixels, mode="L")
+        img.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
+        pixels = (_stretch(np.asarray(img)) * 255.0 + 0.5).astype(np.uint8)
+    return png_gray8(pixels)
+
+
 def render_dicom(path: Path, max_side: int) -> bytes:
-    return to_png(display_array(read_dicom(path)), max_side=max_side)
+    return display_png(display_array(read_dicom(path)), max_side)
 
 
 def render_picture(path: Path, max_side: int) -> bytes:
-    """Gold images from the public data set (JPEG/PNG files)."""
+    """Gold images from the public data set (JPEG/PNG files): the same stretch as DICOM work images."""
     with Image.open(path) as img:
-        arr = np.asarray(img.convert("L"), dtype=np.float32) / 255.0
-    return to_png(arr, max_side=max_side)
+        arr = np.asarray(img.convert("L"), dtype=np.float32)  # raw grey levels, as display_array reads DICOM
+    return display_png(arr, max_side)
 
 
 def render_source(source: Path, max_side: int) -> bytes:
