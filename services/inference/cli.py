@@ -118,33 +118,117 @@ def predict_cmd(
 
 
 def deploy_command(
-    model_dir: Path = typer.Option(None, "--model-dir", help="exported version dir (model.onnx + metadata.json)"),
+    model_dir: Path = typer.Option(None, "--model-dir", help="staged version dir (model.onnx + metadata.json)"),
     version: int = typer.Option(None, "--version", help="version number (new: default next free; alone: roll to it)"),
     triton_url: str = typer.Option(
         None, "--triton-url", envvar="PT_INFERENCE_TRITON_URL", help="Triton gRPC host:port to load it in"
     ),
-    repository: Path = typer.Option(DEFAULT_MODEL_REPOSITORY, "--repository", help="Triton model repository"),
+    repository: Path = typer.Option(DEFAULT_MODEL_REPOSITORY, "--repository", help="the live model repository"),
     name: str = typer.Option("pneumonia", "--model-name", help="model name in the repository"),
     timeout: float = typer.Option(120.0, help="seconds to wait for Triton to make the version ready"),
+    reference_data: Path = typer.Option(
+        None, "--reference-data", help="quality gate images, NORMAL/ + PNEUMONIA/ (default: the shared training data)"
+    ),
+    reference_split: str = typer.Option("test", "--reference-split", help="test | val | train | all"),
+    reference_limit: int = typer.Option(0, "--reference-limit", help="at most this many reference images (0: all)"),
+    split_file: Path = typer.Option(None, "--split-file", help="patient split JSON (default: the committed one)"),
+    max_auc_drop: float = typer.Option(0.01, "--max-auc-drop", help="refuse below the active AUC minus this"),
+    max_sensitivity_drop: float = typer.Option(
+        0.02, "--max-sensitivity-drop", help="refuse below the active sensitivity (at its threshold) minus this"
+    ),
+    force: bool = typer.Option(False, "--force", help="deploy even if the quality gate refuses (needs --reason)"),
+    reason: str = typer.Option(None, "--reason", help="why a refused candidate is forced through (recorded)"),
 ) -> None:
-    """Add a model version to the repository and make Triton serve it (or roll to an existing version)."""
+    """Make a version active: a staged one (--model-dir: quality gate, copy, load, pin) or an existing
+    one (--version alone: roll back or forward). Nothing changes unless the runtime loaded it.
+
+    Exit 0 deployed; 1 the runtime did not load it; 2 a mistake in the request or the files;
+    3 refused by the quality gate."""
     from rich.progress import Progress, SpinnerColumn, TextColumn
 
-    from services.inference.deploy import DeployError, deploy
+    from services.inference.deploy import DeployError, QualityGateRefused, RuntimeLoadError, deploy
+    from services.inference.tools.deploy_gate import Margins, ReferenceGate, ReferenceSet
 
+    if force and not (reason or "").strip():
+        console.print('[red]--force needs --reason "..."[/red] (it is recorded with the deploy)')
+        raise typer.Exit(2)
+    if reason and not force:
+        console.print("[red]--reason is only used with --force[/red]")
+        raise typer.Exit(2)
+    gate = None
+    if model_dir is not None:
+        from services.inference.tools.model_cli import DEFAULT_DATA
+
+        gate = ReferenceGate(
+            ReferenceSet(reference_data or DEFAULT_DATA, reference_split, split_file, reference_limit),
+            Margins(max_auc_drop, max_sensitivity_drop),
+            console,
+        )
     try:
         with Progress(SpinnerColumn(), TextColumn("{task.description}"), console=console, transient=True) as p:
-            p.add_task(f"deploying {name} to {repository}" + (f" and Triton {triton_url}" if triton_url else ""))
-            result = deploy(repository, name, model_dir, version, triton_url, timeout)
-    except DeployError as exc:
-        console.print(f"[red]deploy failed:[/red] {exc}")
+            task = p.add_task(f"deploying {name} to {repository}" + (f" and Triton {triton_url}" if triton_url else ""))
+            result = deploy(
+                repository,
+                name,
+                model_dir,
+                version,
+                triton_url,
+                timeout,
+                gate=gate,
+                force_reason=reason.strip() if force and reason else None,
+                say=lambda text: p.update(task, description=text),
+            )
+    except QualityGateRefused as exc:
+        print_quality(exc.report)
+        console.print(f"[red]refused by the quality gate:[/red] {exc}")
+        console.print('nothing changed; `--force --reason "..."` deploys it anyway (recorded)')
+        raise typer.Exit(3) from exc
+    except RuntimeLoadError as exc:
+        console.print(f"[red]deploy failed, nothing changed:[/red] {exc}")
         raise typer.Exit(1) from exc
+    except DeployError as exc:
+        console.print(f"[red]deploy refused, nothing changed:[/red] {exc}")
+        raise typer.Exit(2) from exc
+    if result.quality:
+        print_quality(result.quality)
+    for note in result.notes:
+        console.print(f"[yellow]note:[/yellow] {note}")
     action = "added and pinned" if result.copied else "pinned"
-    console.print(f"{name} version {result.version} {action} (was {result.previous})")
+    was = "none" if result.previous is None else f"version {result.previous}"
+    console.print(f"{name} version {result.version} {action} (was {was})")
+    if result.drift_reference:
+        console.print(f"drift reference: {repository / name / str(result.version) / 'drift_reference.json'}")
     if result.loaded_in_triton:
         console.print(f"Triton serves {name} version(s) {', '.join(result.ready_versions) or '-'}")
     else:
-        console.print("no Triton URL: the embedded runtime serves the pinned version at its next start")
+        console.print(
+            "the embedded runtime loaded it here; a running inference service serves it after its next restart"
+        )
+
+
+def print_quality(report: dict) -> None:
+    """The quality gate's figures: candidate against the active version on the reference set."""
+    ref = report["reference"]
+    table = Table(
+        title=f"quality gate: {ref['n_images']} reference images ({ref['n_pneumonia']} pneumonia), "
+        f"{ref['split']} split of {ref['data']}"
+    )
+    for col in ("version", "AUC", "sensitivity", "specificity", "threshold"):
+        table.add_column(col)
+    rows = [("candidate", report["candidate"])]
+    if report.get("active"):
+        rows.append((f"active (v{report['active']['version']})", report["active"]))
+    for label, f in rows:
+        table.add_row(
+            label, f"{f['auc']:.4f}", f"{f['sensitivity']:.4f}", f"{f['specificity']:.4f}", f"{f['threshold']:.3f}"
+        )
+    console.print(table)
+    m = report["margins"]
+    verdict = "[green]passed[/green]" if report["passed"] else "[red]failed[/red]"
+    console.print(
+        f"gate {verdict} (margins: AUC -{m['max_auc_drop']}, sensitivity -{m['max_sensitivity_drop']})"
+        + ("" if report.get("active") else ": no active version to compare with")
+    )
 
 
 try:  # the model group (train/evaluate/export) belongs to model_cli.py; deploy is added here

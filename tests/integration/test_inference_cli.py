@@ -29,9 +29,9 @@ def test_predict_prints_calibrated_probabilities(shared_data: Path, inference_re
 
 def test_deploy_without_a_model_or_version_is_refused(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["model", "deploy", "--repository", str(tmp_path)], env={"COLUMNS": "200"})
-    assert result.exit_code == 1
+    assert result.exit_code == 2  # a mistake in the request: a message, exit 2 (issue 27)
     assert "--model-dir" in result.output
     result = CliRunner().invoke(
         app, ["model", "deploy", "--repository", str(tmp_path), "--model-dir", str(tmp_path)], env={"COLUMNS": "200"}
     )
-    assert result.exit_code == 1 and "config.pbtxt does not exist" in result.output
+    assert result.exit_code == 2 and "config.pbtxt does not exist" in result.output

@@ -123,7 +123,12 @@ def test_model_deploy_rolls_forward_and_back(private_triton: LocalTriton, tmp_pa
     candidate = exported_candidate(tmp_path / "export", seed=7, temperature=2.0)
     runner = CliRunner()
     base = ["model", "deploy", "--repository", str(repo), "--triton-url", private_triton.grpc_url]
-    result = runner.invoke(app, [*base, "--model-dir", str(candidate)])
+    # random weights: the quality gate refuses it; forced with a reason, it is recorded (issue 27)
+    gate = ["--reference-data", str(_reference(shared_data, tmp_path)), "--reference-split", "all"]
+    result = runner.invoke(app, [*base, "--model-dir", str(candidate), *gate])
+    assert result.exit_code == 3, result.output
+    assert read_version_policy((repo / "pneumonia" / "config.pbtxt").read_text()) == []
+    result = runner.invoke(app, [*base, "--model-dir", str(candidate), *gate, "--force", "--reason", "test"])
     assert result.exit_code == 0, result.output
     assert "version 2" in result.output
     assert read_version_policy((repo / "pneumonia" / "config.pbtxt").read_text()) == [2]
@@ -144,14 +149,23 @@ def test_model_deploy_rolls_forward_and_back(private_triton: LocalTriton, tmp_pa
     assert np.max(np.abs(back_logits - v1_logits)) < 1e-6
 
     # a second deploy of the same files is refused under an existing number with other content
-    result = runner.invoke(app, [*base, "--model-dir", str(candidate), "--version", "1"])
-    assert result.exit_code == 1 and "already exists" in result.output
+    result = runner.invoke(app, [*base, "--model-dir", str(candidate), "--version", "1", *gate])
+    assert result.exit_code == 2 and "already exists" in result.output
 
     # the pin is in config.pbtxt: a restarted Triton serves the rolled-back version
     private_triton.kill()
     private_triton.start()
     _, version = _triton_logits(private_triton, batch)
     assert version == "1"
+
+
+def _reference(shared_data: Path, tmp_path: Path) -> Path:
+    root = tmp_path / "reference"
+    for cls in ("NORMAL", "PNEUMONIA"):
+        (root / cls).mkdir(parents=True)
+        for src in sorted((shared_data / "kermany224" / "train" / cls).glob("*.jpeg"))[:8]:
+            (root / cls / src.name).symlink_to(src)
+    return root
 
 
 async def test_version_without_local_calibration_is_held_not_failed(

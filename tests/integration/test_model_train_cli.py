@@ -77,3 +77,35 @@ def test_train_export_evaluate(tiny_data: Path, tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     wide = json.loads((tmp_path / "wide" / "report.json").read_text())
     assert wide["simulated_aspect"] == 1.25 and list(wide["subgroups"]["by_image_size"]) == ["224x280"]
+
+
+def test_train_stages_its_version_and_leaves_the_live_repository_alone(
+    tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 27: an experiment is never served by default: no `--out` stages it under PT_DATA_DIR."""
+    from services.inference.repository import list_versions
+    from services.inference.tools.model_cli import DEFAULT_REPOSITORY
+
+    live = DEFAULT_REPOSITORY / "pneumonia"
+    before = {p: p.read_bytes() for p in live.rglob("*") if p.is_file() and p.suffix in (".pbtxt", ".json")}
+    versions = list_versions(live)
+    monkeypatch.setenv("PT_DATA_DIR", str(tmp_path / "var"))
+    args = ["--data", str(tiny_data), "--split-file", str(tmp_path / "split.json"), "--epochs", "1"]
+    try:
+        result = CliRunner().invoke(
+            app,
+            ["model", "train", *args, "--checkpoint", str(tmp_path / "c.pt"), "--input-size", "64"],
+            env={"COLUMNS": "200"},
+        )
+        assert result.exit_code == 0, result.output
+        staged = tmp_path / "var" / "model-staging" / "pneumonia" / "1"
+        assert (staged / "model.onnx").is_file() and (staged / "metadata.json").is_file()
+        assert "staged" in result.output and f"model deploy --model-dir {staged}" in result.output
+        assert "test split" in result.output and "AUC" in result.output  # test metrics printed
+        assert list_versions(live) == versions
+        assert {p: p.read_bytes() for p in before} == before
+    finally:  # on the old behaviour the version landed in the live repository: do not leave it there
+        for v in set(list_versions(live)) - set(versions):
+            import shutil
+
+            shutil.rmtree(live / str(v))

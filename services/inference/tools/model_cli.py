@@ -22,6 +22,15 @@ app.add_typer(model, name="model")
 console = Console()
 
 
+def staging_area() -> Path:
+    """Where `model train` / `model export` write new versions: <PT_DATA_DIR>/model-staging, a
+    Triton-layout repository of its own. Nothing there is served; `model deploy --model-dir` is
+    the one way into the live repository (deploy/triton/model_repository)."""
+    from services.core.settings import CommonSettings
+
+    return CommonSettings().data_dir / "model-staging"
+
+
 def _check_images(data: Path, n: int = 16) -> list[Path]:
     from services.inference.tools.training.dataset import scan_folder
 
@@ -33,7 +42,9 @@ def _check_images(data: Path, n: int = 16) -> list[Path]:
 @model.command("train")
 def train_cmd(
     data: Path = typer.Option(DEFAULT_DATA, help="folder with NORMAL/ and PNEUMONIA/"),
-    out: Path = typer.Option(DEFAULT_REPOSITORY, help="Triton model repository to write the new version into"),
+    out: Path = typer.Option(
+        None, help="repository to stage the new version in (default: <PT_DATA_DIR>/model-staging; never the live one)"
+    ),
     version: int = typer.Option(0, help="version number (0: next free)"),
     checkpoint: Path = typer.Option(Path("var/model/pneumonia.pt"), help="PyTorch checkpoint (for `model export`)"),
     split_file: Path = typer.Option(None, help="patient split JSON (default: the committed training/split.json)"),
@@ -87,8 +98,15 @@ def train_cmd(
     console.print(
         f"trained in {info['train_seconds']:.0f} s, best epoch {info['best_epoch']}, val AUC {info['val']['auc']:.4f}"
     )
-    vdir = _export(net, info, data, out, version or None, split_path, evaluate_test)
-    console.print(f"checkpoint {checkpoint}; model version written to {vdir}")
+    vdir = _export(net, info, data, out or staging_area(), version or None, split_path, evaluate_test)
+    console.print(f"checkpoint {checkpoint}")
+    _staged(vdir)
+
+
+def _staged(vdir: Path) -> None:
+    console.print(f"staged {vdir} (not served)")
+    if vdir.resolve().parent.parent != DEFAULT_REPOSITORY.resolve():
+        console.print(f"to serve it: pneumotriage model deploy --model-dir {vdir}  (quality gate first)")
 
 
 def _export(
@@ -122,6 +140,12 @@ def _export(
         meta = json.loads((vdir / "metadata.json").read_text())
         meta["metrics"]["test"] = json_safe(report["summary"])
         (vdir / "metadata.json").write_text(json.dumps(meta, indent=1) + "\n")
+        summary = report["summary"]
+        console.print(
+            f"test split ({summary['n_images']} images): AUC {summary['auc']['value']:.4f}"
+            + "".join(f", {k} {summary[k]['value']:.4f}" for k in ("sensitivity", "specificity") if k in summary)
+            + f" at threshold {summary['threshold']:.3f}"
+        )
     check = json.loads((vdir / "metadata.json").read_text())["onnx_check"]
     console.print(
         f"ONNX vs PyTorch max abs diff: logit {check['max_abs_diff_logit']:.2e}, cam {check['max_abs_diff_cam']:.2e}"
@@ -132,7 +156,9 @@ def _export(
 @model.command("export")
 def export_cmd(
     checkpoint: Path = typer.Option(Path("var/model/pneumonia.pt"), help="checkpoint written by `model train`"),
-    out: Path = typer.Option(DEFAULT_REPOSITORY, help="Triton model repository"),
+    out: Path = typer.Option(
+        None, help="repository to stage the version in (default: <PT_DATA_DIR>/model-staging; never the live one)"
+    ),
     version: int = typer.Option(0, help="version number (0: next free)"),
     data: Path = typer.Option(DEFAULT_DATA, help="real images to check ONNX against PyTorch (and evaluate)"),
     split_file: Path = typer.Option(None, help="patient split JSON (default: the committed one)"),
@@ -146,8 +172,10 @@ def export_cmd(
     from services.inference.tools.training.train import load_checkpoint
 
     net, info = load_checkpoint(checkpoint)
-    vdir = _export(net, info, data, out, version or None, split_file or SPLIT_FILE, evaluate_test, rethreshold)
-    console.print(f"model version written to {vdir}")
+    vdir = _export(
+        net, info, data, out or staging_area(), version or None, split_file or SPLIT_FILE, evaluate_test, rethreshold
+    )
+    _staged(vdir)
 
 
 @model.command("evaluate")
