@@ -4,22 +4,29 @@ dependencies `require_role` / `require_csrf`.
 
 Users live in each service's own table; the service hands in two look-ups returning `Account`s:
 
-    sessions = WebSessions(secret_key, "pt_labeling", find_account=by_name, load_account=by_id)
+    sessions = WebSessions(secret_key, "pt_labeling", find_account=by_name, load_account=by_id,
+                           end_sessions=bump_session_epoch)
     sessions.install(app)                          # loads/saves the session cookie on every request
     account = await sessions.sign_in(request, name, password)   # None: wrong; LoginThrottled: 429
+    await sessions.sign_out(request)               # ends the user's sessions in the database too
     @app.get("/queue")
     async def queue(user: SessionUser = Depends(sessions.require_role("annotator"))): ...
     @app.post("/answer", dependencies=[Depends(require_csrf)]) ...
 
 The session is a dict signed with itsdangerous (URLSafeTimedSerializer, salted with the cookie name),
 stored in an HttpOnly, SameSite=Lax cookie. It holds the user's id and an HMAC of the user's stored
-password hash (as Django's session auth hash): on every request the row is loaded from the database,
-the HMAC compared, and the role and name are the database's. A cookie forged with a leaked signing
-key therefore names nobody (the forger does not know the salted hash), and a password change or a
-deleted user ends every session of that user. Every session - anonymous ones too, so the sign-in form
-is protected - carries a random CSRF token; a POST must echo it in the form field `csrf_token` or the
-`X-CSRF-Token` header (session-bound synchronizer token, compared in constant time). The token is
-rotated at sign-in and sign-out. The admin role passes every role check.
+password hash and session epoch (as Django's session auth hash): on every request the row is loaded
+from the database, the HMAC compared, and the role and name are the database's. A cookie forged with
+a leaked signing key therefore names nobody (the forger does not know the salted hash), and a
+password change or a deleted user ends every session of that user. Signing out (`sign_out`) adds one
+to the user's session epoch in the database (`end_sessions`, one atomic UPDATE), so every cookie
+issued before it - a copied or replayed one too - is refused by every replica sharing that
+database, well before its max-age; the user's other browsers are signed out with it.
+
+Every session - anonymous ones too, so the sign-in form is protected - carries a random CSRF token;
+a POST must echo it in the form field `csrf_token` or the `X-CSRF-Token` header (session-bound
+synchronizer token, compared in constant time). The token is rotated at sign-in and sign-out. The
+admin role passes every role check.
 
 PT_SECRET_KEY must be at least 32 bytes and not a known placeholder (`check_secret_key`) unless
 PT_ALLOW_INSECURE_SECRETS=true (tests, local experiments).
@@ -268,9 +275,13 @@ class Account:
     role: str
     name: str
     password_hash: str
+    # Raised by one at every sign-out: sessions signed with an older epoch are refused.
+    session_epoch: int = 0
 
 
 AccountLookup = Callable[[str], Awaitable[Account | None]]
+# end_sessions(account id): raise the user's session epoch in the database (one atomic UPDATE).
+SessionEnder = Callable[[str], Awaitable[None]]
 
 
 def _new_session() -> dict[str, Any]:
@@ -293,8 +304,11 @@ class WebSessions:
         max_age_s: int = 12 * 3600,
         secure: bool = False,
         throttle: LoginThrottle | None = None,
+        end_sessions: SessionEnder | None = None,
     ) -> None:
-        """find_account(name) and load_account(id) read the service's user table (None: no such user)."""
+        """find_account(name) and load_account(id) read the service's user table (None: no such user);
+        end_sessions(id) raises the user's session epoch there (without it, signing out only
+        replaces the browser's cookie: a copy of the old one stays valid until its max-age)."""
         self.cookie_name = cookie_name
         self.login_path = login_path
         self.max_age_s = max_age_s
@@ -302,12 +316,15 @@ class WebSessions:
         self.find_account = find_account
         self.load_account = load_account
         self.throttle = throttle or LoginThrottle()
+        self.end_sessions = end_sessions
         self._serializer = URLSafeTimedSerializer(secret_key, salt=f"pt-session:{cookie_name}")
         self._auth_key = hmac.new(secret_key.encode(), b"pt-session-auth:" + cookie_name.encode(), "sha256").digest()
 
     def auth_hash(self, account: Account) -> str:
-        """Binds a session to the row: changes when the password does; unknown to a cookie forger."""
-        return hmac.new(self._auth_key, account.password_hash.encode(), "sha256").hexdigest()
+        """Binds a session to the row: changes when the password or the session epoch does (sign-out);
+        unknown to a cookie forger."""
+        bound = f"{account.password_hash}\x00{account.session_epoch}"
+        return hmac.new(self._auth_key, bound.encode(), "sha256").hexdigest()
 
     # cookie <-> dict
     def load(self, cookie: str | None) -> dict[str, Any] | None:
@@ -392,7 +409,18 @@ class WebSessions:
         request.state.session_changed = True
         request.state.user = SessionUser(id=account.id, role=account.role, name=account.name)
 
+    async def sign_out(self, request: Request) -> None:
+        """End the signed-in user's sessions server-side (their epoch is raised in the database, so
+        a replayed copy of this cookie is refused by every replica), then give this browser a fresh
+        anonymous session."""
+        user = current_user(request)
+        if user is not None and self.end_sessions is not None:
+            await self.end_sessions(user.id)
+            log.info("signed out", extra={"cookie": self.cookie_name, "account": user.name})
+        self.logout(request)
+
     def logout(self, request: Request) -> None:
+        """Replace this browser's session with a fresh anonymous one (nothing is revoked: see sign_out)."""
         request.state.session = _new_session()
         request.state.session_changed = True
         request.state.user = None

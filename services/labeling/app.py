@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from prometheus_client import Counter, Gauge
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 
 from services.core.auth import Account, WebSessions
 from services.core.broker import CONSUMERS, Broker
@@ -76,14 +76,22 @@ class LabelingService:
     async def account_by_name(self, name: str) -> Account | None:
         async with self.sessions() as s:
             row = await s.scalar(select(User).where(User.name == name[:100]))
-        return None if row is None else Account(str(row.id), row.role, row.name, row.password_hash)
+        return None if row is None else Account(str(row.id), row.role, row.name, row.password_hash, row.session_epoch)
 
     async def account_by_id(self, user_id: str) -> Account | None:
         if not user_id.isdigit() or len(user_id) > 18:
             return None
         async with self.sessions() as s:
             row = await s.get(User, int(user_id))
-        return None if row is None else Account(str(row.id), row.role, row.name, row.password_hash)
+        return None if row is None else Account(str(row.id), row.role, row.name, row.password_hash, row.session_epoch)
+
+    async def end_sessions(self, user_id: str) -> None:
+        """Sign-out: raise the user's session epoch (atomic in the database every replica shares)."""
+        if not user_id.isdigit() or len(user_id) > 18:
+            return
+        async with self.sessions() as s:
+            await s.execute(update(User).where(User.id == int(user_id)).values(session_epoch=User.session_epoch + 1))
+            await s.commit()
 
     def web_app(self) -> Any:
         secret = self.settings.resolved_secret_key()
@@ -95,6 +103,7 @@ class LabelingService:
             max_age_s=self.settings.session_max_age_s,
             secure=self.settings.cookie_secure,
             throttle=self.settings.login_throttle(),
+            end_sessions=self.end_sessions,
         )
         ctx = WebContext(
             sessions=self.sessions,

@@ -41,6 +41,8 @@ class User(Base):
     instructions_seen: Mapped[bool] = mapped_column(Boolean, default=False)
     quiz_attempt: Mapped[int] = mapped_column(Integer, default=0)
     quiz_passed: Mapped[bool] = mapped_column(Boolean, default=False)
+    # raised at every sign-out: cookies signed with an older epoch are refused (services/core/auth.py)
+    session_epoch: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 

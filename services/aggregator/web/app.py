@@ -19,6 +19,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from pydantic import BaseModel, Field
+from sqlalchemy import update
 
 from services.aggregator.fhir import fhir_diagnostic_report
 from services.aggregator.models import PredictionRow, Study, User
@@ -128,7 +129,16 @@ def create_app(agg: "Aggregator") -> FastAPI:
     async def load_account(username: str) -> Account | None:
         async with agg.sessions() as s:
             row = await s.get(User, username[:100])
-        return None if row is None else Account(row.username, row.role, row.username, row.password_hash)
+        if row is None:
+            return None
+        return Account(row.username, row.role, row.username, row.password_hash, row.session_epoch)
+
+    async def end_sessions(username: str) -> None:
+        """Sign-out: raise the user's session epoch (atomic in the database every replica shares)."""
+        async with agg.sessions() as s:
+            stmt = update(User).where(User.username == username[:100])
+            await s.execute(stmt.values(session_epoch=User.session_epoch + 1))
+            await s.commit()
 
     web = WebSessions(
         settings.resolved_secret_key(),
@@ -138,6 +148,7 @@ def create_app(agg: "Aggregator") -> FastAPI:
         secure=settings.cookie_secure,
         max_age_s=settings.session_max_age_s,
         throttle=settings.login_throttle(),
+        end_sessions=end_sessions,
     )
     web.install(app)
     harden(app, settings.http_max_body_bytes)
@@ -185,7 +196,7 @@ def create_app(agg: "Aggregator") -> FastAPI:
 
     @app.post("/logout", include_in_schema=False, dependencies=[Depends(require_csrf)])
     async def logout(request: Request) -> Response:
-        web.logout(request)
+        await web.sign_out(request)
         return RedirectResponse("/login", status_code=303)
 
     @app.get("/", include_in_schema=False)

@@ -148,7 +148,7 @@ def create_app(
 
     @router.post("/logout", dependencies=[Depends(require_csrf)])
     async def logout(request: Request) -> Response:
-        web_sessions.logout(request)
+        await web_sessions.sign_out(request)
         return RedirectResponse("/login", status_code=303)
 
     @router.get("/")
