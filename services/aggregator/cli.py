@@ -130,6 +130,9 @@ def export_reviews(out: Path = typer.Option(..., "--out", help="JSON lines, one 
     """Export clinician confirms/overrules as high-trust labels for the labeling/ML side."""
     from services.aggregator.users import all_reviews
 
+    if not out.parent.is_dir():  # checked before reading the database: a mistake is said at once
+        typer.echo(f"error: the folder {out.parent} does not exist", err=True)
+        raise typer.Exit(2)
     rows = asyncio.run(all_reviews())
     out.write_text("".join(json.dumps(r) + "\n" for r in rows))
     typer.echo(f"wrote {len(rows)} reviews to {out}")
@@ -171,11 +174,16 @@ def recalibrate_cmd(
         typer.echo(f"active: {'none (model calibration)' if active is None else f'v{active}'}")
         return
     if rollback or off or activate_version is not None:
-        if rollback:
-            now = rc.rollback(directory)
-        else:
-            now = None if off else activate_version
-            rc.activate(directory, now)
+        try:
+            if rollback:
+                now = rc.rollback(directory)
+            else:
+                now = None if off else activate_version
+                rc.activate(directory, now)
+        except ValueError as exc:  # nothing active to roll back, no such version: nothing changed
+            have = ", ".join(f"v{v}" for v in rc.versions(directory)) or "none"
+            typer.echo(f"error: {exc} (versions: {have}); nothing changed", err=True)
+            raise typer.Exit(2) from exc
         typer.echo(f"active site calibration: {'none (model calibration)' if now is None else f'v{now}'}")
         typer.echo("restart the aggregator to apply")
         return

@@ -144,6 +144,7 @@ def deploy_command(
 
     Exit 0 deployed; 1 the runtime did not load it; 2 a mistake in the request or the files;
     3 refused by the quality gate."""
+    from rich.markup import escape
     from rich.progress import Progress, SpinnerColumn, TextColumn
 
     from services.inference.deploy import DeployError, QualityGateRefused, RuntimeLoadError, deploy
@@ -180,14 +181,14 @@ def deploy_command(
             )
     except QualityGateRefused as exc:
         print_quality(exc.report)
-        console.print(f"[red]refused by the quality gate:[/red] {exc}")
+        console.print(f"[red]refused by the quality gate:[/red] {escape(str(exc))}")
         console.print('nothing changed; `--force --reason "..."` deploys it anyway (recorded)')
         raise typer.Exit(3) from exc
     except RuntimeLoadError as exc:
-        console.print(f"[red]deploy failed, nothing changed:[/red] {exc}")
+        console.print(f"[red]deploy failed, nothing changed:[/red] {escape(str(exc))}")
         raise typer.Exit(1) from exc
     except DeployError as exc:
-        console.print(f"[red]deploy refused, nothing changed:[/red] {exc}")
+        console.print(f"[red]deploy refused, nothing changed:[/red] {escape(str(exc))}")
         raise typer.Exit(2) from exc
     if result.quality:
         print_quality(result.quality)

@@ -59,17 +59,23 @@ def send(
     calling_ae: str = typer.Option("PT_SEND", "--calling-ae", help="our AE title"),
     timeout: float = typer.Option(60.0, help="network / DIMSE timeout, seconds"),
 ) -> None:
-    """C-STORE DICOM files to an SCP, each in its own transfer syntax; non-zero exit if any failed."""
+    """C-STORE DICOM files to an SCP, each in its own transfer syntax (files that are not DICOM are skipped
+    with a count); exit 1 if any store failed, 2 if there was nothing to send."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
     from rich.table import Table
 
-    from services.ingest.tools.send import collect_files, send_files
+    from services.ingest.tools.send import collect_files, is_dicom_file, send_files
 
     console = Console(stderr=True)
-    files = collect_files(paths)
+    found = collect_files(paths)
+    files = [f for f in found if is_dicom_file(f)]
+    skipped = [f for f in found if f not in set(files)]
+    if skipped:  # e.g. a LABELS.txt beside the images: not an error, said with a count
+        names = ", ".join(f.name for f in skipped[:3]) + (" ..." if len(skipped) > 3 else "")
+        console.print(f"skipped {len(skipped)} file(s) that are not DICOM (no DICOM file meta): {names}")
     if not files:
-        console.print("no files to send")
+        console.print("no DICOM files to send")
         raise typer.Exit(2)
     with Progress(
         TextColumn("[bold]C-STORE"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=console

@@ -11,6 +11,7 @@ from rich.console import Console
 
 from services.core.gate import DEFAULT_GATE_FILE
 from services.inference.config import DEFAULT_MODEL_REPOSITORY
+from services.inference.tools.cli_errors import active_model_dir, fail, require_model_dir, user_errors_command
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "kermany224" / "train"
@@ -42,9 +43,12 @@ def gate_fit(
         console.print(f"  {kind:24s} n={row['n']:5d} refused {row['refused']:.3f}")
 
 
+@user_errors_command
 def gate_evaluate(
-    data: Path = typer.Option(DEFAULT_DATA, help="folder with NORMAL/ and PNEUMONIA/ (val+test splits are used)"),
-    gate_file: Path = typer.Option(DEFAULT_GATE_FILE, "--gate", help="gate model file"),
+    data: Path = typer.Option(
+        DEFAULT_DATA, exists=True, file_okay=False, help="folder with NORMAL/ and PNEUMONIA/ (val+test splits are used)"
+    ),
+    gate_file: Path = typer.Option(DEFAULT_GATE_FILE, "--gate", exists=True, dir_okay=False, help="gate model file"),
     limit: int = typer.Option(0, help="at most this many held-out chests (0: all)"),
     seed: int = typer.Option(0),
     report: Path | None = typer.Option(None, help="also write the figures as JSON"),
@@ -64,21 +68,23 @@ def gate_evaluate(
         report.write_text(json.dumps(results, indent=1) + "\n")
 
 
+@user_errors_command
 def drift_reference(
     repository: Path = typer.Option(DEFAULT_MODEL_REPOSITORY, help="Triton model repository"),
     name: str = typer.Option("pneumonia", "--model-name"),
-    version: str = typer.Option("", help="model version (default: the newest)"),
-    data: Path = typer.Option(DEFAULT_DATA, help="folder with NORMAL/ and PNEUMONIA/"),
+    version: str = typer.Option("", help="model version (default: the active one)"),
+    data: Path = typer.Option(DEFAULT_DATA, exists=True, file_okay=False, help="folder with NORMAL/ and PNEUMONIA/"),
     split: str = typer.Option("val", help="which split's predictions make the reference"),
     limit: int = typer.Option(0, help="at most this many images (0: all)"),
 ) -> None:
     """Write <repository>/<model>/<version>/drift_reference.json: the score distribution the drift
     monitor compares live predictions with (re-run for every new model version)."""
     from services.core.drift import REFERENCE_FILE, build_reference
-    from services.inference.tools.evaluation import latest_version_dir, predict, select_records
+    from services.inference.tools.evaluation import predict, select_records
 
-    model_dir = repository / name
-    vdir = model_dir / version if version else latest_version_dir(model_dir)
+    if version and not (repository / name / version).is_dir():
+        fail(f"no version {version} of {name} in {repository}")
+    vdir = require_model_dir(repository / name / version if version else active_model_dir(repository, name))
     records = select_records(data, split, None)
     if limit:
         records = records[:: max(1, len(records) // limit)][:limit]

@@ -12,6 +12,14 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
+from services.inference.tools.cli_errors import (
+    active_model_dir,
+    load_checkpoint_or_fail,
+    require_model_dir,
+    require_torch,
+    user_errors_command,
+)
+
 REPO_ROOT = Path(__file__).resolve().parents[3]
 DEFAULT_REPOSITORY = REPO_ROOT / "deploy" / "triton" / "model_repository"
 DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "kermany224" / "train"
@@ -40,8 +48,9 @@ def _check_images(data: Path, n: int = 16) -> list[Path]:
 
 
 @model.command("train")
+@user_errors_command
 def train_cmd(
-    data: Path = typer.Option(DEFAULT_DATA, help="folder with NORMAL/ and PNEUMONIA/"),
+    data: Path = typer.Option(DEFAULT_DATA, exists=True, file_okay=False, help="folder with NORMAL/ and PNEUMONIA/"),
     out: Path = typer.Option(
         None, help="repository to stage the new version in (default: <PT_DATA_DIR>/model-staging; never the live one)"
     ),
@@ -66,7 +75,9 @@ def train_cmd(
     hold_out_external: bool = typer.Option(True, help="never train on the proxy-external batches"),
     residual: bool = typer.Option(False, help="residual blocks (the second conv of each stage)"),
 ) -> None:
-    """Train on CPU, calibrate on the validation split, export ONNX into the model repository."""
+    """Train on CPU, calibrate on the validation split, export ONNX into the staging area (never served
+    until `model deploy`). Needs the `train` extra (PyTorch)."""
+    require_torch()
     from services.inference.preprocess import INPUT_SIZE
     from services.inference.tools.training.network import NetConfig
     from services.inference.tools.training.split import SPLIT_FILE
@@ -154,13 +165,16 @@ def _export(
 
 
 @model.command("export")
+@user_errors_command
 def export_cmd(
     checkpoint: Path = typer.Option(Path("var/model/pneumonia.pt"), help="checkpoint written by `model train`"),
     out: Path = typer.Option(
         None, help="repository to stage the version in (default: <PT_DATA_DIR>/model-staging; never the live one)"
     ),
     version: int = typer.Option(0, help="version number (0: next free)"),
-    data: Path = typer.Option(DEFAULT_DATA, help="real images to check ONNX against PyTorch (and evaluate)"),
+    data: Path = typer.Option(
+        DEFAULT_DATA, exists=True, file_okay=False, help="real images to check ONNX against PyTorch (and evaluate)"
+    ),
     split_file: Path = typer.Option(None, help="patient split JSON (default: the committed one)"),
     evaluate_test: bool = typer.Option(True),
     rethreshold: bool = typer.Option(
@@ -169,9 +183,8 @@ def export_cmd(
 ) -> None:
     """Export a trained checkpoint to ONNX as a new model-repository version (checked against PyTorch)."""
     from services.inference.tools.training.split import SPLIT_FILE
-    from services.inference.tools.training.train import load_checkpoint
 
-    net, info = load_checkpoint(checkpoint)
+    net, info = load_checkpoint_or_fail(checkpoint)
     vdir = _export(
         net, info, data, out or staging_area(), version or None, split_file or SPLIT_FILE, evaluate_test, rethreshold
     )
@@ -179,9 +192,14 @@ def export_cmd(
 
 
 @model.command("evaluate")
+@user_errors_command
 def evaluate_cmd(
-    data: Path = typer.Option(DEFAULT_DATA, help="any folder laid out as NORMAL/ and PNEUMONIA/"),
-    model_dir: Path = typer.Option(None, help="model version dir (model.onnx + metadata.json); default: latest"),
+    data: Path = typer.Option(
+        DEFAULT_DATA, exists=True, file_okay=False, help="any folder laid out as NORMAL/ and PNEUMONIA/"
+    ),
+    model_dir: Path = typer.Option(
+        None, help="model version dir (model.onnx + metadata.json); default: the live repository's active one"
+    ),
     split: str = typer.Option("all", help="all | test | val | train (the last three need the training data)"),
     split_file: Path = typer.Option(None, help="patient split JSON (default: the committed one)"),
     out: Path = typer.Option(Path("var/model-eval"), help="report directory (JSON + PNGs)"),
@@ -191,11 +209,11 @@ def evaluate_cmd(
     ),
 ) -> None:
     """Evaluate the ONNX model with onnxruntime: metrics with bootstrap CIs, calibration, plots, subgroups."""
-    from services.inference.tools.evaluation import evaluate_folder, latest_version_dir, print_summary
+    from services.inference.tools.evaluation import evaluate_folder, print_summary
 
     if split not in ("all", "test", "val", "train"):
         raise typer.BadParameter("split must be all, test, val or train")
-    vdir = model_dir or latest_version_dir(DEFAULT_REPOSITORY / "pneumonia")
+    vdir = require_model_dir(model_dir or active_model_dir(DEFAULT_REPOSITORY))
     report = evaluate_folder(
         data,
         vdir,
@@ -211,11 +229,15 @@ def evaluate_cmd(
 
 
 @model.command("proxy-eval")
+@user_errors_command
 def proxy_eval_cmd(
     data: Path = typer.Option(
-        DEFAULT_DATA, help="the training folder (NORMAL/, PNEUMONIA/) holding the held-out batches"
+        DEFAULT_DATA,
+        exists=True,
+        file_okay=False,
+        help="the training folder (NORMAL/, PNEUMONIA/) holding the held-out batches",
     ),
-    model_dir: list[Path] = typer.Option(None, help="model version dir(s); default: the newest version"),
+    model_dir: list[Path] = typer.Option(None, help="model version dir(s); default: the active version"),
     sample: int = typer.Option(0, help="evaluate a class-stratified sample of this many held-out images (0: all)"),
     stress: list[str] = typer.Option(None, help="stress condition(s) to run (default: the whole suite)"),
     out: Path = typer.Option(Path("var/model-eval"), help="report directory (proxy-v<version>.json)"),
@@ -226,10 +248,9 @@ def proxy_eval_cmd(
     """Proxy external validation: held-out acquisition batches under a stress suite of realistic shifts."""
     from rich.table import Table
 
-    from services.inference.tools.evaluation import latest_version_dir
     from services.inference.tools.proxy import proxy_evaluate, write_report
 
-    dirs = model_dir or [latest_version_dir(DEFAULT_REPOSITORY / "pneumonia")]
+    dirs = [require_model_dir(d) for d in model_dir] if model_dir else [active_model_dir(DEFAULT_REPOSITORY)]
     reports = [proxy_evaluate(d, data, sample or None, stress or None, choose_threshold=set_threshold) for d in dirs]
     if set_threshold:
         for d, report in zip(dirs, reports, strict=True):

@@ -57,6 +57,11 @@ def collect_files(paths: Iterable[Path | str]) -> list[Path]:
     return out
 
 
+def is_dicom_file(path: Path) -> bool:
+    """A DICOM file with the file meta `send` needs (SOP class, transfer syntax, instance UID)."""
+    return _pair(path) is not None
+
+
 def _pair(path: Path) -> tuple[str, str] | None:
     """(SOP class, transfer syntax) from the file meta only: the data set itself is not parsed."""
     try:
