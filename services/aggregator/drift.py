@@ -1,10 +1,11 @@
 """Drift monitor: is the stream of predictions still like the data the model was validated on?
 
 Every ``PT_AGGREGATOR_DRIFT_INTERVAL_S`` the aggregator reads the newest
-``PT_AGGREGATOR_DRIFT_WINDOW`` predictions of the model version that made most of them (from its
-own database, so it survives restarts and sees what every replica stored), leaves out the images
-the input gate refused, and compares them with the version's validation reference
-(``drift_reference.json``, see services/core/drift.py):
+``PT_AGGREGATOR_DRIFT_WINDOW`` predictions of the active model version (the one that made the newest
+prediction: after a deploy or a roll back that is the version being served, even while most of
+the window is still the withdrawn one's; from its own database, so it survives restarts and sees
+what every replica stored), leaves out the images the input gate refused, and compares them with
+the version's validation reference (``drift_reference.json``, see services/core/drift.py):
 
 * PSI, the population stability index of the raw logits (10 equal-frequency bins of the reference);
 * KS, the Kolmogorov-Smirnov distance and p-value;
@@ -14,7 +15,8 @@ the input gate refused, and compares them with the version's validation referenc
 The alarm fires when the window has at least ``PT_AGGREGATOR_DRIFT_MIN_N`` predictions and
 PSI >= ``PT_AGGREGATOR_DRIFT_PSI_ALARM`` (0.25, the usual "significant shift") or the positive
 rate is more than ``PT_AGGREGATOR_DRIFT_RATE_Z`` standard errors from the reference. The figures go
-to Prometheus (``pt_aggregator_drift_*``), the alarm to the worklist banner and the API.
+to Prometheus (``pt_aggregator_drift_*{model_version}``: only the judged version's series exists),
+the alarm to the worklist banner and the API.
 A prevalence change moves the positive rate without any image change: the banner says "the
 stream differs", it does not say why (docs/triage-policy.md#drift-monitor).
 """
@@ -25,7 +27,6 @@ import asyncio
 import contextlib
 import logging
 import math
-from collections import Counter as Tally
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -40,13 +41,17 @@ from services.core.drift import POSITIVE_P, REFERENCE_FILE, DriftReference, ks, 
 
 log = logging.getLogger(__name__)
 
-PSI = Gauge("pt_aggregator_drift_psi", "Population stability index of recent logits vs the validation reference")
-KS = Gauge("pt_aggregator_drift_ks", "Kolmogorov-Smirnov distance of recent logits vs the validation reference")
-POSITIVE_RATE = Gauge("pt_aggregator_predicted_positive_rate", "Share of recent predictions with P >= 0.5")
-REFERENCE_RATE = Gauge("pt_aggregator_reference_positive_rate", "Predicted-positive rate on the validation reference")
-GATE_REFUSED = Gauge("pt_aggregator_gate_refused_share", "Share of recent predictions the input gate refused")
-WINDOW = Gauge("pt_aggregator_drift_window", "Predictions in the drift window (gate-refused left out)")
-ALARM = Gauge("pt_aggregator_drift_alarm", "1 while the score distribution has drifted from the reference")
+_V = ["model_version"]  # the version the monitor judges (the active one)
+PSI = Gauge("pt_aggregator_drift_psi", "Population stability index of recent logits vs the validation reference", _V)
+KS = Gauge("pt_aggregator_drift_ks", "Kolmogorov-Smirnov distance of recent logits vs the validation reference", _V)
+POSITIVE_RATE = Gauge("pt_aggregator_predicted_positive_rate", "Share of recent predictions with P >= 0.5", _V)
+REFERENCE_RATE = Gauge(
+    "pt_aggregator_reference_positive_rate", "Predicted-positive rate on the validation reference", _V
+)
+GATE_REFUSED = Gauge("pt_aggregator_gate_refused_share", "Share of recent predictions the input gate refused", _V)
+WINDOW = Gauge("pt_aggregator_drift_window", "Predictions in the drift window (gate-refused left out)", _V)
+ALARM = Gauge("pt_aggregator_drift_alarm", "1 while the score distribution has drifted from the reference", _V)
+GAUGES = (PSI, KS, POSITIVE_RATE, REFERENCE_RATE, GATE_REFUSED, WINDOW, ALARM)
 
 
 @dataclass
@@ -130,6 +135,7 @@ class DriftMonitor:
         self.config = config
         self.status = DriftStatus()
         self._references: dict[tuple[str, str], DriftReference | None] = {}
+        self._exported_version: str | None = None
 
     def reference(self, model_name: str, model_version: str) -> DriftReference | None:
         key = (model_name, model_version)
@@ -160,7 +166,7 @@ class DriftMonitor:
         if not rows:
             self.status = DriftStatus()
         else:
-            (name, version), _ = Tally((r[0], r[1]) for r in rows).most_common(1)[0]
+            name, version = rows[0][0], rows[0][1]  # the newest prediction's version: the active one
             mine = [r for r in rows if (r[0], r[1]) == (name, version)]
             accepted = [r for r in mine if r[4] != "refuse"]
             self.status = evaluate_window(
@@ -178,13 +184,19 @@ class DriftMonitor:
     def export(self) -> None:
         s = self.status
         nan = float("nan")
-        PSI.set(s.psi if s.psi is not None else nan)
-        KS.set(s.ks if s.ks is not None else nan)
-        POSITIVE_RATE.set(s.positive_rate if s.positive_rate is not None else nan)
-        REFERENCE_RATE.set(s.reference_positive_rate if s.reference_positive_rate is not None else nan)
-        GATE_REFUSED.set(s.gate_refused_share if s.gate_refused_share is not None else nan)
-        WINDOW.set(s.n)
-        ALARM.set(1 if s.alarm else 0)
+        version = s.model_version or "none"
+        if self._exported_version not in (None, version):  # a withdrawn version's series go away
+            for gauge in GAUGES:
+                with contextlib.suppress(KeyError):
+                    gauge.remove(self._exported_version)
+        self._exported_version = version
+        PSI.labels(version).set(s.psi if s.psi is not None else nan)
+        KS.labels(version).set(s.ks if s.ks is not None else nan)
+        POSITIVE_RATE.labels(version).set(s.positive_rate if s.positive_rate is not None else nan)
+        REFERENCE_RATE.labels(version).set(s.reference_positive_rate if s.reference_positive_rate is not None else nan)
+        GATE_REFUSED.labels(version).set(s.gate_refused_share if s.gate_refused_share is not None else nan)
+        WINDOW.labels(version).set(s.n)
+        ALARM.labels(version).set(1 if s.alarm else 0)
 
     async def run(self, stop: asyncio.Event, interval_s: float) -> None:
         was_alarm = False
@@ -192,8 +204,9 @@ class DriftMonitor:
             try:
                 status = await self.check()
                 if status.alarm != was_alarm:
+                    # one key: the status has a "message", which logging's extra= may not overwrite
                     (log.warning if status.alarm else log.info)(
-                        "drift alarm" if status.alarm else "drift alarm cleared", extra=status.to_dict()
+                        "drift alarm" if status.alarm else "drift alarm cleared", extra={"drift": status.to_dict()}
                     )
                     was_alarm = status.alarm
             except asyncio.CancelledError:

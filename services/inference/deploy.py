@@ -466,6 +466,7 @@ async def _deploy_locked(
             files: dict[str, str] = {}
             extra: dict[str, Any] = {}
             version = version or next_version(model_root)
+            entry["version"] = version
             existing = model_root / str(version) / "model.onnx"
             if existing.is_file() and _sha256(existing) != entry["onnx_sha256"]:
                 raise DeployError(f"version {version} already exists with a different model.onnx; pick another version")

@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import multiprocessing
@@ -57,6 +58,25 @@ SKIPPED = Counter("pt_inference_skipped_total", "image.received events acked wit
 DUPLICATES = Counter("pt_inference_duplicates_total", "Redelivered/duplicate messages answered from the cache")
 GATE = Counter("pt_inference_gate_total", "Input gate verdicts (ok | borderline | refuse)", ["verdict"])
 RUNTIME_UP = Gauge("pt_inference_runtime_available", "1 while the model runtime answers, 0 while it is retried")
+MODEL_INFO = Gauge(
+    "pt_inference_model_info",
+    "1 for the model version that answered the latest batch (the one served); one series at a time",
+    ["model", "version", "runtime"],
+)
+_model_info: tuple[str, str, str] | None = None
+
+
+def mark_served(model: str, version: str, runtime: str) -> None:
+    """pt_inference_model_info: the version that answered last, the previous one's series removed."""
+    global _model_info
+    now = (model, version, runtime)
+    if now == _model_info or not version:
+        return
+    if _model_info is not None:
+        with contextlib.suppress(KeyError):
+            MODEL_INFO.remove(*_model_info)
+    MODEL_INFO.labels(*now).set(1)
+    _model_info = now
 
 
 @dataclass
@@ -239,6 +259,7 @@ class MicroBatcher:
                         fut.set_exception(exc)
                 return
             BATCH_SIZE.observe(len(items))
+            mark_served(self.runtime.repository.name, out.model_version, self.runtime.kind)
             for i, (_, fut) in enumerate(items):
                 if not fut.done():
                     fut.set_result(BatchItem(float(out.logits[i]), out.cams[i], out.model_version, len(items)))

@@ -19,6 +19,8 @@ from tests.support.aggregator_service import (  # noqa: F401
     prediction,
 )
 
+V1 = {"model_version": "1"}
+
 
 def stream(rng: np.random.Generator, n: int, shift: float = 0.0, prevalence: float = 0.75) -> np.ndarray:
     """Logits of a mixed stream: pneumonia ~ N(3, 1.5), healthy ~ N(-3 + shift, 1.5)."""
@@ -90,7 +92,7 @@ async def test_monitor_reads_the_database_and_exports_metrics(
     await feed(stream(rng, 100), 0)
     status = await agg.drift.check()
     assert status.status == "ok", status.message
-    assert REGISTRY.get_sample_value("pt_aggregator_drift_alarm") == 0
+    assert REGISTRY.get_sample_value("pt_aggregator_drift_alarm", V1) == 0
     # gate-refused images do not count as scores (a burst of test patterns is not model drift) ...
     await feed(np.full(70, 6.0), 1000, gate_verdict="refuse", gate_reason="does not look like a chest")
     status = await agg.drift.check()
@@ -99,8 +101,8 @@ async def test_monitor_reads_the_database_and_exports_metrics(
     await feed(stream(rng, 100, shift=3.0), 2000)
     status = await agg.drift.check()
     assert status.alarm, status.message
-    assert REGISTRY.get_sample_value("pt_aggregator_drift_alarm") == 1
-    psi_value = REGISTRY.get_sample_value("pt_aggregator_drift_psi")
+    assert REGISTRY.get_sample_value("pt_aggregator_drift_alarm", V1) == 1
+    psi_value = REGISTRY.get_sample_value("pt_aggregator_drift_psi", V1)
     assert psi_value is not None and psi_value >= 0.25
     assert status.to_dict()["alarm"] is True
 
@@ -143,3 +145,60 @@ async def test_worklist_banner_and_api_follow_the_alarm(offline_aggregator: Aggr
         assert 'id="drift-banner"' in page.text and "PSI" in page.text
         body = (await client.get("/api/v1/drift")).json()
         assert body["alarm"] is True and body["psi"] >= 0.25 and body["model_version"] == "1"
+
+
+@pytest.mark.parametrize("offline_aggregator", [{}], indirect=True)
+async def test_the_monitor_judges_the_active_version_and_labels_its_gauges(
+    offline_aggregator: Aggregator, reference_dir: Path
+) -> None:
+    """Issue 27: after a deploy (or a roll back) the newest predictions come from the active version;
+    the monitor judges it even while most of the window is still the withdrawn version's, and the
+    withdrawn version's gauge series go away."""
+    agg = offline_aggregator
+    agg.drift.config = DriftConfig(reference_dir, window=200, min_n=10)
+    rng = np.random.default_rng(11)
+    for i, z in enumerate(stream(rng, 150)):  # version 2: a withdrawn version without a reference
+        msg = prediction(f"1.2.826.0.1.90.{i}", float(sigmoid(z)), "2", study=f"1.2.826.0.1.91.{i}", logit=float(z))
+        await apply_events(agg, msg)
+    status = await agg.drift.check()
+    assert (status.model_version, status.status) == ("2", "no reference")
+    assert REGISTRY.get_sample_value("pt_aggregator_drift_window", {"model_version": "2"}) == 150
+    for i, z in enumerate(stream(rng, 30)):  # rolled back to version 1: 30 of the window's 180
+        msg = prediction(f"1.2.826.0.1.92.{i}", float(sigmoid(z)), "1", study=f"1.2.826.0.1.93.{i}", logit=float(z))
+        await apply_events(agg, msg)
+    status = await agg.drift.check()
+    assert (status.model_version, status.n, status.status) == ("1", 30, "ok"), status.message
+    assert REGISTRY.get_sample_value("pt_aggregator_drift_window", V1) == 30
+    assert REGISTRY.get_sample_value("pt_aggregator_drift_window", {"model_version": "2"}) is None
+
+
+@pytest.mark.parametrize("offline_aggregator", [{}], indirect=True)
+async def test_the_drift_alarm_is_logged(
+    offline_aggregator: Aggregator, reference_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 23: the alarm line used extra= with a "message" key, which logging refuses (KeyError):
+    the alarm was never logged, "drift check failed" was, every interval."""
+    import asyncio
+    import logging
+
+    from tests.support.wait import eventually_async
+
+    agg = offline_aggregator
+    agg.drift.config = DriftConfig(reference_dir, window=100, min_n=50)
+    for i, z in enumerate(stream(np.random.default_rng(12), 100, shift=3.0)):
+        msg = prediction(f"1.2.826.0.1.94.{i}", float(sigmoid(z)), "1", study=f"1.2.826.0.1.95.{i}", logit=float(z))
+        await apply_events(agg, msg)
+    stop = asyncio.Event()
+    with caplog.at_level(logging.INFO, logger="services.aggregator.drift"):
+        task = asyncio.create_task(agg.drift.run(stop, interval_s=0.05))
+        try:
+            record = await eventually_async(
+                lambda: next((r for r in caplog.records if r.name == "services.aggregator.drift"), None),
+                timeout=20,
+                what="a log line from the drift monitor",
+            )
+        finally:
+            stop.set()
+            await task
+    assert record.getMessage() == "drift alarm", record.getMessage()
+    assert record.drift["alarm"] is True and record.drift["model_version"] == "1"
