@@ -49,6 +49,8 @@ DEFAULT_GATE_FILE = Path(__file__).resolve().with_name("gate_model.json")
 
 OK, BORDERLINE, REFUSE = "ok", "borderline", "refuse"
 _ORDER = {OK: 0, BORDERLINE: 1, REFUSE: 2}
+# The rule behind a finding: a short, fixed name (a metric label; the reason text carries the detail).
+CHECKS = ("modality", "colour", "field_of_view", "size", "aspect", "blank", "score", "error")
 
 # Modalities whose pixels are never a projection chest radiograph.
 NON_RADIOGRAPH_MODALITIES = frozenset(
@@ -79,14 +81,15 @@ class GateVerdict:
     reason: str = ""
     score: float | None = None  # learned P(frontal chest radiograph), None when not computed
     version: str = ""
-    findings: list[tuple[str, str]] = field(default_factory=list)
+    findings: list[tuple[str, str, str]] = field(default_factory=list)  # (verdict, reason, check)
+    check: str = ""  # the rule behind ``reason`` (one of CHECKS; "" when ok)
 
-    def worse(self, verdict: str, reason: str) -> None:
-        self.findings.append((verdict, reason))
+    def worse(self, verdict: str, reason: str, check: str) -> None:
+        self.findings.append((verdict, reason, check))
         if _ORDER[verdict] > _ORDER[self.verdict]:
             self.verdict = verdict
         # the reason shown: the first finding with the worst verdict
-        self.reason = next(r for v, r in self.findings if v == self.verdict)
+        self.reason, self.check = next((r, c) for v, r, c in self.findings if v == self.verdict)
 
 
 def _resize(gray: np.ndarray, h: int, w: int) -> np.ndarray:
@@ -280,9 +283,9 @@ def assess(
     out = GateVerdict(OK, version=model.version if model is not None else "rules")
     modality = str(getattr(ds, "Modality", "") or "").upper() if ds is not None else ""
     if modality in NON_RADIOGRAPH_MODALITIES:
-        out.worse(REFUSE, f"modality {modality} is not a chest radiograph")
+        out.worse(REFUSE, f"modality {modality} is not a chest radiograph", "modality")
     if _is_colour(ds):
-        out.worse(REFUSE, "colour image: not a chest radiograph")
+        out.worse(REFUSE, "colour image: not a chest radiograph", "colour")
     rows, cols = (int(shape[0]), int(shape[1])) if shape else (int(gray.shape[0]), int(gray.shape[1]))
     size = f"{cols} × {rows} px"
     spacing = _spacing_mm(ds)
@@ -291,31 +294,31 @@ def assess(
         size += f", {w_mm:.0f} × {h_mm:.0f} mm"
         extent = max(h_mm, w_mm)
         if extent < rules.min_extent_mm:
-            out.worse(REFUSE, f"too small to read: field of view {size} is smaller than a chest")
+            out.worse(REFUSE, f"too small to read: field of view {size} is smaller than a chest", "field_of_view")
         elif extent < rules.borderline_extent_mm:
-            out.worse(BORDERLINE, f"small field of view ({size}) for a chest radiograph")
+            out.worse(BORDERLINE, f"small field of view ({size}) for a chest radiograph", "field_of_view")
         elif extent > rules.max_extent_mm:
-            out.worse(REFUSE, f"field of view {size} is larger than a chest radiograph")
+            out.worse(REFUSE, f"field of view {size} is larger than a chest radiograph", "field_of_view")
     if min(rows, cols) < rules.min_side_px:
-        out.worse(REFUSE, f"too small to read ({size}; at least {rules.min_side_px} px per side needed)")
+        out.worse(REFUSE, f"too small to read ({size}; at least {rules.min_side_px} px per side needed)", "size")
     elif min(rows, cols) < rules.borderline_side_px:
-        out.worse(BORDERLINE, f"low resolution ({size})")
+        out.worse(BORDERLINE, f"low resolution ({size})", "size")
     aspect = max(rows, cols) / max(min(rows, cols), 1)
     if aspect > rules.max_aspect:
-        out.worse(REFUSE, f"aspect ratio {aspect:.1f}:1 ({size}) does not look like a chest radiograph")
+        out.worse(REFUSE, f"aspect ratio {aspect:.1f}:1 ({size}) does not look like a chest radiograph", "aspect")
     elif aspect > rules.borderline_aspect:
-        out.worse(BORDERLINE, f"unusual aspect ratio {aspect:.1f}:1 ({size})")
+        out.worse(BORDERLINE, f"unusual aspect ratio {aspect:.1f}:1 ({size})", "aspect")
     if min(rows, cols) >= 2 and float(np.std(gray)) < rules.min_contrast:
-        out.worse(REFUSE, "blank or nearly uniform image")
+        out.worse(REFUSE, "blank or nearly uniform image", "blank")
     if model is not None and min(rows, cols) >= 2:
         score = model.score(gray)
         out.score = score
         if score < model.refuse_below:
-            out.worse(REFUSE, f"does not look like a frontal chest radiograph (gate score {score:.2f})")
+            out.worse(REFUSE, f"does not look like a frontal chest radiograph (gate score {score:.2f})", "score")
         elif score < model.borderline_below:
-            out.worse(BORDERLINE, f"may not be a frontal chest radiograph (gate score {score:.2f})")
+            out.worse(BORDERLINE, f"may not be a frontal chest radiograph (gate score {score:.2f})", "score")
     if out.verdict == OK:
-        out.reason = ""
+        out.reason = out.check = ""
     return out
 
 
@@ -341,4 +344,5 @@ def gate_image(ds: Any, gate_file: str, display: np.ndarray | None = None) -> Ga
     try:
         return assess_dataset(ds, load_gate(gate_file), display)
     except Exception as exc:  # never lose a prediction to the gate itself
-        return GateVerdict(BORDERLINE, f"input gate could not assess the image ({type(exc).__name__})", version="error")
+        reason = f"input gate could not assess the image ({type(exc).__name__})"
+        return GateVerdict(BORDERLINE, reason, version="error", check="error")

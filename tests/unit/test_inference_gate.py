@@ -14,6 +14,7 @@ import pytest
 
 from services.core.gate import (
     BORDERLINE,
+    CHECKS,
     DEFAULT_GATE_FILE,
     OK,
     REFUSE,
@@ -102,6 +103,30 @@ def test_size_rules_give_readable_reasons() -> None:
     ct.Modality = "CT"
     assert "modality CT" in assess(np.random.default_rng(3).random((512, 512)), ct).reason
     assert assess(np.full((400, 400), 0.5, dtype=np.float32)).reason == "blank or nearly uniform image"
+
+
+def test_each_reason_names_its_rule() -> None:
+    """The rule behind the shown reason (a metric label in labeling, issue 29): the worst finding's."""
+    rng = np.random.default_rng(5)
+    tiny_ds = pydicom.Dataset()
+    tiny_ds.PixelSpacing = [0.3125, 0.3125]  # 10 px = 3 mm: both the size and the field-of-view rule
+    ct = pydicom.Dataset()
+    ct.Modality = "CT"
+    wide = pydicom.Dataset()
+    wide.PixelSpacing = [3.0, 3.0]  # 400 px = 1.2 m
+    cases = [
+        (assess(rng.random((10, 10)).astype(np.float32), tiny_ds), REFUSE, "field_of_view"),  # the first refusal
+        (assess(rng.random((10, 45)).astype(np.float32)), REFUSE, "size"),
+        (assess(rng.random((160, 160)).astype(np.float32)), BORDERLINE, "size"),
+        (assess(rng.random((1024, 256)).astype(np.float32)), REFUSE, "aspect"),
+        (assess(rng.random((400, 400)).astype(np.float32), wide), REFUSE, "field_of_view"),
+        (assess(rng.random((512, 512)), ct), REFUSE, "modality"),
+        (assess(np.full((400, 400), 0.5, dtype=np.float32)), REFUSE, "blank"),
+    ]
+    for verdict, expected, check in cases:
+        assert (verdict.verdict, verdict.check) == (expected, check), verdict.reason
+        assert check in CHECKS
+    assert assess(rng.random((400, 400)).astype(np.float32)).check == ""  # no model: no score, rules pass
 
 
 def test_real_dicom_files_pass(gate: GateModel, shared_data: Path) -> None:
