@@ -11,8 +11,9 @@ Images: --n real chest X-rays from ../shared/data/kermany224 wrapped as DX DICOM
 - inference: the service's `Pipeline.predict` (read + sha256 + decode + preprocess + input gate in
   decode threads, micro-batches through embedded onnxruntime, calibration, heatmap PNG), 32 images
   in flight (the service's prefetch);
-- labeling: `ImageConsumer.handle` (duplicate check, render the PNG, insert the task) on a migrated
-  SQLite database, 32 in flight.
+- labeling: `ImageConsumer.handle` (duplicate check, decode, input gate, render the PNG, insert the
+  task) on a migrated SQLite database, 32 in flight; `--no-labeling-gate`: without the input gate
+  (PT_LABELING_GATE=false), to measure what the gate adds.
 
 Per round: CPU time (user + system, every thread of this process) over the round / images, its
 system (kernel) part, and images/s (wall clock: only meaningful on a quiet machine). The
@@ -118,7 +119,7 @@ async def inference_rounds(
         await runtime.close()
 
 
-async def labeling_rounds(files: list[Path], rounds: int, work: Path) -> list[float]:
+async def labeling_rounds(files: list[Path], rounds: int, work: Path, gate: bool = True) -> list[float]:
     kind = "labeling"
     from services.core.db import make_engine, make_sessionmaker, upgrade
     from services.labeling.consumer import ImageConsumer
@@ -128,9 +129,10 @@ async def labeling_rounds(files: list[Path], rounds: int, work: Path) -> list[fl
     engine = make_engine(f"sqlite+aiosqlite:///{work / 'labeling.db'}")
     await upgrade(engine, "labeling", Base.metadata)
     sessions = make_sessionmaker(engine)
-    from services.labeling.config import DEFAULT_JOB_FILE
+    from services.labeling.config import DEFAULT_JOB_FILE, LabelingSettings
 
-    consumer = ImageConsumer(sessions, load_job(DEFAULT_JOB_FILE), work / "render", 1024)
+    gate_file = LabelingSettings(labeling_gate=gate).resolved_gate_file()
+    consumer = ImageConsumer(sessions, load_job(DEFAULT_JOB_FILE), work / "render", 1024, gate_file=gate_file)
     try:
         await run_bounded([consumer.handle(FakeEnvelope(e)) for e in events_for(files[:32], "warm")])
         out = []
@@ -187,6 +189,7 @@ def breakdown(files: list[Path], work: Path, threads: int) -> dict[str, float]:
     from services.inference.heatmaps import save_heatmap
     from services.inference.preprocess import preprocess_array
     from services.inference.runtime import ModelRepository, OnnxRuntime
+    from services.labeling.intake import prepare_work_image
     from services.labeling.render import cached_png
 
     runtime = OnnxRuntime(ModelRepository(REPOSITORY, "pneumonia"), threads=threads)
@@ -237,6 +240,16 @@ def breakdown(files: list[Path], work: Path, threads: int) -> dict[str, float]:
         display = display_array(pydicom.dcmread(path))
         timed("labeling: PNG encode (to_png)", to_png, display, 1024)
         timed("labeling: render total (dcmread, decode, PNG, write)", cached_png, work / "render", f"t{i}", path, 1024)
+        timed("labeling: input gate (on the decoded image)", gate_image, pydicom.dcmread(path), gate_file, display)
+        timed(
+            "labeling: gate + render (one dcmread and decode)",
+            prepare_work_image,
+            work / "render-gated",
+            f"t{i}",
+            path,
+            1024,
+            gate_file,
+        )
     return {stage: seconds * 1000.0 / len(files) for stage, seconds in spent.items()}
 
 
@@ -245,16 +258,18 @@ async def labeling_db_rounds(files: list[Path], rounds: int, work: Path) -> list
     from services.core.db import make_engine, make_sessionmaker, upgrade
     from services.labeling.config import DEFAULT_JOB_FILE
     from services.labeling.consumer import ImageConsumer
+    from services.labeling.intake import Prepared
     from services.labeling.job import load_job
     from services.labeling.models import Base
 
     engine = make_engine(f"sqlite+aiosqlite:///{work / 'labeling-db.db'}")
     await upgrade(engine, "labeling", Base.metadata)
 
-    def no_render(cache_dir: Path, task_id: str, source: Path, max_side: int) -> Path:
-        return cache_dir / f"{task_id}.png"
+    def no_render(cache_dir: Path, task_id: str, source: Path, max_side: int) -> Prepared:
+        return Prepared(cache_dir / f"{task_id}.png", None)
 
-    consumer = ImageConsumer(make_sessionmaker(engine), load_job(DEFAULT_JOB_FILE), work / "none", 1024, no_render)
+    sessions = make_sessionmaker(engine)
+    consumer = ImageConsumer(sessions, load_job(DEFAULT_JOB_FILE), work / "none", 1024, prepare=no_render)
     try:
         out = []
         for r in range(rounds):
@@ -274,6 +289,10 @@ def main() -> None:
     ap.add_argument("--only", choices=["inference", "labeling"], default=None)
     ap.add_argument("--profile", choices=["inference"], default=None)
     ap.add_argument("--breakdown", action="store_true", help="CPU ms per image of each stage, one at a time")
+    ap.add_argument("--no-labeling-gate", action="store_true", help="labeling without the input gate")
+    ap.add_argument(
+        "--labeling-gate-ab", action="store_true", help="labeling with and without the input gate, alternating rounds"
+    )
     ap.add_argument("--ort-threads", type=int, default=None, help="onnxruntime threads (default: the service's)")
     ap.add_argument("--decode-workers", type=int, default=None, help="decode threads (default: the service's)")
     args = ap.parse_args()
@@ -302,12 +321,22 @@ def main() -> None:
             pstats.Stats(prof).sort_stats("tottime").print_stats(25)
             return
         results: dict[str, list[float]] = {}
-        if args.only in (None, "inference"):
+        if args.labeling_gate_ab:
+            for r in range(args.rounds):
+                for gate in (True, False):
+                    name = "labeling+gate" if gate else "labeling-gate"
+                    run = work / f"ab{r}-{name}"
+                    run.mkdir()
+                    SYSTEM["labeling"], RATE["labeling"] = [], []
+                    results.setdefault(name, []).extend(asyncio.run(labeling_rounds(files, 1, run, gate)))
+                    SYSTEM.setdefault(name, []).extend(SYSTEM["labeling"])
+                    RATE.setdefault(name, []).extend(RATE["labeling"])
+        elif args.only in (None, "inference"):
             results["inference"] = asyncio.run(
                 inference_rounds(files, args.rounds, work, args.ort_threads, args.decode_workers)
             )
-        if args.only in (None, "labeling"):
-            results["labeling"] = asyncio.run(labeling_rounds(files, args.rounds, work))
+        if not args.labeling_gate_ab and args.only in (None, "labeling"):
+            results["labeling"] = asyncio.run(labeling_rounds(files, args.rounds, work, not args.no_labeling_gate))
         for name, values in results.items():
             spread = f"min {min(values):.2f}, max {max(values):.2f}"
             print(

@@ -138,7 +138,11 @@ class LabelingService:
 
     async def _consume_and_relay(self) -> None:
         consumer = ImageConsumer(
-            self.sessions, self.job, self.settings.render_dir(), self.settings.labeling_render_max_side
+            self.sessions,
+            self.job,
+            self.settings.render_dir(),
+            self.settings.labeling_render_max_side,
+            gate_file=self.settings.resolved_gate_file(),
         )
         await self.broker.consume(CONSUMERS["labeling"], consumer.handle)
         self._broker_ready = True

@@ -127,7 +127,8 @@ def add_images_cmd(
     seed: int = typer.Option(11),
 ) -> None:
     """Label an existing image archive: add work images from files, without PACS/ingest (no events are
-    published for them, they have no DICOM UIDs). Gold images are never added as work."""
+    published for them, they have no DICOM UIDs). Gold images are never added as work. The input gate
+    applies as to images from PACS: a file it refuses is not added (printed with the reason)."""
     from services.labeling.gold import IMAGE_SUFFIXES
     from services.labeling.models import Task, opaque_id
 
@@ -136,7 +137,7 @@ def add_images_cmd(
 
         from sqlalchemy import select
 
-        from services.labeling.render import cached_png
+        from services.labeling.intake import prepare_work_image
 
         known = set((await s.scalars(select(Task.source_path).where(Task.source_path.is_not(None)))).all())
         files = sorted(
@@ -150,19 +151,31 @@ def add_images_cmd(
         with Progress(TextColumn("adding images"), BarColumn(), MofNCompleteColumn(), console=console) as progress:
             bar = progress.add_task("add", total=len(picked))
             tasks = []
-            for f in picked:  # render first, with no write transaction open; insert all at the end
-                task = Task(
-                    id=opaque_id(),
-                    kind="work",
-                    source_path=str(f),
-                    job_key=job.key,
-                    needed=job.redundancy.judgments_per_image,
+            for f in picked:  # gate and render first, with no write transaction open; insert all at the end
+                task_id = opaque_id()
+                prepared = prepare_work_image(
+                    settings.render_dir(), task_id, f, settings.labeling_render_max_side, settings.resolved_gate_file()
                 )
-                cached_png(settings.render_dir(), task.id, f, settings.labeling_render_max_side)
-                tasks.append(task)
                 progress.advance(bar)
+                gate = prepared.gate
+                if gate is not None and prepared.refused:
+                    console.print(f"not added (input gate): {f.name}: {gate.reason}")
+                    continue
+                tasks.append(
+                    Task(
+                        id=task_id,
+                        kind="work",
+                        source_path=str(f),
+                        job_key=job.key,
+                        needed=job.redundancy.judgments_per_image,
+                        gate_verdict=gate.verdict if gate else None,
+                        gate_reason=(gate.reason or None) if gate else None,
+                        gate_score=gate.score if gate else None,
+                        gate_version=gate.version if gate else None,
+                    )
+                )
         s.add_all(tasks)
-        return len(picked)
+        return len(tasks)
 
     typer.echo(f"added {with_db(_add)} images")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from services.core.auth import AuthSettings
+from services.core.gate import DEFAULT_GATE_FILE
 
 DEFAULT_JOB_FILE = Path(__file__).resolve().parent / "jobs" / "pneumonia-v1.yaml"
 
@@ -27,6 +28,14 @@ class LabelingSettings(AuthSettings):
     # should not wait for annotator PNGs, so on a shared machine labeling yields the CPU to the
     # triage path (services/core/priority.py). 0 = the same priority as the other services.
     labeling_cpu_nice: int = 10
+    # The input gate (services/core/gate.py, the same rules as inference's): an image it refuses becomes
+    # no crowd task (counted and listed on the owner page); a borderline one is marked in the export.
+    # Off only for experiments. Use the same gate file as PT_INFERENCE_GATE_FILE.
+    labeling_gate: bool = True
+    labeling_gate_file: Path = DEFAULT_GATE_FILE
+
+    def resolved_gate_file(self) -> str | None:
+        return str(self.labeling_gate_file) if self.labeling_gate else None
 
     def render_dir(self) -> Path:
         return self.labeling_render_dir or self.data_dir / "labeling-render"

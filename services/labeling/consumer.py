@@ -1,28 +1,43 @@
-"""image.received -> a labeling task (skip images not eligible for triage; idempotent on SOP uid)."""
+"""image.received -> a labeling task (skip images not eligible for triage or refused by the input gate;
+idempotent on SOP uid)."""
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Callable
 from pathlib import Path
 
 from prometheus_client import Counter
-from sqlalchemy import bindparam, insert, select
+from sqlalchemy import bindparam, exists, insert, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from services.core.broker import Envelope, PermanentError
 from services.core.contracts import ImageReceived
+from services.core.db.outbox import utcnow
+from services.core.gate import BORDERLINE, GateVerdict
+from services.labeling.intake import Prepared, prepare_work_image
 from services.labeling.job import JobDefinition
-from services.labeling.models import Task, opaque_id
-from services.labeling.render import cached_png, path_from_uri
+from services.labeling.models import SkippedImage, Task, opaque_id
+from services.labeling.render import path_from_uri
 
 log = logging.getLogger(__name__)
-TASKS_CREATED = Counter("pt_labeling_tasks_created_total", "Labeling tasks created from image.received", ["outcome"])
+TASKS_CREATED = Counter(
+    "pt_labeling_tasks_created_total",
+    "image.received events by outcome (created | duplicate | skipped_not_eligible | skipped_gate)",
+    ["outcome"],
+)
+SKIPPED = Counter(
+    "pt_labeling_images_skipped_total",
+    "Images the input gate refused: no crowd task (reason: the gate's rule, services.core.gate.CHECKS)",
+    ["reason"],
+)
+BORDERLINE_TASKS = Counter("pt_labeling_borderline_tasks_total", "Tasks of images the input gate called borderline")
 
-
-Render = Callable[[Path, str, Path, int], Path]
+# prepare(cache_dir, task_id, source, max_side) -> Prepared: gate, then render the PNG unless refused
+Prepare = Callable[[Path, str, Path, int], Prepared]
 
 
 class ImageConsumer:
@@ -32,16 +47,22 @@ class ImageConsumer:
         job: JobDefinition,
         render_dir: Path,
         max_side: int,
-        render: Render = cached_png,
+        gate_file: str | None = None,
+        prepare: Prepare | None = None,
     ) -> None:
-        """render(cache_dir, task_id, source, max_side) -> PNG path; runs with no transaction open."""
+        """gate_file: the input gate's model (None: gate off). prepare: gate + render (default
+        services.labeling.intake.prepare_work_image with gate_file); runs with no transaction open."""
         self.engine: AsyncEngine = sessions.kw["bind"]  # Core statements only (see handle)
-        self._find_task = select(Task.id).where(Task.sop_instance_uid == bindparam("sop"))
+        sop = bindparam("sop")
+        self._seen = select(
+            or_(exists().where(Task.sop_instance_uid == sop), exists().where(SkippedImage.sop_instance_uid == sop))
+        )
         self._insert_task = insert(Task)
+        self._insert_skipped = insert(SkippedImage)
         self.job = job
         self.render_dir = render_dir
         self.max_side = max_side
-        self.render = render
+        self.prepare: Prepare = prepare or functools.partial(prepare_work_image, gate_file=gate_file)
 
     async def handle(self, envelope: Envelope) -> None:
         msg = envelope.payload
@@ -56,7 +77,7 @@ class ImageConsumer:
         # Core statements on a pooled connection, not ORM sessions: the same SELECT / INSERT, about
         # a third of the CPU per image (bench/consumers_cpu.py).
         async with self.engine.connect() as conn:
-            if await conn.scalar(self._find_task, {"sop": sop}) is not None:
+            if await conn.scalar(self._seen, {"sop": sop}):  # a task, or skipped by the gate before
                 TASKS_CREATED.labels("duplicate").inc()
                 return
         try:
@@ -77,18 +98,56 @@ class ImageConsumer:
             "job_key": self.job.key,
             "needed": self.job.redundancy.judgments_per_image,
         }  # the other columns take their defaults (status open, created_at now, ...) as with the ORM
-        # Render once now (a broken image is refused here, not shown to annotators), before the
-        # write transaction: the slow decode must not hold SQLite's single writer lock.
+        # Gate and render once now (a broken image is refused here, not shown to annotators), before
+        # the write transaction: the slow decode must not hold SQLite's single writer lock.
         try:
-            png = await asyncio.to_thread(self.render, self.render_dir, task["id"], source, self.max_side)
+            prepared = await asyncio.to_thread(self.prepare, self.render_dir, task["id"], source, self.max_side)
         except Exception as exc:
             raise PermanentError(f"cannot render the image: {exc!r}") from exc
+        gate = prepared.gate
+        if gate is not None and prepared.refused:
+            await self._skip(msg, gate)
+            return
+        if gate is not None:
+            task |= {
+                "gate_verdict": gate.verdict,
+                "gate_reason": gate.reason or None,
+                "gate_score": gate.score,
+                "gate_version": gate.version,
+            }
         try:
             async with self.engine.begin() as conn:
                 await conn.execute(self._insert_task, task)
         except IntegrityError:  # a concurrent redelivery created it first (rolled back)
-            png.unlink(missing_ok=True)  # our PNG, under our unused task id
+            if prepared.png is not None:
+                prepared.png.unlink(missing_ok=True)  # our PNG, under our unused task id
             TASKS_CREATED.labels("duplicate").inc()
             return
         TASKS_CREATED.labels("created").inc()
-        log.info("labeling task created", extra={"task_id": task["id"]})
+        if gate is not None and gate.verdict == BORDERLINE:
+            BORDERLINE_TASKS.inc()
+        log.info("labeling task created", extra={"task_id": task["id"], "gate": gate.verdict if gate else "off"})
+
+    async def _skip(self, msg: ImageReceived, gate: GateVerdict) -> None:
+        """No task for an image the model may not judge: record why (owner page, /metrics), nothing else."""
+        row = {
+            "sop_instance_uid": msg.image.sop_instance_uid,
+            "study_instance_uid": msg.image.study_instance_uid,
+            "storage_uri": msg.image.storage_uri,
+            "sha256": msg.image.sha256,
+            "gate_check": gate.check or "other",
+            "reason": gate.reason,
+            "gate_score": gate.score,
+            "gate_version": gate.version,
+            "job_key": self.job.key,
+            "skipped_at": utcnow(),
+        }
+        try:
+            async with self.engine.begin() as conn:
+                await conn.execute(self._insert_skipped, row)
+        except IntegrityError:  # a concurrent redelivery recorded it first
+            TASKS_CREATED.labels("duplicate").inc()
+            return
+        TASKS_CREATED.labels("skipped_gate").inc()
+        SKIPPED.labels(row["gate_check"]).inc()
+        log.info("image refused by the input gate: no labeling task", extra={"gate_reason": gate.reason})

@@ -33,6 +33,8 @@ DATASET_COLUMNS = [
     "judgments",
     "complete",
     "revision",
+    "input_gate",
+    "input_gate_reason",
 ]
 
 
@@ -100,6 +102,10 @@ async def export_dataset(s: AsyncSession, job: JobDefinition, out: Path) -> dict
             "judgments": t.judgments,
             "complete": t.status == "complete",
             "revision": t.revision,
+            # the input gate's verdict on the image: ok | borderline (a refused image has no task and is
+            # never exported); empty for a task made with the gate off or before labeling ran it
+            "input_gate": t.gate_verdict,
+            "input_gate_reason": t.gate_reason,
         }
         labels.append(rec)
         records.append({**rec, "is_gold": False, "all_judgments": [judgment_dict(r) for r in by_task.get(t.id, [])]})
@@ -154,6 +160,9 @@ def report_markdown(s: dict[str, Any]) -> str:
         f"# Labeling job report: {s['job']}",
         "",
         f"- images: {s['images']} ({s['complete']} complete, {s['open']} open); final labels: {s['final_labels']}",
+        f"- borderline images (input gate; `input_gate` column): {s['borderline_images']}",
+        f"- images the input gate refused (no task, no cost, not exported): {s['skipped_by_gate']}"
+        + "".join(f"; {check} {n}" for check, n in s["skipped_by_check"].items()),
         f"- judgments paid: {s['judgments_paid']} (test questions: {s['gold_judgments']})",
         f"- mean judgments per complete image: {fmt(s['mean_judgments_per_complete_image'], '.2f')}",
         f"- Fleiss' kappa: {fmt(s['fleiss_kappa'])}; Krippendorff's alpha (nominal): {fmt(s['krippendorff_alpha'])}",

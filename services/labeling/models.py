@@ -73,6 +73,30 @@ class Task(Base):
     revision: Mapped[int] = mapped_column(Integer, default=0)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     completed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    # work images: the input gate's verdict (services/core/gate.py), ok | borderline (a refused image
+    # gets no task: SkippedImage). NULL: gold, or made with the gate off or before it ran here.
+    gate_verdict: Mapped[str | None] = mapped_column(String(12), nullable=True)
+    gate_reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    gate_score: Mapped[float | None] = mapped_column(Float, nullable=True)
+    gate_version: Mapped[str | None] = mapped_column(String(40), nullable=True)
+
+
+class SkippedImage(Base):
+    """An image.received the input gate refused: no crowd task, no judgment, never exported; counted and
+    listed with its reason on the owner page (job owners only; annotators never see it)."""
+
+    __tablename__ = "labeling_skipped_images"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    sop_instance_uid: Mapped[str] = mapped_column(String(100), unique=True)
+    study_instance_uid: Mapped[str | None] = mapped_column(String(100), nullable=True)
+    storage_uri: Mapped[str | None] = mapped_column(Text, nullable=True)
+    sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    gate_check: Mapped[str] = mapped_column(String(20), index=True)  # the rule (services.core.gate.CHECKS)
+    reason: Mapped[str] = mapped_column(Text)
+    gate_score: Mapped[float | None] = mapped_column(Float, nullable=True)
+    gate_version: Mapped[str] = mapped_column(String(40))
+    job_key: Mapped[str] = mapped_column(String(200))
+    skipped_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
 class Lease(Base):

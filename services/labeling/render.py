@@ -58,18 +58,25 @@ def render_picture(path: Path, max_side: int) -> bytes:
     return display_png(arr, max_side)
 
 
+def is_dicom_path(source: Path) -> bool:
+    """Stored DICOM (the image store's files, .dcm) rather than a JPEG/PNG picture (gold, add-images)."""
+    return source.suffix.lower() in ("", ".dcm", ".dicom")
+
+
 def render_source(source: Path, max_side: int) -> bytes:
-    if source.suffix.lower() in (".dcm", "") or source.suffix.lower() == ".dicom":
+    if is_dicom_path(source):
         return render_dicom(source, max_side)
     return render_picture(source, max_side)
 
 
-def cached_png(cache_dir: Path, task_id: str, source: Path, max_side: int) -> Path:
-    """The task's PNG in the cache, rendering it first if needed (atomic write)."""
+def cached_png(cache_dir: Path, task_id: str, source: Path, max_side: int, display: np.ndarray | None = None) -> Path:
+    """The task's PNG in the cache, rendering it first if needed (atomic write). ``display``: the
+    source's pixels when the caller has decoded them already (services/labeling/intake.py): rendered
+    from them rather than read again."""
     target = cache_dir / f"{task_id}.png"
     if target.exists():
         return target
-    data = render_source(source, max_side)
+    data = display_png(display, max_side) if display is not None else render_source(source, max_side)
     cache_dir.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=cache_dir, suffix=".tmp")
     with os.fdopen(fd, "wb") as fh:

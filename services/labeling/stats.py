@@ -1,4 +1,5 @@
-"""Job-owner figures: progress, agreement, annotator table, contested gold, cost."""
+"""Job-owner figures: progress, agreement, annotator table, contested gold, cost, images the input gate
+kept out of the job."""
 
 from __future__ import annotations
 
@@ -8,11 +9,11 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.labeling.job import ANSWERS, JobDefinition
-from services.labeling.models import JudgmentRow, Task, User
+from services.labeling.models import JudgmentRow, SkippedImage, Task, User
 from services.labeling.quality import fleiss_kappa, krippendorff_alpha_nominal
 from services.labeling.workflow import gold_score
 
@@ -95,7 +96,36 @@ async def contested_gold(s: AsyncSession, job: JobDefinition, table: list[Annota
     return out
 
 
+async def skipped_by_check(s: AsyncSession) -> dict[str, int]:
+    """Images the input gate refused (no task), per rule, most frequent first."""
+    rows = (await s.execute(select(SkippedImage.gate_check, func.count()).group_by(SkippedImage.gate_check))).all()
+    return {check: int(n) for check, n in sorted(rows, key=lambda r: (-r[1], r[0]))}
+
+
+async def skipped_images(s: AsyncSession, limit: int = 100) -> list[dict[str, Any]]:
+    """The latest images the input gate refused, with the reason (owner page and API only: never in
+    an export or the job report, which count them)."""
+    rows = (
+        await s.scalars(
+            select(SkippedImage).order_by(SkippedImage.skipped_at.desc(), SkippedImage.id.desc()).limit(limit)
+        )
+    ).all()
+    return [
+        {
+            "skipped_at": r.skipped_at.isoformat(),
+            "check": r.gate_check,
+            "reason": r.reason,
+            "gate_score": None if r.gate_score is None else round(r.gate_score, 4),
+            "gate_version": r.gate_version,
+            "sop_instance_uid": r.sop_instance_uid,
+        }
+        for r in rows
+    ]
+
+
 async def job_summary(s: AsyncSession, job: JobDefinition) -> dict[str, Any]:
+    """Figures over work tasks only: an image the input gate refused never became one, so it is in no
+    count, agreement or cost figure; it is counted apart (skipped_by_gate)."""
     tasks = (await s.scalars(select(Task).where(Task.kind == "work"))).all()
     complete = [t for t in tasks if t.status == "complete"]
     rows = (
@@ -119,11 +149,15 @@ async def job_summary(s: AsyncSession, job: JobDefinition) -> dict[str, Any]:
         label_counts[t.final_label or "?"] += 1
     kappa = fleiss_kappa(counts)
     alpha = krippendorff_alpha_nominal(counts)
+    skipped = await skipped_by_check(s)
     return {
         "job": job.key,
         "images": len(tasks),
         "complete": len(complete),
         "open": len(tasks) - len(complete),
+        "borderline_images": sum(1 for t in tasks if t.gate_verdict == "borderline"),
+        "skipped_by_gate": sum(skipped.values()),
+        "skipped_by_check": skipped,
         "final_labels": dict(label_counts),
         "judgments_paid": paid,
         "judgments_on_images": work_judgments,

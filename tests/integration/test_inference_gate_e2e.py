@@ -10,50 +10,20 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
-import numpy as np
 import pydicom
 import pytest
 
 from services.aggregator.models import Study
 from services.aggregator.service import Aggregator
 from services.core.broker import Broker
-from services.inference.tools.gate_fit import bundled_dicom_images, chest_dicom, load_gray, resize
 from services.system.rabbitmq import RabbitNode
 from tests.support.aggregator_service import aggregator_fixture  # noqa: F401
+from tests.support.gate_corpus import chest_corpus, non_chest_corpus
 from tests.support.inference_service import image_received, publish_events, running_service, service_settings
 from tests.support.triton import inference_repository_fixture  # noqa: F401
 from tests.support.wait import eventually_async
 
 pytestmark = pytest.mark.timeout(600)
-
-
-def non_chest_corpus(shared_data: Path) -> list[tuple[str, bytes]]:
-    """(name, DICOM bytes) with a lying chest header; pixels at their own size."""
-    out: list[tuple[str, bytes]] = []
-    wanted = ("CT_small", "MR_small.dcm", "693_J2KI", "JPEG2000.dcm", "examples_overlay", "examples_rgb", "RTImage")
-    for name, arr in bundled_dicom_images():
-        if any(name.startswith(w) for w in wanted) and name.endswith("#0"):
-            out.append((name, chest_dicom(arr)))
-    rng = np.random.default_rng(2024)
-    yy, xx = np.mgrid[0:10, 0:10]
-    out.append(("test pattern 10x10", chest_dicom(((xx + yy) % 2).astype(np.float32))))
-    out.append(("128x128 image", chest_dicom(rng.random((128, 128)).astype(np.float32) ** 2)))
-    out.append(("noise 512", chest_dicom(rng.random((512, 512)).astype(np.float32))))
-    out.append(("gradient 400x300", chest_dicom(np.tile(np.linspace(0, 1, 300, dtype=np.float32), (400, 1)))))
-    chest = load_gray(sorted((shared_data / "kermany224" / "train" / "NORMAL").glob("*.jpeg"))[3])
-    out.append(("inverted chest", chest_dicom(1.0 - chest)))
-    out.append(("rotated chest", chest_dicom(np.ascontiguousarray(np.rot90(chest)))))
-    return out
-
-
-def chest_corpus(shared_data: Path) -> list[tuple[str, bytes]]:
-    out = [(p.name, p.read_bytes()) for p in sorted((shared_data / "dicom").glob("*.dcm"))]
-    jpegs = sorted((shared_data / "kermany224" / "train" / "PNEUMONIA").glob("*.jpeg"))[:4]
-    for p in jpegs:
-        a = load_gray(p)
-        out.append((f"{p.name} 12-bit MONOCHROME1", chest_dicom(a, bits=12, photometric="MONOCHROME1")))
-        out.append((f"{p.name} true aspect", chest_dicom(resize(a, 272, 224), bits=16)))
-    return out
 
 
 async def test_non_chest_images_are_never_flagged_and_chests_are_triaged(

@@ -19,9 +19,9 @@ from services.core.db import make_engine, make_sessionmaker, upgrade
 from services.labeling.app import record_job
 from services.labeling.config import LabelingSettings
 from services.labeling.consumer import ImageConsumer
+from services.labeling.intake import Prepared, prepare_work_image
 from services.labeling.job import load_job
 from services.labeling.models import Base, Task
-from services.labeling.render import cached_png
 
 
 @pytest.fixture
@@ -54,7 +54,7 @@ async def test_png_is_rendered_outside_the_write_transaction(
     db = settings.data_dir / "labeling.db"
     lock_state: list[str] = []
 
-    def probing_render(cache_dir: Path, task_id: str, source: Path, max_side: int) -> Path:
+    def probing_prepare(cache_dir: Path, task_id: str, source: Path, max_side: int) -> Prepared:
         other = sqlite3.connect(db, timeout=0)  # another writer (an answer, the outbox relay)
         try:
             other.execute("BEGIN IMMEDIATE")
@@ -64,10 +64,10 @@ async def test_png_is_rendered_outside_the_write_transaction(
             lock_state.append(str(exc))
         finally:
             other.close()
-        return cached_png(cache_dir, task_id, source, max_side)
+        return prepare_work_image(cache_dir, task_id, source, max_side, settings.resolved_gate_file())
 
     job = load_job(settings.labeling_job_file)
-    consumer = ImageConsumer(sessions, job, settings.render_dir(), 256, render=probing_render)
+    consumer = ImageConsumer(sessions, job, settings.render_dir(), 256, prepare=probing_prepare)
     dcm = sorted((shared_data / "dicom").glob("*.dcm"))[0]
     await consumer.handle(envelope("1.2.9.1.1", dcm))
     assert lock_state == ["free"], "the PNG was rendered while a write transaction held the database"

@@ -24,7 +24,7 @@ from services.core.web_hardening import harden
 from services.labeling.job import JobDefinition
 from services.labeling.models import JudgmentRow, Task, User
 from services.labeling.render import cached_png, path_from_uri
-from services.labeling.stats import job_summary
+from services.labeling.stats import job_summary, skipped_by_check, skipped_images
 from services.labeling.workflow import (
     NextItem,
     Submitted,
@@ -42,6 +42,7 @@ from services.labeling.workflow import (
 )
 
 HERE = Path(__file__).resolve().parent
+OWNER_SKIPPED_LISTED = 50  # the latest images the input gate refused, on the owner page
 templates = Jinja2Templates(directory=HERE / "templates")  # autoescape on for .html
 
 
@@ -413,7 +414,8 @@ def create_app(
     async def owner_page(request: Request, who: SessionUser = Depends(owner)) -> HTMLResponse:
         async with ctx.sessions() as s:
             summary = await job_summary(s, ctx.job)
-        return page(request, "owner.html", {"s": summary})
+            skipped = await skipped_images(s, OWNER_SKIPPED_LISTED)
+        return page(request, "owner.html", {"s": summary, "skipped": skipped})
 
     @router.get("/owner/annotators/{pseudonym}", response_class=HTMLResponse)
     async def owner_annotator(request: Request, pseudonym: str, who: SessionUser = Depends(owner)) -> HTMLResponse:
@@ -432,6 +434,14 @@ def create_app(
     async def api_summary(who: SessionUser = Depends(owner)) -> dict[str, Any]:
         async with ctx.sessions() as s:
             return await job_summary(s, ctx.job)
+
+    @router.get("/api/owner/skipped")
+    async def api_skipped(who: SessionUser = Depends(owner), limit: int = 100) -> dict[str, Any]:
+        """Images the input gate refused: no task was made of them (count per rule, the latest ones)."""
+        async with ctx.sessions() as s:
+            by_check = await skipped_by_check(s)
+            images = await skipped_images(s, max(1, min(limit, 1000)))
+        return {"total": sum(by_check.values()), "by_check": by_check, "images": images}
 
     @router.get("/api/owner/labels")
     async def api_labels(who: SessionUser = Depends(owner)) -> dict[str, Any]:
