@@ -2,7 +2,7 @@
 fixed reference set.
 
 Reference set: by default the internal test split of the shared training data (patients held out by
-the committed split, services/inference/tools/training/split.py; ~780 images, never trained or
+the committed split, services/inference/tools/training/split.py; 721 images, never trained or
 validated on). Both versions run on the same preprocessed tensors (the serving preprocessing) with
 onnxruntime, and each is read with its own calibration and operating threshold (metadata.json), so
 the comparison is what each would do on a worklist.
@@ -11,7 +11,7 @@ Refused when the candidate is below the active version by more than the margins:
 - AUC (threshold-free ranking) lower by more than ``max_auc_drop`` (default 0.01), or
 - sensitivity at its own operating threshold lower by more than ``max_sensitivity_drop`` (0.02).
 The margins are a little above the sampling noise of the default reference set (the standard error
-of a 0.97 sensitivity on its ~580 pneumonia images is ~0.007; of an AUC near 0.99, ~0.003), so a
+of a 0.97 sensitivity on its 514 pneumonia images is ~0.0075; of an AUC near 0.99, ~0.003), so a
 refusal is a real loss, not a re-draw. A first version (nothing active) is measured, not compared.
 
 The candidate's logits on the reference set also become its drift reference
