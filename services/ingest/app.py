@@ -14,9 +14,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import socket
+import uuid
 import warnings
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import text
@@ -35,6 +38,41 @@ from services.ingest.workers import WorkerPool, listen_socket
 
 log = logging.getLogger(__name__)
 SERVICE = "ingest"
+# /healthz calls the image store degraded below this much free space (statvfs, what an unprivileged
+# writer may use): a C-STORE of a large CR/DX image needs tens of MiB, and the operator needs time.
+STORE_MIN_FREE_BYTES = 64 * 1024 * 1024
+STORE_PROBE_BYTES = 4096
+
+
+def store_health(root: Path, min_free_bytes: int = STORE_MIN_FREE_BYTES) -> dict[str, Any]:
+    """The image store as a C-STORE would find it: a directory, with at least `min_free_bytes` free,
+    where a small file can really be written, fsynced and removed (a full disk, a read-only or lost
+    mount, exhausted inodes or quota fail this even when the directory looks writable).
+    {"ok": bool, "free_bytes": int | None, "reason": str (when not ok)}"""
+    if not root.is_dir():
+        return {"ok": False, "free_bytes": None, "reason": "the store path is not a directory"}
+    try:
+        st = os.statvfs(root)
+    except OSError as exc:
+        return {"ok": False, "free_bytes": None, "reason": f"statvfs failed: {exc.strerror or exc}"}
+    free = st.f_bavail * st.f_frsize
+    probe = root / f".healthz-{uuid.uuid4().hex}"
+    try:
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.write(fd, b"\0" * STORE_PROBE_BYTES)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        return {"ok": False, "free_bytes": free, "reason": f"write probe failed: {exc.strerror or exc}"}
+    finally:
+        with contextlib.suppress(OSError):
+            probe.unlink()
+    if free < min_free_bytes:
+        reason = f"{free} bytes free, below the {min_free_bytes} bytes /healthz requires"
+        return {"ok": False, "free_bytes": free, "reason": reason}
+    return {"ok": True, "free_bytes": free}
 
 
 class IngestService:
@@ -127,10 +165,13 @@ class IngestService:
         except Exception:
             db_ok = False
         backlog = await self._backlog_or_zero() if db_ok else -1
+        store = await asyncio.to_thread(store_health, self.store.root)
+        if not store["ok"]:
+            log.warning("image store degraded", extra={"reason": store["reason"], "free_bytes": store["free_bytes"]})
         return {
             "dicom": self.scp is not None and self.scp.listening(),
             "database": db_ok,
-            "store": self.store.check(),
+            "store": store,
             # the broker being down degrades nothing: images wait in the outbox
             "broker": {"ok": True, "connected": self.broker.is_connected, "outbox_backlog": backlog},
             "workers": self._workers_health(),

@@ -75,7 +75,7 @@ async def test_store_path_not_a_directory_answers_a700_then_recovers(
         shutil.rmtree(store)
         store.write_bytes(b"not a directory")
         health = await service.health()
-        assert health["store"] is False
+        assert health["store"]["ok"] is False
 
         summary = await call(send_files, [f], "127.0.0.1", service.dicom_port, AE_TITLE)
         assert (summary.results[0].status, summary.results[0].comment) == (0xA700, "store_unavailable")

@@ -74,7 +74,7 @@ async def test_service_process_cli_health_metrics_and_sigterm(
         health = await client.get("/healthz", timeout=10)
         assert health.status_code == 200
         checks = health.json()["checks"]
-        assert checks["dicom"] and checks["database"] and checks["store"] and checks["broker"]["connected"]
+        assert checks["dicom"] and checks["database"] and checks["store"]["ok"] and checks["broker"]["connected"]
         metrics = (await client.get("/metrics", timeout=10)).text
     assert 'pt_ingest_received_total{outcome="accepted"} 5.0' in metrics
     assert 'pt_ingest_rejected_total{reason="missing_pixel_data"} 1.0' in metrics
