@@ -102,6 +102,7 @@ class Reconciliation:
     dead_letters: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
     predictions: Counter[str] = field(default_factory=Counter)
     labeling_tasks: Counter[str] = field(default_factory=Counter)
+    labeling_skipped: Counter[str] = field(default_factory=Counter)  # refused by the input gate: no task
     image_flags: dict[str, str | None] = field(default_factory=dict)
     image_study: dict[str, str] = field(default_factory=dict)
     study_flags: dict[str, str | None] = field(default_factory=dict)
@@ -141,8 +142,11 @@ class Reconciliation:
                 p.append(f"{sop}: no current triage result (flag {self.image_flags.get(sop)!r})")
             if self.predictions[sop] != 1:
                 p.append(f"{sop}: {self.predictions[sop]} predictions (want exactly 1)")
-            if check_labeling and self.labeling_tasks[sop] != 1:
-                p.append(f"{sop}: {self.labeling_tasks[sop]} labeling tasks (want exactly 1)")
+            if check_labeling and self.labeling_tasks[sop] + self.labeling_skipped[sop] != 1:
+                p.append(
+                    f"{sop}: {self.labeling_tasks[sop]} labeling tasks, {self.labeling_skipped[sop]} skip records"
+                    " (want exactly 1 of either)"
+                )
         for study in {self.image_study[s] for s in self.acked if s in self.image_study}:
             if self.study_rows[study] != 1 or self.study_flags.get(study) in PENDING_FLAGS:
                 p.append(f"study {study}: {self.study_rows[study]} rows, flag {self.study_flags.get(study)!r}")
@@ -168,6 +172,7 @@ class Reconciliation:
             ("broker: dead-lettered (with reason)", sum(len(v) for v in self.dead_letters.values())),
             ("inference: predictions (distinct images)", len(self.predictions)),
             ("labeling: tasks (distinct images)", len(self.labeling_tasks)),
+            ("labeling: refused by the input gate (no task)", len(self.labeling_skipped)),
             ("aggregator: images with a current flag", len(self.flagged())),
             ("aggregator: acknowledged images flagged", len(self.acked & self.flagged())),
             ("acknowledged images dead-lettered", acked_dead),
@@ -213,6 +218,8 @@ def reconcile(system: SystemHarness, acked: set[str], verify_hashes: bool = True
     r.labeling_tasks = Counter(
         s for (s,) in db.query("labeling", "SELECT sop_instance_uid FROM labeling_tasks WHERE kind = 'work'")
     )
+    skipped = db.query("labeling", "SELECT sop_instance_uid FROM labeling_skipped_images")
+    r.labeling_skipped = Counter(s for (s,) in skipped)
     for sop, study, flag in db.query("aggregator", "SELECT sop_uid, study_uid, flag FROM aggregator_images"):
         r.image_flags[sop] = flag
         r.image_study[sop] = study
