@@ -16,6 +16,7 @@ after later ones; consumers never relied on order across a retry (they de-duplic
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from datetime import UTC, datetime
@@ -35,7 +36,8 @@ log = logging.getLogger(__name__)
 OUTBOX_BACKLOG = Gauge("pt_outbox_backlog", "Events committed but not yet confirmed by the broker", ["service"])
 
 
-# While events flow, pt_outbox_backlog is read from the table at most this often (seconds).
+# While events flow, pt_outbox_backlog is read from the table at most this often (seconds); while
+# rounds hang or fail (a broker alarm blocks publishing, the broker is down) it is read this often.
 BACKLOG_GAUGE_EVERY_S = 1.0
 
 # Up to this many rows are marked with a cached `WHERE id = :id` statement run once per row; more
@@ -124,6 +126,21 @@ class OutboxRelay:
             self._backlog_read_at = now
             OUTBOX_BACKLOG.labels(self.service).set(await self.backlog())
 
+    async def _keep_backlog_gauge_fresh(self) -> None:
+        """Rounds refresh the gauge only when they return normally. A round whose publishes a
+        RabbitMQ memory or disk alarm blocks waits for confirms until it times out, and failing
+        rounds back off: meanwhile the gauge would stay at its last value (0 for a whole alarm, so
+        the runbook's alert could never fire). Here it is read whenever it is older than
+        BACKLOG_GAUGE_EVERY_S, alongside the rounds (no extra read while they keep it fresh)."""
+        while True:
+            await asyncio.sleep(BACKLOG_GAUGE_EVERY_S)  # a polling interval: the gauge's staleness bound
+            try:
+                await self._refresh_backlog_gauge(idle=False)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the database is down too: the next tick tries again
+                log.debug("outbox backlog gauge not refreshed", extra={"error": repr(exc)})
+
     def notify(self) -> None:
         """Tell the relay that new events were committed (so it does not wait for the next poll)."""
         self._wake.set()
@@ -196,8 +213,16 @@ class OutboxRelay:
         return len(confirmed)
 
     async def run(self, stop: asyncio.Event | None = None) -> None:
+        gauge = asyncio.create_task(self._keep_backlog_gauge_fresh(), name=f"outbox-gauge-{self.service}")
+        try:
+            await self._run(stop or asyncio.Event())
+        finally:
+            gauge.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await gauge
+
+    async def _run(self, stop: asyncio.Event) -> None:
         backoff = self.idle_seconds
-        stop = stop or asyncio.Event()
         while not stop.is_set():
             # Clear before the work, not after: a notify() that arrives while run_once() runs (its
             # events may have committed after our SELECT) must wake the next round immediately.
