@@ -129,7 +129,8 @@ def wait_until(pred, timeout: float, what: str) -> None:  # type: ignore[no-unty
 
 
 def wait_for_labeling(system: SystemHarness, sops: set[str], what: str) -> None:
-    """Wait until every triage-eligible image in `sops` has its labeling task. Labeling runs at a
+    """Wait until every triage-eligible image in `sops` has its labeling task (or was refused by the
+    input gate: a labeling_skipped_images row instead). Labeling runs at a
     lower CPU priority (PT_LABELING_CPU_NICE) and catches up after a burst; waiting keeps one
     phase's backlog out of the next one (the tasks' times come from timeline())."""
     data = system.data_dir
@@ -140,7 +141,8 @@ def wait_for_labeling(system: SystemHarness, sops: set[str], what: str) -> None:
 
     def done() -> bool:
         tasks = {sop for (sop,) in rows(data / "labeling.db", "SELECT sop_instance_uid FROM labeling_tasks")}
-        return eligible <= tasks
+        skipped = {sop for (sop,) in rows(data / "labeling.db", "SELECT sop_instance_uid FROM labeling_skipped_images")}
+        return eligible <= tasks | skipped
 
     wait_until(done, 900, what)
 
