@@ -25,6 +25,9 @@ class AggregatorSettings(AuthSettings):
     sr_calling_ae: str = "PT_AGGREGATOR"
     # Seconds between SR delivery attempts for pending reports.
     sr_retry_seconds: float = 5.0
+    # Seconds a study's new SR revision is held before it is frozen and sent, so a study still
+    # arriving sends one SR per settled change and never a flip undone within it (URGENT: at once).
+    sr_settle_s: float = 5.0
     # Broker prefetch for aggregator.events (unacked messages in flight; keep it above max_batch).
     prefetch: int = 128
     # Most events applied in one transaction.

@@ -6,7 +6,8 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, Boolean, DateTime, Float, ForeignKey, Integer, String, Text, UniqueConstraint
+from sqlalchemy import JSON, Boolean, DateTime, Float, ForeignKey, Integer, LargeBinary, String, Text, UniqueConstraint
+from sqlalchemy import false as sa_false
 from sqlalchemy.orm import Mapped, mapped_column
 
 from services.core.db.base import make_base
@@ -162,10 +163,21 @@ class SrDelivery(Base):
     study_uid: Mapped[str] = mapped_column(UID, index=True)
     revision: Mapped[int] = mapped_column(Integer)
     sop_uid: Mapped[str] = mapped_column(UID, default="")
-    status: Mapped[str] = mapped_column(String(16), default="pending", index=True)  # pending | sent | failed
+    status: Mapped[str] = mapped_column(String(16), default="pending", index=True)  # pending | sent | superseded
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     last_error: Mapped[str] = mapped_column(Text, default="")
     sent_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    # The revision's flag and whether a clinician verified it: a revision that says what the last
+    # frozen SR already said (a flip undone within the settle time) is superseded, never sent.
+    flag: Mapped[str] = mapped_column(String(32), default="", server_default="")
+    verified: Mapped[bool] = mapped_column(Boolean, default=False, server_default=sa_false())
+    created_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    # Held until then (the settle time; URGENT: at once).
+    due_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    # The SR as sent, frozen (DICOM Part 10 bytes) when it leaves the hold: every attempt sends
+    # these same bytes; None while held. Its predecessor in the study's chain, if any.
+    dataset: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
+    predecessor_sop_uid: Mapped[str] = mapped_column(UID, default="", server_default="")
 
 
 class Refusal(Base):

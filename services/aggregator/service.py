@@ -13,6 +13,8 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+from dataclasses import replace
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import select, text
@@ -20,11 +22,11 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from services.aggregator.config import AggregatorSettings
 from services.aggregator.drift import DriftConfig, DriftMonitor
-from services.aggregator.models import Base, Image, Outbox, SrDelivery, Study
-from services.aggregator.policy import Policy
+from services.aggregator.models import Base, Image, LabelAggregateRow, Outbox, SrDelivery, Study
+from services.aggregator.policy import PENDING, Policy
 from services.aggregator.recalibrate import load_active
 from services.aggregator.report import StudyReport
-from services.aggregator.sr import Destination, build_sr, send_sr
+from services.aggregator.sr import Destination, SopRef, build_sr, decode_sr, encode_sr, send_sr
 from services.aggregator.stored_images import read_header
 from services.aggregator.triage_store import FLAGS_SET, REFUSALS, TIME_TO_FIRST_FLAG, Change, TriageStore, as_utc
 from services.core.broker import CONSUMERS, Broker, Envelope, PermanentError
@@ -47,7 +49,7 @@ class Aggregator:
         self.sessions: async_sessionmaker[AsyncSession] = make_sessionmaker(self.engine)
         self.policy = Policy.load(settings.policy_file)
         self.destination = Destination.parse(settings.sr_destination) if settings.sr_destination else None
-        self.store = TriageStore(self.policy, sr_enabled=self.destination is not None)
+        self.store = TriageStore(self.policy, sr_enabled=self.destination is not None, sr_settle_s=settings.sr_settle_s)
         self.site = load_active(settings.resolved_site_calibration_dir())
         if self.site is not None:  # this site's recalibration: its probabilities and thresholds
             self.policy.thresholds = self.site.thresholds
@@ -59,6 +61,7 @@ class Aggregator:
         stripes = 1 if self.engine.dialect.name == "sqlite" else LOCK_STRIPES
         self._locks = [asyncio.Lock() for _ in range(stripes)]
         self._sr_wake = asyncio.Event()
+        self._sr_next_due: datetime | None = None  # the earliest held SR revision's settle deadline
         self.drift = DriftMonitor(
             self.sessions,
             DriftConfig(
@@ -158,12 +161,43 @@ class Aggregator:
 
     # ---- SR delivery -------------------------------------------------------------------------
     async def study_report(self, session: AsyncSession, study: Study) -> tuple[StudyReport, Any]:
+        report, header, _, _ = await self.study_report_and_evidence(session, study)
+        return report, header
+
+    async def study_report_and_evidence(
+        self, session: AsyncSession, study: Study
+    ) -> tuple[StudyReport, Any, list[SopRef], bool]:
+        """The study's report, an image header (patient/study modules), the images it judged (the
+        SR's evidence) and whether it is complete: no image awaited (announced but not received, or
+        no evidence yet) and no crowd vote awaited (an image's latest label aggregate not complete)."""
         images = (await session.scalars(select(Image).where(Image.study_uid == study.study_uid))).all()
         header = None
+        evidence: list[SopRef] = []
+        complete = True
         for image in images:
-            header = await asyncio.to_thread(read_header, image.storage_uri)
-            if header is not None:
-                break
+            if image.eligible is None or (image.eligible and image.flag == PENDING):
+                complete = False
+            if not image.eligible or image.flag == PENDING:  # evidence: the images judged
+                continue
+            image_header = await asyncio.to_thread(read_header, image.storage_uri)
+            if image_header is None:
+                continue
+            header = header or image_header
+            sop_class = str(getattr(image_header, "SOPClassUID", "") or "")
+            series_uid = image.series_uid or str(getattr(image_header, "SeriesInstanceUID", "") or "")
+            if sop_class and series_uid:  # a reference needs the class: unreadable files are left out
+                evidence.append(SopRef(series_uid, sop_class, image.sop_uid))
+        sop_uids = sorted(i.sop_uid for i in images)
+        if sop_uids:
+            aggregates = (
+                await session.scalars(select(LabelAggregateRow).where(LabelAggregateRow.sop_uid.in_(sop_uids)))
+            ).all()
+            latest: dict[str, LabelAggregateRow] = {}
+            for agg in aggregates:
+                if agg.sop_uid not in latest or agg.revision > latest[agg.sop_uid].revision:
+                    latest[agg.sop_uid] = agg
+            if any(not agg.complete for agg in latest.values()):
+                complete = False
         report = StudyReport(
             study_uid=study.study_uid,
             flag=study.flag,
@@ -174,9 +208,9 @@ class Aggregator:
             human_judgments=study.human_judgments,
             reviewed=bool(study.overridden_by),
             updated_at=as_utc(study.updated_at) or utcnow(),
-            sop_uids=tuple(sorted(i.sop_uid for i in images)),
+            sop_uids=tuple(sop_uids),
         )
-        return report, header
+        return report, header, evidence, complete
 
     async def send_pending_srs(self) -> int:
         """Send an SR with the study's current result for every study with a pending delivery.
@@ -207,7 +241,9 @@ class Aggregator:
 
     async def _send_pending_srs(self) -> int:
         assert self.destination is not None
-        jobs: list[tuple[int, Any]] = []
+        now = utcnow()
+        jobs: list[tuple[int, str, bytes]] = []
+        next_due: datetime | None = None
         async with self.sessions() as session:
             # SKIP LOCKED (PostgreSQL): rows another transaction holds are left to it.
             pending = (
@@ -218,36 +254,79 @@ class Aggregator:
                     .with_for_update(skip_locked=True)
                 )
             ).all()
+            # Held revisions (not frozen yet): per study only the newest counts; older ones are superseded.
             latest: dict[str, SrDelivery] = {}
             superseded: list[SrDelivery] = []
-            for delivery in pending:  # several flag changes queued for one study: one SR, the current result
+            for delivery in pending:
+                if delivery.dataset is not None:
+                    continue
                 if delivery.study_uid in latest:
                     superseded.append(latest[delivery.study_uid])
                 latest[delivery.study_uid] = delivery
             with session.no_autoflush:  # reads only until the snapshot is taken
                 for delivery in latest.values():
+                    due = as_utc(delivery.due_at) or now
+                    if due > now:  # still settling: a flip within it replaces this revision
+                        next_due = due if next_due is None else min(next_due, due)
+                        continue
                     study = await session.get(Study, delivery.study_uid)
                     if study is None:
                         superseded.append(delivery)
                         continue
-                    report, header = await self.study_report(session, study)
-                    jobs.append((delivery.id, build_sr(report, header)))
+                    previous = (
+                        await session.scalars(
+                            select(SrDelivery)
+                            .where(
+                                SrDelivery.study_uid == delivery.study_uid,
+                                SrDelivery.dataset.is_not(None),
+                                SrDelivery.status.in_(("pending", "sent")),
+                            )
+                            .order_by(SrDelivery.revision.desc())
+                            .limit(1)
+                        )
+                    ).first()
+                    if previous is not None and (previous.flag, previous.verified) == (
+                        delivery.flag,
+                        delivery.verified,
+                    ):  # undone within the settle time: the PACS already has (or will get) this
+                        superseded.append(delivery)
+                        continue
+                    report, header, evidence, complete = await self.study_report_and_evidence(session, study)
+                    report = replace(report, revision=delivery.revision)
+                    ds = build_sr(
+                        report,
+                        header,
+                        predecessor_sop_uid=previous.sop_uid if previous is not None else "",
+                        evidence=evidence,
+                        complete=complete,
+                        verified_by=(study.overridden_by or "") if delivery.verified else "",
+                    )
+                    delivery.dataset = encode_sr(ds)  # frozen: every attempt sends these bytes
+                    delivery.sop_uid = str(ds.SOPInstanceUID)
+                    delivery.predecessor_sop_uid = previous.sop_uid if previous is not None else ""
             for delivery in superseded:
                 delivery.status = "superseded"
+            for delivery in pending:  # frozen, not sent yet: in queue order (a study's chain in order)
+                if delivery.status == "pending" and delivery.dataset is not None:
+                    jobs.append((delivery.id, delivery.study_uid, delivery.dataset))
             await session.commit()
+        self._sr_next_due = next_due
         sent = 0
-        for delivery_id, ds in jobs:
+        failed_studies: set[str] = set()
+        for delivery_id, study_uid, data in jobs:
+            if study_uid in failed_studies:  # its predecessor did not arrive: keep the chain in order
+                continue
             error: Exception | None = None
             try:
-                await asyncio.to_thread(send_sr, ds, self.destination, self.settings.sr_calling_ae)
+                await asyncio.to_thread(send_sr, decode_sr(data), self.destination, self.settings.sr_calling_ae)
             except Exception as exc:
                 error = exc
+                failed_studies.add(study_uid)
             async with self.sessions() as session:
                 delivery = await session.get(SrDelivery, delivery_id)
                 if delivery is None:
                     continue
                 delivery.attempts += 1
-                delivery.sop_uid = str(ds.SOPInstanceUID)
                 if error is None:
                     delivery.status, delivery.sent_at = "sent", utcnow()
                     sent += 1
@@ -266,8 +345,11 @@ class Aggregator:
                 raise
             except Exception as exc:
                 log.warning("SR sender failed", extra={"error": repr(exc)})
+            timeout = self.settings.sr_retry_seconds
+            if self._sr_next_due is not None:  # wake when the earliest held revision has settled
+                timeout = min(timeout, max(0.05, (self._sr_next_due - utcnow()).total_seconds()))
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._sr_wake.wait(), timeout=self.settings.sr_retry_seconds)
+                await asyncio.wait_for(self._sr_wake.wait(), timeout=timeout)
 
     # ---- health ------------------------------------------------------------------------------
     async def health(self) -> dict[str, Any]:

@@ -4,13 +4,20 @@ The SR belongs to the patient and study of the X-ray, so its patient/study modul
 the stored DICOM header (PHI goes to PACS, the clinical system of record; never to logs or events).
 Its SOP Instance UID is derived from the study UID and the result's revision, so a retried send
 stores the same object again instead of a duplicate.
+
+A study's SRs form one chain in one series: each revision names the SR it replaces (Predecessor
+Documents Sequence) and the images it judged (Current Requested Procedure Evidence Sequence). The
+sender freezes an SR's bytes when it leaves the settle hold (`encode_sr`) and every attempt sends
+those bytes (`decode_sr`), so one SOP Instance UID never carries two contents.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from io import BytesIO
 
+import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
@@ -57,8 +64,49 @@ def sr_uids(study_uid: str, revision: int) -> tuple[str, str]:
     return series, sop
 
 
-def build_sr(report: StudyReport, header: Dataset | None) -> Dataset:
-    """A Basic Text SR with the triage flag, score, reason, model version and the disclaimer."""
+@dataclass(frozen=True)
+class SopRef:
+    """One referenced instance: its series, SOP class and SOP instance (the study is the SR's own)."""
+
+    series_uid: str
+    sop_class_uid: str
+    sop_uid: str
+
+
+def _hierarchical_refs(study_uid: str, refs: list[SopRef]) -> Dataset:
+    """A Hierarchical SOP Instance Reference Macro item: study -> series -> SOP instances."""
+    item = Dataset()
+    item.StudyInstanceUID = study_uid
+    series_items = []
+    for series_uid in sorted({r.series_uid for r in refs}):
+        series = Dataset()
+        series.SeriesInstanceUID = series_uid
+        sops = []
+        for r in sorted((r for r in refs if r.series_uid == series_uid), key=lambda r: r.sop_uid):
+            sop = Dataset()
+            sop.ReferencedSOPClassUID, sop.ReferencedSOPInstanceUID = r.sop_class_uid, r.sop_uid
+            sops.append(sop)
+        series.ReferencedSOPSequence = DicomSequence(sops)
+        series_items.append(series)
+    item.ReferencedSeriesSequence = DicomSequence(series_items)
+    return item
+
+
+def build_sr(
+    report: StudyReport,
+    header: Dataset | None,
+    *,
+    predecessor_sop_uid: str = "",
+    evidence: list[SopRef] | None = None,
+    complete: bool | None = None,
+    verified_by: str = "",
+) -> Dataset:
+    """A Basic Text SR with the triage flag, score, reason, model version and the disclaimer.
+
+    `predecessor_sop_uid`: the study's previous SR, which this revision replaces (same series);
+    `evidence`: the images judged; `complete`: False while images or votes are awaited (PARTIAL);
+    `verified_by`: the clinician who confirmed or overruled the flag (VERIFIED), else UNVERIFIED.
+    """
     series_uid, sop_uid = sr_uids(report.study_uid, report.revision)
     now = datetime.now(UTC)
     meta = FileMetaDataset()
@@ -84,8 +132,25 @@ def build_sr(report: StudyReport, header: Dataset | None) -> Dataset:
     ds.ContentDate = now.strftime("%Y%m%d")
     ds.ContentTime = now.strftime("%H%M%S")
     ds.InstanceCreationDate, ds.InstanceCreationTime = ds.ContentDate, ds.ContentTime
-    ds.CompletionFlag = "COMPLETE" if report.flag != PENDING else "PARTIAL"
-    ds.VerificationFlag = "UNVERIFIED"
+    if complete is None:
+        complete = report.flag != PENDING
+    ds.CompletionFlag = "COMPLETE" if complete and report.flag != PENDING else "PARTIAL"
+    if verified_by:
+        ds.VerificationFlag = "VERIFIED"
+        observer = Dataset()
+        observer.VerifyingObserverName = verified_by[:64]
+        observer.VerifyingOrganization = "PneumoTriage clinician review"
+        observer.VerificationDateTime = report.updated_at.astimezone(UTC).strftime("%Y%m%d%H%M%S")
+        observer.VerifyingObserverIdentificationCodeSequence = DicomSequence([])
+        ds.VerifyingObserverSequence = DicomSequence([observer])
+    else:
+        ds.VerificationFlag = "UNVERIFIED"
+    if predecessor_sop_uid:
+        ds.PredecessorDocumentsSequence = DicomSequence(
+            [_hierarchical_refs(report.study_uid, [SopRef(series_uid, BASIC_TEXT_SR, predecessor_sop_uid)])]
+        )
+    if evidence:
+        ds.CurrentRequestedProcedureEvidenceSequence = DicomSequence([_hierarchical_refs(report.study_uid, evidence)])
     ds.ValueType = "CONTAINER"
     ds.ContinuityOfContent = "SEPARATE"
     ds.ConceptNameCodeSequence = DicomSequence([_code("18748-4", "LN", "Diagnostic imaging report")])
@@ -103,6 +168,17 @@ def build_sr(report: StudyReport, header: Dataset | None) -> Dataset:
     ]
     ds.ContentSequence = DicomSequence(items)
     return ds
+
+
+def encode_sr(ds: Dataset) -> bytes:
+    """The SR as DICOM Part 10 bytes: frozen when queued, sent as is by every attempt."""
+    buf = BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def decode_sr(data: bytes) -> Dataset:
+    return pydicom.dcmread(BytesIO(data))
 
 
 @dataclass(frozen=True)

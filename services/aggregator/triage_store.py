@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -199,9 +199,10 @@ def new_image(ref: ImageRef) -> Image:
 
 
 class TriageStore:
-    def __init__(self, policy: Policy, sr_enabled: bool = False) -> None:
+    def __init__(self, policy: Policy, sr_enabled: bool = False, sr_settle_s: float = 0.0) -> None:
         self.policy = policy
         self.sr_enabled = sr_enabled
+        self.sr_settle_s = sr_settle_s  # how long a new SR revision is held (URGENT: not at all)
         self.site: Any = None  # the active site calibration (services/aggregator/recalibrate.py), if any
 
     # ---- rows ------------------------------------------------------------------------------------
@@ -568,8 +569,20 @@ class TriageStore:
             message_id=f"aggregator:{study.study_uid}:{study.revision}",
             correlation_id=trigger.split(":")[1] if trigger.count(":") >= 1 else study.study_uid,
         )
-        if self.sr_enabled and flag != previous:
-            s.add(SrDelivery(study_uid=study.study_uid, revision=study.revision))
+        # An SR revision for a new flag, or a clinician's confirm (the SR becomes VERIFIED). It is held
+        # for the settle time (URGENT: not at all); the sender freezes and sends it when due.
+        if self.sr_enabled and (flag != previous or source == "clinician"):
+            due = now if flag == URGENT else now + timedelta(seconds=self.sr_settle_s)
+            s.add(
+                SrDelivery(
+                    study_uid=study.study_uid,
+                    revision=study.revision,
+                    flag=flag,
+                    verified=bool(study.overridden_by),
+                    created_at=now,
+                    due_at=due,
+                )
+            )
             change.sr_queued = True
         return change
 

@@ -93,7 +93,9 @@ async def test_sr_reaches_orthanc_and_orthanc_parses_it(orthanc: Orthanc, shared
     assert len(studies) == 1 and orthanc.get(f"/studies/{studies[0]}")["MainDicomTags"]["StudyInstanceUID"] == study
 
 
-@pytest.mark.parametrize("offline_aggregator", [{"sr_destination": "127.0.0.1:9:NOBODY"}], indirect=True)
+@pytest.mark.parametrize(
+    "offline_aggregator", [{"sr_destination": "127.0.0.1:9:NOBODY", "sr_settle_s": 0}], indirect=True
+)
 async def test_unreachable_pacs_keeps_the_sr_pending(offline_aggregator: Aggregator, shared_data: Path) -> None:
     dcm, _ = shared_dicom(shared_data, "NORMAL")
     await flag_a_study(offline_aggregator, dcm, p=0.03)

@@ -63,6 +63,7 @@ async def test_silent_pacs_does_not_stall_event_handling(tmp_path: Path) -> None
         data_dir=tmp_path,
         policy_file=write_test_policy(tmp_path / "policy.yaml"),
         sr_destination=f"127.0.0.1:{peer.port}:SLOWPACS",
+        sr_settle_s=0,  # no hold: the LIKELY_HEALTHY revision is sent in this round
         secret_key="x",
     )
     agg = Aggregator(settings)
