@@ -48,12 +48,21 @@ from services.ingest.validate import Decision
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class Conflict:
+    """The SOP Instance UID is stored already with other content: refused, the stored file kept."""
+
+    stored_sha256: str
+
+
 @dataclass
 class Pending:
     decision: Decision
     stored: StoredFile
     calling_ae: str
-    future: concurrent.futures.Future[ImageReceived | None] = field(default_factory=concurrent.futures.Future)
+    future: concurrent.futures.Future[ImageReceived | Conflict | None] = field(
+        default_factory=concurrent.futures.Future
+    )
 
 
 _STATEMENTS: dict[str, dict[str, Any]] = {}
@@ -83,7 +92,7 @@ def _statements(conn: Connection) -> dict[str, Any]:
         index_elements=[Series.series_instance_uid], set_={"series_instance_uid": series.excluded.series_instance_uid}
     ).returning(Series.id)
     built = {
-        "stored": select(Instance.sop_instance_uid).where(
+        "stored": select(Instance.sop_instance_uid, Instance.sha256).where(
             Instance.sop_instance_uid.in_(bindparam("uids", expanding=True))
         ),
         "study": study,
@@ -149,27 +158,31 @@ def _event(decision: Decision, stored: StoredFile, calling_ae: str, study_count:
     )
 
 
-def record_batch(conn: Connection, items: list[tuple[Decision, StoredFile, str]]) -> list[ImageReceived | None]:
+def record_batch(
+    conn: Connection, items: list[tuple[Decision, StoredFile, str]]
+) -> list[ImageReceived | Conflict | None]:
     """Write a batch of instances and their events in the connection's transaction, in a fixed
     number of statements whatever the batch size: which instances are stored already (one query),
     one upsert per distinct study (its image count grows by the batch's new images) and per distinct
     series, then every instance row and every outbox row (two executemany inserts). Returns, per
-    item and in order, its event, or None when the instance was stored already (before, or earlier
-    in this batch: the same instance from two worker processes)."""
+    item and in order, its event, None when the instance was stored already with the same content
+    (before, or earlier in this batch: the same instance from two worker processes), or a Conflict
+    when its SOP Instance UID is stored with other content (docs/dicom-conformance.md: refused)."""
     if not items:
         return []
     now = datetime.now(UTC)
     st = _statements(conn)
     uids = list(dict.fromkeys(d.sop_instance_uid for d, _, _ in items))
-    stored_before = set(conn.execute(st["stored"], {"uids": uids}).scalars())
+    known: dict[str, str] = {row.sop_instance_uid: row.sha256 for row in conn.execute(st["stored"], {"uids": uids})}
     new: list[int] = []  # indexes of the items that are written
-    seen: set[str] = set()
-    for i, (decision, _, _) in enumerate(items):
+    results: list[ImageReceived | Conflict | None] = [None] * len(items)
+    for i, (decision, stored, _) in enumerate(items):
         uid = decision.sop_instance_uid
-        if uid not in stored_before and uid not in seen:
-            seen.add(uid)
+        if uid not in known:
+            known[uid] = stored.sha256
             new.append(i)
-    results: list[ImageReceived | None] = [None] * len(items)
+        elif known[uid] != stored.sha256:
+            results[i] = Conflict(known[uid])
     if not new:
         return results
     study_ids: dict[str, int] = {}
@@ -217,7 +230,7 @@ class _Committer:
 
     max_batch = 64
 
-    def _transaction(self, items: list[Pending]) -> list[ImageReceived | None]:
+    def _transaction(self, items: list[Pending]) -> list[ImageReceived | Conflict | None]:
         raise NotImplementedError
 
     def _stored(self, uid: str) -> bool:
@@ -284,7 +297,7 @@ class ThreadCommitter(_Committer):
         self._queue.put(item)
         return item.future
 
-    def _transaction(self, items: list[Pending]) -> list[ImageReceived | None]:
+    def _transaction(self, items: list[Pending]) -> list[ImageReceived | Conflict | None]:
         # One connection for the thread's life: no pool check-out and reset (a ROLLBACK) per batch.
         # After any failure it is closed, so the next batch starts on a fresh one.
         if self._conn is None:
@@ -371,7 +384,7 @@ class LoopCommitter(_Committer):
                 await self._commit_async(batch)
 
     async def _commit_async(self, batch: list[Pending]) -> None:
-        async def transaction(items: list[Pending]) -> list[ImageReceived | None]:
+        async def transaction(items: list[Pending]) -> list[ImageReceived | Conflict | None]:
             async with self.engine.begin() as conn:
                 return await conn.run_sync(record_batch, [(p.decision, p.stored, p.calling_ae) for p in items])
 

@@ -37,6 +37,19 @@ class IngestSettings(CommonSettings):
     # Largest data set of one instance in bytes; unset = max_pixels * 3 + 16 MiB (8-bit colour or
     # 16-bit grayscale at max_pixels, plus header room). Larger ones are aborted while arriving.
     max_instance_bytes: int | None = None
+    # Hand-written C-STORE fast path under pynetdicom (services/ingest/wire/pdu_reader.py): our PDU
+    # reader streams each data set to disk and answers C-STORE past pynetdicom's DIMSE layer. false =
+    # pynetdicom's own reading and DIMSE path (with the same message guard); proven equal by
+    # tests/integration/test_ingest_wire_differential.py. Also off when pynetdicom lacks an internal
+    # the fast path touches (checked at start-up, logged).
+    fast_path: bool = True
+    # A PDU must arrive whole within this many seconds of its first byte (fast path; bytes trickling
+    # in do not extend it); else the association is aborted.
+    pdu_timeout_s: float = 30.0
+    # At the association limit a new association closes one that has been stalled in the middle of
+    # a PDU for stall_evict_s, else the one idle between messages the longest (at least idle_evict_s).
+    stall_evict_s: float = 1.0
+    idle_evict_s: float = 10.0
     acse_timeout_s: float = 30.0
     dimse_timeout_s: float = 60.0
     network_timeout_s: float = 120.0

@@ -50,12 +50,14 @@ from pynetdicom.sop_class import Verification
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from services.core.telemetry import bound_correlation_id
-from services.ingest.commit import Committer
+from services.ingest.commit import Committer, Conflict
 from services.ingest.config import IngestSettings
 from services.ingest.records import record_refusal
 from services.ingest.store import ContentStore, StoredFile, StoreError
 from services.ingest.validate import (
     CANNOT_PARSE,
+    DATASET_MISMATCH,
+    DUPLICATE_SOP_INSTANCE,
     IMAGE_SOP_CLASSES,
     OUT_OF_RESOURCES,
     SUCCESS,
@@ -63,17 +65,14 @@ from services.ingest.validate import (
     Decision,
     decide,
 )
-from services.ingest.wire import (
-    GuardedServer,
-    Spool,
-    StoreRequest,
-    Waker,
-    Wire,
-    c_store_rsp_command,
-    clean_spool,
-    install_reactor_wakeups,
-    spool_dir,
-)
+from services.ingest.wire.activity import Activity
+from services.ingest.wire.dimse_codec import c_store_rsp_command
+from services.ingest.wire.internals import fast_path_usable
+from services.ingest.wire.library_path import LibraryGuard
+from services.ingest.wire.pdu_reader import StoreRequest, Wire
+from services.ingest.wire.reactor import Waker, install_reactor_wakeups
+from services.ingest.wire.server import GuardedServer
+from services.ingest.wire.spool import Spool, clean_spool, spool_dir
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -142,7 +141,11 @@ class IngestSCP:
         self._locks_guard = threading.Lock()
         self._open: set[int] = set()
         self._seen_calling_aes: set[str] = set()
-        install_reactor_wakeups()
+        self._evict_lock = threading.Lock()
+        # PT_INGEST_FAST_PATH, unless this pynetdicom lacks an internal the fast path touches
+        self.fast_path = fast_path_usable(settings.fast_path)
+        if self.fast_path:
+            install_reactor_wakeups()
         self.ae = self._make_ae()
 
     # --- set-up ---------------------------------------------------------------------------------
@@ -152,10 +155,15 @@ class IngestSCP:
         # whether or not debug logging is on (~7 % of an association thread's CPU, profiled); our
         # own log lines say what happened. Documented switch (pynetdicom configuration options).
         _config.LOG_HANDLER_LEVEL = "none"
+        # pynetdicom's own path hands a C-STORE's data set to the handler in a file, not in memory
+        # (its documented option); the fast path spools it itself.
+        _config.STORE_RECV_CHUNKED_DATASET = True
         ae = AE(ae_title=s.ae_title)
-        # pynetdicom counts every connection, associated or not; our own limits (_on_requested, the
-        # server's pending bound) are the real ones, this only keeps its check above them
-        ae.maximum_associations = s.max_associations + s.max_pending_connections
+        # pynetdicom counts every connection, associated or not, including those that have not sent
+        # an A-ASSOCIATE-RQ and those being closed: idle sockets would lock modalities out. Our own
+        # limits count negotiated associations only (_on_requested; the server bounds the rest), so
+        # pynetdicom's check is kept out of the way.
+        ae.maximum_associations = 1 << 20
         ae.maximum_pdu_size = s.max_pdu_bytes
         ae.acse_timeout = s.acse_timeout_s
         ae.dimse_timeout = s.dimse_timeout_s
@@ -217,21 +225,30 @@ class IngestSCP:
     # --- association events ---------------------------------------------------------------------
     def _on_connection(self, event: evt.Event) -> None:
         """A TCP connection (its association thread not started yet): short wait for the request,
-        and our PDU reader in place of pynetdicom's."""
-        assoc = event.assoc
-        assoc.acse_timeout = self.settings.request_timeout_s
+        and the message guard: inside our PDU reader (fast path) or on pynetdicom's EVT_DATA_RECV."""
+        assoc, s = event.assoc, self.settings
+        assoc.acse_timeout = s.request_timeout_s
+        activity = assoc._pt_activity = Activity()
+        on_refused = lambda code: REJECTED.labels(code).inc()  # noqa: E731
+        if not self.fast_path:
+            LibraryGuard.install(
+                assoc, max_instance_bytes=s.instance_byte_limit, on_refused=on_refused, activity=activity
+            )
+            return
         Wire.install(
             assoc,
             spool_directory=self.spool_dir,
-            max_pdu=self.settings.max_pdu_bytes,
-            max_instance_bytes=self.settings.instance_byte_limit,
-            on_refused=lambda code: REJECTED.labels(code).inc(),
+            max_pdu=s.max_pdu_bytes,
+            max_instance_bytes=s.instance_byte_limit,
+            on_refused=on_refused,
             on_store=self._on_wire_store,
+            pdu_timeout_s=s.pdu_timeout_s,
+            activity=activity,
         )
         Waker(assoc)
 
     def _on_connection_closed(self, event: evt.Event) -> None:
-        wire = Wire.of(event.assoc)
+        wire = Wire.of(event.assoc) or LibraryGuard.of(event.assoc)
         if wire is not None:
             wire.close()
         waker: Waker | None = getattr(event.assoc, "_pt_waker", None)
@@ -242,6 +259,8 @@ class IngestSCP:
         count = 0
         for a in self.ae.active_associations:
             if a is exclude or not a.is_acceptor or not getattr(a, "_pt_requested", False):
+                continue
+            if getattr(a, "_pt_evicted", False):
                 continue
             if a.is_released or a.is_aborted or a.is_rejected:
                 continue
@@ -268,18 +287,57 @@ class IngestSCP:
                 "association from a calling AE not in PT_INGEST_ALLOWED_CALLING_AES (empty: any AE may store)",
                 extra={"calling_ae": calling_ae, "peer": peer},
             )
-        reason = ""
-        if self._negotiated(assoc) >= s.max_associations:
-            reason = "max_associations"
-        elif self._negotiated(assoc, peer) >= s.max_associations_per_peer:
-            reason = "max_associations_per_peer"
+        with self._evict_lock:  # one request at a time decides who gives way
+            reason = ""
+            if self._negotiated(assoc) >= s.max_associations and not self._evict_for(assoc, None):
+                reason = "max_associations"
+            elif self._negotiated(assoc, peer) >= s.max_associations_per_peer and not self._evict_for(assoc, peer):
+                reason = "max_associations_per_peer"
+            if not reason:
+                assoc._pt_requested = True
         if reason:
             ASSOCIATION_EVENTS.labels("rejected").inc()
             log.warning("association rejected: limit reached", extra={"reason_code": reason, "peer": peer})
             assoc.acse.send_reject(0x02, 0x03, 0x02)  # rejected-transient, local limit exceeded
             assoc.kill()
-            return
-        assoc._pt_requested = True
+
+    def _evict_for(self, newcomer: Any, peer: str | None) -> bool:
+        """At the association limit: close the association (of `peer`, or any) that has been stalled
+        in the middle of a PDU for PT_INGEST_STALL_EVICT_S, else the one idle between messages for
+        PT_INGEST_IDLE_EVICT_S the longest, so a modality is not locked out by sockets that do
+        nothing. One whose request we are handling never gives way. True when one was closed."""
+        s, now = self.settings, time.monotonic()
+        stalled: list[tuple[float, Any]] = []
+        idle: list[tuple[float, Any]] = []
+        for a in self.ae.active_associations:
+            if a is newcomer or not a.is_acceptor or not getattr(a, "_pt_requested", False):
+                continue
+            if getattr(a, "_pt_evicted", False) or a.is_released or a.is_aborted:
+                continue
+            if peer is not None and str(a.requestor.address) != peer:
+                continue
+            activity: Activity | None = getattr(a, "_pt_activity", None)
+            if activity is None or activity.busy:
+                continue
+            if (stall := activity.stalled_for(now)) >= s.stall_evict_s:
+                stalled.append((stall, a))
+            elif (quiet := activity.idle_for(now)) >= s.idle_evict_s:
+                idle.append((quiet, a))
+        candidates = sorted(stalled, key=lambda t: -t[0]) or sorted(idle, key=lambda t: -t[0])
+        if not candidates:
+            return False
+        seconds, victim = candidates[0]
+        victim._pt_evicted = True
+        ASSOCIATION_EVENTS.labels("evicted").inc()
+        log.warning(
+            "association closed to make room: "
+            + ("stalled in the middle of a PDU" if stalled else "idle between messages"),
+            extra={"peer": str(victim.requestor.address), "seconds": round(seconds, 1)},
+        )
+        sock = getattr(getattr(victim.dul, "socket", None), "socket", None)
+        with contextlib.suppress(OSError, AttributeError):
+            sock.shutdown(socket.SHUT_RDWR)  # its reader sees the end of the connection
+        return True
 
     def _on_accepted(self, event: evt.Event) -> None:
         with self._locks_guard:
@@ -333,13 +391,38 @@ class IngestSCP:
             raise
 
     def handle_store(self, event: evt.Event) -> Dataset:
-        """EVT_C_STORE: a C-STORE request that came through pynetdicom's DIMSE layer."""
+        """EVT_C_STORE: a C-STORE request that came through pynetdicom's DIMSE layer, its data set in
+        pynetdicom's temporary file (STORE_RECV_CHUNKED_DATASET), copied into a spool file here."""
         request = event.request
-        sop_uid = str(request.AffectedSOPInstanceUID or "")
-        wire = Wire.of(event.assoc)
-        spool = wire.take(sop_uid) if wire is not None else None
+        sop_uid, sop_class = str(request.AffectedSOPInstanceUID or ""), str(request.AffectedSOPClassUID or "")
         STORE_PATHS.labels("dimse").inc()
-        return self._answer(event.assoc, sop_uid, str(request.AffectedSOPClassUID or ""), spool)
+        guard = LibraryGuard.of(event.assoc)
+        if guard is not None and guard.violated is not None:  # aborted: nothing more from this peer is stored
+            return status_dataset(CANNOT_PARSE, guard.violated.code)
+        spool = self._spool_from(event)
+        return self._answer(event.assoc, sop_uid, sop_class, spool, str(event.context.abstract_syntax))
+
+    def _spool_from(self, event: evt.Event) -> Spool | None:
+        """pynetdicom's file of the request's data set (preamble, File Meta, data set), as a spool."""
+        try:
+            source = Path(event.dataset_path)
+        except AttributeError:
+            return None
+        if not source.is_file():
+            return None
+        request = event.request
+        spool = Spool(
+            self.spool_dir,
+            str(request.AffectedSOPClassUID or ""),
+            str(request.AffectedSOPInstanceUID or ""),
+            str(event.context.transfer_syntax),
+            header=False,
+        )
+        with source.open("rb") as f:
+            while chunk := f.read(1 << 20):
+                spool.write(chunk)
+        spool.complete = True
+        return spool
 
     def _on_wire_store(self, wire: Wire, request: StoreRequest) -> None:
         """A C-STORE request taken past pynetdicom's DIMSE layer (wire.py, on the DUL thread):
@@ -349,7 +432,9 @@ class IngestSCP:
         small for it, pynetdicom builds, fragments and sends it."""
         assoc = wire.assoc
         STORE_PATHS.labels("wire").inc()
-        status = self._answer(assoc, request.sop_instance_uid, request.sop_class_uid, request.spool)
+        status = self._answer(
+            assoc, request.sop_instance_uid, request.sop_class_uid, request.spool, request.abstract_syntax
+        )
         if not assoc.is_established:  # released or aborted meanwhile: nobody to answer
             return
         try:
@@ -372,16 +457,27 @@ class IngestSCP:
         except Exception:  # the DUL thread must keep serving: the peer's DIMSE timeout tells it
             log.exception("cannot send the C-STORE response")
 
-    def _answer(self, assoc: Any, sop_uid: str, sop_class: str, spool: Spool | None) -> Dataset:
+    def _answer(self, assoc: Any, sop_uid: str, sop_class: str, spool: Spool | None, context_class: str) -> Dataset:
+        """Store one request's data set and say how it went; `context_class` is the abstract syntax
+        of the presentation context the request came on."""
         started = time.perf_counter()
         calling_ae = str(assoc.requestor.ae_title).strip()
+        activity: Activity | None = getattr(assoc, "_pt_activity", None)
+        if activity is not None:
+            activity.busy += 1
         with bound_correlation_id(sop_uid or None):
             try:
-                status = self._store(spool, sop_uid, sop_class, calling_ae)
+                status = self._store(spool, sop_uid, sop_class, calling_ae, context_class)
             except Exception:  # never let an exception reach pynetdicom: answer and keep serving
                 log.exception("C-STORE failed unexpectedly")
                 REJECTED.labels("internal_error").inc()
                 status = status_dataset(OUT_OF_RESOURCES, "internal_error")
+            finally:
+                if spool is not None:
+                    spool.discard()  # no-op once moved into the store
+                if activity is not None:
+                    activity.busy -= 1
+                    activity.pdu_received()  # its idle time counts from the answer
             STORE_LATENCY.observe(time.perf_counter() - started)
             return status
 
@@ -403,29 +499,34 @@ class IngestSCP:
         if self.on_commit is not None:
             self.loop.call_soon_threadsafe(self.on_commit)
 
-    def _store(self, spool: Spool | None, sop_uid: str, sop_class: str, calling_ae: str) -> Dataset:
+    def _store(self, spool: Spool | None, sop_uid: str, sop_class: str, calling_ae: str, context_class: str) -> Dataset:
         if spool is None:
             decision = Decision(Action.REFUSE, CANNOT_PARSE, "cannot_parse", "no data set was received")
             decision.sop_instance_uid, decision.sop_class_uid = sop_uid, sop_class
             return self._refuse(decision, calling_ae)
         if spool.error is not None:
-            spool.discard()
             return self._unavailable("store_unavailable", OSError(spool.error))
-        try:
-            with self._uid_lock(sop_uid):
-                # No separate "already stored?" query: a duplicate is validated and hashed like any
-                # instance, its identical file already exists (spool dropped), and the commit step
-                # finds the SOP instance and emits nothing.
-                decision = decide(spool.path, self.settings, sop_class, sop_uid)
-                if decision.action is Action.REFUSE:
-                    return self._refuse(decision, calling_ae)
-                try:
-                    stored = self.store.put_spool(spool)
-                except StoreError as exc:
-                    return self._unavailable("store_unavailable", exc)
-                return self._commit(decision, stored, calling_ae)
-        finally:
-            spool.discard()  # no-op once moved into the store
+        if context_class and sop_class != context_class:
+            decision = Decision(
+                Action.REFUSE,
+                DATASET_MISMATCH,
+                "sop_class_mismatch",
+                "the C-STORE request's SOP class differs from its presentation context's",
+            )
+            decision.sop_instance_uid, decision.sop_class_uid = sop_uid, sop_class
+            return self._refuse(decision, calling_ae)
+        with self._uid_lock(sop_uid):
+            # No separate "already stored?" query: a duplicate is validated and hashed like any
+            # instance, its identical file already exists (spool dropped), and the commit step
+            # finds the SOP instance and emits nothing (or, with other content, refuses it).
+            decision = decide(spool.path, self.settings, sop_class, sop_uid)
+            if decision.action is Action.REFUSE:
+                return self._refuse(decision, calling_ae)
+            try:
+                stored = self.store.put_spool(spool)
+            except StoreError as exc:
+                return self._unavailable("store_unavailable", exc)
+            return self._commit(decision, stored, calling_ae)
 
     def _commit(self, decision: Decision, stored: StoredFile, calling_ae: str) -> Dataset:
         try:
@@ -442,6 +543,8 @@ class IngestSCP:
         if received is None:
             RECEIVED.labels("duplicate").inc()
             return status_dataset(SUCCESS)
+        if isinstance(received, Conflict):
+            return self._conflict(decision, stored, calling_ae)
         self._committed()
         BYTES.inc(stored.size)
         outcome = "accepted" if decision.triage_eligible else "stored_not_triaged"
@@ -457,6 +560,24 @@ class IngestSCP:
             },
         )
         return status_dataset(SUCCESS)
+
+    def _conflict(self, decision: Decision, stored: StoredFile, calling_ae: str) -> Dataset:
+        """The SOP Instance UID is stored already with other bytes: the first instance stays (it is
+        what was judged and flagged), this one is refused with 0x0111 and its file removed from the
+        store (its content includes its UID, so no other instance can name that file)."""
+        if stored.created:
+            with contextlib.suppress(OSError):
+                stored.path.unlink()
+        refusal = Decision(
+            Action.REFUSE,
+            DUPLICATE_SOP_INSTANCE,
+            "duplicate_uid_different_content",
+            "this SOP Instance UID is stored already with other content; the stored instance is kept",
+        )
+        refusal.sop_instance_uid, refusal.sop_class_uid = decision.sop_instance_uid, decision.sop_class_uid
+        refusal.study_instance_uid = decision.study_instance_uid
+        refusal.series_instance_uid = decision.series_instance_uid
+        return self._refuse(refusal, calling_ae)
 
     def _unavailable(self, code: str, exc: Exception) -> Dataset:
         REJECTED.labels(code).inc()

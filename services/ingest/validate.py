@@ -40,6 +40,7 @@ SUCCESS = 0x0000
 SOP_CLASS_NOT_SUPPORTED = 0x0122  # Refused: SOP Class not supported
 OUT_OF_RESOURCES = 0xA700  # Refused: out of resources (store or database unavailable)
 DATASET_MISMATCH = 0xA900  # Error: data set does not match SOP class
+DUPLICATE_SOP_INSTANCE = 0x0111  # Failure: duplicate SOP instance (the UID is stored with other content)
 CANNOT_PARSE = 0xC210  # Error: cannot understand - data set cannot be parsed
 UNDECODABLE_PIXELS = 0xC211  # Error: cannot understand - pixel data cannot be decoded
 IMAGE_TOO_LARGE = 0xC212  # Error: cannot understand - dimensions beyond the configured limits

@@ -42,6 +42,7 @@ from multiprocessing.connection import Connection, Pipe
 from typing import Any
 
 from services.core.net import free_port
+from services.ingest.commit import Conflict
 from services.ingest.config import IngestSettings
 from services.ingest.store import StoredFile
 from services.ingest.validate import Decision
@@ -119,11 +120,13 @@ class WorkerPool:
 
         def answer(request_id: int, future: concurrent.futures.Future[Any]) -> None:
             error = future.exception()
-            stored = error is None and future.result() is not None
-            if stored and self._loop is not None:
+            result = None if error is not None else future.result()
+            # True: a new instance; None: stored already; a Conflict: the UID is stored with other content
+            outcome = result if isinstance(result, Conflict) else (result is not None)
+            if outcome is True and self._loop is not None:
                 self._loop.call_soon_threadsafe(self.on_commit)
             with send_lock, contextlib.suppress(OSError, ValueError):
-                conn.send((request_id, stored, None if error is None else repr(error)[:500]))
+                conn.send((request_id, outcome, None if error is None else repr(error)[:500]))
 
         while True:
             try:
@@ -231,7 +234,7 @@ class RemoteCommitter:
             if error is not None:
                 future.set_exception(RuntimeError(f"commit failed in the ingest primary: {error}"))
             else:
-                future.set_result(True if stored else None)
+                future.set_result(stored if isinstance(stored, Conflict) else (True if stored else None))
         with self._lock:
             pending, self._pending = self._pending, {}
         for future in pending.values():

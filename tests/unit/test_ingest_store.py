@@ -8,7 +8,7 @@ from pathlib import Path
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from services.ingest.store import ContentStore
-from services.ingest.wire import Spool
+from services.ingest.wire.spool import Spool
 
 DX = "1.2.840.10008.5.1.4.1.1.1.1"
 

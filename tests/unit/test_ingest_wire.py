@@ -16,7 +16,8 @@ from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import UID
 from pynetdicom.dsutils import create_file_meta
 
-from services.ingest.wire import UNDEFINED, PixelLengthScan, part10_header
+from services.ingest.wire.pixel_scan import UNDEFINED, PixelLengthScan
+from services.ingest.wire.spool import part10_header
 from tests.support.dicom_raw import dx_header
 
 TESTDATA = Path(get_testdata_file("CT_small.dcm")).parent
@@ -91,7 +92,7 @@ def test_command_fields_match_pynetdicom() -> None:
     from pynetdicom.dimse_primitives import C_ECHO
     from pynetdicom.dsutils import decode
 
-    from services.ingest.wire import command_fields
+    from services.ingest.wire.dimse_codec import command_fields
     from tests.support.dicom_raw import c_store_command
 
     raw = c_store_command("1.2.840.10008.5.1.4.1.1.1.1", "1.2.3.45")
@@ -119,7 +120,7 @@ def test_a_spool_file_that_cannot_be_removed_is_removed_once_it_can(tmp_path: Pa
     mid-transfer) is not left behind: the next spool file created removes it."""
     import subprocess
 
-    from services.ingest.wire import UNREMOVED, Spool
+    from services.ingest.wire.spool import UNREMOVED, Spool
     from tests.support.system_faults import chattr_available
 
     if not chattr_available(tmp_path):
@@ -151,7 +152,7 @@ def test_associations_share_the_servers_presentation_contexts_unchanged() -> Non
     from pynetdicom import AE, AllStoragePresentationContexts, evt
     from pynetdicom.sop_class import Verification
 
-    from services.ingest.wire import GuardedServer
+    from services.ingest.wire.server import GuardedServer
 
     scp = AE(ae_title="SHARED")
     scp.add_supported_context(Verification)
@@ -204,7 +205,7 @@ def test_c_store_rsp_command_is_pynetdicoms_encoding(
     from pynetdicom.service_class import StorageServiceClass
 
     from services.ingest.scp import status_dataset
-    from services.ingest.wire import c_store_rsp_command
+    from services.ingest.wire.dimse_codec import c_store_rsp_command
 
     rsp = C_STORE()
     rsp.MessageIDBeingRespondedTo = message_id
