@@ -15,8 +15,8 @@ from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-from pynetdicom.dimse_messages import C_STORE_RQ
-from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.dimse_messages import C_ECHO_RQ, C_STORE_RQ
+from pynetdicom.dimse_primitives import C_ECHO, C_STORE
 from pynetdicom.sop_class import DigitalXRayImageStorageForPresentation, Verification
 
 APPLICATION_CONTEXT = b"1.2.840.10008.3.1.1.1"
@@ -42,6 +42,17 @@ def p_data(context_id: int, control: int, fragment: bytes) -> bytes:
     return struct.pack(">BBL", 0x04, 0, len(item)) + item
 
 
+def command_bytes(msg: C_STORE_RQ | C_ECHO_RQ, primitive: C_STORE | C_ECHO) -> bytes:
+    """The encoded command set of a DIMSE request (what its command fragments carry)."""
+    msg.primitive_to_message(primitive)
+    out = b""
+    for p in msg.encode_msg(1, 1 << 20):
+        for _, pdv in p.presentation_data_value_list:
+            if pdv[0] & 1:
+                out += pdv[1:]
+    return out
+
+
 def c_store_command(sop_class: str, sop_instance: str, message_id: int = 1) -> bytes:
     """The encoded command set of a C-STORE-RQ that announces a data set."""
     req = C_STORE()
@@ -50,14 +61,15 @@ def c_store_command(sop_class: str, sop_instance: str, message_id: int = 1) -> b
     req.AffectedSOPInstanceUID = sop_instance
     req.Priority = 0
     req.DataSet = BytesIO(b"\x00")
-    msg = C_STORE_RQ()
-    msg.primitive_to_message(req)
-    out = b""
-    for primitive in msg.encode_msg(1, 1 << 20):
-        for _, pdv in primitive.presentation_data_value_list:
-            if pdv[0] & 1:
-                out += pdv[1:]
-    return out
+    return command_bytes(C_STORE_RQ(), req)
+
+
+def c_echo_command(message_id: int = 1) -> bytes:
+    """The encoded command set of a C-ECHO-RQ."""
+    req = C_ECHO()
+    req.MessageID = message_id
+    req.AffectedSOPClassUID = Verification
+    return command_bytes(C_ECHO_RQ(), req)
 
 
 def dx_header(declared_pixel_bytes: int, rows: int = 512, columns: int = 512) -> tuple[str, bytes]:

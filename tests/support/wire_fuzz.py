@@ -23,12 +23,12 @@ from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-from pynetdicom.dimse_messages import C_ECHO_RQ, C_STORE_RQ
-from pynetdicom.dimse_primitives import C_ECHO, C_STORE
 from pynetdicom.dsutils import decode
 from pynetdicom.sop_class import CTImageStorage, DigitalXRayImageStorageForPresentation, Verification
 
 from tests.support.dicom_raw import associate_rq
+from tests.support.dicom_raw import c_echo_command as echo_command
+from tests.support.dicom_raw import c_store_command as store_command
 
 DX = DigitalXRayImageStorageForPresentation
 ECHO_CX, DX_CX, CT_CX, REJECTED_CX, UNKNOWN_CX = 1, 3, 5, 7, 9
@@ -40,33 +40,6 @@ CONTEXTS = [
 ]
 A_RELEASE_RQ = bytes.fromhex("0500000000040000") + b"\x00\x00"  # type 5, length 4
 A_ABORT = bytes.fromhex("070000000004") + b"\x00\x00\x00\x00"
-
-
-def _encode(msg: C_STORE_RQ | C_ECHO_RQ, primitive: C_STORE | C_ECHO) -> bytes:
-    msg.primitive_to_message(primitive)
-    out = b""
-    for p in msg.encode_msg(1, 1 << 20):
-        for _, pdv in p.presentation_data_value_list:
-            if pdv[0] & 1:
-                out += pdv[1:]
-    return out
-
-
-def store_command(sop_class: str, sop_instance: str, message_id: int) -> bytes:
-    req = C_STORE()
-    req.MessageID = message_id
-    req.AffectedSOPClassUID = sop_class
-    req.AffectedSOPInstanceUID = sop_instance
-    req.Priority = 0
-    req.DataSet = BytesIO(b"\x00")
-    return _encode(C_STORE_RQ(), req)
-
-
-def echo_command(message_id: int) -> bytes:
-    req = C_ECHO()
-    req.MessageID = message_id
-    req.AffectedSOPClassUID = Verification
-    return _encode(C_ECHO_RQ(), req)
 
 
 def dx_dataset(patient: str, sop_instance: str, rng: random.Random, rows: int = 64) -> bytes:
