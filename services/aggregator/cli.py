@@ -1,5 +1,5 @@
 """CLI: `pneumotriage aggregator` (run the service), `pneumotriage aggregator add-user`, and the
-`pneumotriage triage` group (calibrate, evaluate, export-reviews)."""
+`pneumotriage triage` group (calibrate, evaluate, export-reviews, recalibrate, rescore)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,9 @@ aggregator = typer.Typer(
     help="The aggregator: fuses model and crowd into triage flags; clinician worklist on PT_AGGREGATOR_HTTP_PORT.",
     invoke_without_command=True,
 )
-triage = typer.Typer(help="Triage policy: calibrate thresholds and fusion weights, evaluate, export reviews.")
+triage = typer.Typer(
+    help="Triage policy: calibrate thresholds and fusion weights, evaluate, export reviews, re-score a withdrawn model."
+)
 app.add_typer(aggregator, name="aggregator")
 app.add_typer(triage, name="triage")
 
@@ -221,3 +223,67 @@ def recalibrate_cmd(
         return
     path = rc.save_new_version(directory, cal)
     typer.echo(f"wrote {path} (active); restart the aggregator to apply; `--rollback` undoes it")
+
+
+@triage.command("rescore")
+def rescore_cmd(
+    model_version: str = typer.Option(..., "--model-version", help="the withdrawn version whose studies to re-score"),
+    reason: str = typer.Option("", "--reason", help="why (goes into every re-scored study's audit trail)"),
+    model_name: str = typer.Option("", "--model-name", help="only this model's predictions (default: any)"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="list what would be re-scored, send nothing"),
+) -> None:
+    """Re-score the studies a withdrawn model version judged: inference predicts their images again
+    with the version it serves now, and the aggregator re-flags them, the audit trail saying why.
+    Roll back and restart inference first (`model deploy --version <previous>`). Studies a clinician
+    confirmed or overruled keep the clinician's flag and are listed here for review."""
+    from services.aggregator import rescore as rs
+    from services.aggregator.config import AggregatorSettings
+    from services.core.db import make_engine, make_sessionmaker
+
+    settings = AggregatorSettings()
+    version = model_version.strip().removeprefix("v")
+    why = reason.strip() or f"model version {version} withdrawn"
+
+    async def plan() -> rs.RescorePlan:
+        engine = make_engine(settings.database_url_for("aggregator"))
+        try:
+            async with make_sessionmaker(engine)() as session:
+                return await rs.plan_rescore(session, version, model_name)
+        finally:
+            await engine.dispose()
+
+    found = asyncio.run(plan())
+    if not found.targets:
+        typer.echo(f"no study rests on a prediction of model version {version}: nothing to re-score")
+        if found.unreadable:
+            typer.echo(f"({found.unreadable} judged images have no stored file)")
+        return
+    typer.echo(
+        f"model version {version} judged {len(found.targets)} images in {len(found.studies)} studies"
+        f" (their current predictions); reason: {why}"
+    )
+    if found.unreadable:
+        typer.echo(f"{found.unreadable} more judged images have no stored file and cannot be re-scored")
+    if found.reviewed:
+        typer.echo(
+            f"{len(found.reviewed)} of these studies carry a clinician's flag: it stays (the new opinion is"
+            " recorded beside it); review them:"
+        )
+        for study_uid, flag, by in found.reviewed:
+            typer.echo(f"  {study_uid}  {flag}  (set by {by})")
+    if dry_run:
+        typer.echo("dry run: nothing sent")
+        return
+    items = rs.requests(found, why)
+    try:
+        confirmed = asyncio.run(rs.publish(settings.amqp_url, settings.exchange, settings.quorum_queues, items))
+    except Exception as exc:  # the broker unreachable: a clear line, nothing half-said
+        typer.echo(f"error: could not reach the broker at {settings.amqp_url.split('@')[-1]}: {exc}", err=True)
+        raise typer.Exit(1) from exc
+    typer.echo(
+        f"asked inference to re-score {confirmed} of {len(items)} images (rescore.requested, request"
+        f" {items[0].message_id.split(':')[1]}); the worklist follows as the new predictions arrive"
+    )
+    if confirmed < len(items):
+        typer.echo(f"error: {len(items) - confirmed} requests were not confirmed by the broker: run it again", err=True)
+        raise typer.Exit(1)

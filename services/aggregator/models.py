@@ -83,6 +83,10 @@ class PredictionRow(Base):
     gate_verdict: Mapped[str] = mapped_column(String(16), default="", server_default="")
     gate_reason: Mapped[str] = mapped_column(Text, default="", server_default="")
     gate_score: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # A re-score (`pneumotriage triage rescore`): this withdrawn version's prediction was replaced by
+    # the named version's, for the reason given; it no longer counts ("" = it counts).
+    superseded_by: Mapped[str] = mapped_column(String(64), default="", server_default="")
+    superseded_reason: Mapped[str] = mapped_column(Text, default="", server_default="")
 
 
 class JudgmentRow(Base):

@@ -166,9 +166,23 @@ class WorkingSet:
 
 
 def pick_prediction(rows: Iterable[PredictionRow]) -> PredictionRow | None:
-    """The current prediction of an image: the newest model version, then the latest made."""
+    """The current prediction of an image: the newest model version, then the latest made; a
+    prediction a re-score superseded (its version was withdrawn) no longer counts."""
+    rows = list(rows)
+    live = [r for r in rows if not r.superseded_by] or rows
     return max(
-        rows, key=lambda r: (version_key(r.model_version), as_utc(r.predicted_at) or as_utc(r.stored_at)), default=None
+        live, key=lambda r: (version_key(r.model_version), as_utc(r.predicted_at) or as_utc(r.stored_at)), default=None
+    )
+
+
+def rescore_note(payload: Any) -> str:
+    """The audit trail's words for a re-score prediction ("" for any other event)."""
+    if not isinstance(payload, Prediction) or not payload.rescore_of_model_version:
+        return ""
+    why = payload.rescore_reason or f"model version {payload.rescore_of_model_version} withdrawn"
+    return (
+        f"re-scored by model version {payload.model_version}, replacing version"
+        f" {payload.rescore_of_model_version} ({why})"
     )
 
 
@@ -325,7 +339,7 @@ class TriageStore:
         image = self._image(s, ws, ref)
         kind, applied = self._apply_event(s, ws, image, payload, received_at)
         EVENTS.labels(kind, "applied" if applied else "duplicate").inc()
-        return self._recompute(s, ws, study, trigger=trigger)
+        return self._recompute(s, ws, study, trigger=trigger, note=rescore_note(payload) if applied else "")
 
     def _apply_event(
         self, s: AsyncSession, ws: WorkingSet, image: Image, payload: Any, received_at: datetime | None
@@ -365,10 +379,13 @@ class TriageStore:
                     gate_verdict=payload.gate_verdict,
                     gate_reason=payload.gate_reason,
                     gate_score=payload.gate_score if payload.gate_verdict else None,
+                    superseded_by="",
+                    superseded_reason="",
                 )
                 s.add(row)
                 ws.add_prediction(row)
-            return "prediction.made", not exists
+            superseded = self._supersede(ws, image.sop_uid, payload)
+            return "prediction.made", not exists or superseded
         if isinstance(payload, Judgment):
             if not payload.judgment_id:
                 raise PermanentError("judgment without judgment_id")
@@ -405,6 +422,21 @@ class TriageStore:
                 ws.add_aggregate(row)
             return "label.aggregated", not exists
         raise TypeError(f"unexpected event {type(payload).__name__}")
+
+    @staticmethod
+    def _supersede(ws: WorkingSet, sop_uid: str, payload: Prediction) -> bool:
+        """A re-score: the withdrawn version's prediction of this image stops counting (kept, marked
+        with the version that replaced it and why). True when something was marked now."""
+        withdrawn = payload.rescore_of_model_version
+        if not withdrawn or withdrawn == payload.model_version:
+            return False
+        marked = False
+        for (name, version), row in ws.predictions.get(sop_uid, {}).items():
+            if name == payload.model_name and version == withdrawn and not row.superseded_by:
+                row.superseded_by = payload.model_version
+                row.superseded_reason = (payload.rescore_reason or f"model version {withdrawn} withdrawn")[:2000]
+                marked = True
+        return marked
 
     # ---- refusals --------------------------------------------------------------------------------
     async def record_refusals(self, s: AsyncSession, events: Sequence[ImageRejected]) -> list[Refusal]:
@@ -469,7 +501,9 @@ class TriageStore:
         ws = await self.load(s, {study.study_uid})
         return self._recompute(s, ws, ws.studies.get(study.study_uid, study), trigger)
 
-    def _recompute(self, s: AsyncSession, ws: WorkingSet, study: Study, trigger: str = "") -> Change | None:
+    def _recompute(
+        self, s: AsyncSession, ws: WorkingSet, study: Study, trigger: str = "", note: str = ""
+    ) -> Change | None:
         images = ws.study_images.get(study.study_uid, [])
         results: list[ImageResult] = []
         evidence_log: dict[str, Any] = {}
@@ -500,6 +534,9 @@ class TriageStore:
         study.outside_intended_use = any(i.outside_intended_use for i in images)
         if study.overridden_by:
             flag, reason = study.flag, f"set by clinician review (policy says {flag}: {reason})"
+        if note:  # why the evidence changed (a re-score): said in the audit trail
+            reason = f"{reason}; {note}"
+            evidence_log["rescore"] = note
         model_version = ",".join(sorted(model_versions))
         p_round = None if p is None else round(p, 3)
         old_p = None if study.p_pneumonia is None else round(study.p_pneumonia, 3)

@@ -3,7 +3,7 @@
 Topology (declared idempotently by every service at start-up, so no event is ever unroutable):
 
     exchange "triage" (topic, durable)
-      queue inference.images      <- image.received
+      queue inference.images      <- image.received, rescore.requested
       queue labeling.images       <- image.received
       queue aggregator.events     <- image.received, image.rejected, prediction.made,
                                      judgment.submitted, label.aggregated
@@ -69,7 +69,7 @@ class ConsumerSpec:
 
 
 CONSUMERS: dict[str, ConsumerSpec] = {
-    "inference": ConsumerSpec("inference", "inference.images", ("image.received",)),
+    "inference": ConsumerSpec("inference", "inference.images", ("image.received", "rescore.requested")),
     "labeling": ConsumerSpec("labeling", "labeling.images", ("image.received",)),
     "aggregator": ConsumerSpec(
         "aggregator",

@@ -206,6 +206,13 @@ def deploy_command(
         console.print(
             "the embedded runtime loaded it here; a running inference service serves it after its next restart"
         )
+    if version is not None and result.previous is not None and result.previous != result.version:
+        # a roll-back (or a switch to an existing version): the withdrawn version's studies keep its flags
+        console.print(
+            f"studies model version {result.previous} judged keep its flags until re-scored: once inference"
+            f" serves version {result.version}, run\n  pneumotriage triage rescore --model-version"
+            f' {result.previous} --reason "version {result.previous} withdrawn"'
+        )
 
 
 def print_quality(report: dict) -> None:

@@ -32,7 +32,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from prometheus_client import Counter, Gauge, Histogram
 
 from services.core.broker import Broker, Envelope, PermanentError
-from services.core.contracts import ImageReceived, ImageRef, Prediction
+from services.core.contracts import ImageReceived, ImageRef, Prediction, RescoreRequested
 from services.core.gate import GateVerdict, gate_image
 from services.inference.heatmaps import save_heatmap
 from services.inference.runtime import InferenceRuntime, InferOutput, RuntimeUnavailable
@@ -57,6 +57,11 @@ PREDICTIONS = Counter("pt_inference_predictions_total", "Predictions published",
 SKIPPED = Counter("pt_inference_skipped_total", "image.received events acked without a prediction", ["reason"])
 DUPLICATES = Counter("pt_inference_duplicates_total", "Redelivered/duplicate messages answered from the cache")
 GATE = Counter("pt_inference_gate_total", "Input gate verdicts (ok | borderline | refuse)", ["verdict"])
+RESCORES = Counter(
+    "pt_inference_rescores_total",
+    "rescore.requested handled, by outcome (predicted | withdrawn_still_served)",
+    ["outcome"],
+)
 RUNTIME_UP = Gauge("pt_inference_runtime_available", "1 while the model runtime answers, 0 while it is retried")
 MODEL_INFO = Gauge(
     "pt_inference_model_info",
@@ -413,7 +418,18 @@ class Pipeline:
 
 
 def message_id(prediction: Prediction) -> str:
-    return f"inference:{prediction.image.sop_instance_uid}:{prediction.model_version}"
+    base = f"inference:{prediction.image.sop_instance_uid}:{prediction.model_version}"
+    if prediction.rescore_request_id:  # a re-score is a new answer, never a duplicate of the first one
+        return f"{base}:rescore:{prediction.rescore_request_id}"
+    return base
+
+
+def as_image_received(request: RescoreRequested) -> ImageReceived:
+    """What the pipeline needs of a re-score request: the stored image (and when ingest took it)."""
+    event = ImageReceived(image=request.image, triage_eligible=True)
+    if request.HasField("received_at"):
+        event.received_at.CopyFrom(request.received_at)
+    return event
 
 
 class InferenceWorker:
@@ -462,8 +478,13 @@ class InferenceWorker:
 
     async def _handle(self, envelope: Envelope) -> None:
         event = envelope.payload
+        if isinstance(event, RescoreRequested):
+            await self._rescore(event)
+            return
         if not isinstance(event, ImageReceived):
-            raise PermanentError(f"inference consumes image.received only, got {type(event).__name__}")
+            raise PermanentError(
+                f"inference consumes image.received and rescore.requested only, got {type(event).__name__}"
+            )
         if not event.triage_eligible:
             SKIPPED.labels("not_triage_eligible").inc()
             return
@@ -511,6 +532,63 @@ class InferenceWorker:
                 "model_version": prediction.model_version,
                 "runtime": prediction.runtime,
                 "latency_ms": round(prediction.latency_ms, 1),
+            },
+        )
+
+    async def _rescore(self, request: RescoreRequested) -> None:
+        """Predict a stored image again with the version served now (a withdrawn version's studies).
+
+        Never answered from the duplicate cache of image.received (that holds the withdrawn version's
+        prediction); a redelivered request (same request id) reuses its own re-score. Served still by
+        the withdrawn version (rolled back but not restarted): dead-lettered with the reason, nothing
+        published, so the withdrawn version can never "re-score" itself."""
+        image = request.image
+        if not image.sop_instance_uid or not image.storage_uri or not request.withdrawn_model_version:
+            raise PermanentError("rescore.requested without sop_instance_uid, storage_uri or withdrawn version")
+        key = (image.sop_instance_uid, f"rescore:{request.request_id}:{image.sha256}")
+        prediction = self.recent.get(key)
+        if prediction is None and key in self._inflight:
+            with contextlib.suppress(Exception):  # the same request being answered right now: share it
+                prediction = await asyncio.shield(self._inflight[key])
+        if prediction is not None:
+            DUPLICATES.inc()
+            await self.publish(prediction)
+            return
+        fut: asyncio.Future[Prediction] = asyncio.get_running_loop().create_future()
+        fut.add_done_callback(lambda f: f.cancelled() or f.exception())
+        self._inflight[key] = fut
+        try:
+            prediction = await self.pipeline.predict(as_image_received(request))
+            if prediction.model_version == request.withdrawn_model_version:
+                RESCORES.labels("withdrawn_still_served").inc()
+                raise PermanentError(
+                    f"re-score asked to replace model version {request.withdrawn_model_version}, which is still"
+                    " the version served: roll back (model deploy --version <previous>) and restart inference first"
+                )
+            prediction.rescore_of_model_version = request.withdrawn_model_version
+            prediction.rescore_reason = request.reason
+            prediction.rescore_request_id = request.request_id
+            await self.publish(prediction)
+        except Exception as exc:
+            fut.set_exception(exc)
+            raise
+        except BaseException:
+            fut.cancel()
+            raise
+        finally:
+            self._inflight.pop(key, None)
+        fut.set_result(prediction)
+        self.recent[key] = prediction
+        while len(self.recent) > self.recent_size:
+            self.recent.popitem(last=False)
+        RESCORES.labels("predicted").inc()
+        PREDICTIONS.labels(prediction.model_version, prediction.runtime).inc()
+        log.info(
+            "re-score published",
+            extra={
+                "probability": round(prediction.probability, 4),
+                "model_version": prediction.model_version,
+                "withdrawn_model_version": request.withdrawn_model_version,
             },
         )
 

@@ -14,6 +14,7 @@ from services.core.contracts.pneumotriage.v1.events_pb2 import (
     Judgment,
     LabelAggregate,
     Prediction,
+    RescoreRequested,
     TriageUpdated,
 )
 
@@ -27,6 +28,7 @@ MESSAGE_BY_ROUTING_KEY = {
     "judgment.submitted": Judgment,
     "label.aggregated": LabelAggregate,
     "triage.updated": TriageUpdated,
+    "rescore.requested": RescoreRequested,
 }
 ROUTING_KEY_BY_MESSAGE = {cls.DESCRIPTOR.full_name: key for key, cls in MESSAGE_BY_ROUTING_KEY.items()}
 
@@ -43,5 +45,6 @@ __all__ = [
     "Judgment",
     "LabelAggregate",
     "Prediction",
+    "RescoreRequested",
     "TriageUpdated",
 ]

@@ -46,23 +46,25 @@ FLAG_LIKELY_HEALTHY: Flag
 FLAG_NOT_TRIAGED: Flag
 
 class ImageRef(_message.Message):
-    __slots__ = ("study_instance_uid", "series_instance_uid", "sop_instance_uid", "sop_class_uid", "storage_uri", "sha256")
+    __slots__ = ("study_instance_uid", "series_instance_uid", "sop_instance_uid", "sop_class_uid", "storage_uri", "sha256", "lane")
     STUDY_INSTANCE_UID_FIELD_NUMBER: _ClassVar[int]
     SERIES_INSTANCE_UID_FIELD_NUMBER: _ClassVar[int]
     SOP_INSTANCE_UID_FIELD_NUMBER: _ClassVar[int]
     SOP_CLASS_UID_FIELD_NUMBER: _ClassVar[int]
     STORAGE_URI_FIELD_NUMBER: _ClassVar[int]
     SHA256_FIELD_NUMBER: _ClassVar[int]
+    LANE_FIELD_NUMBER: _ClassVar[int]
     study_instance_uid: str
     series_instance_uid: str
     sop_instance_uid: str
     sop_class_uid: str
     storage_uri: str
     sha256: str
-    def __init__(self, study_instance_uid: _Optional[str] = ..., series_instance_uid: _Optional[str] = ..., sop_instance_uid: _Optional[str] = ..., sop_class_uid: _Optional[str] = ..., storage_uri: _Optional[str] = ..., sha256: _Optional[str] = ...) -> None: ...
+    lane: str
+    def __init__(self, study_instance_uid: _Optional[str] = ..., series_instance_uid: _Optional[str] = ..., sop_instance_uid: _Optional[str] = ..., sop_class_uid: _Optional[str] = ..., storage_uri: _Optional[str] = ..., sha256: _Optional[str] = ..., lane: _Optional[str] = ...) -> None: ...
 
 class ImageReceived(_message.Message):
-    __slots__ = ("image", "modality", "body_part_examined", "view_position", "transfer_syntax_uid", "rows", "columns", "photometric_interpretation", "patient_age_years", "triage_eligible", "outside_intended_use", "intended_use_note", "calling_ae_title", "received_at", "study_image_count", "not_triaged_reason")
+    __slots__ = ("image", "modality", "body_part_examined", "view_position", "transfer_syntax_uid", "rows", "columns", "photometric_interpretation", "patient_age_years", "triage_eligible", "outside_intended_use", "intended_use_note", "calling_ae_title", "received_at", "study_image_count", "not_triaged_reason", "lane_reason")
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     MODALITY_FIELD_NUMBER: _ClassVar[int]
     BODY_PART_EXAMINED_FIELD_NUMBER: _ClassVar[int]
@@ -79,6 +81,7 @@ class ImageReceived(_message.Message):
     RECEIVED_AT_FIELD_NUMBER: _ClassVar[int]
     STUDY_IMAGE_COUNT_FIELD_NUMBER: _ClassVar[int]
     NOT_TRIAGED_REASON_FIELD_NUMBER: _ClassVar[int]
+    LANE_REASON_FIELD_NUMBER: _ClassVar[int]
     image: ImageRef
     modality: str
     body_part_examined: str
@@ -95,7 +98,8 @@ class ImageReceived(_message.Message):
     received_at: _timestamp_pb2.Timestamp
     study_image_count: int
     not_triaged_reason: str
-    def __init__(self, image: _Optional[_Union[ImageRef, _Mapping]] = ..., modality: _Optional[str] = ..., body_part_examined: _Optional[str] = ..., view_position: _Optional[str] = ..., transfer_syntax_uid: _Optional[str] = ..., rows: _Optional[int] = ..., columns: _Optional[int] = ..., photometric_interpretation: _Optional[str] = ..., patient_age_years: _Optional[int] = ..., triage_eligible: _Optional[bool] = ..., outside_intended_use: _Optional[bool] = ..., intended_use_note: _Optional[str] = ..., calling_ae_title: _Optional[str] = ..., received_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., study_image_count: _Optional[int] = ..., not_triaged_reason: _Optional[str] = ...) -> None: ...
+    lane_reason: str
+    def __init__(self, image: _Optional[_Union[ImageRef, _Mapping]] = ..., modality: _Optional[str] = ..., body_part_examined: _Optional[str] = ..., view_position: _Optional[str] = ..., transfer_syntax_uid: _Optional[str] = ..., rows: _Optional[int] = ..., columns: _Optional[int] = ..., photometric_interpretation: _Optional[str] = ..., patient_age_years: _Optional[int] = ..., triage_eligible: _Optional[bool] = ..., outside_intended_use: _Optional[bool] = ..., intended_use_note: _Optional[str] = ..., calling_ae_title: _Optional[str] = ..., received_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., study_image_count: _Optional[int] = ..., not_triaged_reason: _Optional[str] = ..., lane_reason: _Optional[str] = ...) -> None: ...
 
 class ImageRejected(_message.Message):
     __slots__ = ("image", "reason_code", "reason", "dicom_status", "stored", "calling_ae_title", "received_at")
@@ -116,7 +120,7 @@ class ImageRejected(_message.Message):
     def __init__(self, image: _Optional[_Union[ImageRef, _Mapping]] = ..., reason_code: _Optional[str] = ..., reason: _Optional[str] = ..., dicom_status: _Optional[int] = ..., stored: _Optional[bool] = ..., calling_ae_title: _Optional[str] = ..., received_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class Prediction(_message.Message):
-    __slots__ = ("image", "probability", "logit", "model_name", "model_version", "runtime", "latency_ms", "heatmap_uri", "predicted_at", "received_at", "gate_verdict", "gate_reason", "gate_score", "gate_version")
+    __slots__ = ("image", "probability", "logit", "model_name", "model_version", "runtime", "latency_ms", "heatmap_uri", "predicted_at", "received_at", "gate_verdict", "gate_reason", "gate_score", "gate_version", "rescore_of_model_version", "rescore_reason", "rescore_request_id")
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     PROBABILITY_FIELD_NUMBER: _ClassVar[int]
     LOGIT_FIELD_NUMBER: _ClassVar[int]
@@ -131,6 +135,9 @@ class Prediction(_message.Message):
     GATE_REASON_FIELD_NUMBER: _ClassVar[int]
     GATE_SCORE_FIELD_NUMBER: _ClassVar[int]
     GATE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    RESCORE_OF_MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    RESCORE_REASON_FIELD_NUMBER: _ClassVar[int]
+    RESCORE_REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     image: ImageRef
     probability: float
     logit: float
@@ -145,7 +152,26 @@ class Prediction(_message.Message):
     gate_reason: str
     gate_score: float
     gate_version: str
-    def __init__(self, image: _Optional[_Union[ImageRef, _Mapping]] = ..., probability: _Optional[float] = ..., logit: _Optional[float] = ..., model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., runtime: _Optional[str] = ..., latency_ms: _Optional[float] = ..., heatmap_uri: _Optional[str] = ..., predicted_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., received_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., gate_verdict: _Optional[str] = ..., gate_reason: _Optional[str] = ..., gate_score: _Optional[float] = ..., gate_version: _Optional[str] = ...) -> None: ...
+    rescore_of_model_version: str
+    rescore_reason: str
+    rescore_request_id: str
+    def __init__(self, image: _Optional[_Union[ImageRef, _Mapping]] = ..., probability: _Optional[float] = ..., logit: _Optional[float] = ..., model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., runtime: _Optional[str] = ..., latency_ms: _Optional[float] = ..., heatmap_uri: _Optional[str] = ..., predicted_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., received_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., gate_verdict: _Optional[str] = ..., gate_reason: _Optional[str] = ..., gate_score: _Optional[float] = ..., gate_version: _Optional[str] = ..., rescore_of_model_version: _Optional[str] = ..., rescore_reason: _Optional[str] = ..., rescore_request_id: _Optional[str] = ...) -> None: ...
+
+class RescoreRequested(_message.Message):
+    __slots__ = ("image", "withdrawn_model_version", "reason", "request_id", "requested_at", "received_at")
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    WITHDRAWN_MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    REQUESTED_AT_FIELD_NUMBER: _ClassVar[int]
+    RECEIVED_AT_FIELD_NUMBER: _ClassVar[int]
+    image: ImageRef
+    withdrawn_model_version: str
+    reason: str
+    request_id: str
+    requested_at: _timestamp_pb2.Timestamp
+    received_at: _timestamp_pb2.Timestamp
+    def __init__(self, image: _Optional[_Union[ImageRef, _Mapping]] = ..., withdrawn_model_version: _Optional[str] = ..., reason: _Optional[str] = ..., request_id: _Optional[str] = ..., requested_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., received_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class Judgment(_message.Message):
     __slots__ = ("image", "judgment_id", "task_id", "annotator_id", "answer", "confidence", "cant_tell_reason", "annotator_trust", "is_gold", "has_click", "click_x", "click_y", "seconds_spent", "submitted_at", "job_version")
