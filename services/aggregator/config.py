@@ -23,8 +23,21 @@ class AggregatorSettings(AuthSettings):
     sr_destination: str | None = None
     # Our AE title when we send the SR.
     sr_calling_ae: str = "PT_AGGREGATOR"
-    # Seconds between SR delivery attempts for pending reports.
+    # Seconds between SR delivery rounds, and the first back-off after a failed association
+    # (doubling per failure up to sr_backoff_max_s, jittered to 50-100 %).
     sr_retry_seconds: float = 5.0
+    sr_backoff_max_s: float = 300.0
+    # The destination's timeouts: TCP connect, the answer to the association request (ACSE), each
+    # C-STORE response (DIMSE). A PACS that accepts TCP and never answers costs one ACSE timeout
+    # per attempt, not one per pending SR.
+    sr_connect_timeout_s: float = 5.0
+    sr_acse_timeout_s: float = 10.0
+    sr_dimse_timeout_s: float = 30.0
+    # Most SRs sent over one association.
+    sr_batch_size: int = 50
+    # /healthz says degraded (HTTP 200: the worklist stays served) while the oldest SR not sent
+    # is older than this.
+    sr_health_max_age_s: float = 600.0
     # Seconds a study's new SR revision is held before it is frozen and sent, so a study still
     # arriving sends one SR per settled change and never a flip undone within it (URGENT: at once).
     sr_settle_s: float = 5.0

@@ -17,7 +17,7 @@ from dataclasses import replace
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select, text
+from sqlalchemy import func, select, text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from services.aggregator.config import AggregatorSettings
@@ -26,7 +26,8 @@ from services.aggregator.models import Base, Image, LabelAggregateRow, Outbox, S
 from services.aggregator.policy import PENDING, Policy
 from services.aggregator.recalibrate import load_active
 from services.aggregator.report import StudyReport
-from services.aggregator.sr import Destination, SopRef, build_sr, decode_sr, encode_sr, send_sr
+from services.aggregator.sr import Destination, SopRef, build_sr, encode_sr
+from services.aggregator.sr_delivery import SR_OLDEST_AGE, SR_PENDING, SR_SENT, DestinationBreaker, Timeouts, send_batch
 from services.aggregator.stored_images import read_header
 from services.aggregator.triage_store import FLAGS_SET, REFUSALS, TIME_TO_FIRST_FLAG, Change, TriageStore, as_utc
 from services.core.broker import CONSUMERS, Broker, Envelope, PermanentError
@@ -62,6 +63,10 @@ class Aggregator:
         self._locks = [asyncio.Lock() for _ in range(stripes)]
         self._sr_wake = asyncio.Event()
         self._sr_next_due: datetime | None = None  # the earliest held SR revision's settle deadline
+        self._sr_breakers: dict[Destination, DestinationBreaker] = {}  # one circuit breaker per destination
+        self.sr_timeouts = Timeouts(
+            settings.sr_connect_timeout_s, settings.sr_acse_timeout_s, settings.sr_dimse_timeout_s
+        )
         self.drift = DriftMonitor(
             self.sessions,
             DriftConfig(
@@ -72,6 +77,17 @@ class Aggregator:
                 settings.drift_rate_z,
             ),
         )
+
+    @property
+    def sr_breaker(self) -> DestinationBreaker | None:
+        """The current destination's circuit breaker (None: no SR destination)."""
+        if self.destination is None:
+            return None
+        if self.destination not in self._sr_breakers:
+            self._sr_breakers[self.destination] = DestinationBreaker(
+                self.destination, self.settings.sr_retry_seconds, self.settings.sr_backoff_max_s
+            )
+        return self._sr_breakers[self.destination]
 
     def lock_for(self, study_uid: str) -> asyncio.Lock:
         """Events of one study are applied one at a time (in this process; the DB guards replicas)."""
@@ -217,9 +233,9 @@ class Aggregator:
 
         No transaction stays open across the network: a short one takes a snapshot (the reports to
         send, older pending revisions of a study superseded) and commits; the C-STOREs run with no
-        session; each result is recorded in its own short transaction. A slow or silent PACS (up to
-        the 30 s DICOM timeouts per send) never holds the database's write lock, so event handling
-        carries on meanwhile.
+        session; each association's results are recorded in one short transaction. A slow or silent
+        PACS (up to the destination's timeouts, services/aggregator/sr_delivery.py) never holds the
+        database's write lock, so event handling carries on meanwhile.
         """
         if self.destination is None:
             return 0
@@ -242,7 +258,7 @@ class Aggregator:
     async def _send_pending_srs(self) -> int:
         assert self.destination is not None
         now = utcnow()
-        jobs: list[tuple[int, str, bytes]] = []
+        jobs: list[tuple[int, str, bytes, str]] = []
         next_due: datetime | None = None
         async with self.sessions() as session:
             # SKIP LOCKED (PostgreSQL): rows another transaction holds are left to it.
@@ -308,33 +324,86 @@ class Aggregator:
                 delivery.status = "superseded"
             for delivery in pending:  # frozen, not sent yet: in queue order (a study's chain in order)
                 if delivery.status == "pending" and delivery.dataset is not None:
-                    jobs.append((delivery.id, delivery.study_uid, delivery.dataset))
+                    jobs.append((delivery.id, delivery.study_uid, delivery.dataset, delivery.flag))
             await session.commit()
         self._sr_next_due = next_due
+        breaker = self.sr_breaker
+        assert breaker is not None
+        if not jobs or not breaker.may_attempt():  # breaker open: no attempt until its back-off ends
+            await self.refresh_sr_gauges()
+            return 0
         sent = 0
-        failed_studies: set[str] = set()
-        for delivery_id, study_uid, data in jobs:
-            if study_uid in failed_studies:  # its predecessor did not arrive: keep the chain in order
-                continue
-            error: Exception | None = None
-            try:
-                await asyncio.to_thread(send_sr, decode_sr(data), self.destination, self.settings.sr_calling_ae)
-            except Exception as exc:
-                error = exc
-                failed_studies.add(study_uid)
+        # URGENT studies first, then queue order; each study's chain stays in order.
+        by_study: dict[str, list[tuple[int, str, bytes, str]]] = {}
+        for job in jobs:
+            by_study.setdefault(job[1], []).append(job)
+        studies = sorted(by_study.values(), key=lambda js: (not any(j[3] == "URGENT" for j in js), js[0][0]))
+        ordered = [(j[0], j[2]) for js in studies for j in js]
+        size = max(1, self.settings.sr_batch_size)
+        for start in range(0, len(ordered), size):
+            batch = ordered[start : start + size]
+            result = await asyncio.to_thread(
+                send_batch, batch, self.destination, self.settings.sr_calling_ae, self.sr_timeouts
+            )
             async with self.sessions() as session:
-                delivery = await session.get(SrDelivery, delivery_id)
-                if delivery is None:
-                    continue
-                delivery.attempts += 1
-                if error is None:
-                    delivery.status, delivery.sent_at = "sent", utcnow()
-                    sent += 1
-                else:
-                    delivery.last_error = repr(error)[:1000]
-                    log.warning("SR not delivered yet", extra={"error": repr(error), "attempts": delivery.attempts})
+                for delivery_id in result.sent:
+                    delivery = await session.get(SrDelivery, delivery_id)
+                    if delivery is not None:
+                        delivery.attempts += 1
+                        delivery.status, delivery.sent_at = "sent", utcnow()
+                if result.reason is not None:  # the SR whose C-STORE failed, or the whole batch
+                    tried = [result.failed_id] if result.failed_id is not None else [i for i, _ in batch]
+                    for delivery_id in tried:
+                        delivery = await session.get(SrDelivery, delivery_id)
+                        if delivery is not None:
+                            delivery.attempts += 1
+                            delivery.last_error = f"{result.reason}: {result.detail}"[:1000]
                 await session.commit()
+            sent += len(result.sent)
+            SR_SENT.labels(breaker.label).inc(len(result.sent))
+            if result.reason is not None:
+                pending = await self.refresh_sr_gauges()
+                breaker.failure(result, pending)
+                return sent
+            breaker.success(len(ordered) - start - len(batch))
+        await self.refresh_sr_gauges()
         return sent
+
+    async def sr_backlog(self) -> tuple[int, float]:
+        """SR deliveries not sent yet and the age (seconds) of the oldest."""
+        async with self.sessions() as session:
+            count, oldest = (
+                await session.execute(
+                    select(func.count(SrDelivery.id), func.min(SrDelivery.created_at)).where(
+                        SrDelivery.status == "pending"
+                    )
+                )
+            ).one()
+        oldest_at = as_utc(oldest)
+        age = max(0.0, (utcnow() - oldest_at).total_seconds()) if count and oldest_at is not None else 0.0
+        return int(count or 0), age
+
+    async def refresh_sr_gauges(self) -> int:
+        if self.sr_breaker is None:
+            return 0
+        count, age = await self.sr_backlog()
+        SR_PENDING.labels(self.sr_breaker.label).set(count)
+        SR_OLDEST_AGE.labels(self.sr_breaker.label).set(age)
+        return count
+
+    async def sr_health(self) -> dict[str, Any]:
+        """Degraded while the oldest SR not sent is older than PT_AGGREGATOR_SR_HEALTH_MAX_AGE_S."""
+        assert self.sr_breaker is not None
+        count, age = await self.sr_backlog()
+        limit = self.settings.sr_health_max_age_s
+        return {
+            "ok": age <= limit,
+            "critical": False,  # the worklist stays served (and ready) while the PACS is down
+            "pending": count,
+            "oldest_pending_s": round(age, 1),
+            "max_age_s": limit,
+            **self.sr_breaker.describe(),
+        }
 
     async def sr_loop(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
@@ -348,6 +417,8 @@ class Aggregator:
             timeout = self.settings.sr_retry_seconds
             if self._sr_next_due is not None:  # wake when the earliest held revision has settled
                 timeout = min(timeout, max(0.05, (self._sr_next_due - utcnow()).total_seconds()))
+            if self.sr_breaker is not None and self.sr_breaker.state != "closed":  # the half-open probe
+                timeout = min(timeout, max(0.05, self.sr_breaker.seconds_to_attempt()))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._sr_wake.wait(), timeout=timeout)
 
@@ -359,8 +430,11 @@ class Aggregator:
                 await session.execute(text("SELECT 1"))
         except Exception:
             db_ok = False
-        return {
+        checks: dict[str, Any] = {
             "database": db_ok,
             "broker": self.broker.is_connected,
             "outbox_backlog": {"ok": True, "value": await self.relay.backlog() if db_ok else None},
         }
+        if self.sr_breaker is not None and db_ok:
+            checks["sr_delivery"] = await self.sr_health()
+        return checks

@@ -103,10 +103,20 @@ def ops_router(service: str, check: HealthCheck | None = None) -> APIRouter:
             try:
                 details = await asyncio.wait_for(check(), timeout=5)
                 ok = all(v is True or (isinstance(v, dict) and v.get("ok", True)) for v in details.values())
+                # A check marked "critical": false (e.g. SR delivery to PACS) makes the status
+                # degraded but keeps HTTP 200: probes must not take the service away for it.
+                serving = all(
+                    v is True or (isinstance(v, dict) and (v.get("ok", True) or v.get("critical", True) is False))
+                    for v in details.values()
+                )
             except Exception as exc:  # a failing check is the answer, not a crash
-                ok, details = False, {"error": repr(exc)}
+                ok, serving, details = False, False, {"error": repr(exc)}
+        else:
+            serving = True
         body = {"service": service, "status": "ok" if ok else "degraded", "checks": details}
-        return Response(json.dumps(body, default=str), status_code=200 if ok else 503, media_type="application/json")
+        return Response(
+            json.dumps(body, default=str), status_code=200 if serving else 503, media_type="application/json"
+        )
 
     @router.get("/metrics")
     async def metrics() -> Response:
