@@ -60,7 +60,7 @@ async def purge_all(b: Broker) -> None:
 
     assert b.connection is not None
     channel = await b.connection.channel()
-    for spec in CONSUMERS.values():
+    for spec in (base.lane(lane) for base in CONSUMERS.values() for lane in ("fresh", "backfill")):
         for name in (spec.queue, spec.dlq, *(spec.retry_queue(d) for d in spec.retry_delays_ms)):
             q = await channel.get_queue(name)
             await q.purge()

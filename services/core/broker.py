@@ -7,6 +7,7 @@ Topology (declared idempotently by every service at start-up, so no event is eve
       queue labeling.images       <- image.received
       queue aggregator.events     <- image.received, image.rejected, prediction.made,
                                      judgment.submitted, label.aggregated
+      and per queue Q its backfill lane Q.backfill <- the same keys + ".backfill" (services/core/lanes.py)
     per queue Q:
       Q.retry.<ms>   (one per back-off step; message TTL, then dead-lettered back to Q only)
       Q.dlq          (poison messages, with x-death-reason; also Q's own dead-letter target)
@@ -42,6 +43,7 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from services.core import amqp_blocked_close
 from services.core.contracts import MESSAGE_BY_ROUTING_KEY, SCHEMA_VERSION
+from services.core.lanes import BACKFILL, FRESH, LaneGate, LaneMonitor, lane_of, routing_key_for, split_routing_key
 from services.core.telemetry import bound_correlation_id
 
 log = logging.getLogger(__name__)
@@ -66,6 +68,18 @@ class ConsumerSpec:
 
     def retry_queue(self, delay_ms: int) -> str:
         return f"{self.queue}.retry.{delay_ms}"
+
+    def lane(self, lane: str) -> ConsumerSpec:
+        """This consumer's queue for `lane`: itself for fresh, `<queue>.backfill` (bound to the
+        backfill routing keys, with its own retry queues and DLQ) for backfill."""
+        if lane != BACKFILL:
+            return self
+        return ConsumerSpec(
+            self.name,
+            f"{self.queue}.{BACKFILL}",
+            tuple(routing_key_for(k, BACKFILL) for k in self.bindings),
+            self.retry_delays_ms,
+        )
 
 
 CONSUMERS: dict[str, ConsumerSpec] = {
@@ -122,11 +136,12 @@ class Envelope:
     redelivered: bool
     retry_count: int
     raw: AbstractIncomingMessage = field(repr=False)
+    lane: str = FRESH
 
 
 def decode(message: AbstractIncomingMessage) -> Envelope:
     headers = dict(message.headers or {})
-    routing_key = str(headers.get("x-original-routing-key") or message.routing_key or "")
+    routing_key, lane = split_routing_key(str(headers.get("x-original-routing-key") or message.routing_key or ""))
     cls = MESSAGE_BY_ROUTING_KEY.get(routing_key)
     if cls is None:
         raise PermanentError(f"unknown routing key {routing_key!r}")
@@ -147,6 +162,7 @@ def decode(message: AbstractIncomingMessage) -> Envelope:
         redelivered=bool(message.redelivered),
         retry_count=int(headers.get("x-retry-count", 0)),
         raw=message,
+        lane=lane,
     )
 
 
@@ -155,28 +171,35 @@ async def declare_topology(
 ) -> AbstractExchange:
     """Declare the exchange and every consumer's queues; safe to call any number of times."""
     exchange = await channel.declare_exchange(exchange_name, aio_pika.ExchangeType.TOPIC, durable=True)
-    queue_type = {"x-queue-type": "quorum"} if quorum else {}
-    for spec in CONSUMERS.values():
-        await channel.declare_queue(spec.dlq, durable=True, arguments=dict(queue_type))
-        main = await channel.declare_queue(
-            spec.queue,
-            durable=True,
-            arguments={**queue_type, "x-dead-letter-exchange": "", "x-dead-letter-routing-key": spec.dlq},
-        )
-        for key in spec.bindings:
-            await main.bind(exchange, routing_key=key)
-        for delay in spec.retry_delays_ms:
-            await channel.declare_queue(
-                spec.retry_queue(delay),
-                durable=True,
-                arguments={
-                    **queue_type,
-                    "x-message-ttl": delay,
-                    "x-dead-letter-exchange": "",
-                    "x-dead-letter-routing-key": spec.queue,
-                },
-            )
+    for spec in (base.lane(lane) for base in CONSUMERS.values() for lane in (FRESH, BACKFILL)):
+        await declare_consumer(channel, exchange, spec, quorum)
     return exchange
+
+
+async def declare_consumer(
+    channel: AbstractChannel, exchange: AbstractExchange, spec: ConsumerSpec, quorum: bool = False
+) -> None:
+    """One consumer queue with its bindings, retry queues and DLQ (idempotent)."""
+    queue_type = {"x-queue-type": "quorum"} if quorum else {}
+    await channel.declare_queue(spec.dlq, durable=True, arguments=dict(queue_type))
+    main = await channel.declare_queue(
+        spec.queue,
+        durable=True,
+        arguments={**queue_type, "x-dead-letter-exchange": "", "x-dead-letter-routing-key": spec.dlq},
+    )
+    for key in spec.bindings:
+        await main.bind(exchange, routing_key=key)
+    for delay in spec.retry_delays_ms:
+        await channel.declare_queue(
+            spec.retry_queue(delay),
+            durable=True,
+            arguments={
+                **queue_type,
+                "x-message-ttl": delay,
+                "x-dead-letter-exchange": "",
+                "x-dead-letter-routing-key": spec.queue,
+            },
+        )
 
 
 def build_message(
@@ -201,6 +224,11 @@ def build_message(
             **(headers or {}),
         },
     )
+
+
+def _published_at(message: AbstractIncomingMessage) -> float | None:
+    ts = message.timestamp
+    return ts.timestamp() if ts is not None else None
 
 
 Handler = Callable[[Envelope], Awaitable[None]]
@@ -280,7 +308,7 @@ class Broker:
         exchange = self._publishing_exchange()
         self._check(routing_key, message)
         msg = build_message(message, message_id=message_id, correlation_id=correlation_id, headers=headers)
-        await self._confirmed(exchange, exchange.name, msg, routing_key, timeout)
+        await self._confirmed(exchange, exchange.name, msg, routing_key_for(routing_key, lane_of(message)), timeout)
 
     async def publish_many(self, items: Sequence[Outgoing], timeout: float = 10.0) -> list[BaseException | None]:
         """Publish every item persistently, in order, with their confirms outstanding together (one
@@ -319,7 +347,8 @@ class Broker:
         for i in valid:
             item = items[i]
             msg = build_message(item.message, message_id=item.message_id, correlation_id=item.correlation_id)
-            sends.append(self._confirmed(channel, exchange.name, msg, item.routing_key, timeout))
+            key = routing_key_for(item.routing_key, lane_of(item.message))  # a backfill image's lane
+            sends.append(self._confirmed(channel, exchange.name, msg, key, timeout))
         outcomes = await asyncio.gather(*sends, return_exceptions=True)
         for i, outcome in zip(valid, outcomes, strict=True):
             if isinstance(outcome, BaseException):
@@ -366,19 +395,69 @@ class Broker:
             PUBLISHES_UNCONFIRMED.dec()
         MESSAGES_PUBLISHED.labels(routing_key).inc()
 
-    async def consume(self, spec: ConsumerSpec, handler: Handler, prefetch: int = 16) -> AbstractQueue:
-        """Start consuming spec.queue with handler on its own channel; returns the queue."""
+    async def _lane_channels(
+        self, spec: ConsumerSpec, prefetch: int, backfill_prefetch: int | None
+    ) -> list[tuple[str, ConsumerSpec, AbstractChannel, AbstractQueue]]:
+        """Per lane (fresh first): its spec, a channel with the lane's prefetch, its queue."""
         assert self.connection is not None, "Broker.connect() first"
-        channel = await self.connection.channel(publisher_confirms=True)
-        await channel.set_qos(prefetch_count=prefetch)
-        await declare_topology(channel, self.exchange_name, self.quorum)
-        queue = await channel.get_queue(spec.queue)
+        out = []
+        for lane in (FRESH, BACKFILL):
+            lane_spec = spec.lane(lane)
+            channel = await self.connection.channel(publisher_confirms=True)
+            await channel.set_qos(prefetch_count=prefetch if lane == FRESH else (backfill_prefetch or prefetch))
+            exchange = await declare_topology(channel, self.exchange_name, self.quorum)
+            if lane == BACKFILL:  # a spec outside CONSUMERS too (its fresh queue is the caller's)
+                await declare_consumer(channel, exchange, lane_spec, self.quorum)
+            out.append((lane, lane_spec, channel, await channel.get_queue(lane_spec.queue)))
+        return out
 
-        async def on_message(message: AbstractIncomingMessage) -> None:
-            await self._handle(spec, channel, handler, message)
+    def _monitor(self, spec: ConsumerSpec) -> LaneMonitor:
+        """Start the pt_lane_* gauges of this consumer (a passive declare per lane every 2 s)."""
+        monitor = LaneMonitor(spec.name, {lane: spec.lane(lane).queue for lane in (FRESH, BACKFILL)})
+        channels: list[AbstractChannel] = []
 
-        await queue.consume(on_message)
-        return queue
+        async def ready(queue: str) -> int:
+            assert self.connection is not None
+            if not channels or channels[0].is_closed:
+                channels[:] = [await self.connection.channel()]
+            declared = await channels[0].declare_queue(queue, passive=True, robust=False)
+            return int(declared.declaration_result.message_count or 0)
+
+        self._workers.append(asyncio.create_task(monitor.run(ready), name=f"lane-monitor-{spec.queue}"))
+        return monitor
+
+    async def consume(
+        self,
+        spec: ConsumerSpec,
+        handler: Handler,
+        prefetch: int = 16,
+        backfill_prefetch: int | None = None,
+        burst: int = 16,
+    ) -> AbstractQueue:
+        """Consume both lanes of spec (services/core/lanes.py) with handler; returns the fresh queue.
+
+        Each lane has its own channel and prefetch (backfill_prefetch, default = prefetch); at most
+        `prefetch` handlers run at once, and a free slot goes to a waiting fresh message first
+        (after `burst` fresh ones in a row while backfill waits, one backfill message)."""
+        gate = LaneGate(prefetch, burst)
+        monitor = self._monitor(spec)
+        lanes = await self._lane_channels(spec, prefetch, backfill_prefetch)
+
+        def receiver(
+            lane: str, lane_spec: ConsumerSpec, channel: AbstractChannel
+        ) -> Callable[[AbstractIncomingMessage], Awaitable[None]]:
+            async def on_message(message: AbstractIncomingMessage) -> None:
+                key = id(message)
+                monitor.taken(lane, key, _published_at(message))
+                async with gate.slot(lane):
+                    await self._handle(lane_spec, channel, handler, message)
+                monitor.done(lane, key)
+
+            return on_message
+
+        for lane, lane_spec, channel, queue in lanes:
+            await queue.consume(receiver(lane, lane_spec, channel))
+        return lanes[0][3]
 
     async def consume_batch(
         self,
@@ -388,10 +467,15 @@ class Broker:
         prefetch: int = 64,
         max_batch: int = 32,
         max_wait_s: float = 0.0,
+        backfill_prefetch: int | None = None,
+        burst: int = 16,
     ) -> AbstractQueue:
-        """Consume spec.queue handing batch_handler every message already delivered (up to max_batch)
-        at once, in delivery order, from one worker: a consumer that commits once per batch.
+        """Consume both lanes of spec handing batch_handler every message already delivered (up to
+        max_batch) at once, in delivery order, from one worker: a consumer that commits once per batch.
 
+        A batch is of one lane: fresh whenever a fresh message waits (after `burst` fresh batches in
+        a row while backfill waits, one backfill batch), so a fresh message waits at most for the
+        batch being applied, never for a backlog.
         A batch takes what has already been delivered and, for at most max_wait_s after its first
         message, what arrives next, up to max_batch (prefetch should be larger, so the next batch is
         already here while one is applied). With max_wait_s = 0 a message that arrives alone is
@@ -399,42 +483,62 @@ class Broker:
         When it raises, each message of the batch goes through handler one by one, with the same
         retry and dead-letter path as consume(): a batch never changes what happens to a message.
         """
-        assert self.connection is not None, "Broker.connect() first"
-        channel = await self.connection.channel(publisher_confirms=True)
-        await channel.set_qos(prefetch_count=prefetch)
-        await declare_topology(channel, self.exchange_name, self.quorum)
-        queue = await channel.get_queue(spec.queue)
-        inbox: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
+        monitor = self._monitor(spec)
+        lanes = await self._lane_channels(spec, prefetch, backfill_prefetch)
+        inboxes: dict[str, asyncio.Queue[AbstractIncomingMessage]] = {FRESH: asyncio.Queue(), BACKFILL: asyncio.Queue()}
+        arrived = asyncio.Event()
 
-        async def on_message(message: AbstractIncomingMessage) -> None:
-            inbox.put_nowait(message)
+        def receiver(lane: str) -> Callable[[AbstractIncomingMessage], Awaitable[None]]:
+            async def on_message(message: AbstractIncomingMessage) -> None:
+                monitor.taken(lane, id(message), _published_at(message))
+                inboxes[lane].put_nowait(message)
+                arrived.set()
+
+            return on_message
+
+        by_lane = {lane: (lane_spec, channel) for lane, lane_spec, channel, _ in lanes}
 
         async def worker() -> None:
+            fresh_run = 0
             while True:
-                batch = [await inbox.get()]
+                while inboxes[FRESH].empty() and inboxes[BACKFILL].empty():
+                    arrived.clear()
+                    await arrived.wait()
+                backlog_waits = not inboxes[BACKFILL].empty()
+                if not inboxes[FRESH].empty() and (not backlog_waits or fresh_run < burst):
+                    lane = FRESH
+                    fresh_run = fresh_run + 1 if backlog_waits else 0
+                else:
+                    lane, fresh_run = BACKFILL, 0
+                inbox = inboxes[lane]
+                batch = [inbox.get_nowait()]
                 deadline = time.monotonic() + max_wait_s
                 while len(batch) < max_batch:
                     if not inbox.empty():
                         batch.append(inbox.get_nowait())
                         continue
                     remaining = deadline - time.monotonic()
-                    if remaining <= 0:
+                    if remaining <= 0 or (lane == BACKFILL and not inboxes[FRESH].empty()):
                         break
                     try:
                         batch.append(await asyncio.wait_for(inbox.get(), remaining))
                     except TimeoutError:
                         break
                 BATCH_SIZE.labels(spec.queue).observe(len(batch))
+                lane_spec, channel = by_lane[lane]
                 try:
-                    await self._handle_batch(spec, channel, handler, batch_handler, batch)
+                    await self._handle_batch(lane_spec, channel, handler, batch_handler, batch)
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:  # e.g. the channel closed under us: the broker redelivers
-                    log.warning("batch not settled", extra={"queue": spec.queue, "error": repr(exc)})
+                    log.warning("batch not settled", extra={"queue": lane_spec.queue, "error": repr(exc)})
+                for message in batch:
+                    monitor.done(lane, id(message))
 
         self._workers.append(asyncio.create_task(worker(), name=f"consume-batch-{spec.queue}"))
-        await queue.consume(on_message)
-        return queue
+        for lane, _, _, queue in lanes:
+            await queue.consume(receiver(lane))
+        return lanes[0][3]
 
     async def _handle_batch(
         self,

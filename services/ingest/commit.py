@@ -139,6 +139,7 @@ def _event(decision: Decision, stored: StoredFile, calling_ae: str, study_count:
             sop_class_uid=decision.sop_class_uid,
             storage_uri=stored.uri,
             sha256=stored.sha256,
+            lane=decision.lane,
         ),
         modality=decision.modality,
         body_part_examined=decision.body_part_examined,
@@ -155,6 +156,7 @@ def _event(decision: Decision, stored: StoredFile, calling_ae: str, study_count:
         received_at=to_timestamp(now),
         study_image_count=study_count,
         not_triaged_reason=decision.not_triaged_reason,
+        lane_reason=decision.lane_reason,
     )
 
 

@@ -25,6 +25,10 @@ class IngestSettings(CommonSettings):
     worker_http_port_base: int = 0
     # Calling AE titles allowed to associate, comma-separated; empty = any (logged: set it in production).
     allowed_calling_aes: str = ""
+    # Storage commitment (services/ingest/commitment.py): where each requestor's N-EVENT-REPORT goes,
+    # "AE=host:port" comma-separated, on a new association; one not listed gets it on its own
+    # association if that is still open.
+    commitment_peers: str = ""
     # Association policy. max_associations counts negotiated associations (A-ASSOCIATE-RQ received);
     # connections that have not sent one yet are bounded by max_pending_connections (the oldest is
     # closed when a new one arrives) and closed after request_timeout_s.
@@ -69,6 +73,12 @@ class IngestSettings(CommonSettings):
     relay_coalesce_s: float = 0.2
     # Seconds a C-STORE waits for the store + DB commit before answering 0xA700.
     commit_timeout_s: float = 60.0
+    # Lanes (services/ingest/lane_rules.py): false = every image fresh (one first-in first-out lane).
+    lanes: bool = True
+    # An image acquired more than this many hours ago is backfill (unless its C-STORE Priority is HIGH).
+    backfill_age_h: float = 24.0
+    # Calling AE titles whose images are always backfill (migration / archive senders), comma-separated.
+    backfill_aes: str = ""
 
     def __init__(self, **values: object) -> None:
         # PT_DATA_DIR, PT_AMQP_URL, PT_DATABASE_URL ... are shared: read them with the common prefix first.
@@ -90,6 +100,10 @@ class IngestSettings(CommonSettings):
     @property
     def allowed_calling_ae_list(self) -> tuple[str, ...]:
         return tuple(v.strip() for v in self.allowed_calling_aes.split(",") if v.strip())
+
+    @property
+    def backfill_ae_set(self) -> frozenset[str]:
+        return frozenset(self._split(self.backfill_aes))
 
     @property
     def triage_modality_set(self) -> frozenset[str]:

@@ -51,7 +51,9 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from services.core.telemetry import bound_correlation_id
 from services.ingest.commit import Committer, Conflict
+from services.ingest.commitment import STORAGE_COMMITMENT_PUSH, StorageCommitmentSCP, parse_peers
 from services.ingest.config import IngestSettings
+from services.ingest.lane_rules import acquired_at, classify
 from services.ingest.records import record_refusal
 from services.ingest.store import ContentStore, StoredFile, StoreError
 from services.ingest.validate import (
@@ -96,6 +98,7 @@ TRANSFER_SYNTAXES: tuple[str, ...] = (
 
 RECEIVED = Counter("pt_ingest_received_total", "C-STORE requests answered with success, by outcome", ["outcome"])
 REJECTED = Counter("pt_ingest_rejected_total", "C-STORE requests refused, by reason code", ["reason"])
+LANES = Counter("pt_ingest_lane_total", "Accepted images by the lane ingest chose (fresh | backfill)", ["lane"])
 BYTES = Counter("pt_ingest_bytes_total", "Bytes of DICOM data written to the store")
 STORE_LATENCY = Histogram(
     "pt_ingest_store_seconds",
@@ -146,6 +149,9 @@ class IngestSCP:
         self.fast_path = fast_path_usable(settings.fast_path)
         if self.fast_path:
             install_reactor_wakeups()
+        self.commitment = StorageCommitmentSCP(
+            settings.ae_title, parse_peers(settings.commitment_peers), sessions, self._on_loop, settings.acse_timeout_s
+        )
         self.ae = self._make_ae()
 
     # --- set-up ---------------------------------------------------------------------------------
@@ -172,6 +178,7 @@ class IngestSCP:
         if s.allowed_calling_ae_list:
             ae.require_calling_aet = list(s.allowed_calling_ae_list)
         ae.add_supported_context(Verification)
+        ae.add_supported_context(STORAGE_COMMITMENT_PUSH)  # N-ACTION in, N-EVENT-REPORT out (commitment.py)
         # X-ray and secondary capture classes first, then every other storage class: those are
         # negotiated so that a misrouted CT/MR/PDF gets a per-instance refusal with a reason (0x0122)
         # and an ImageRejected event, rather than an anonymous presentation-context rejection.
@@ -187,6 +194,7 @@ class IngestSCP:
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_C_STORE, self.handle_store),
             (evt.EVT_C_ECHO, self.handle_echo),
+            (evt.EVT_N_ACTION, self.commitment.handle_n_action),
             (evt.EVT_ACCEPTED, self._on_accepted),
             (evt.EVT_REJECTED, self._on_rejected),
             (evt.EVT_RELEASED, self._on_closed),
@@ -400,7 +408,8 @@ class IngestSCP:
         if guard is not None and guard.violated is not None:  # aborted: nothing more from this peer is stored
             return status_dataset(CANNOT_PARSE, guard.violated.code)
         spool = self._spool_from(event)
-        return self._answer(event.assoc, sop_uid, sop_class, spool, str(event.context.abstract_syntax))
+        priority = int(getattr(request, "Priority", 0) or 0)
+        return self._answer(event.assoc, sop_uid, sop_class, spool, str(event.context.abstract_syntax), priority)
 
     def _spool_from(self, event: evt.Event) -> Spool | None:
         """pynetdicom's file of the request's data set (preamble, File Meta, data set), as a spool."""
@@ -433,7 +442,12 @@ class IngestSCP:
         assoc = wire.assoc
         STORE_PATHS.labels("wire").inc()
         status = self._answer(
-            assoc, request.sop_instance_uid, request.sop_class_uid, request.spool, request.abstract_syntax
+            assoc,
+            request.sop_instance_uid,
+            request.sop_class_uid,
+            request.spool,
+            request.abstract_syntax,
+            request.priority,
         )
         if not assoc.is_established:  # released or aborted meanwhile: nobody to answer
             return
@@ -457,7 +471,9 @@ class IngestSCP:
         except Exception:  # the DUL thread must keep serving: the peer's DIMSE timeout tells it
             log.exception("cannot send the C-STORE response")
 
-    def _answer(self, assoc: Any, sop_uid: str, sop_class: str, spool: Spool | None, context_class: str) -> Dataset:
+    def _answer(
+        self, assoc: Any, sop_uid: str, sop_class: str, spool: Spool | None, context_class: str, priority: int = 0
+    ) -> Dataset:
         """Store one request's data set and say how it went; `context_class` is the abstract syntax
         of the presentation context the request came on."""
         started = time.perf_counter()
@@ -467,7 +483,7 @@ class IngestSCP:
             activity.busy += 1
         with bound_correlation_id(sop_uid or None):
             try:
-                status = self._store(spool, sop_uid, sop_class, calling_ae, context_class)
+                status = self._store(spool, sop_uid, sop_class, calling_ae, context_class, priority)
             except Exception:  # never let an exception reach pynetdicom: answer and keep serving
                 log.exception("C-STORE failed unexpectedly")
                 REJECTED.labels("internal_error").inc()
@@ -499,7 +515,9 @@ class IngestSCP:
         if self.on_commit is not None:
             self.loop.call_soon_threadsafe(self.on_commit)
 
-    def _store(self, spool: Spool | None, sop_uid: str, sop_class: str, calling_ae: str, context_class: str) -> Dataset:
+    def _store(
+        self, spool: Spool | None, sop_uid: str, sop_class: str, calling_ae: str, context_class: str, priority: int = 0
+    ) -> Dataset:
         if spool is None:
             decision = Decision(Action.REFUSE, CANNOT_PARSE, "cannot_parse", "no data set was received")
             decision.sop_instance_uid, decision.sop_class_uid = sop_uid, sop_class
@@ -526,6 +544,9 @@ class IngestSCP:
                 stored = self.store.put_spool(spool)
             except StoreError as exc:
                 return self._unavailable("store_unavailable", exc)
+            acquired, source = acquired_at(decision.dates)
+            decision.lane, decision.lane_reason = classify(self.settings, calling_ae, priority, acquired, source)
+            LANES.labels(decision.lane).inc()
             return self._commit(decision, stored, calling_ae)
 
     def _commit(self, decision: Decision, stored: StoredFile, calling_ae: str) -> Dataset:

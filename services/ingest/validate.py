@@ -75,6 +75,19 @@ class Action(enum.StrEnum):
     REFUSE = "refuse"
 
 
+DATE_KEYWORDS = (
+    "AcquisitionDateTime",
+    "AcquisitionDate",
+    "AcquisitionTime",
+    "ContentDate",
+    "ContentTime",
+    "SeriesDate",
+    "SeriesTime",
+    "StudyDate",
+    "StudyTime",
+)
+
+
 @dataclass
 class Decision:
     action: Action
@@ -97,6 +110,10 @@ class Decision:
     outside_intended_use: bool = False
     intended_use_note: str = ""
     not_triaged_codes: list[str] = field(default_factory=list)
+    # Header date/time values the lane rules read (services/ingest/lane_rules.py), and the lane chosen.
+    dates: dict[str, str] = field(default_factory=dict)
+    lane: str = ""
+    lane_reason: str = ""
 
     @property
     def stored(self) -> bool:
@@ -407,6 +424,7 @@ def _decide(
         frames=frames,
         photometric_interpretation=_text(ds, "PhotometricInterpretation").upper(),
     )
+    decision.dates = {k: v for k in DATE_KEYWORDS if (v := _text(ds, k))}
     reasons: list[tuple[str, str]] = []
     if decision.modality not in settings.triage_modality_set:
         reasons.append(("wrong_modality", f"modality {decision.modality or '(none)'} is not triaged"))

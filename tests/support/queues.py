@@ -21,6 +21,7 @@ import aio_pika
 from aio_pika.abc import AbstractConnection, AbstractIncomingMessage
 
 from services.core.contracts import MESSAGE_BY_ROUTING_KEY
+from services.core.lanes import split_routing_key
 from tests.support.wait import eventually_async
 
 Keep = Callable[[AbstractIncomingMessage], bool]
@@ -92,7 +93,7 @@ def take_sync(url: str, queue: str, **kw: Any) -> list[AbstractIncomingMessage]:
 def payload(message: AbstractIncomingMessage) -> Any:
     """The decoded protobuf of a message (dead letters keep their x-original-routing-key)."""
     key = (message.headers or {}).get("x-original-routing-key") or message.routing_key
-    return MESSAGE_BY_ROUTING_KEY[str(key)].FromString(message.body)
+    return MESSAGE_BY_ROUTING_KEY[split_routing_key(str(key))[0]].FromString(message.body)  # a lane's key too
 
 
 def routing_key_is(*keys: str) -> Keep:

@@ -101,6 +101,7 @@ def test_command_fields_match_pynetdicom() -> None:
         0x0002: str(cmd.AffectedSOPClassUID),
         0x0100: cmd.CommandField,
         0x0110: cmd.MessageID,
+        0x0700: cmd.Priority,  # read by the lane rules (issue 24)
         0x0800: cmd.CommandDataSetType,
         0x1000: str(cmd.AffectedSOPInstanceUID),
     }

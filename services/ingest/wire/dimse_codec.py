@@ -18,7 +18,8 @@ KNOWN_COMMANDS = frozenset(
 
 def command_fields(raw: bytes) -> dict[int, int | str] | None:
     """The few command elements we need, from an encoded command set (group 0000, implicit VR
-    little endian): CommandField (0100), MessageID (0110), CommandDataSetType (0800) as numbers,
+    little endian): CommandField (0100), MessageID (0110), Priority (0700, the lane rules read it),
+    CommandDataSetType (0800) as numbers,
     Affected SOP Class (0002) and Instance (1000) UIDs as text. None when the bytes are not a
     command set."""
     out: dict[int, int | str] = {}
@@ -30,7 +31,7 @@ def command_fields(raw: bytes) -> dict[int, int | str] | None:
             return None
         value = raw[pos : pos + length]
         pos += length
-        if elem in (0x0100, 0x0110, 0x0800) and length == 2:
+        if elem in (0x0100, 0x0110, 0x0700, 0x0800) and length == 2:
             out[elem] = struct.unpack("<H", value)[0]
         elif elem in (0x0002, 0x1000):
             out[elem] = value.rstrip(b"\x00 ").decode("ascii", "replace")

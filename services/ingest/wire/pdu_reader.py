@@ -56,6 +56,7 @@ class StoreRequest:
     sop_instance_uid: str
     abstract_syntax: str  # of the presentation context it came on
     spool: Spool
+    priority: int = 0  # the request's Priority (0000,0700): 0 MEDIUM, 1 HIGH, 2 LOW (lane rules)
 
 
 def accepted_context(assoc: Any, context_id: int) -> Any:
@@ -278,6 +279,7 @@ class Wire:
                                 message.sop_instance_uid,
                                 str(context.abstract_syntax),
                                 message.spool,
+                                int((message.fields or {}).get(0x0700, 0) or 0),
                             )
                         )
                 elif out is not None:
