@@ -143,6 +143,8 @@ class LabelingService:
             self.settings.render_dir(),
             self.settings.labeling_render_max_side,
             gate_file=self.settings.resolved_gate_file(),
+            backfill_crowd=self.settings.labeling_backfill_crowd,
+            backfill_sample=self.settings.labeling_backfill_sample,
         )
         await self.broker.consume(CONSUMERS["labeling"], consumer.handle)
         self._broker_ready = True

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from services.core.auth import AuthSettings
 from services.core.gate import DEFAULT_GATE_FILE
@@ -33,6 +34,11 @@ class LabelingSettings(AuthSettings):
     # Off only for experiments. Use the same gate file as PT_INFERENCE_GATE_FILE.
     labeling_gate: bool = True
     labeling_gate_file: Path = DEFAULT_GATE_FILE
+    # Backfill images (a catch-up, a migration, old studies; services/core/lanes.py) for the crowd:
+    # none (default: the crowd labels today's patients), sample (a deterministic share of
+    # labeling_backfill_sample, by SOP instance UID) or all.
+    labeling_backfill_crowd: Literal["none", "sample", "all"] = "none"
+    labeling_backfill_sample: float = 0.05
 
     def resolved_gate_file(self) -> str | None:
         return str(self.labeling_gate_file) if self.labeling_gate else None

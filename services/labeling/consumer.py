@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import hashlib
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -18,6 +19,7 @@ from services.core.broker import Envelope, PermanentError
 from services.core.contracts import ImageReceived
 from services.core.db.outbox import utcnow
 from services.core.gate import BORDERLINE, GateVerdict
+from services.core.lanes import BACKFILL
 from services.labeling.intake import Prepared, prepare_work_image
 from services.labeling.job import JobDefinition
 from services.labeling.models import SkippedImage, Task, opaque_id
@@ -26,7 +28,7 @@ from services.labeling.render import path_from_uri
 log = logging.getLogger(__name__)
 TASKS_CREATED = Counter(
     "pt_labeling_tasks_created_total",
-    "image.received events by outcome (created | duplicate | skipped_not_eligible | skipped_gate)",
+    "image.received events by outcome (created | duplicate | skipped_not_eligible | skipped_gate | skipped_backfill)",
     ["outcome"],
 )
 SKIPPED = Counter(
@@ -49,6 +51,8 @@ class ImageConsumer:
         max_side: int,
         gate_file: str | None = None,
         prepare: Prepare | None = None,
+        backfill_crowd: str = "none",
+        backfill_sample: float = 0.05,
     ) -> None:
         """gate_file: the input gate's model (None: gate off). prepare: gate + render (default
         services.labeling.intake.prepare_work_image with gate_file); runs with no transaction open."""
@@ -63,6 +67,18 @@ class ImageConsumer:
         self.render_dir = render_dir
         self.max_side = max_side
         self.prepare: Prepare = prepare or functools.partial(prepare_work_image, gate_file=gate_file)
+        self.backfill_crowd = backfill_crowd
+        self.backfill_sample = backfill_sample
+
+    def crowd_takes_backfill(self, sop_instance_uid: str) -> bool:
+        """Does a backfill image become a crowd task (PT_LABELING_BACKFILL_CROWD)? A sample is chosen
+        by the UID's hash, so a redelivery decides the same."""
+        if self.backfill_crowd == "all":
+            return True
+        if self.backfill_crowd != "sample":
+            return False
+        share = int.from_bytes(hashlib.sha256(sop_instance_uid.encode()).digest()[:8], "big") / 2**64
+        return share < self.backfill_sample
 
     async def handle(self, envelope: Envelope) -> None:
         msg = envelope.payload
@@ -74,6 +90,9 @@ class ImageConsumer:
         sop = msg.image.sop_instance_uid
         if not sop or not msg.image.storage_uri:
             raise PermanentError("image.received without sop_instance_uid or storage_uri")
+        if envelope.lane == BACKFILL and not self.crowd_takes_backfill(sop):
+            TASKS_CREATED.labels("skipped_backfill").inc()  # the crowd labels today's patients
+            return
         # Core statements on a pooled connection, not ORM sessions: the same SELECT / INSERT, about
         # a third of the CPU per image (bench/consumers_cpu.py).
         async with self.engine.connect() as conn:
