@@ -66,3 +66,38 @@ def db_upgrade(service: str = typer.Argument(...)) -> None:
         await engine.dispose()
 
     asyncio.run(_run())
+
+
+@app.command("status")
+def status(
+    watch: bool = typer.Option(False, "--watch", help="redraw every --interval seconds until Ctrl-C"),
+    interval: float = typer.Option(2.0, "--interval", min=0.2),
+    metrics: list[str] = typer.Option(
+        None, "--metrics", help="a service's /metrics URL (repeatable); default: the local services' ports"
+    ),
+    amqp_url: str = typer.Option("", "--amqp-url", help="default: PT_AMQP_URL"),
+) -> None:
+    """Backlog per stage and lane (fresh | backfill): waiting, oldest, drain rate, ETA, a progress bar."""
+    import asyncio
+
+    from services.core import status as st
+    from services.core.settings import CommonSettings
+
+    url = amqp_url or CommonSettings().amqp_url
+    urls = tuple(metrics) if metrics else st.DEFAULT_METRICS
+    table = st.rows()
+
+    async def run() -> None:
+        while True:
+            await st.sample(url, table, urls)
+            if watch:
+                typer.echo("\x1b[2J\x1b[H", nl=False)  # clear the terminal
+            typer.echo(st.render(table))
+            if not watch:
+                return
+            await asyncio.sleep(interval)  # the refresh interval
+
+    try:
+        asyncio.run(run())
+    except KeyboardInterrupt:
+        pass
