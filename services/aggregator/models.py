@@ -37,6 +37,9 @@ class Study(Base):
     arrived_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
     first_flag_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    # fresh | backfill (services/core/lanes.py): the lane of the study's first event; the worklist
+    # shows backfill studies behind a filter, not mixed into today's list.
+    lane: Mapped[str] = mapped_column(String(16), default="fresh", server_default="fresh", index=True)
 
 
 class Image(Base):

@@ -60,6 +60,8 @@ from services.core.contracts import (
     TriageUpdated,
 )
 from services.core.db.outbox import add_event, utcnow
+from services.core.lanes import FRESH
+from services.core.lanes import normalise as normalise_lane
 
 TIME_TO_FIRST_FLAG = Histogram(
     "pt_aggregator_time_to_first_flag_seconds",
@@ -273,8 +275,11 @@ class TriageStore:
         reads the winner's committed images and evidence under the study's lock.
         """
         arrived: dict[str, datetime] = {}
+        lanes: dict[str, str] = {}
         for payload in payloads:
             uid = payload.image.study_instance_uid
+            if lanes.get(uid) != FRESH:  # a study with any fresh image is fresh
+                lanes[uid] = normalise_lane(payload.image.lane)
             when = received_at_of(payload) or utcnow()
             if uid not in arrived or when < arrived[uid]:
                 arrived[uid] = when
@@ -293,6 +298,7 @@ class TriageStore:
                 "outside_intended_use": False,
                 "arrived_at": arrived[uid],
                 "updated_at": now,
+                "lane": lanes[uid],
             }
             for uid in sorted(arrived)
         ]

@@ -69,14 +69,20 @@ class StudyFilter(BaseModel):
     flags: list[str] | None = None
     date_from: date | None = None
     date_to: date | None = None
+    lane: Literal["fresh", "backfill", "all"] = "fresh"
 
 
 def study_filter(
     flag: Annotated[list[str] | None, Query(description=f"one or more of {', '.join(FLAGS)}, {PENDING}")] = None,
     date_from: DateParam = None,
     date_to: DateParam = None,
+    lane: Annotated[
+        Literal["fresh", "backfill", "all"],
+        Query(description="fresh: today's studies (default); backfill: a catch-up or migration's; all"),
+    ] = "fresh",
 ) -> StudyFilter:
-    return StudyFilter(flags=[f for f in (flag or []) if f] or None, date_from=date_from, date_to=date_to)
+    flags = [f for f in (flag or []) if f] or None
+    return StudyFilter(flags=flags, date_from=date_from, date_to=date_to, lane=lane)
 
 
 Filter = Annotated[StudyFilter, Depends(study_filter)]
@@ -211,7 +217,9 @@ def create_app(agg: "Aggregator") -> FastAPI:
         filt: Filter,
     ) -> HTMLResponse:
         async with agg.sessions() as s:
-            items, total = await queries.list_studies(s, filt.flags, filt.date_from, filt.date_to, 1, 500)
+            items, total = await queries.list_studies(
+                s, filt.flags, filt.date_from, filt.date_to, 1, 500, lane=filt.lane
+            )
             token = await queries.worklist_token(s)
         return page(
             request,
@@ -222,6 +230,7 @@ def create_app(agg: "Aggregator") -> FastAPI:
                 "selected": filt.flags or [],
                 "date_from": filt.date_from or "",
                 "date_to": filt.date_to or "",
+                "lane": filt.lane,
                 "token": token,
                 "query": request.url.query,
             },
@@ -234,7 +243,9 @@ def create_app(agg: "Aggregator") -> FastAPI:
         filt: Filter,
     ) -> HTMLResponse:
         async with agg.sessions() as s:
-            items, total = await queries.list_studies(s, filt.flags, filt.date_from, filt.date_to, 1, 500)
+            items, total = await queries.list_studies(
+                s, filt.flags, filt.date_from, filt.date_to, 1, 500, lane=filt.lane
+            )
         return page(request, "_rows.html", {"items": items, "total": total})
 
     @app.get("/worklist/events", include_in_schema=False)
@@ -327,7 +338,9 @@ def create_app(agg: "Aggregator") -> FastAPI:
     ) -> Page:
         """Studies sorted by urgency, then arrival; filter by flag and arrival date."""
         async with agg.sessions() as s:
-            items, total = await queries.list_studies(s, filt.flags, filt.date_from, filt.date_to, page, page_size)
+            items, total = await queries.list_studies(
+                s, filt.flags, filt.date_from, filt.date_to, page, page_size, lane=filt.lane
+            )
         return Page(items=items, page=page, page_size=page_size, total=total)
 
     @app.get("/api/v1/studies/{study_uid}", tags=["studies"])

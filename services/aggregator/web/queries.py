@@ -48,7 +48,11 @@ def patient_of(storage_uri: str) -> tuple[str, str]:
     return _patient_cached(storage_uri, path.stat().st_mtime)
 
 
-def filtered(stmt: Select[Any], flags: list[str] | None, date_from: date | None, date_to: date | None) -> Select[Any]:
+def filtered(
+    stmt: Select[Any], flags: list[str] | None, date_from: date | None, date_to: date | None, lane: str = "fresh"
+) -> Select[Any]:
+    if lane in ("fresh", "backfill"):  # "all": both
+        stmt = stmt.where(Study.lane == lane)
     if flags:
         stmt = stmt.where(Study.flag.in_([f for f in flags if f in (*FLAGS, PENDING)]))
     if date_from:
@@ -65,10 +69,13 @@ async def list_studies(
     date_to: date | None = None,
     page: int = 1,
     page_size: int = 50,
+    lane: str = "fresh",
 ) -> tuple[list[dict[str, Any]], int]:
-    """Studies sorted by urgency, then arrival (oldest first), with the filters applied."""
-    total = int(await s.scalar(filtered(select(func.count()).select_from(Study), flags, date_from, date_to)) or 0)
-    stmt = filtered(select(Study), flags, date_from, date_to)
+    """Studies sorted by urgency, then arrival (oldest first), with the filters applied; `lane`
+    fresh (today's list, the default) | backfill | all."""
+    count = select(func.count()).select_from(Study)
+    total = int(await s.scalar(filtered(count, flags, date_from, date_to, lane)) or 0)
+    stmt = filtered(select(Study), flags, date_from, date_to, lane)
     stmt = stmt.order_by(Study.urgency, Study.arrived_at, Study.study_uid)
     stmt = stmt.offset((page - 1) * page_size).limit(page_size)
     studies = (await s.scalars(stmt)).all()
@@ -92,6 +99,7 @@ async def list_studies(
 def study_summary(st: Study, n_images: int, name: str = "", pid: str = "") -> dict[str, Any]:
     return {
         "study_uid": st.study_uid,
+        "lane": st.lane,
         "flag": st.flag,
         "flag_label": FLAG_LABELS.get(st.flag, st.flag),
         "urgency": st.urgency,
