@@ -41,6 +41,9 @@ class AggregatorSettings(AuthSettings):
     # Seconds a study's new SR revision is held before it is frozen and sent, so a study still
     # arriving sends one SR per settled change and never a flip undone within it (URGENT: at once).
     sr_settle_s: float = 5.0
+    # SRs for backfill studies (a catch-up or migration; services/core/lanes.py): sent, marked as a
+    # retrospective triage result (true), or none at all (false).
+    backfill_sr: bool = True
     # Broker prefetch for aggregator.events (unacked messages in flight; keep it above max_batch).
     prefetch: int = 128
     # Most events applied in one transaction.

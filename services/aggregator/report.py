@@ -32,3 +32,4 @@ class StudyReport:
     reviewed: bool
     updated_at: datetime
     sop_uids: tuple[str, ...] = ()
+    retrospective: bool = False  # a backfill study: triaged during a catch-up, not while it was read

@@ -50,7 +50,12 @@ class Aggregator:
         self.sessions: async_sessionmaker[AsyncSession] = make_sessionmaker(self.engine)
         self.policy = Policy.load(settings.policy_file)
         self.destination = Destination.parse(settings.sr_destination) if settings.sr_destination else None
-        self.store = TriageStore(self.policy, sr_enabled=self.destination is not None, sr_settle_s=settings.sr_settle_s)
+        self.store = TriageStore(
+            self.policy,
+            sr_enabled=self.destination is not None,
+            sr_settle_s=settings.sr_settle_s,
+            backfill_sr=settings.backfill_sr,
+        )
         self.site = load_active(settings.resolved_site_calibration_dir())
         if self.site is not None:  # this site's recalibration: its probabilities and thresholds
             self.policy.thresholds = self.site.thresholds
@@ -225,6 +230,7 @@ class Aggregator:
             reviewed=bool(study.overridden_by),
             updated_at=as_utc(study.updated_at) or utcnow(),
             sop_uids=tuple(sop_uids),
+            retrospective=study.lane == "backfill",
         )
         return report, header, evidence, complete
 

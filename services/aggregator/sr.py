@@ -42,6 +42,12 @@ PATIENT_STUDY_KEYWORDS = (
 )
 
 
+RETROSPECTIVE = (
+    "Retrospective triage: this study arrived in a backlog (a catch-up or migration) and was triaged "
+    "after the fact, behind the day's new studies; it was not available when the study was first read."
+)
+
+
 def _code(value: str, scheme: str, meaning: str) -> Dataset:
     c = Dataset()
     c.CodeValue, c.CodingSchemeDesignator, c.CodeMeaning = value, scheme, meaning
@@ -166,6 +172,8 @@ def build_sr(
         ),
         _text_item(_code("121106", "DCM", "Comment"), DISCLAIMER),
     ]
+    if report.retrospective:
+        items.append(_text_item(_code("121106", "DCM", "Comment"), RETROSPECTIVE))
     ds.ContentSequence = DicomSequence(items)
     return ds
 

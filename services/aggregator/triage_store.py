@@ -215,9 +215,12 @@ def new_image(ref: ImageRef) -> Image:
 
 
 class TriageStore:
-    def __init__(self, policy: Policy, sr_enabled: bool = False, sr_settle_s: float = 0.0) -> None:
+    def __init__(
+        self, policy: Policy, sr_enabled: bool = False, sr_settle_s: float = 0.0, backfill_sr: bool = True
+    ) -> None:
         self.policy = policy
         self.sr_enabled = sr_enabled
+        self.backfill_sr = backfill_sr  # SRs for backfill studies (marked retrospective)
         self.sr_settle_s = sr_settle_s  # how long a new SR revision is held (URGENT: not at all)
         self.site: Any = None  # the active site calibration (services/aggregator/recalibrate.py), if any
 
@@ -614,7 +617,8 @@ class TriageStore:
         )
         # An SR revision for a new flag, or a clinician's confirm (the SR becomes VERIFIED). It is held
         # for the settle time (URGENT: not at all); the sender freezes and sends it when due.
-        if self.sr_enabled and (flag != previous or source == "clinician"):
+        sr_wanted = self.sr_enabled and (self.backfill_sr or study.lane != "backfill")
+        if sr_wanted and (flag != previous or source == "clinician"):
             due = now if flag == URGENT else now + timedelta(seconds=self.sr_settle_s)
             s.add(
                 SrDelivery(
