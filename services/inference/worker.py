@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import itertools
 import logging
 import multiprocessing
 import time
@@ -34,6 +35,8 @@ from prometheus_client import Counter, Gauge, Histogram
 from services.core.broker import Broker, Envelope, PermanentError
 from services.core.contracts import ImageReceived, ImageRef, Prediction, RescoreRequested
 from services.core.gate import GateVerdict, gate_image
+from services.core.lanes import BACKFILL, FRESH
+from services.core.lanes import normalise as normalise_lane
 from services.inference.heatmaps import save_heatmap
 from services.inference.runtime import InferenceRuntime, InferOutput, RuntimeUnavailable
 
@@ -170,6 +173,9 @@ class BatchItem:
     batch_size: int
 
 
+Queued = tuple[int, int, np.ndarray, "asyncio.Future[BatchItem]"]
+
+
 class MicroBatcher:
     """Collects concurrently submitted tensors into batches for the runtime."""
 
@@ -184,7 +190,10 @@ class MicroBatcher:
         self.max_batch = max(1, max_batch)
         self.max_wait_s = max(0.0, max_wait_ms) / 1000.0
         self.max_backoff_s = max_backoff_s
-        self._queue: asyncio.Queue[tuple[np.ndarray, asyncio.Future[BatchItem]]] = asyncio.Queue()
+        # (lane rank: 0 fresh, 1 backfill; arrival; tensor; future): a fresh image joins the next batch
+        # ahead of backfill images already waiting here (services/core/lanes.py)
+        self._queue: asyncio.PriorityQueue[Queued] = asyncio.PriorityQueue()
+        self._arrivals = itertools.count()
         self._task: asyncio.Task[None] | None = None
         self._slots = asyncio.Semaphore(max(1, runtime.max_concurrency))
         self._inflight: set[asyncio.Task[None]] = set()
@@ -204,16 +213,16 @@ class MicroBatcher:
             task.cancel()
         await asyncio.gather(*self._inflight, return_exceptions=True)
         while not self._queue.empty():
-            _, fut = self._queue.get_nowait()
+            *_, fut = self._queue.get_nowait()
             if not fut.done():
                 fut.cancel()
 
-    async def submit(self, tensor: np.ndarray) -> BatchItem:
+    async def submit(self, tensor: np.ndarray, lane: str = FRESH) -> BatchItem:
         fut: asyncio.Future[BatchItem] = asyncio.get_running_loop().create_future()
-        await self._queue.put((tensor, fut))
+        await self._queue.put((1 if lane == BACKFILL else 0, next(self._arrivals), tensor, fut))
         return await fut
 
-    async def _collect(self) -> list[tuple[np.ndarray, asyncio.Future[BatchItem]]]:
+    async def _collect(self) -> list[Queued]:
         items = [await self._queue.get()]
         deadline = time.monotonic() + self.max_wait_s
         while len(items) < self.max_batch:
@@ -233,13 +242,13 @@ class MicroBatcher:
 
     async def _run(self) -> None:
         while True:
-            items = [(t, f) for t, f in await self._collect() if not f.done()]
-            if not items:
+            queued = [q for q in await self._collect() if not q[3].done()]
+            if not queued:
                 continue
             # a runtime may change input size (new model version): batch only equal shapes
-            shape = items[0][0].shape
-            same = [it for it in items if it[0].shape == shape]
-            for other in (it for it in items if it[0].shape != shape):
+            shape = queued[0][2].shape
+            same = [(q[2], q[3]) for q in queued if q[2].shape == shape]
+            for other in (q for q in queued if q[2].shape != shape):
                 self._queue.put_nowait(other)
             await self._slots.acquire()
             task = asyncio.create_task(self._infer(same))
@@ -365,7 +374,7 @@ class Pipeline:
             ERRORS.labels("missing_file").inc()
             raise
         STAGE.labels("decode").observe(time.perf_counter() - started)
-        item = await self.batcher.submit(loaded.tensor)
+        item = await self.batcher.submit(loaded.tensor, normalise_lane(image.lane))
         try:
             model = self.runtime.model(item.model_version)
         except Exception:

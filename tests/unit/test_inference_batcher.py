@@ -84,3 +84,26 @@ async def test_cancelled_waiters_stop_the_retry(tiny_repository: Path) -> None:
         await eventually_async(lambda: not batcher._inflight, 5, 0.02, what="the retry loop to give up")
     finally:
         await batcher.close()
+
+
+async def test_a_fresh_image_joins_the_next_batch_ahead_of_waiting_backfill(tiny_repository: Path) -> None:
+    """Lanes (issue 24): backfill tensors already waiting in the batcher do not go ahead of a fresh one."""
+    runtime = OnnxRuntime(ModelRepository(tiny_repository, "pneumonia"), threads=1)
+    await runtime.start()
+    batcher = MicroBatcher(runtime, max_batch=4, max_wait_ms=0)
+    done: list[str] = []
+    try:
+        tasks = []
+        for i, x in enumerate(_inputs(13)):
+            lane, tag = ("fresh", "fresh") if i == 12 else ("backfill", f"b{i}")
+            task = asyncio.ensure_future(batcher.submit(x, lane))
+            task.add_done_callback(lambda _t, tag=tag: done.append(tag))
+            tasks.append(task)
+        await eventually_async(lambda: batcher._queue.qsize() == 13, 5, what="all 13 queued")
+        batcher.start()  # the fresh one came last
+        await asyncio.gather(*tasks)
+        assert "fresh" in done[:4], done  # in the first batch
+        assert [t for t in done if t != "fresh"] == [f"b{i}" for i in range(12)]  # backfill in order
+    finally:
+        await batcher.close()
+        await runtime.close()
