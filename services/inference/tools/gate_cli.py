@@ -4,6 +4,7 @@ services/inference/cli.py)."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import typer
@@ -18,27 +19,97 @@ DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "kermany224" / "train"
 console = Console()
 
 
+def gate_staging_area() -> Path:
+    """Where `model gate-fit` writes new gates by default: <PT_DATA_DIR>/gate-staging (never the
+    committed gate that inference and labeling load)."""
+    from services.core.settings import CommonSettings
+
+    return CommonSettings().data_dir / "gate-staging"
+
+
+def _gate_version(path: Path) -> str:
+    try:
+        return str(json.loads(path.read_text()).get("version", ""))
+    except (OSError, ValueError, AttributeError):
+        return ""
+
+
+def _committed_hidden_units() -> int:
+    """The committed gate's hidden layer width (0: logistic regression): the default architecture."""
+    try:
+        hidden = json.loads(DEFAULT_GATE_FILE.read_text()).get("hidden") or []
+        return len(hidden[0]["b"]) if hidden else 0
+    except (OSError, ValueError, KeyError, IndexError, TypeError):
+        return 0
+
+
+def next_gate_version(staging: Path) -> str:
+    """gate-<N+1>, N the highest number among the committed gate's and the staged gates' versions."""
+    taken = [_gate_version(DEFAULT_GATE_FILE)]
+    if staging.is_dir():
+        taken += [_gate_version(p) for p in staging.glob("*.json")]
+    numbers = [int(m.group(1)) for v in taken if (m := re.fullmatch(r"gate-(\d+)", v))]
+    return f"gate-{max(numbers, default=0) + 1}"
+
+
+@user_errors_command
 def gate_fit(
     data: Path = typer.Option(DEFAULT_DATA, help="folder with NORMAL/ and PNEUMONIA/ (its training split is used)"),
-    out: Path = typer.Option(DEFAULT_GATE_FILE, help="gate model file to write"),
+    out: Path | None = typer.Option(
+        None,
+        help="gate model file to write (default: <PT_DATA_DIR>/gate-staging/gate_model-<version>.json; "
+        "never an existing file without --overwrite)",
+    ),
+    overwrite: bool = typer.Option(False, "--overwrite", help="allow --out to replace an existing file"),
     seed: int = typer.Option(0),
     limit: int = typer.Option(0, help="use at most this many training chests (0: all)"),
     variants: int = typer.Option(1, help="site variants per training chest"),
     c: float = typer.Option(0.3, "--c", help="inverse L2 strength of the logistic regression"),
     refuse_quantile: float = typer.Option(0.003, help="share of held-out chests below the refuse threshold"),
     borderline_quantile: float = typer.Option(0.01, help="share of held-out chests below the borderline threshold"),
-    version: str = typer.Option("gate-1", help="version string carried in every prediction"),
-    hidden: int = typer.Option(0, help="hidden ReLU units (0: logistic regression)"),
+    version: str = typer.Option(
+        "", help="version string carried in every prediction (default: gate-<N+1>, a new one); never the committed's"
+    ),
+    hidden: int = typer.Option(
+        -1, help="hidden ReLU units (0: logistic regression; default: the committed gate's, 32)", show_default=False
+    ),
 ) -> None:
-    """Fit the input gate's "frontal chest radiograph" score against non-chest negatives (model-agnostic)."""
+    """Fit the input gate's "frontal chest radiograph" score against non-chest negatives (model-agnostic).
+    Writes a new, versioned gate to the staging area: the committed gate (services/core/gate_model.json)
+    is never replaced by default. Measure it with `model gate-evaluate --gate <file>`, then point
+    PT_INFERENCE_GATE_FILE and PT_LABELING_GATE_FILE at it."""
     from services.inference.tools.gate_fit import build_corpus, fit_gate
 
+    staging = gate_staging_area()
+    version = version.strip() or next_gate_version(staging)
+    committed = _gate_version(DEFAULT_GATE_FILE)
+    if version == committed:
+        fail(f"version {version!r} is the committed gate's: a new gate needs a new version string (--version)")
+    target = out if out is not None else staging / f"gate_model-{version}.json"
+    if target.exists() and not overwrite:
+        fail(
+            f"{target} exists (version {_gate_version(target) or '?'}); nothing written:"
+            " choose another --out or add --overwrite"
+        )
+    if target.exists() and target.resolve() == DEFAULT_GATE_FILE.resolve():
+        console.print(f"[yellow]note:[/yellow] replacing the committed gate {DEFAULT_GATE_FILE} (was {committed})")
+    if not data.is_dir():
+        fail(f"{data} is not a directory")
+    hidden = _committed_hidden_units() if hidden < 0 else hidden
     corpus = build_corpus(data, seed=seed, limit=limit, variants=variants)
     console.print(f"corpus: {int(corpus.y.sum())} chest, {int((1 - corpus.y).sum())} non-chest feature vectors")
     model = fit_gate(corpus, seed, c, refuse_quantile, borderline_quantile, version, hidden)
     model.meta["data"] = str(data.name)
-    model.save(out)
-    console.print(f"wrote {out}: refuse < {model.refuse_below:.3f}, borderline < {model.borderline_below:.3f}")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    model.save(target)
+    console.print(
+        f"wrote {target} (version {version}, {model.meta['model']}): refuse < {model.refuse_below:.3f},"
+        f" borderline < {model.borderline_below:.3f}"
+    )
+    console.print(
+        f"measure it: pneumotriage model gate-evaluate --gate {target}; use it: PT_INFERENCE_GATE_FILE and"
+        f" PT_LABELING_GATE_FILE={target}"
+    )
     for kind, row in model.meta["out_of_fold_by_kind"].items():
         console.print(f"  {kind:24s} n={row['n']:5d} refused {row['refused']:.3f}")
 
