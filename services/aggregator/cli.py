@@ -200,15 +200,31 @@ def recalibrate_cmd(
         finally:
             await engine.dispose()
 
-    found = asyncio.run(labels())
-    policy = Policy.load(settings.policy_file)
-    try:
-        cal = rc.fit_site_calibration(
-            found, policy, OperatingPoints(), min_labels, min_per_class, bootstrap=bootstrap, seed=seed
-        )
-    except rc.NotEnoughLabels as exc:
-        typer.echo(f"not recalibrated: {exc}", err=True)
-        raise typer.Exit(2) from exc
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=Console(), transient=True) as progress:
+        task = progress.add_task("reading confirmed labels", total=None)
+        found = asyncio.run(labels())
+        progress.update(task, total=1, completed=1)
+        policy = Policy.load(settings.policy_file)
+        resamples = progress.add_task("fit + bootstrap resamples", total=bootstrap)
+        try:
+            cal = rc.fit_site_calibration(
+                found,
+                policy,
+                OperatingPoints(),
+                min_labels,
+                min_per_class,
+                bootstrap=bootstrap,
+                seed=seed,
+                on_resample=lambda: progress.advance(resamples),
+            )
+        except rc.NotEnoughLabels as exc:
+            progress.stop()
+            typer.echo(f"not recalibrated: {exc}", err=True)
+            raise typer.Exit(2) from exc
     m = cal.meta
     typer.echo(f"model {cal.model_name} v{cal.model_version}: {m['labels']} labels {m['sources']}")
     typer.echo(f"Platt: P = sigmoid({cal.a:.3f} * logit + {cal.b:.3f})  95% CI a {m['ci95_bootstrap']['a']}")

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -208,8 +208,10 @@ def fit_site_calibration(
     bootstrap: int = 200,
     seed: int = 0,
     model: tuple[str, str] | None = None,
+    on_resample: Callable[[], None] | None = None,
 ) -> SiteCalibration:
-    """Platt + thresholds from the labels of one model version (the most labeled one by default)."""
+    """Platt + thresholds from the labels of one model version (the most labeled one by default).
+    `on_resample` is called after each bootstrap resample (a progress bar's tick)."""
     ops = ops or OperatingPoints()
     if model is None:
         counts: dict[tuple[str, str], int] = {}
@@ -235,6 +237,8 @@ def fit_site_calibration(
     rng = np.random.default_rng(seed)
     boot: dict[str, list[float]] = {k: [] for k in ("a", "b", "rule_out", "urgent", "sensitivity", "specificity")}
     for _ in range(bootstrap):
+        if on_resample is not None:
+            on_resample()
         idx = rng.integers(0, len(y), len(y))
         yb, xb = y[idx], x[idx]
         if yb.min() == yb.max():

@@ -13,6 +13,7 @@ from rich.console import Console
 from services.core.gate import DEFAULT_GATE_FILE
 from services.inference.config import DEFAULT_MODEL_REPOSITORY
 from services.inference.tools.cli_errors import active_model_dir, fail, require_model_dir, user_errors_command
+from services.inference.tools.progress import progress_bar
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "kermany224" / "train"
@@ -96,9 +97,10 @@ def gate_fit(
     if not data.is_dir():
         fail(f"{data} is not a directory")
     hidden = _committed_hidden_units() if hidden < 0 else hidden
-    corpus = build_corpus(data, seed=seed, limit=limit, variants=variants)
-    console.print(f"corpus: {int(corpus.y.sum())} chest, {int((1 - corpus.y).sum())} non-chest feature vectors")
-    model = fit_gate(corpus, seed, c, refuse_quantile, borderline_quantile, version, hidden)
+    with progress_bar(console) as progress:
+        corpus = build_corpus(data, seed=seed, limit=limit, variants=variants, progress=progress)
+        console.print(f"corpus: {int(corpus.y.sum())} chest, {int((1 - corpus.y).sum())} non-chest feature vectors")
+        model = fit_gate(corpus, seed, c, refuse_quantile, borderline_quantile, version, hidden, progress=progress)
     model.meta["data"] = str(data.name)
     target.parent.mkdir(parents=True, exist_ok=True)
     model.save(target)
@@ -129,7 +131,8 @@ def gate_evaluate(
     from services.core.gate import GateModel
     from services.inference.tools.gate_fit import evaluate_gate
 
-    results = evaluate_gate(GateModel.load(gate_file), data, limit=limit, seed=seed)
+    with progress_bar(console) as progress:
+        results = evaluate_gate(GateModel.load(gate_file), data, limit=limit, seed=seed, progress=progress)
     for name, row in results.items():
         console.print(
             f"{name:28s} n={row['n']:5d} refused {row['refused']:.4f} "
@@ -159,7 +162,8 @@ def drift_reference(
     records = select_records(data, split, None)
     if limit:
         records = records[:: max(1, len(records) // limit)][:limit]
-    logits, probs, _ = predict(vdir, [r.path for r in records])
+    with progress_bar(console) as progress:
+        logits, probs, _ = predict(vdir, [r.path for r in records], progress=progress)
     ref = build_reference(logits, probs, name, vdir.name, f"{split} split, {len(records)} images")
     ref.save(vdir / REFERENCE_FILE)
     console.print(

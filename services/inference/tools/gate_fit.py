@@ -20,11 +20,16 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
 
 from services.core.gate import GateModel, GateRules, assess, assess_dataset, features
+from services.inference.tools.progress import tracked
+
+if TYPE_CHECKING:
+    from rich.progress import Progress
 
 
 def load_gray(path: Path) -> np.ndarray:
@@ -204,7 +209,9 @@ class Corpus:
     kind: list[str]
 
 
-def build_corpus(data: Path, seed: int = 0, limit: int = 0, variants: int = 1) -> Corpus:
+def build_corpus(
+    data: Path, seed: int = 0, limit: int = 0, variants: int = 1, progress: Progress | None = None
+) -> Corpus:
     rng = np.random.default_rng(seed)
     records = chest_records(data, ("train",))
     if limit:
@@ -220,7 +227,7 @@ def build_corpus(data: Path, seed: int = 0, limit: int = 0, variants: int = 1) -
         groups.append(group)
         kinds.append(kind)
 
-    for rec in records:
+    for rec in tracked(progress, records, "features: training chests"):
         a = load_gray(rec.path)
         add(a, 1, rec.patient, "chest")
         for _ in range(variants):
@@ -228,7 +235,7 @@ def build_corpus(data: Path, seed: int = 0, limit: int = 0, variants: int = 1) -
         if rng.random() < 0.5:
             kind, neg = chest_negative(a, rng)
             add(neg, 0, f"chestneg:{rec.patient}", f"chest_{kind}")
-    for name, arr in bundled_dicom_images():
+    for name, arr in tracked(progress, bundled_dicom_images(), "features: DICOM negatives"):
         base = name.split("#")[0].split("_")[0]
         for i in range(6):
             side = int(rng.integers(192, 512))
@@ -237,7 +244,7 @@ def build_corpus(data: Path, seed: int = 0, limit: int = 0, variants: int = 1) -
             if i >= 3:
                 view = np.clip(view ** float(rng.uniform(0.5, 2.0)), 0, 1)
             add(view, 0, f"dicom:{base}", "dicom")
-    for i in range(max(600, len(records) // 4)):
+    for i in tracked(progress, range(max(600, len(records) // 4)), "features: synthetic negatives"):
         kind, arr = synthetic_negative(rng)
         add(arr, 0, f"synthetic:{i % 50}", f"synthetic_{kind}")
     return Corpus(np.vstack(xs), np.asarray(ys), np.asarray(groups), kinds)
@@ -251,6 +258,7 @@ def fit_gate(
     borderline_quantile: float = 0.01,
     version: str = "gate-1",
     hidden: int = 0,
+    progress: Progress | None = None,
 ) -> GateModel:
     """Logistic regression (or, with `hidden` > 0, a one-hidden-layer ReLU network); thresholds from
     chest images of held-out patients (5 group folds)."""
@@ -268,12 +276,15 @@ def fit_gate(
     scale = np.maximum(x.std(axis=0), 1e-6)
     z = (x - mean) / scale
     oof = np.zeros(len(y))
-    for fit_idx, test_idx in GroupKFold(n_splits=5).split(z, y, groups=corpus.group):
+    folds = list(GroupKFold(n_splits=5).split(z, y, groups=corpus.group))
+    for step in tracked(progress, range(len(folds) + 1), f"fit: {len(folds)} group folds, then all"):
         clf = make()
-        clf.fit(z[fit_idx], y[fit_idx])
-        oof[test_idx] = clf.predict_proba(z[test_idx])[:, 1]
-    clf = make()
-    clf.fit(z, y)
+        if step < len(folds):
+            fit_idx, test_idx = folds[step]
+            clf.fit(z[fit_idx], y[fit_idx])
+            oof[test_idx] = clf.predict_proba(z[test_idx])[:, 1]
+        else:
+            clf.fit(z, y)
     if hidden:
         layers = [
             (np.asarray(w, dtype=np.float64), np.asarray(b, dtype=np.float64))
@@ -397,7 +408,9 @@ def held_out_dicom(records: list, transform: str, rng: np.random.Generator) -> I
         yield ds, display_array(ds)
 
 
-def evaluate_gate(model: GateModel, data: Path, limit: int = 0, seed: int = 0) -> dict[str, dict[str, float]]:
+def evaluate_gate(
+    model: GateModel, data: Path, limit: int = 0, seed: int = 0, progress: Progress | None = None
+) -> dict[str, dict[str, float]]:
     """Refusal / borderline rates on the val+test chests (never used by gate-fit), as JPEG arrays
     and through DICOM with other bit depths, photometric interpretation and aspect; and on the
     non-chest corpus."""
@@ -416,16 +429,32 @@ def evaluate_gate(model: GateModel, data: Path, limit: int = 0, seed: int = 0) -
             "ok": round(sum(v == "ok" for v in verdicts) / n, 4),
         }
 
-    tally("chest_jpeg", [assess(load_gray(r.path), None, model).verdict for r in records])
-    tally("chest_site_variant", [assess(site_variant(load_gray(r.path), rng), None, model).verdict for r in records])
+    tally(
+        "chest_jpeg", [assess(load_gray(r.path), None, model).verdict for r in tracked(progress, records, "chest JPEG")]
+    )
+    tally(
+        "chest_site_variant",
+        [
+            assess(site_variant(load_gray(r.path), rng), None, model).verdict
+            for r in tracked(progress, records, "chest, other-site variant")
+        ],
+    )
     dicom_subset = records[: max(1, len(records) // 4)]
     for transform in TRANSFORMS:
         tally(
             f"chest_dicom_{transform}",
-            [assess_dataset(ds, model).verdict for ds, _ in held_out_dicom(dicom_subset, transform, rng)],
+            [
+                assess_dataset(ds, model).verdict
+                for ds, _ in tracked(
+                    progress,
+                    held_out_dicom(dicom_subset, transform, rng),
+                    f"chest DICOM {transform}",
+                    len(dicom_subset),
+                )
+            ],
         )
     negatives = non_chest_corpus(seed + 1)
-    tally("non_chest", [assess(arr, ds, model).verdict for _, ds, arr in negatives])
+    tally("non_chest", [assess(arr, ds, model).verdict for _, ds, arr in tracked(progress, negatives, "non-chest")])
     return results
 
 

@@ -251,7 +251,13 @@ def proxy_eval_cmd(
     from services.inference.tools.proxy import proxy_evaluate, write_report
 
     dirs = [require_model_dir(d) for d in model_dir] if model_dir else [active_model_dir(DEFAULT_REPOSITORY)]
-    reports = [proxy_evaluate(d, data, sample or None, stress or None, choose_threshold=set_threshold) for d in dirs]
+    from services.inference.tools.progress import progress_bar
+
+    with progress_bar(console) as progress:
+        reports = [
+            proxy_evaluate(d, data, sample or None, stress or None, choose_threshold=set_threshold, progress=progress)
+            for d in dirs
+        ]
     if set_threshold:
         for d, report in zip(dirs, reports, strict=True):
             meta = json.loads((d / "metadata.json").read_text())

@@ -33,6 +33,7 @@ import json
 import re
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnxruntime as ort
@@ -51,8 +52,12 @@ from services.inference.tools.evaluation import (
     read_display_image,
     threshold_metrics,
 )
+from services.inference.tools.progress import tracked
 from services.inference.tools.training.dataset import ImageRecord, deduplicate, scan_folder
 from services.inference.tools.training.split import SPLIT_FILE, load_split
+
+if TYPE_CHECKING:
+    from rich.progress import Progress
 
 # (regex on the file stem, lowest id, highest id): the held-out acquisition batches
 EXTERNAL_FAMILIES: tuple[tuple[str, int, int], ...] = (
@@ -225,6 +230,7 @@ def proxy_evaluate(
     batch_size: int = 32,
     seed: int = 0,
     choose_threshold: bool = False,
+    progress: Progress | None = None,
 ) -> dict:
     """The proxy-external report of one exported model version (JSON-able dict). With
     ``choose_threshold`` the operating threshold is chosen here (see CLEAN_SENSITIVITY_TARGET) and
@@ -242,11 +248,12 @@ def proxy_evaluate(
     session = ort.InferenceSession(str(Path(version_dir) / "model.onnx"), options, providers=["CPUExecutionProvider"])
     records = external_records(data, sample, seed)
     labels = np.array([r.label for r in records])
-    images = [read_display_image(r.path) for r in records]
+    images = [read_display_image(r.path) for r in tracked(progress, records, f"{Path(version_dir).name}: read images")]
     raw_by_condition: dict[str, np.ndarray] = {}
     for name in names:
         logits = []
-        for start in range(0, len(images), batch_size):
+        starts = range(0, len(images), batch_size)
+        for start in tracked(progress, starts, f"{Path(version_dir).name}: {name} (batches of {batch_size})"):
             batch = [
                 stressed_input(images[i], name, seed * 100_003 + i, size)
                 for i in range(start, min(start + batch_size, len(images)))
