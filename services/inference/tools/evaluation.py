@@ -24,7 +24,7 @@ from sklearn.metrics import average_precision_score, precision_recall_curve, roc
 
 from services.inference.preprocess import load_image_file, preprocess_array
 from services.inference.repository import latest_version_dir as latest_version_dir  # the one rule
-from services.inference.tools.training.dataset import ImageRecord, scan_folder
+from services.inference.tools.training.dataset import ImageRecord
 
 ECE_BINS = 10
 CI_LEVEL = 0.95
@@ -253,7 +253,11 @@ def save_plots(labels: np.ndarray, probs: np.ndarray, thresholds: dict[str, floa
 
 # -------------------------------------------------------------------------------------------- driver
 def select_records(data: Path, split: str, split_file: Path | None) -> list[ImageRecord]:
-    records = scan_folder(Path(data))
+    """The images of `data` (a NORMAL/ + PNEUMONIA/ folder, JPEG/PNG or DICOM, or a labeling export)
+    in one split of the split file ("all": every one)."""
+    from services.inference.tools.training.sources import load_training_data
+
+    records = load_training_data(Path(data)).records
     if split == "all":
         return records
     from services.inference.tools.training.split import SPLIT_FILE, assign, load_split

@@ -40,9 +40,9 @@ def staging_area() -> Path:
 
 
 def _check_images(data: Path, n: int = 16) -> list[Path]:
-    from services.inference.tools.training.dataset import scan_folder
+    from services.inference.tools.training.sources import load_training_data
 
-    records = scan_folder(data)
+    records = load_training_data(data).records
     step = max(1, len(records) // n)
     return [r.path for r in records[::step]][:n]
 
@@ -50,7 +50,13 @@ def _check_images(data: Path, n: int = 16) -> list[Path]:
 @model.command("train")
 @user_errors_command
 def train_cmd(
-    data: Path = typer.Option(DEFAULT_DATA, exists=True, file_okay=False, help="folder with NORMAL/ and PNEUMONIA/"),
+    data: Path = typer.Option(
+        DEFAULT_DATA,
+        exists=True,
+        file_okay=False,
+        help="folder with NORMAL/ and PNEUMONIA/ (JPEG, PNG or DICOM), or a labeling export (labels.csv: soft"
+        " labels, study = patient, split by patient automatically)",
+    ),
     out: Path = typer.Option(
         None, help="repository to stage the new version in (default: <PT_DATA_DIR>/model-staging; never the live one)"
     ),
@@ -109,6 +115,7 @@ def train_cmd(
     console.print(
         f"trained in {info['train_seconds']:.0f} s, best epoch {info['best_epoch']}, val AUC {info['val']['auc']:.4f}"
     )
+    split_path = Path(info.get("split_file") or split_path)  # an automatic split (export, unknown folder)
     vdir = _export(net, info, data, out or staging_area(), version or None, split_path, evaluate_test)
     console.print(f"checkpoint {checkpoint}")
     _staged(vdir)

@@ -98,7 +98,17 @@ def export_onnx(model: PneumoniaNet, path: Path, input_size: int) -> None:
 
 def check_against_torch(model: PneumoniaNet, onnx_path: Path, images: list[Path], input_size: int) -> dict:
     """Run both on the same real images; max abs differences of logit and cam."""
-    batch = np.stack([preprocess_image_file(p, input_size) for p in images]).astype(np.float32)
+    from services.inference.preprocess import preprocess_array
+    from services.inference.tools.evaluation import read_display_image  # DICOM: the service's display path
+
+    batch = np.stack(
+        [
+            preprocess_array(read_display_image(p), input_size)
+            if p.suffix.lower() == ".dcm"
+            else preprocess_image_file(p, input_size)
+            for p in images
+        ]
+    ).astype(np.float32)
     with torch.no_grad():
         t_logit, t_cam = (t.numpy() for t in model.eval()(torch.from_numpy(batch)))
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])

@@ -1,6 +1,6 @@
 """Training data from a labeling export (`pneumotriage labeling export --out DIR`): the images the
 crowd labelled, with each image's posterior and where it comes from, so training can weight or
-filter by label quality. A data-loading function only; `model train` still reads folders."""
+filter by label quality; `model train --data <export>` reads it (training/sources.py)."""
 
 from __future__ import annotations
 

@@ -32,10 +32,11 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from sklearn.metrics import roc_auc_score
 
-from services.inference.preprocess import CLIP, INPUT_SIZE, load_image_file, resize_to_fit
+from services.inference.preprocess import CLIP, INPUT_SIZE, resize_to_fit
 from services.inference.tools.training.calibrate import choose_thresholds, fit_platt, log_loss, sigmoid
-from services.inference.tools.training.dataset import ImageRecord, scan_folder
+from services.inference.tools.training.dataset import ImageRecord
 from services.inference.tools.training.network import NetConfig, PneumoniaNet
+from services.inference.tools.training.sources import load_training_data, split_for
 from services.inference.tools.training.split import SPLIT_FILE, assign, load_split, make_split, save_split
 
 
@@ -107,8 +108,10 @@ def load_images(records: list[ImageRecord], size: int, progress: Progress | None
     content only, padding happens after standardisation, exactly as in preprocess_array)."""
     out = torch.zeros((len(records), size, size), dtype=torch.float16)
     task = progress.add_task("load images", total=len(records), info="") if progress else None
+    from services.inference.tools.evaluation import read_display_image  # DICOM: the service's display path
+
     for i, rec in enumerate(records):
-        content, (top, left, h, w) = resize_to_fit(load_image_file(rec.path), size)
+        content, (top, left, h, w) = resize_to_fit(read_display_image(rec.path), size)
         block = torch.from_numpy(np.array(content, dtype=np.float32))
         # mark padding with NaN so that standardise() can use content-only statistics
         canvas = torch.full((size, size), float("nan"))
@@ -242,9 +245,24 @@ def train(
     torch.set_num_threads(config.threads)
     torch.use_deterministic_algorithms(True, warn_only=True)
 
-    records = scan_folder(Path(data))
+    source = load_training_data(Path(data))
+    records = source.records
+    automatic = False
     if Path(split_file).exists():
-        split = load_split(split_file)
+        split, automatic = split_for(source, load_split(split_file))
+        if automatic:  # an export, or a folder the split file does not know: never rewrite that file
+            from services.core.settings import CommonSettings
+
+            split_file = (
+                CommonSettings().data_dir / "model-staging" / "splits" / f"auto-{split['data_sha256'][:16]}.json"
+            )
+            split_file.parent.mkdir(parents=True, exist_ok=True)
+            save_split(split, split_file)
+            console.print(
+                f"{'labeling export' if source.kind == 'export' else 'this folder'}: automatic patient-level split"
+                f" ({split['counts']['train']['patients']} / {split['counts']['val']['patients']} /"
+                f" {split['counts']['test']['patients']} patients), written to {split_file}"
+            )
     else:
         split = make_split(records)
         save_split(split, split_file)
@@ -264,7 +282,7 @@ def train(
         val_recs = [val_recs[i] for i in sorted(rng.permutation(len(val_recs))[: max(8, config.limit // 4)])]
     if not train_recs or not val_recs:
         raise ValueError("empty train or validation split")
-    y_train = torch.tensor([r.label for r in train_recs], dtype=torch.float32)
+    y_train = torch.tensor([source.target(r) for r in train_recs], dtype=torch.float32)  # soft: an export's
     y_val = np.array([r.label for r in val_recs])
     n_pos = float(y_train.sum())
     pos_weight = torch.tensor((len(train_recs) - n_pos) / max(n_pos, 1.0))
@@ -376,6 +394,9 @@ def train(
         "load_seconds": round(load_seconds, 1),
         "data_sha256": split["data_sha256"],
         "split_seed": split["seed"],
+        "data_kind": source.kind,  # folder | export (soft labels)
+        "split_file": str(split_file),
+        "split_automatic": automatic,
         "n_train": len(train_recs),
         "n_val": len(val_recs),
         "pos_weight": float(pos_weight),
