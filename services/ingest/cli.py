@@ -117,6 +117,9 @@ def make_dicom_cmd(
     patient_name: str | None = typer.Option(None, "--patient-name"),
     size: int | None = typer.Option(None, "--size", help="resample to SIZE x SIZE pixels"),
     uid_salt: str = typer.Option("", "--uid-salt", help="make distinct UIDs for otherwise identical inputs"),
+    study_date: str | None = typer.Option(
+        None, "--study-date", help="YYYYMMDD for study/series/acquisition dates (default: today, a fresh study)"
+    ),
 ) -> None:
     """Wrap chest X-ray images as realistic DX/CR DICOM in a chosen transfer syntax."""
     from rich.progress import track
@@ -138,6 +141,7 @@ def make_dicom_cmd(
         intent="processing" if for_processing else "presentation",
         age=age,
         patient_name=patient_name,
+        **({"study_date": study_date} if study_date else {}),
         size=size,
         uid_salt=uid_salt,
     )

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import random
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pydicom
@@ -67,7 +68,7 @@ def make_dx(source: Path, out: Path, index: int, study_uid: str, series_uid: str
     ds.AccessionNumber = f"SYSACC{index}"
     ds.PatientAge = "004Y"
     ds.PatientSex = "O"
-    ds.StudyDate = "20240101"
+    ds.StudyDate = datetime.now(UTC).strftime("%Y%m%d")  # a fresh study (older ones are the backfill lane)
     ds.StudyTime = "120000"
     ds.SeriesNumber = 1
     ds.InstanceNumber = instance

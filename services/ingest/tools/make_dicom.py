@@ -20,7 +20,8 @@ import hashlib
 import re
 import subprocess
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from io import BytesIO
 from pathlib import Path
 
@@ -100,7 +101,8 @@ class DicomOptions:
     patient_name: str | None = None
     size: int | None = None  # resample to size x size (benchmarks want realistic sizes)
     uid_salt: str = ""
-    study_date: str = "20260101"
+    # today (UTC) by default: a made study is a fresh one (ingest's lanes class older ones as backfill)
+    study_date: str = field(default_factory=lambda: datetime.now(UTC).strftime("%Y%m%d"))
 
     def validate(self) -> None:
         if self.transfer_syntax not in TRANSFER_SYNTAXES:
