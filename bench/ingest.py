@@ -257,12 +257,19 @@ def wait_healthy(http_port: int, proc: subprocess.Popen[bytes], timeout: float =
     raise TimeoutError("ingest not healthy")
 
 
-def ours_name(workers: int) -> str:
-    return "pneumotriage ingest" if workers == 1 else f"pneumotriage ingest, {workers} workers"
+def ours_name(workers: int, fast_path: bool = True) -> str:
+    name = "pneumotriage ingest" if workers == 1 else f"pneumotriage ingest, {workers} workers"
+    return name if fast_path else f"{name}, pynetdicom path"
 
 
 def run_ours(
-    files: list[Path], senders: int, work: Path, rabbit: RabbitNode, extra: dict[str, str], workers: int = 1
+    files: list[Path],
+    senders: int,
+    work: Path,
+    rabbit: RabbitNode,
+    extra: dict[str, str],
+    workers: int = 1,
+    fast_path: bool = True,
 ) -> Result:
     data_dir = work / "pneumotriage"
     port, http_port = free_port(), free_port()
@@ -276,6 +283,7 @@ def run_ours(
         "PT_INGEST_AE_TITLE": AE,
         "PT_INGEST_WORKERS": str(workers),
         **extra,
+        **({} if fast_path else {"PT_INGEST_FAST_PATH": "false"}),
     }
     data_dir.mkdir(parents=True)
     with open(data_dir / "ingest.log", "ab") as log:
@@ -301,7 +309,7 @@ def run_ours(
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=60)
-    result = summarize(ours_name(workers), senders, files, wall, ok, lat)
+    result = summarize(ours_name(workers, fast_path), senders, files, wall, ok, lat)
     result.events_drained_s = round(drained, 2)
     result.cpu_ms_per_image = round(cpu * 1000 / len(files), 2)
     return result
@@ -320,6 +328,11 @@ def main() -> None:
     )
     ap.add_argument(
         "--workers", type=int, nargs="+", default=[1, 2], help="our ingest with PT_INGEST_WORKERS=W, for each W"
+    )
+    ap.add_argument(
+        "--library-path",
+        action="store_true",
+        help="also run our ingest with PT_INGEST_FAST_PATH=false (pynetdicom's own path) and print fast/library",
     )
     ap.add_argument("--ingest-env", nargs="*", default=[], metavar="PT_X=V", help="extra settings for our ingest")
     ap.add_argument(
@@ -356,6 +369,11 @@ def main() -> None:
                     ("ours", f"ours{n}", lambda w, s=senders, n=n: run_ours(files, s, w, rabbit, extra, n))
                     for n in args.workers
                 ]
+                if args.library_path:
+                    runners += [
+                        ("ours", f"lib{n}", lambda w, s=senders, n=n: run_ours(files, s, w, rabbit, extra, n, False))
+                        for n in args.workers
+                    ]
                 for name, label, runner in runners:
                     if name not in args.targets:
                         continue
@@ -399,6 +417,17 @@ def main() -> None:
                 f"ours/storescp {ours.images_per_s / by['dcmtk storescp'].images_per_s:.2f}x; "
                 f"p50 latency ours/Orthanc {ours.p50_ms / by['Orthanc'].p50_ms:.2f}x, "
                 f"p99 latency ours/Orthanc {ours.p99_ms / by['Orthanc'].p99_ms:.2f}x"
+            )
+    for senders in args.senders:
+        by = {r.target: r for r in results if r.senders == senders}
+        for workers in args.workers:
+            fast, lib = by.get(ours_name(workers)), by.get(ours_name(workers, False))
+            if fast is None or lib is None:
+                continue
+            console.print(
+                f"{senders} sender(s), {workers} worker(s): fast path / pynetdicom path throughput "
+                f"{fast.images_per_s / lib.images_per_s:.2f}x, CPU ms per image {fast.cpu_ms_per_image} vs "
+                f"{lib.cpu_ms_per_image}, p99 {fast.p99_ms} vs {lib.p99_ms} ms"
             )
     console.print(f"load average (1/5/15 min) before: {load_before}, after: {load_after}; {os.cpu_count()} CPUs")
     if args.json:
