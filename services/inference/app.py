@@ -23,9 +23,21 @@ from services.core.runner import Components, ServiceRunner, with_broker
 from services.core.telemetry import ops_app, serve_http
 from services.inference.config import InferenceSettings
 from services.inference.runtime import InferenceRuntime, make_runtime
+from services.inference.shadow import ShadowScorer, ShadowStore, parse_versions, store_path
 from services.inference.worker import RUNTIME_UP, InferenceWorker, Pipeline
 
 log = logging.getLogger("services.inference")
+
+
+def make_shadow(settings: InferenceSettings) -> ShadowScorer | None:
+    """PT_INFERENCE_SHADOW_VERSIONS: the candidate versions scored beside the active one (None: none)."""
+    versions = parse_versions(settings.shadow_versions)
+    if not versions:
+        return None
+    store = ShadowStore(store_path(settings.data_dir))
+    return ShadowScorer(
+        settings.model_repository, settings.model_name, versions, store, threads=settings.shadow_threads
+    )
 
 
 class InferenceService:
@@ -42,6 +54,7 @@ class InferenceService:
             max_backoff_s=settings.retry_max_backoff_s,
             decode_processes=settings.decode_processes,
             gate_file=settings.resolved_gate_file(),
+            shadow=make_shadow(settings),
         )
         self.worker = InferenceWorker(self.broker, self.pipeline)
         self.started = asyncio.Event()
@@ -53,6 +66,7 @@ class InferenceService:
             "broker": self.broker.is_connected,
             "runtime": {"ok": runtime_ok, **self.runtime.describe()},
             "consuming": self.started.is_set(),  # ready only once it takes work from its queue
+            "shadow_versions": self.pipeline.shadow.versions if self.pipeline.shadow else [],
         }
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -91,6 +105,8 @@ class InferenceService:
     async def _consume(self, stop: asyncio.Event) -> None:
         """Start the runtime, connect (retrying while the broker is down), consume until `stop`."""
         await self.runtime.start()
+        if self.pipeline.shadow is not None:
+            await self.pipeline.shadow.start()
 
         async def consume() -> None:
             s = self.settings

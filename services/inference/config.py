@@ -59,6 +59,13 @@ class InferenceSettings(CommonSettings):
     gate: bool = Field(True, validation_alias=_env("GATE"))
     gate_file: Path = Field(DEFAULT_GATE_FILE, validation_alias=_env("GATE_FILE"))
 
+    # Shadow mode: candidate versions (e.g. "3" or "3,4") scored beside the active one on every live
+    # image, embedded (onnxruntime), stored in <data_dir>/shadow/predictions.sqlite for `model compare`,
+    # never published (no flag, worklist, SR, FHIR or drift of the active version sees them).
+    shadow_versions: str = Field("", validation_alias=_env("SHADOW_VERSIONS"))
+    # onnxruntime threads per shadow version (they run beside the active version's).
+    shadow_threads: int = Field(1, validation_alias=_env("SHADOW_THREADS"))
+
     def resolved_gate_file(self) -> Path | None:
         return self.gate_file if self.gate else None
 

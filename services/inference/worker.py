@@ -39,6 +39,7 @@ from services.core.lanes import BACKFILL, FRESH
 from services.core.lanes import normalise as normalise_lane
 from services.inference.heatmaps import save_heatmap
 from services.inference.runtime import InferenceRuntime, InferOutput, RuntimeUnavailable
+from services.inference.shadow import ShadowScorer
 
 log = logging.getLogger(__name__)
 
@@ -330,8 +331,12 @@ class Pipeline:
         max_backoff_s: float = 10.0,
         decode_processes: int = 0,
         gate_file: Path | None = None,
+        shadow: ShadowScorer | None = None,
     ) -> None:
         self.runtime = runtime
+        # shadow versions (services/inference/shadow.py): scored after the active prediction, stored
+        # locally, never part of the Prediction this returns
+        self.shadow = shadow
         self.gate_file = str(gate_file) if gate_file else None  # the input gate (services/core/gate.py)
         self.batcher = MicroBatcher(runtime, max_batch, max_wait_ms, max_backoff_s)
         self.decode_pool = ThreadPoolExecutor(max_workers=max(1, decode_workers), thread_name_prefix="decode")
@@ -350,11 +355,13 @@ class Pipeline:
 
     async def close(self) -> None:
         await self.batcher.close()
+        if self.shadow is not None:
+            await self.shadow.close()
         self.decode_pool.shutdown(wait=False, cancel_futures=True)
         if self.process_pool is not None:
             self.process_pool.shutdown(wait=False, cancel_futures=True)
 
-    async def predict(self, event: ImageReceived) -> Prediction:
+    async def predict(self, event: ImageReceived, shadow: bool = False) -> Prediction:
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
         image = event.image
@@ -423,6 +430,9 @@ class Pipeline:
         prediction.image.CopyFrom(image)
         if event.HasField("received_at"):
             prediction.received_at.CopyFrom(event.received_at)
+        if shadow and self.shadow is not None:
+            # a copy: nothing the shadow does can touch the prediction that is published
+            self.shadow.submit(Prediction.FromString(prediction.SerializeToString()), loaded.tensor)
         return prediction
 
 
@@ -519,7 +529,7 @@ class InferenceWorker:
         fut.add_done_callback(lambda f: f.cancelled() or f.exception())  # never "exception not retrieved"
         self._inflight[key] = fut
         try:
-            prediction = await self.pipeline.predict(event)
+            prediction = await self.pipeline.predict(event, shadow=True)
             await self.publish(prediction)
         except Exception as exc:
             fut.set_exception(exc)
