@@ -3,6 +3,8 @@ come from CommonSettings with the plain PT_ prefix."""
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic_settings import SettingsConfigDict
 
 from services.core.settings import CommonSettings
@@ -64,6 +66,11 @@ class IngestSettings(CommonSettings):
     # StudyDescription matching chest_description_pattern (case-insensitive regex) counts too.
     chest_body_parts: str = "CHEST,THORAX"
     chest_description_pattern: str = r"chest|thorax|cxr|lung|pulm"
+    # A non-image instance in a routed study (the study's own SR, a CT, a PDF: a SOP class not in
+    # validate.py's IMAGE_SOP_CLASSES): "refuse" answers 0x0122; "accept-and-discard" answers 0x0000,
+    # stores nothing, counts it (pt_ingest_discarded_total) and records it as discarded
+    # (docs/dicom-conformance.md 2.3: what the sender then no longer learns).
+    out_of_scope: Literal["refuse", "accept-and-discard"] = "refuse"
     # Oldest age (years) inside the model's intended use; older patients are triaged but marked.
     max_intended_age_years: int = 17
     # Refuse images with more pixels than this (rows * columns * frames) or a side longer than max_side.

@@ -1,7 +1,9 @@
 """Database writes of the ingest besides stored instances (those are in commit.py).
 
 - record_refusal: the rejection row (attempts counted) + one ImageRejected event per SOP instance
-  and reason, however often the sender retries.
+  and reason, however often the sender retries. A non-image discarded under
+  PT_INGEST_OUT_OF_SCOPE=accept-and-discard is recorded the same way with the status it was
+  answered, 0x0000 (a row and event with dicom_status 0 and stored=false is a discard).
 """
 
 from __future__ import annotations
@@ -50,6 +52,8 @@ async def record_refusal(
         if existing is not None:
             existing.attempts += 1
             existing.last_seen_at = now
+            existing.dicom_status = decision.status  # the last answer (refused, or discarded since)
+            existing.reason = decision.reason
             await session.commit()
             return None
         session.add(

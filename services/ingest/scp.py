@@ -62,6 +62,7 @@ from services.ingest.validate import (
     DUPLICATE_SOP_INSTANCE,
     IMAGE_SOP_CLASSES,
     OUT_OF_RESOURCES,
+    OUT_OF_SCOPE_CODE,
     SUCCESS,
     Action,
     Decision,
@@ -98,6 +99,11 @@ TRANSFER_SYNTAXES: tuple[str, ...] = (
 
 RECEIVED = Counter("pt_ingest_received_total", "C-STORE requests answered with success, by outcome", ["outcome"])
 REJECTED = Counter("pt_ingest_rejected_total", "C-STORE requests refused, by reason code", ["reason"])
+DISCARDED = Counter(
+    "pt_ingest_discarded_total",
+    "C-STORE requests answered success but not stored (PT_INGEST_OUT_OF_SCOPE=accept-and-discard), by reason",
+    ["reason"],
+)
 LANES = Counter("pt_ingest_lane_total", "Accepted images by the lane ingest chose (fresh | backfill)", ["lane"])
 BYTES = Counter("pt_ingest_bytes_total", "Bytes of DICOM data written to the store")
 STORE_LATENCY = Histogram(
@@ -511,6 +517,29 @@ class IngestSCP:
                 log.error("cannot record the refusal", extra={"error": repr(exc)})
         return status_dataset(decision.status, decision.reason_code)
 
+    def _discard(self, decision: Decision, calling_ae: str) -> Dataset:
+        """A well-formed non-image (SR, CT, PDF, ...) under PT_INGEST_OUT_OF_SCOPE=accept-and-discard:
+        answered 0x0000 so that the sender's job goes on, nothing stored, counted, and recorded as
+        discarded (the rejection row and event with the status answered, 0x0000). The spool file is
+        removed by _answer. When the record cannot be written the instance is refused as usual
+        (0x0122): nothing is acknowledged that is not accounted for."""
+        refused_status = decision.status
+        decision.status = SUCCESS
+        decision.reason = f"discarded (PT_INGEST_OUT_OF_SCOPE=accept-and-discard): {decision.reason}"
+        try:
+            if self._on_loop(record_refusal(self.sessions, decision, calling_ae)) is not None:
+                self._committed()
+        except Exception as exc:
+            log.error("cannot record the discard: refused instead", extra={"error": repr(exc)})
+            decision.status = refused_status
+            return self._refuse(decision, calling_ae)
+        DISCARDED.labels(decision.reason_code).inc()
+        log.info(
+            "C-STORE discarded: out of scope",
+            extra={"reason_code": decision.reason_code, "reason": decision.reason, "sop_class": decision.sop_class_uid},
+        )
+        return status_dataset(SUCCESS)
+
     def _committed(self) -> None:
         if self.on_commit is not None:
             self.loop.call_soon_threadsafe(self.on_commit)
@@ -539,6 +568,8 @@ class IngestSCP:
             # finds the SOP instance and emits nothing (or, with other content, refuses it).
             decision = decide(spool.path, self.settings, sop_class, sop_uid)
             if decision.action is Action.REFUSE:
+                if decision.reason_code == OUT_OF_SCOPE_CODE and self.settings.out_of_scope == "accept-and-discard":
+                    return self._discard(decision, calling_ae)
                 return self._refuse(decision, calling_ae)
             try:
                 stored = self.store.put_spool(spool)

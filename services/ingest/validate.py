@@ -67,6 +67,9 @@ SECONDARY_CAPTURE_SOP_CLASSES: frozenset[str] = frozenset(
     }
 )
 IMAGE_SOP_CLASSES = XRAY_SOP_CLASSES | SECONDARY_CAPTURE_SOP_CLASSES
+# The refusal of a well-formed instance of another SOP class (CT, SR, PDF, ...): the one refusal
+# PT_INGEST_OUT_OF_SCOPE=accept-and-discard turns into a success that stores nothing.
+OUT_OF_SCOPE_CODE = "unsupported_sop_class"
 
 
 class Action(enum.StrEnum):
@@ -130,9 +133,11 @@ class Decision:
 
 
 class Refusal(Exception):
-    def __init__(self, status: int, code: str, reason: str) -> None:
+    def __init__(self, status: int, code: str, reason: str, study: str = "", series: str = "") -> None:
         super().__init__(reason)
         self.status, self.code, self.reason = status, code, reason
+        self.study, self.series = study, series  # when known (a non-image's study: PT_INGEST_OUT_OF_SCOPE)
+        self.sop_class, self.sop_instance = "", ""
 
 
 def _text(ds: Dataset, keyword: str) -> str:
@@ -369,13 +374,17 @@ def decide(
     try:
         return _decide(data, settings, context_sop_class, command_sop_instance)
     except Refusal as r:
+        # a discarded non-image is listed under the study it came with; a refusal names no study
+        study, series = (r.study, r.series) if settings.out_of_scope == "accept-and-discard" else ("", "")
         return Decision(
             Action.REFUSE,
             status=r.status,
             reason_code=r.code,
             reason=r.reason,
-            sop_class_uid=context_sop_class,
-            sop_instance_uid=command_sop_instance,
+            sop_class_uid=r.sop_class or context_sop_class,
+            sop_instance_uid=r.sop_instance or command_sop_instance,
+            study_instance_uid=study,
+            series_instance_uid=series,
         )
     except OSError:
         raise  # the spool file cannot be read: a resource problem (0xA700), not a bad data set
@@ -403,7 +412,15 @@ def _decide(
         raise Refusal(DATASET_MISMATCH, "sop_instance_mismatch", "SOP Instance UID differs from the C-STORE request")
     if sop_class not in IMAGE_SOP_CLASSES:
         name = UID(sop_class).name if UID(sop_class).is_valid else sop_class
-        raise Refusal(SOP_CLASS_NOT_SUPPORTED, "unsupported_sop_class", f"{name} is not an X-ray image class")
+        refusal = Refusal(
+            SOP_CLASS_NOT_SUPPORTED,
+            OUT_OF_SCOPE_CODE,
+            f"{name} is not an X-ray image class",
+            _text(ds, "StudyInstanceUID"),
+            _text(ds, "SeriesInstanceUID"),
+        )
+        refusal.sop_class, refusal.sop_instance = sop_class, sop_uid
+        raise refusal
     study, series = _text(ds, "StudyInstanceUID"), _text(ds, "SeriesInstanceUID")
     if not study or not series:
         raise Refusal(DATASET_MISMATCH, "missing_uids", "Study or Series Instance UID missing")
