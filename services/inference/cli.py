@@ -12,6 +12,7 @@ from rich.table import Table
 from services.inference.config import DEFAULT_MODEL_REPOSITORY
 from services.inference.tools.gate_cli import register as register_gate_commands
 from services.inference.tools.registry_cli import register as register_registry_commands
+from services.inference.tools.site_cli import register_site_commands
 
 console = Console()
 app = typer.Typer(no_args_is_help=True)
@@ -250,4 +251,5 @@ except ModuleNotFoundError as exc:  # pragma: no cover - before model_cli.py exi
 model_group.command("deploy")(deploy_command)
 register_gate_commands(model_group)  # gate-fit, gate-evaluate, drift-reference (issue 10)
 register_registry_commands(model_group)  # list, status (issue 27)
+register_site_commands(model_group)  # adapt, shadow-add, compare, promote (issue 28)
 app.add_typer(model_group, name="model")

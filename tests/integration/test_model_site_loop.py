@@ -1,0 +1,125 @@
+"""The site loop (issue 28): `model adapt` (locked set first, guard, lineage, evidence beside the base
+version), `model shadow-add`, `model compare`, `model promote` (the rule; recorded; undone by promoting
+the previous version). Tiny: ~90 real X-rays, one epoch, few bootstrap resamples."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from services.inference.deploy import active_version
+from services.inference.tools import site_loop
+from services.inference.tools.adapt import AdaptRecipe, NotEnoughLabels, adapt, net_from_onnx
+
+LIVE = Path(__file__).resolve().parents[2] / "deploy" / "triton" / "model_repository" / "pneumonia"
+
+
+def _site(shared_data: Path, out: Path, per_class: int) -> Path:
+    """`per_class` images of each class, one per patient."""
+    from services.inference.tools.training.dataset import scan_folder
+
+    seen: set[str] = set()
+    counts = {0: 0, 1: 0}
+    for r in scan_folder(shared_data / "kermany224" / "train"):
+        if r.patient in seen or counts[r.label] >= per_class:
+            continue
+        seen.add(r.patient)
+        counts[r.label] += 1
+        dst = out / ("PNEUMONIA" if r.label else "NORMAL") / r.name
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(r.path, dst)
+    return out
+
+
+@pytest.fixture
+def live(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    repo = tmp_path / "live"
+    (repo / "pneumonia").mkdir(parents=True)
+    shutil.copy2(LIVE / "config.pbtxt", repo / "pneumonia" / "config.pbtxt")
+    shutil.copytree(LIVE / "2", repo / "pneumonia" / "2")
+    monkeypatch.setenv("PT_DATA_DIR", str(tmp_path / "var"))
+    return repo
+
+
+def test_onnx_weights_read_back(live: Path) -> None:
+    import onnxruntime as ort
+    import torch
+
+    net, meta = net_from_onnx(live / "pneumonia" / "2")
+    x = np.random.default_rng(0).normal(size=(2, 1, meta["input_size"], meta["input_size"])).astype(np.float32)
+    want = ort.InferenceSession(str(live / "pneumonia" / "2" / "model.onnx")).run(["logit"], {"image": x})[0]
+    with torch.no_grad():
+        got = net(torch.from_numpy(x))[0].numpy()
+    assert np.allclose(got, want, atol=1e-3), (got, want)
+
+
+def test_guard_refuses_too_few_labels(live: Path, shared_data: Path, tmp_path: Path) -> None:
+    site = _site(shared_data, tmp_path / "few", 12)
+    with pytest.raises(NotEnoughLabels, match="too few site labels"):
+        adapt([site], live / "pneumonia" / "2", tmp_path / "staging", "tiny", AdaptRecipe(epochs=1))
+
+
+def test_promotion_rule() -> None:
+    def comparison(auc: float, sens: float, spec: float) -> dict:
+        return {
+            "difference": {
+                "auc": {"ci95": [auc, auc + 0.02]},
+                "sensitivity": {"ci95": [sens, sens + 0.05]},
+                "specificity": {"ci95": [spec, spec + 0.05]},
+            }
+        }
+
+    assert site_loop.promotion_verdict(comparison(0.001, -0.03, -0.02))["passed"]  # better AUC
+    assert site_loop.promotion_verdict(comparison(-0.01, -0.03, 0.01))["passed"]  # better specificity
+    assert not site_loop.promotion_verdict(comparison(0.01, -0.08, 0.05))["passed"]  # sensitivity inferior
+    assert not site_loop.promotion_verdict(comparison(-0.001, 0.0, -0.001))["passed"]  # nothing better
+
+
+def test_adapt_shadow_compare_promote_undo(
+    live: Path, shared_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from services.inference.cli import app
+
+    site = _site(shared_data, tmp_path / "site", 45)
+    recipe = AdaptRecipe(epochs=1, bootstrap=40, min_per_class=15, min_locked_per_class=8)
+    vdir = adapt([site], live / "pneumonia" / "2", tmp_path / "staging", "siteA", recipe)
+    meta = json.loads((vdir / "metadata.json").read_text())
+    lineage = meta["site_adaptation"]
+    assert lineage["base_version"] == "2" and lineage["seed"] == 1234 and lineage["wall_seconds"] > 0
+    assert lineage["sources"][0]["images"] == 90 and len(lineage["sources"][0]["sha256"]) == 64
+    locked = json.loads((vdir / "locked_test_set.json").read_text())
+    n_locked = len(locked["images"])
+    assert locked["counts"]["NORMAL"] >= 8 and locked["counts"]["PNEUMONIA"] >= 8
+    assert lineage["n_fine_tune"] + lineage["n_calibration"] + n_locked == 90  # never trained on the locked set
+    c = meta["metrics"]["locked_site_test"]
+    assert c["candidate"]["version"] == meta["version"] and c["reference"]["version"] == "2"
+    assert c["n_images"] == n_locked and len(c["difference"]["auc"]["ci95"]) == 2
+    # the locked set is reused by the next candidate of the site, however the labels grew
+    assert site_loop.load_or_carve("siteA", [], 0.5, 1)[0]["images"] == locked["images"]
+
+    runner = CliRunner()
+    out = runner.invoke(app, ["model", "shadow-add", "--model-dir", str(vdir), "--repository", str(live)])
+    assert out.exit_code == 0, out.output
+    assert active_version(live, "pneumonia") == 2 and (live / "pneumonia" / "3" / "locked_test_set.json").exists()
+    out = runner.invoke(app, ["model", "compare", "--repository", str(live), "--bootstrap", "20"])
+    assert out.exit_code == 0, out.output
+    assert "version 3 against the active version 2" in out.output and "promotion rule" in out.output
+
+    # the rule decides; a refusal changes nothing
+    monkeypatch.setattr(site_loop, "promotion_verdict", lambda c, margin=0.05: {"passed": False, "reasons": ["x"]})
+    out = runner.invoke(app, ["model", "promote", "3", "--reason", "site A", "--repository", str(live)])
+    assert out.exit_code == 3 and active_version(live, "pneumonia") == 2, out.output
+    monkeypatch.setattr(site_loop, "promotion_verdict", lambda c, margin=0.05: {"passed": True, "reasons": []})
+    monkeypatch.setenv("PT_USER", "ml-engineer")
+    out = runner.invoke(app, ["model", "promote", "3", "--reason", "better on site A", "--repository", str(live)])
+    assert out.exit_code == 0 and active_version(live, "pneumonia") == 3, out.output
+    entry = json.loads((live / "pneumonia" / "promotions.jsonl").read_text().splitlines()[-1])
+    assert entry["user"] == "ml-engineer" and entry["reason"] == "better on site A" and entry["previous"] == 2
+    # undo: the previous version has no locked set, but it was active before
+    out = runner.invoke(app, ["model", "promote", "2", "--reason", "undo", "--repository", str(live)])
+    assert out.exit_code == 0 and active_version(live, "pneumonia") == 2, out.output
