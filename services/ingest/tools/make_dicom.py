@@ -141,6 +141,20 @@ def _scale(pixels8: np.ndarray, bits: int, photometric: str) -> np.ndarray:
     return (top - out).astype(np.uint16) if photometric == "MONOCHROME1" else out
 
 
+# ViewCodeSequence (CID 4010) for each view make-dicom writes
+VIEW_CODES = {
+    "PA": ("399348003", "SCT", "postero-anterior"),
+    "AP": ("399182009", "SCT", "antero-posterior"),
+    "LL": ("399173006", "SCT", "left lateral"),
+}
+
+
+def _code(value: str, scheme: str, meaning: str) -> Dataset:
+    item = Dataset()
+    item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = value, scheme, meaning
+    return item
+
+
 def _dataset(image_path: Path, pixels: np.ndarray, opts: DicomOptions) -> Dataset:
     content = hashlib.sha256(Path(image_path).read_bytes()).hexdigest()
     patient = patient_key(image_path)
@@ -186,12 +200,19 @@ def _dataset(image_path: Path, pixels: np.ndarray, opts: DicomOptions) -> Datase
     ds.StudyID = "1"
     ds.SeriesNumber = "1"
     ds.InstanceNumber = "1"
-    ds.Laterality = ""
+    # the chest is an unpaired body part: no (series) Laterality, ImageLaterality U (dciodvfy: 0 errors)
+    ds.AnatomicRegionSequence = [_code("43799004", "SCT", "Chest")]
+    ds.ViewCodeSequence = [_code(*VIEW_CODES[opts.view])]
+    if opts.modality == "DX":  # DX Anatomy Imaged, DX Positioning, DX Image, Acquisition Context
+        ds.ImageLaterality = "U"
+        ds.PositionerType = ""
+        ds.AcquisitionContextSequence = []
     # a pediatric chest field of view of ~ 250 mm across the image
     spacing = f"{250.0 / max(rows, cols):.4f}"
     ds.PixelSpacing = [spacing, spacing]
     ds.ImagerPixelSpacing = [spacing, spacing]
     ds.PixelSpacingCalibrationType = "GEOMETRY"
+    ds.PixelSpacingCalibrationDescription = "assumed 250 mm field of view (made by make-dicom)"
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = opts.photometric
     ds.Rows, ds.Columns = rows, cols
@@ -201,13 +222,16 @@ def _dataset(image_path: Path, pixels: np.ndarray, opts: DicomOptions) -> Datase
     ds.PixelRepresentation = 0
     ds.PixelIntensityRelationship = "LOG"
     ds.PixelIntensityRelationshipSign = -1 if opts.photometric == "MONOCHROME1" else 1
+    if opts.modality == "DX":
+        ds.PresentationLUTShape = "INVERSE" if opts.photometric == "MONOCHROME1" else "IDENTITY"
     ds.RescaleIntercept = "0"
     ds.RescaleSlope = "1"
     ds.RescaleType = "US"
-    lo, hi = np.percentile(pixels, [1, 99])
-    ds.WindowCenter = f"{(lo + hi) / 2:.1f}"
-    ds.WindowWidth = f"{max(hi - lo, 1):.1f}"
-    ds.VOILUTFunction = "LINEAR"
+    if opts.intent == "presentation" or opts.modality == "CR":  # a DX VOI LUT only For Presentation
+        lo, hi = np.percentile(pixels, [1, 99])
+        ds.WindowCenter = f"{(lo + hi) / 2:.1f}"
+        ds.WindowWidth = f"{max(hi - lo, 1):.1f}"
+        ds.VOILUTFunction = "LINEAR"
     ds.BurnedInAnnotation = "NO"
     ds.LossyImageCompression = "01"  # the source JPEG already was lossy
     ds.LossyImageCompressionMethod = "ISO_10918_1"

@@ -1,0 +1,68 @@
+"""What PneumoTriage writes as DICOM passes dciodvfy (dicom3tools) with 0 errors (issue 23, item 6):
+`pneumotriage make-dicom`'s DX / CR objects (before: 7 errors on a DX: Laterality present for an
+unpaired body part, ImageLaterality, PresentationLUTShape, AnatomicRegionSequence, PositionerType,
+AcquisitionContextSequence, PixelSpacingCalibrationDescription) and the aggregator's Basic Text SR
+(first revision, and a verified revision with its predecessor and evidence)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from services.aggregator.report import URGENT, StudyReport
+from services.aggregator.sr import SopRef, build_sr, encode_sr
+from services.ingest.tools.make_dicom import make_dicom, make_dicom_file
+from tests.support.dciodvfy import errors, report
+
+
+@pytest.fixture(scope="module")
+def image(shared_data: Path) -> Path:
+    return sorted((shared_data / "kermany224" / "train" / "PNEUMONIA").glob("person*_bacteria_*.jpeg"))[0]
+
+
+# deflate is left out: dciodvfy cannot read a deflated data set at all ("Dicom dataset read failed")
+VARIANTS = {
+    "dx-pa-explicit": {},
+    "dx-mono1-16bit": {"photometric": "MONOCHROME1", "bits": 16},
+    "dx-for-processing-12bit": {"intent": "processing", "bits": 12},
+    "dx-ap-jpeg-baseline": {"view": "AP", "transfer_syntax": "jpeg-baseline"},
+    "dx-ll-rle": {"view": "LL", "transfer_syntax": "rle"},
+    "dx-jpeg-lossless-16bit": {"transfer_syntax": "jpeg-lossless", "bits": 16},
+    "dx-jpeg2000-lossy": {"transfer_syntax": "jpeg2000-lossy"},
+    "cr-jpeg2000-12bit": {"modality": "CR", "transfer_syntax": "jpeg2000", "bits": 12},
+}
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_make_dicom_passes_dciodvfy(image: Path, tmp_path: Path, name: str) -> None:
+    path = make_dicom_file(image, tmp_path, **VARIANTS[name])
+    assert errors(path) == [], report(path)
+
+
+@pytest.mark.parametrize("revision", ["first", "verified-with-predecessor"])
+def test_the_sr_passes_dciodvfy(image: Path, tmp_path: Path, revision: str) -> None:
+    header = make_dicom(image)
+    report_ = StudyReport(
+        study_uid=header.StudyInstanceUID,
+        flag=URGENT,
+        p_pneumonia=0.91,
+        reason="model: pneumonia likely",
+        revision=1 if revision == "first" else 2,
+        model_version="2",
+        human_judgments=3,
+        reviewed=revision != "first",
+        updated_at=datetime.now(UTC),
+        sop_uids=(header.SOPInstanceUID,),
+    )
+    evidence = [SopRef(header.SeriesInstanceUID, header.SOPClassUID, header.SOPInstanceUID)]
+    if revision == "first":
+        ds = build_sr(report_, header, evidence=evidence, complete=False)
+    else:
+        ds = build_sr(
+            report_, header, predecessor_sop_uid="1.2.826.0.1.3680043.10.1.1", evidence=evidence, verified_by="Doe^J"
+        )
+    path = tmp_path / "sr.dcm"
+    path.write_bytes(encode_sr(ds))
+    assert errors(path) == [], report(path)
