@@ -2,17 +2,23 @@
 `pneumotriage make-dicom`'s DX / CR objects (before: 7 errors on a DX: Laterality present for an
 unpaired body part, ImageLaterality, PresentationLUTShape, AnatomicRegionSequence, PositionerType,
 AcquisitionContextSequence, PixelSpacingCalibrationDescription) and the aggregator's Basic Text SR
-(first revision, and a verified revision with its predecessor and evidence)."""
+(first revision, and a verified revision with its predecessor and evidence), and the heatmap
+Secondary Capture (services/aggregator/heatmap_sc.py)."""
 
 from __future__ import annotations
 
+import io
 from datetime import UTC, datetime
 from pathlib import Path
 
+import numpy as np
+import pydicom
 import pytest
 
+from services.aggregator.heatmap_sc import build_heatmap_sc, encode_sc
 from services.aggregator.report import URGENT, StudyReport
 from services.aggregator.sr import SopRef, build_sr, encode_sr
+from services.inference.heatmaps import render_heatmap
 from services.ingest.tools.make_dicom import make_dicom, make_dicom_file
 from tests.support.dciodvfy import errors, report
 
@@ -66,3 +72,33 @@ def test_the_sr_passes_dciodvfy(image: Path, tmp_path: Path, revision: str) -> N
     path = tmp_path / "sr.dcm"
     path.write_bytes(encode_sr(ds))
     assert errors(path) == [], report(path)
+
+
+@pytest.mark.parametrize("variant", ["dx-pa-explicit", "dx-mono1-16bit"])
+def test_the_heatmap_secondary_capture_passes_dciodvfy(image: Path, tmp_path: Path, variant: str) -> None:
+    source = make_dicom(image, **VARIANTS[variant])
+    cam = np.zeros((7, 7), dtype=np.float32)
+    cam[2:5, 1:3] = 1.0  # a hot spot on the image's right lung
+    buf = io.BytesIO()
+    render_heatmap(cam, int(source.Rows), int(source.Columns), 224).save(buf, format="PNG")
+    ds = build_heatmap_sc(source, buf.getvalue(), flag=URGENT, p_pneumonia=0.912, model_version="2", revision=3)
+    path = tmp_path / "sc.dcm"
+    path.write_bytes(encode_sc(ds))
+    assert errors(path) == [], report(path)
+    read = pydicom.dcmread(path)
+    assert read.StudyInstanceUID == source.StudyInstanceUID and read.SeriesInstanceUID != source.SeriesInstanceUID
+    assert (
+        read.BurnedInAnnotation == "YES"
+        and read.SourceImageSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
+    )
+    rgb = read.pixel_array
+    assert rgb.shape == (source.Rows, source.Columns, 3)
+    # colour where the heatmap is, grey elsewhere below the burned-in band; the band is dark with text
+    saturation = rgb.max(axis=2).astype(int) - rgb.min(axis=2)
+    assert saturation[110:150, 40:80].mean() > 40 and saturation[200:, 150:].mean() < 5
+    assert (
+        build_heatmap_sc(source, buf.getvalue(), flag=URGENT, p_pneumonia=0.9, model_version="2", revision=3)[
+            "SOPInstanceUID"
+        ].value
+        == read.SOPInstanceUID
+    )  # a re-send is the same object
