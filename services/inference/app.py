@@ -66,7 +66,9 @@ class InferenceService:
             "broker": self.broker.is_connected,
             "runtime": {"ok": runtime_ok, **self.runtime.describe()},
             "consuming": self.started.is_set(),  # ready only once it takes work from its queue
-            "shadow_versions": self.pipeline.shadow.versions if self.pipeline.shadow else [],
+            # a dict with "ok": the health route counts a value that is neither True nor {"ok": true, ...}
+            # as failing (a bare list made every service start-up wait on a 503 forever)
+            "shadow_versions": {"ok": True, "versions": self.pipeline.shadow.versions if self.pipeline.shadow else []},
         }
 
     async def run(self, stop: asyncio.Event) -> None:

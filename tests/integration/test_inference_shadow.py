@@ -79,7 +79,7 @@ async def test_shadow_never_reaches_the_flag(
             return list((await s.scalars(select(PredictionRow))).all())
 
     async with running_service(settings) as service:
-        assert (await service.health())["shadow_versions"] == ["2"]
+        assert (await service.health())["shadow_versions"]["versions"] == ["2"]
         await publish_events(broker, events)
         # the positive marker: every image's active prediction reached the aggregator, every image's
         # shadow prediction is stored, and the outbox has published what followed
