@@ -42,15 +42,17 @@ A_RELEASE_RQ = bytes.fromhex("0500000000040000") + b"\x00\x00"  # type 5, length
 A_ABORT = bytes.fromhex("070000000004") + b"\x00\x00\x00\x00"
 
 
-def dx_dataset(patient: str, sop_instance: str, rng: random.Random, rows: int = 64) -> bytes:
-    """A small, valid frontal chest DX data set (explicit VR little endian) naming `patient`."""
+def dx_dataset(patient: str | None, sop_instance: str, rng: random.Random, rows: int = 64) -> bytes:
+    """A small, valid frontal chest DX data set (explicit VR little endian) naming `patient` (None: no
+    patient elements at all, as in the spliced-file report, where the first request's name showed)."""
     ds = Dataset()
     ds.SOPClassUID = DX
     ds.SOPInstanceUID = sop_instance
     ds.StudyInstanceUID = generate_uid()
     ds.SeriesInstanceUID = generate_uid()
-    ds.PatientName = patient
-    ds.PatientID = patient.upper()
+    if patient is not None:
+        ds.PatientName = patient
+        ds.PatientID = patient.upper()
     ds.Modality = "DX"
     ds.BodyPartExamined = "CHEST"
     ds.ViewPosition = "PA"
@@ -63,6 +65,24 @@ def dx_dataset(patient: str, sop_instance: str, rng: random.Random, rows: int = 
     buf.is_little_endian, buf.is_implicit_VR = True, False
     write_dataset(buf, ds)
     return buf.getvalue()
+
+
+LONG_VRS = (b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV")
+
+
+def element_ends(data: bytes) -> list[int]:
+    """Offsets where each top-level element of an explicit VR little endian data set ends."""
+    ends, pos = [], 0
+    while pos + 8 <= len(data):
+        vr = data[pos + 4 : pos + 6]
+        if vr in LONG_VRS:
+            (length,) = struct.unpack_from("<L", data, pos + 8)
+            pos += 12 + length
+        else:
+            (length,) = struct.unpack_from("<H", data, pos + 6)
+            pos += 8 + length
+        ends.append(pos)
+    return ends
 
 
 @dataclass
@@ -189,9 +209,11 @@ class Generator:
     def _spliced(self) -> list[Step]:
         """A C-STORE's command and part of its data set, then a whole second C-STORE (issue 22 #1)."""
         first, _, pdvs = self._new_request(DX_CX, DX)
-        half = first.dataset[: self.rng.randint(1, len(first.dataset) - 1)]
-        pdvs += _data_pdvs(self.rng, DX_CX, half, last=False)
-        second, _, pdvs2 = self._new_request(DX_CX, DX)
+        ends = element_ends(first.dataset)
+        # mostly at an element boundary (what parses, so what a splice would store), else anywhere
+        cut = self.rng.choice(ends[:-1]) if self.rng.random() < 0.7 else self.rng.randint(1, len(first.dataset) - 1)
+        pdvs += _data_pdvs(self.rng, DX_CX, first.dataset[:cut], last=False)
+        second, _, pdvs2 = self._new_request(DX_CX, DX, anonymous=self.rng.random() < 0.5)
         pdvs2 += _data_pdvs(self.rng, DX_CX, second.dataset)
         return [Step(_pack(self.rng, pdvs) + _pack(self.rng, pdvs2), ends=True, what="spliced")]
 
@@ -235,7 +257,9 @@ class Generator:
         pdvs += _data_pdvs(self.rng, DX_CX, request.dataset[: len(request.dataset) // 2], last=False)
         return [Step([*_pack(self.rng, pdvs), A_RELEASE_RQ], ends=True, what="half a data set, then release")]
 
-    def _new_request(self, cx: int, sop_class: str) -> tuple[Request, bytes, list[tuple[int, int, bytes]]]:
+    def _new_request(
+        self, cx: int, sop_class: str, anonymous: bool = False
+    ) -> tuple[Request, bytes, list[tuple[int, int, bytes]]]:
         rng = self.rng
         roll = rng.random()
         if self.history and roll < 0.08:  # the same instance again, same bytes (a retry)
@@ -246,7 +270,8 @@ class Generator:
             data = dx_dataset(f"Other^{rng.getrandbits(16)}", uid, rng)
         else:
             uid = self._uid()
-            data = dx_dataset(f"Patient^{rng.getrandbits(24)}", uid, rng, rows=rng.choice([64, 64, 96]))
+            name = None if anonymous else f"Patient^{rng.getrandbits(24)}"
+            data = dx_dataset(name, uid, rng, rows=rng.choice([64, 64, 96]))
         request = Request(self.next_id, uid, data)
         self.next_id += 1
         self.requests.append(request)
