@@ -167,9 +167,10 @@ async def test_both_paths_agree_on_generated_sequences(pair: Pair) -> None:
     n = int(os.environ.get("PT_WIRE_FUZZ_N", "2000"))
     wire_before = STORE_PATHS.labels("wire")._value.get()
     await _fuzz(pair, [*REGRESSION_SEEDS, *_seeds(range(1, n + 1))])
-    # the fast path really took C-STOREs past pynetdicom's DIMSE layer (this is not two library runs)
-    assert STORE_PATHS.labels("wire")._value.get() > wire_before
-    assert len(pair.history) > 0
+    if not os.environ.get("PT_WIRE_FUZZ_SEEDS"):  # (a replayed seed may store nothing)
+        # the fast path really took C-STOREs past pynetdicom's DIMSE layer (this is not two library runs)
+        assert STORE_PATHS.labels("wire")._value.get() > wire_before
+        assert len(pair.history) > 0
 
 
 @pytest.mark.slow
