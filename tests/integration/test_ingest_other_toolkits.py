@@ -23,7 +23,7 @@ from services.inference.worker import load_image
 from services.ingest.app import IngestService
 from services.system.rabbitmq import RabbitNode
 from tests.support.dicom_peers import STORESCU, storescu_flags_for
-from tests.support.ingest_service import AE_TITLE, drain, ingest_service_fixture, run  # noqa: F401
+from tests.support.ingest_service import AE_TITLE, drain, drain_lanes, ingest_service_fixture, run  # noqa: F401
 
 JPEG_LS_LOSSLESS = "1.2.840.10008.1.2.4.80"
 JPEG_LS_NEAR = "1.2.840.10008.1.2.4.81"
@@ -80,7 +80,7 @@ async def test_pydicom_test_files_jpeg_ls_and_jpeg_extended(
         await store(ingest_service.dicom_port, path, storescu_flags_for(path))
         sources[str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)] = (path, ts)
 
-    events = await drain(rabbit.url, "inference.images", expected=len(sources))
+    events = await drain_lanes(rabbit.url, "inference.images", expected=len(sources))
     assert sorted(e.image.sop_instance_uid for _, e in events) == sorted(sources)
     for _, event in events:
         path, ts = sources[event.image.sop_instance_uid]

@@ -14,6 +14,7 @@ import aio_pika
 import pytest
 
 from services.core.broker import Broker
+from services.core.lanes import SUFFIX
 from services.core.net import free_port
 from services.ingest.app import IngestService
 from services.ingest.config import IngestSettings
@@ -64,6 +65,25 @@ async def drain(
     (tests.support.queues.take), each with its decoded payload."""
     messages = await take(rabbit_url, queue, count=expected, timeout=timeout, settle=settle)
     return [(message, payload(message)) for message in messages]
+
+
+async def drain_lanes(
+    rabbit_url: str, queue: str, expected: int, timeout: float = 60.0, settle: float = 1.0
+) -> list[tuple[aio_pika.abc.AbstractIncomingMessage, Any]]:
+    """`drain` over both lanes of a consumer, `queue` (fresh) and `queue`.backfill: real files from
+    other toolkits carry old study dates, which ingest classes as backfill (services/ingest/lane_rules.py)."""
+    queues = (queue, queue + SUFFIX)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    got: list[aio_pika.abc.AbstractIncomingMessage] = []
+    while len(got) < expected and loop.time() < deadline:
+        for name in queues:
+            got += await take(rabbit_url, name, timeout=1.0)
+        if len(got) < expected:
+            await asyncio.sleep(0.1)  # the poll interval while the relay publishes
+    for name in queues:  # and nothing more comes
+        got += await take(rabbit_url, name, timeout=settle + 1.0, settle=settle)
+    return [(message, payload(message)) for message in got]
 
 
 def sop_uids(events: Iterable[tuple[Any, Any]]) -> list[str]:
