@@ -41,6 +41,10 @@ class AggregatorSettings(AuthSettings):
     # Seconds a study's new SR revision is held before it is frozen and sent, so a study still
     # arriving sends one SR per settled change and never a flip undone within it (URGENT: at once).
     sr_settle_s: float = 5.0
+    # With each SR revision, a DICOM Secondary Capture per judged image (the X-ray with the heatmap,
+    # the flag, P(pneumonia), the model version and "diagnostic aid" burned in; heatmap_sc.py), in
+    # the study and a series of its own, frozen with the SR and sent on the same association.
+    send_heatmap_sc: bool = False
     # SRs for backfill studies (a catch-up or migration; services/core/lanes.py): sent, marked as a
     # retrospective triage result (true), or none at all (false).
     backfill_sr: bool = True

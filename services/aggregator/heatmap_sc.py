@@ -9,8 +9,8 @@ the heatmap PNG the inference service wrote (services/inference/heatmaps.py). Th
 SOP Instance UIDs are derived from the study / source image and the revision, so a re-send is the
 same object. Passes dciodvfy with 0 errors (tests/unit/test_dicom_dciodvfy.py).
 
-Not wired yet: queuing it with the SR through the supervised delivery queue (sr_delivery.py) and
-the demo's default (docs/fhir-and-sr.md lists what is not built).
+Sent with PT_AGGREGATOR_SEND_HEATMAP_SC: frozen with each SR revision and C-STOREd before it on the
+same association (service.py `heatmap_scs`, sr_delivery.py `send_batch`; docs/fhir-and-sr.md).
 """
 
 from __future__ import annotations

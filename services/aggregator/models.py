@@ -187,6 +187,21 @@ class SrDelivery(Base):
     predecessor_sop_uid: Mapped[str] = mapped_column(UID, default="", server_default="")
 
 
+class SrDeliveryObject(Base):
+    """Another DICOM object sent with an SR revision, before it, on the same association: a heatmap
+    Secondary Capture per judged image (PT_AGGREGATOR_SEND_HEATMAP_SC). Frozen with the SR (Part 10
+    bytes), so every attempt sends the same content under the same SOP Instance UID."""
+
+    __tablename__ = "aggregator_sr_delivery_objects"
+    __table_args__ = (UniqueConstraint("delivery_id", "sop_uid"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    delivery_id: Mapped[int] = mapped_column(Integer, index=True)
+    sop_uid: Mapped[str] = mapped_column(UID)
+    sop_class_uid: Mapped[str] = mapped_column(UID)
+    dataset: Mapped[bytes] = mapped_column(LargeBinary)
+
+
 class Refusal(Base):
     """An image ingest refused (image.rejected): an expected outcome, counted for operators. One row
     per SOP instance and reason code (ingest sends one event per pair; a redelivery changes nothing).

@@ -22,7 +22,16 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from services.aggregator.config import AggregatorSettings
 from services.aggregator.drift import DriftConfig, DriftMonitor
-from services.aggregator.models import Base, Image, LabelAggregateRow, Outbox, SrDelivery, Study
+from services.aggregator.models import (
+    Base,
+    Image,
+    LabelAggregateRow,
+    Outbox,
+    PredictionRow,
+    SrDelivery,
+    SrDeliveryObject,
+    Study,
+)
 from services.aggregator.policy import PENDING, Policy
 from services.aggregator.recalibrate import load_active
 from services.aggregator.report import StudyReport
@@ -326,11 +335,27 @@ class Aggregator:
                     delivery.dataset = encode_sr(ds)  # frozen: every attempt sends these bytes
                     delivery.sop_uid = str(ds.SOPInstanceUID)
                     delivery.predecessor_sop_uid = previous.sop_uid if previous is not None else ""
+                    if self.settings.send_heatmap_sc:  # frozen with the SR, sent before it
+                        for sop_uid, sop_class, data in await self.heatmap_scs(session, study, delivery.revision):
+                            session.add(
+                                SrDeliveryObject(
+                                    delivery_id=delivery.id, sop_uid=sop_uid, sop_class_uid=sop_class, dataset=data
+                                )
+                            )
             for delivery in superseded:
                 delivery.status = "superseded"
             for delivery in pending:  # frozen, not sent yet: in queue order (a study's chain in order)
                 if delivery.status == "pending" and delivery.dataset is not None:
                     jobs.append((delivery.id, delivery.study_uid, delivery.dataset, delivery.flag))
+            extras: dict[int, list[bytes]] = {}
+            if jobs:
+                await session.flush()
+                for obj in await session.scalars(
+                    select(SrDeliveryObject)
+                    .where(SrDeliveryObject.delivery_id.in_([j[0] for j in jobs]))
+                    .order_by(SrDeliveryObject.id)
+                ):
+                    extras.setdefault(obj.delivery_id, []).append(obj.dataset)
             await session.commit()
         self._sr_next_due = next_due
         breaker = self.sr_breaker
@@ -348,9 +373,15 @@ class Aggregator:
         size = max(1, self.settings.sr_batch_size)
         for start in range(0, len(ordered), size):
             batch = ordered[start : start + size]
+            batch_extras = {i: extras[i] for i, _ in batch if i in extras}
             result = await asyncio.to_thread(
-                send_batch, batch, self.destination, self.settings.sr_calling_ae, self.sr_timeouts
+                send_batch, batch, self.destination, self.settings.sr_calling_ae, self.sr_timeouts, batch_extras
             )
+            if result.skipped_objects:
+                log.warning(
+                    "SR destination accepts no Secondary Capture: heatmaps not sent",
+                    extra={"destination": breaker.label, "skipped": result.skipped_objects},
+                )
             async with self.sessions() as session:
                 for delivery_id in result.sent:
                     delivery = await session.get(SrDelivery, delivery_id)
@@ -374,6 +405,64 @@ class Aggregator:
             breaker.success(len(ordered) - start - len(batch))
         await self.refresh_sr_gauges()
         return sent
+
+    async def heatmap_scs(self, session: AsyncSession, study: Study, revision: int) -> list[tuple[str, str, bytes]]:
+        """(SOP instance UID, SOP class UID, Part 10 bytes) of a heatmap Secondary Capture per judged
+        image of the study (heatmap_sc.py), for the SR revision `revision`. An image whose file
+        cannot be read is left out; one without a heatmap gets the X-ray and the result only."""
+        from services.aggregator.heatmap_sc import SECONDARY_CAPTURE, build_heatmap_sc, encode_sc
+        from services.aggregator.stored_images import heatmap_png, path_of
+        from services.core.imaging import read_dicom
+
+        images = (
+            await session.scalars(select(Image).where(Image.study_uid == study.study_uid).order_by(Image.sop_uid))
+        ).all()
+        out: list[tuple[str, str, bytes]] = []
+        for number, image in enumerate((i for i in images if i.eligible and i.flag != PENDING), start=1):
+            path = path_of(image.storage_uri)
+            if path is None or not path.is_file():
+                continue
+            pred = (
+                await session.scalars(
+                    select(PredictionRow)
+                    .where(PredictionRow.sop_uid == image.sop_uid, PredictionRow.superseded_by == "")
+                    .order_by(PredictionRow.id.desc())
+                    .limit(1)
+                )
+            ).first()
+            heatmap_path = path_of(pred.heatmap_uri) if pred is not None and pred.heatmap_uri else None
+            version = (pred.model_version if pred is not None else "") or study.model_version
+
+            def build(
+                path: Any = path,
+                heatmap_path: Any = heatmap_path,
+                image: Image = image,
+                n: int = number,
+                v: str = version,
+            ) -> Any:
+                try:
+                    source = read_dicom(path)
+                    heatmap = None
+                    if heatmap_path is not None and heatmap_path.is_file():
+                        heatmap = heatmap_png(str(heatmap_path), heatmap_path.stat().st_mtime)
+                    ds = build_heatmap_sc(
+                        source,
+                        heatmap,
+                        flag=image.flag,
+                        p_pneumonia=image.p_fused,
+                        model_version=v,
+                        revision=revision,
+                        instance_number=n,
+                    )
+                    return str(ds.SOPInstanceUID), encode_sc(ds)
+                except Exception as exc:  # an unreadable file must not hold the SR back
+                    log.warning("heatmap SC not built", extra={"error": repr(exc)[:300]})
+                    return None
+
+            built = await asyncio.to_thread(build)
+            if built is not None:
+                out.append((built[0], SECONDARY_CAPTURE, built[1]))
+        return out
 
     async def sr_backlog(self) -> tuple[int, float]:
         """SR deliveries not sent yet and the age (seconds) of the oldest."""

@@ -72,6 +72,7 @@ class BatchResult:
     reason: str | None = None  # one of REASONS
     detail: str = ""
     permanent: bool = False  # a permanent A-ASSOCIATE-RJ: retrying soon will not help
+    skipped_objects: int = 0  # heatmap SCs not sent: the peer accepted no Secondary Capture context
 
 
 class _PynetdicomMute(logging.Filter):
@@ -104,12 +105,26 @@ for _name in (
     logging.getLogger(_name).addFilter(_MUTE)
 
 
-def send_batch(items: list[tuple[int, bytes]], dest: Destination, calling_ae: str, timeouts: Timeouts) -> BatchResult:
-    """C-STORE frozen SRs over one association (blocking; run it in a thread)."""
+def send_batch(
+    items: list[tuple[int, bytes]],
+    dest: Destination,
+    calling_ae: str,
+    timeouts: Timeouts,
+    extras: dict[int, list[bytes]] | None = None,
+) -> BatchResult:
+    """C-STORE frozen SRs over one association (blocking; run it in a thread).
+
+    `extras`: per delivery id, other frozen objects (heatmap Secondary Captures) stored before its
+    SR on the same association, which then also proposes Secondary Capture Image Storage. A
+    delivery counts as sent only once its objects and its SR are stored; a failure retries them all
+    (the same bytes). A PACS that accepts no Secondary Capture context still gets the SRs.
+    """
     from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
     from pynetdicom import AE, evt
     from pynetdicom.pdu_primitives import A_ABORT, A_ASSOCIATE, A_P_ABORT
-    from pynetdicom.sop_class import BasicTextSRStorage  # type: ignore[attr-defined]
+    from pynetdicom.sop_class import BasicTextSRStorage, SecondaryCaptureImageStorage  # type: ignore[attr-defined]
+
+    extras = {k: v for k, v in (extras or {}).items() if v}
 
     result = BatchResult()
     seen: dict[str, Any] = {"opened": False, "primitive": None}
@@ -128,6 +143,8 @@ def send_batch(items: list[tuple[int, bytes]], dest: Destination, calling_ae: st
     ae.dimse_timeout = timeouts.dimse_s
     ae.network_timeout = max(timeouts.acse_s, timeouts.dimse_s)
     ae.add_requested_context(BasicTextSRStorage, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+    if extras:
+        ae.add_requested_context(SecondaryCaptureImageStorage, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
     with _MUTE.lock:
         _MUTE.active += 1
         _MUTE.last_tcp_error = ""
@@ -154,9 +171,22 @@ def send_batch(items: list[tuple[int, bytes]], dest: Destination, calling_ae: st
                 result.reason, result.detail = "error", f"association not established ({type(prim).__name__})"
             return result
         try:
+            sc_ok = any(
+                cx.abstract_syntax == SecondaryCaptureImageStorage and cx.result == 0x00
+                for cx in assoc.accepted_contexts
+            )
+            if extras and not sc_ok:
+                result.skipped_objects = sum(len(extras.get(i, [])) for i, _ in items)
             for delivery_id, data in items:
-                status = assoc.send_c_store(decode_sr(data))
-                code = int(getattr(status, "Status", -1)) if status else -1
+                code = 0x0000
+                for obj in extras.get(delivery_id, []) if sc_ok else []:  # the heatmap SCs, then the SR
+                    status = assoc.send_c_store(decode_sr(obj))
+                    code = int(getattr(status, "Status", -1)) if status else -1
+                    if code not in STORE_OK:
+                        break
+                if code in STORE_OK:
+                    status = assoc.send_c_store(decode_sr(data))
+                    code = int(getattr(status, "Status", -1)) if status else -1
                 if code in STORE_OK:
                     result.sent.append(delivery_id)
                     continue

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import io
 import logging
 from pathlib import Path
 from urllib.parse import unquote, urlparse
@@ -32,3 +34,24 @@ def read_header(storage_uri: str) -> Dataset | None:
     except Exception:  # a missing or unreadable file must not break the result
         log.warning("cannot read stored header", extra={"error": "unreadable file"})
         return None
+
+
+@functools.lru_cache(maxsize=256)
+def heatmap_png(path: str, mtime: float) -> bytes:
+    """A heatmap file as a transparent colour PNG (.npy arrays are colour-mapped; PNGs pass through).
+
+    (Shared by the worklist's heatmap endpoint and the heatmap Secondary Capture.)"""
+    if not path.endswith(".npy"):
+        return Path(path).read_bytes()
+    import numpy as np
+    from matplotlib import colormaps
+    from PIL import Image as PILImage
+
+    arr = np.asarray(np.load(path), dtype=np.float32).squeeze()
+    lo, hi = float(arr.min()), float(arr.max())
+    arr = (arr - lo) / (hi - lo) if hi > lo else np.zeros_like(arr)
+    rgba = (colormaps["jet"](arr) * 255).astype(np.uint8)
+    rgba[..., 3] = (np.clip(arr, 0, 1) * 255).astype(np.uint8)
+    buf = io.BytesIO()
+    PILImage.fromarray(rgba, mode="RGBA").save(buf, format="PNG")
+    return buf.getvalue()

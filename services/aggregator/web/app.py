@@ -7,7 +7,6 @@ No `from __future__ import annotations` here: FastAPI must see the route signatu
 
 import asyncio
 import functools
-import io
 import json
 import logging
 from datetime import date
@@ -25,7 +24,7 @@ from services.aggregator.fhir import fhir_diagnostic_report
 from services.aggregator.models import PredictionRow, Study, User
 from services.aggregator.policy import FLAGS, PENDING
 from services.aggregator.report import DISCLAIMER
-from services.aggregator.stored_images import path_of
+from services.aggregator.stored_images import heatmap_png, path_of
 from services.aggregator.web import queries
 from services.core.auth import (
     Account,
@@ -100,25 +99,6 @@ def render_png(path: str, mtime: float, frame: int) -> bytes:
     from services.core.imaging import display_array, read_dicom, to_png
 
     return to_png(display_array(read_dicom(path), frame=frame), max_side=1024)
-
-
-@functools.lru_cache(maxsize=256)
-def heatmap_png(path: str, mtime: float) -> bytes:
-    """A heatmap file as a transparent colour PNG (.npy arrays are colour-mapped; PNGs pass through)."""
-    if not path.endswith(".npy"):
-        return Path(path).read_bytes()
-    import numpy as np
-    from matplotlib import colormaps
-    from PIL import Image as PILImage
-
-    arr = np.asarray(np.load(path), dtype=np.float32).squeeze()
-    lo, hi = float(arr.min()), float(arr.max())
-    arr = (arr - lo) / (hi - lo) if hi > lo else np.zeros_like(arr)
-    rgba = (colormaps["jet"](arr) * 255).astype(np.uint8)
-    rgba[..., 3] = (np.clip(arr, 0, 1) * 255).astype(np.uint8)
-    buf = io.BytesIO()
-    PILImage.fromarray(rgba, mode="RGBA").save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def create_app(agg: "Aggregator") -> FastAPI:
