@@ -22,6 +22,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+from prometheus_client import Gauge
 from sqlalchemy import text
 
 from services.core.broker import Broker
@@ -42,6 +43,9 @@ SERVICE = "ingest"
 # writer may use): a C-STORE of a large CR/DX image needs tens of MiB, and the operator needs time.
 STORE_MIN_FREE_BYTES = 64 * 1024 * 1024
 STORE_PROBE_BYTES = 4096
+# Set on each store_health() (every /healthz probe): the "disk nearly full" alert reads these.
+STORE_FREE_BYTES = Gauge("pt_ingest_store_free_bytes", "Free bytes on the image store (statvfs, unprivileged)")
+STORE_SIZE_BYTES = Gauge("pt_ingest_store_size_bytes", "Size of the image store's file system in bytes")
 
 
 def store_health(root: Path, min_free_bytes: int = STORE_MIN_FREE_BYTES) -> dict[str, Any]:
@@ -56,6 +60,8 @@ def store_health(root: Path, min_free_bytes: int = STORE_MIN_FREE_BYTES) -> dict
     except OSError as exc:
         return {"ok": False, "free_bytes": None, "reason": f"statvfs failed: {exc.strerror or exc}"}
     free = st.f_bavail * st.f_frsize
+    STORE_FREE_BYTES.set(free)
+    STORE_SIZE_BYTES.set(st.f_blocks * st.f_frsize)
     probe = root / f".healthz-{uuid.uuid4().hex}"
     try:
         fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
