@@ -35,8 +35,6 @@ def test_compose_has_the_whole_system() -> None:
     services = COMPOSE["services"]
     for name in ("rabbitmq", "postgres", "triton", *SERVICES, "prometheus", "grafana"):
         assert name in services, name
-    assert services["rabbitmq"]["image"].startswith("rabbitmq:3") and "management" in services["rabbitmq"]["image"]
-    assert services["triton"]["image"].startswith("nvcr.io/nvidia/tritonserver:")
     assert "images" in COMPOSE["volumes"]
     for name, svc in services.items():
         assert svc.get("restart") in ("unless-stopped", "always", "on-failure"), f"{name}: restart policy"
@@ -44,10 +42,67 @@ def test_compose_has_the_whole_system() -> None:
             assert "healthcheck" in svc and svc["healthcheck"]["test"], f"{name}: health check"
     # the model repository mounted into Triton is the one the inference engineer ships
     mounts = services["triton"]["volumes"]
-    assert any(m.startswith("./deploy/triton/model_repository:") for m in mounts)
-    gpu = yaml.safe_load((REPO / "deploy/docker/compose.gpu.yml").read_text())
-    devices = gpu["services"]["triton"]["deploy"]["resources"]["reservations"]["devices"]
+    assert any(m.startswith("./deploy/triton/model_repository:/models") for m in mounts)
+    # GPU: the NGC image (onnxruntime backend) through deploy/docker/compose.gpu.yml
+    gpu = yaml.safe_load((REPO / "deploy/docker/compose.gpu.yml").read_text())["services"]["triton"]
+    devices = gpu["deploy"]["resources"]["reservations"]["devices"]
     assert devices[0]["capabilities"] == ["gpu"]
+    assert gpu["build"]["args"]["BASE_IMAGE"].startswith("nvcr.io/nvidia/tritonserver:")
+    assert (REPO / gpu["build"]["context"] / gpu["build"]["dockerfile"]).is_file()
+    assert "--model-repository=/models" in gpu["command"]
+
+
+# compose service -> (Dockerfile, what it installs or runs): built from Debian / PyPI, no registry image
+BUILT_IMAGES = {
+    "rabbitmq": ("deploy/docker/rabbitmq.Dockerfile", "rabbitmq-server"),
+    "postgres": ("deploy/docker/postgres.Dockerfile", "postgresql-15"),
+    "prometheus": ("deploy/docker/prometheus.Dockerfile", "prometheus"),
+    "triton": ("deploy/docker/triton-cpu.Dockerfile", "nvidia-pytriton=="),
+}
+
+
+@pytest.mark.parametrize("service", [*BUILT_IMAGES, *SERVICES])
+def test_every_image_is_built_from_a_base_build_argument(service: str) -> None:
+    """Each image but Grafana is built here FROM ${BASE_IMAGE} (deploy/docker/base-image.sh or public)."""
+    svc = COMPOSE["services"][service]
+    build = svc["build"]
+    dockerfile = REPO / build["context"] / build["dockerfile"]
+    assert dockerfile.is_file()
+    if service in BUILT_IMAGES:
+        assert dockerfile == REPO / BUILT_IMAGES[service][0]
+        assert BUILT_IMAGES[service][1] in dockerfile.read_text()
+    assert build["args"]["BASE_IMAGE"].startswith("${PT_BASE_IMAGE:-"), "the base is a build argument"
+    assert svc["image"].startswith("pneumotriage"), "a local tag, never a registry image to pull"
+    instructions = _dockerfile_instructions(dockerfile)
+    assert all(rest.startswith("${BASE_IMAGE}") for op, rest in instructions if op == "FROM")
+    assert any(op == "ARG" and rest.startswith("BASE_IMAGE=") for op, rest in instructions)
+    assert any(op == "HEALTHCHECK" for op, _ in instructions) or "healthcheck" in svc
+    # every COPY source exists in the build context
+    context = REPO / build["context"]
+    for op, rest in instructions:
+        if op == "COPY" and "--from=" not in rest:
+            *sources, _dest = rest.split()
+            for src in sources:
+                assert (context / src).exists(), f"{dockerfile.name}: COPY {src}"
+
+
+def test_rabbitmq_image_has_the_plugins_prometheus_scrapes() -> None:
+    text = (REPO / "deploy/docker/rabbitmq.Dockerfile").read_text()
+    assert "rabbitmq_management" in text and "rabbitmq_prometheus" in text and "15692" in text
+    env = COMPOSE["services"]["rabbitmq"]["environment"]
+    assert env["RABBITMQ_DEFAULT_USER"] == "pneumotriage" and ":?" in env["RABBITMQ_DEFAULT_PASS"]
+
+
+def test_compose_file_suits_compose_v1_and_v2() -> None:
+    """Debian ships docker-compose 1.29 (v1): no top-level `name:`; secrets stay required (`:?`)."""
+    assert "name" not in COMPOSE and "version" not in COMPOSE
+    assert "COMPOSE_PROJECT_NAME=pneumotriage" in (REPO / ".env.example").read_text()
+    text = (REPO / "docker-compose.yml").read_text()
+    for secret in ("PT_SECRET_KEY", "PT_RABBITMQ_PASSWORD", "PT_POSTGRES_PASSWORD", "PT_GRAFANA_PASSWORD"):
+        uses = re.findall(r"\$\{" + secret + r"([^}]*)\}", text)
+        assert uses and all(u.startswith(":?") for u in uses), f"{secret}: no default"
+    assert COMPOSE["services"]["grafana"]["profiles"] == ["grafana"]
+    assert "deploy/docker/triton-cpu.py" in (REPO / ".dockerignore").read_text(), "classic builder's context"
 
 
 def test_labeling_yields_the_cpu_to_the_triage_path() -> None:
@@ -161,7 +216,8 @@ def test_dockerfile_is_sane() -> None:
     # the Python in the image is the one the project requires
     assert args["PYTHON_VERSION"] == "3.11" and ">=3.11,<3.12" in pyproject["project"]["requires-python"]
     froms = [rest for op, rest in instructions if op == "FROM"]
-    assert all(f.startswith("python:${PYTHON_VERSION}-slim") for f in froms)
+    assert all(f.startswith("${BASE_IMAGE}") for f in froms)
+    assert args["BASE_IMAGE"] == "python:${PYTHON_VERSION}-slim-bookworm", "the public image stays the default"
     # every COPY source exists in the repository and survives the .dockerignore
     ignore = (REPO / "deploy/docker/Dockerfile.dockerignore").read_text().splitlines()
     allowed = [line[1:].rstrip("*").rstrip("/") for line in ignore if line.startswith("!")]
@@ -217,3 +273,35 @@ def test_healthcheck_script_reports_health(tmp_path: Path) -> None:
         server.shutdown()
         server.server_close()
     assert subprocess.run([sys.executable, script, url], capture_output=True, timeout=30).returncode == 1
+
+
+def _exposed(dockerfile: str) -> set[int]:
+    return {int(p) for op, rest in _dockerfile_instructions(REPO / dockerfile) if op == "EXPOSE" for p in rest.split()}
+
+
+def test_built_images_agree_with_prometheus_and_kubernetes() -> None:
+    """The images compose builds expose what Prometheus scrapes; the GPU Triton in compose is the one
+    Kubernetes runs (same NGC image, same arguments, same ports as the CPU build)."""
+    assert 15692 in _exposed("deploy/docker/rabbitmq.Dockerfile")
+    assert {8000, 8001, 8002} <= _exposed("deploy/docker/triton-cpu.Dockerfile")
+    assert 9090 in _exposed("deploy/docker/prometheus.Dockerfile")
+    assert 5432 in _exposed("deploy/docker/postgres.Dockerfile")
+    assert COMPOSE["services"]["inference"]["environment"]["PT_INFERENCE_TRITON_URL"] == "triton:8001"
+    k8s_triton = next(
+        doc
+        for doc in yaml.safe_load_all((REPO / "deploy/k8s/triton.yaml").read_text())
+        if doc and doc["kind"] == "Deployment"
+    )
+    container = next(c for c in k8s_triton["spec"]["template"]["spec"]["containers"] if c["name"] == "triton")
+    gpu = yaml.safe_load((REPO / "deploy/docker/compose.gpu.yml").read_text())["services"]["triton"]
+    assert container["image"] == gpu["build"]["args"]["BASE_IMAGE"], "compose GPU and k8s run the same Triton"
+    assert container["args"] == gpu["command"]
+    assert {p["containerPort"] for p in container["ports"]} <= _exposed("deploy/docker/triton-cpu.Dockerfile")
+    # k8s copies the model repository out of the PneumoTriage image: the path its Dockerfile fills
+    init = k8s_triton["spec"]["template"]["spec"]["initContainers"][0]
+    dockerfile = (REPO / "deploy/docker/Dockerfile").read_text()
+    assert "COPY deploy/triton /opt/pneumotriage/triton" in dockerfile
+    assert "/opt/pneumotriage/triton/model_repository/." in init["command"]
+    # the CPU Triton serves the repository compose mounts, read-only, where triton-cpu.py looks
+    assert "./deploy/triton/model_repository:/models:ro" in COMPOSE["services"]["triton"]["volumes"]
+    assert '"PT_TRITON_MODEL_REPOSITORY", "/models"' in (REPO / "deploy/docker/triton-cpu.py").read_text()
