@@ -203,6 +203,9 @@ def catch_up(
             progress.update(t_pred, completed=pred)
             note = f"last {lat[-1]:.2f} s, max {max(lat):.2f} s" if lat else ""
             progress.update(t_fresh, completed=len(lat), total=max(1, len(fresh_out)), note=note)
+            if not backlog_thread.is_alive() and "result" not in sent:
+                stop.set()
+                raise RuntimeError(f"{mode}: the backlog's storescu senders failed (see the traceback above)")
             if not backlog_thread.is_alive() and drained_at is None:
                 acked = {by_path[p].sop_instance_uid for p in sent["result"].acked}  # type: ignore[attr-defined]
                 studies = {by_path[p].study_instance_uid for p in sent["result"].acked}  # type: ignore[attr-defined]
