@@ -13,6 +13,7 @@ RUN apt-get update \
       > /etc/rabbitmq/rabbitmq.conf \
  && mkdir -p /var/lib/rabbitmq /var/log/rabbitmq \
  && chown -R rabbitmq:rabbitmq /var/lib/rabbitmq /var/log/rabbitmq /etc/rabbitmq
+COPY rabbitmq-entrypoint.sh /usr/local/bin/pt-rabbitmq
 # logs to stdout; the node name stays rabbit@<hostname> (compose pins hostname: rabbitmq)
 ENV RABBITMQ_LOGS=- \
     HOME=/var/lib/rabbitmq
@@ -20,4 +21,4 @@ USER rabbitmq
 VOLUME ["/var/lib/rabbitmq"]
 EXPOSE 5672 15672 15692
 HEALTHCHECK --interval=10s --timeout=10s --start-period=30s --retries=10 CMD ["rabbitmq-diagnostics", "-q", "ping"]
-CMD ["/usr/lib/rabbitmq/bin/rabbitmq-server"]
+ENTRYPOINT ["/usr/local/bin/pt-rabbitmq"]
