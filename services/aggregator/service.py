@@ -294,11 +294,18 @@ class Aggregator:
                 if delivery.study_uid in latest:
                     superseded.append(latest[delivery.study_uid])
                 latest[delivery.study_uid] = delivery
+            # At most one association's worth is frozen per round (URGENT first), so a large backlog
+            # (after an outage, a catch-up) starts going out at once instead of after every SR of it
+            # was built in one long transaction; the sender comes back at once for the rest.
+            freeze_cap, frozen_now = max(1, self.settings.sr_batch_size), 0
             with session.no_autoflush:  # reads only until the snapshot is taken
-                for delivery in latest.values():
+                for delivery in sorted(latest.values(), key=lambda d: (d.flag != "URGENT", d.id)):
                     due = as_utc(delivery.due_at) or now
                     if due > now:  # still settling: a flip within it replaces this revision
                         next_due = due if next_due is None else min(next_due, due)
+                        continue
+                    if frozen_now >= freeze_cap:  # due, frozen in the next round
+                        next_due = now
                         continue
                     study = await session.get(Study, delivery.study_uid)
                     if study is None:
@@ -333,6 +340,7 @@ class Aggregator:
                         verified_by=(study.overridden_by or "") if delivery.verified else "",
                     )
                     delivery.dataset = encode_sr(ds)  # frozen: every attempt sends these bytes
+                    frozen_now += 1
                     delivery.sop_uid = str(ds.SOPInstanceUID)
                     delivery.predecessor_sop_uid = previous.sop_uid if previous is not None else ""
                     if self.settings.send_heatmap_sc:  # frozen with the SR, sent before it

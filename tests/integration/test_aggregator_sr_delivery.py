@@ -229,3 +229,28 @@ async def test_rejecting_pacs_reason_decoded_logged_once_then_delivered(
     finally:
         pacs.stop()
         await agg.engine.dispose()
+
+
+async def test_a_large_backlog_is_frozen_one_association_at_a_time_urgent_first(
+    orthanc: Orthanc, tmp_path: Path
+) -> None:
+    """Before: every due SR of a backlog was built in one round (one long transaction) before the
+    first was sent: 1,000 pending took ~2 minutes under load before the PACS saw any (bench/sr_delivery.py)."""
+    agg = await make_aggregator(tmp_path, orthanc.dicom_port, orthanc.aet, sr_batch_size=3)
+    try:
+        for i in range(7):
+            study, sop = f"1.2.826.0.1.99.82.{i}", f"1.2.826.0.1.99.82.{i}.1"
+            await apply_events(agg, received(sop, study), prediction(sop, 0.03, study=study))
+        urgent_study, urgent_sop = "1.2.826.0.1.99.83", "1.2.826.0.1.99.83.1"
+        await apply_events(agg, received(urgent_sop, urgent_study), prediction(urgent_sop, 0.97, study=urgent_study))
+        assert await agg.send_pending_srs() == 3
+        async with agg.sessions() as s:
+            rows = (await s.scalars(select(SrDelivery))).all()
+        assert sum(r.dataset is not None for r in rows) == 3, "one association's worth frozen per round"
+        assert next(r for r in rows if r.study_uid == urgent_study).status == "sent", "URGENT frozen and sent first"
+        assert agg._sr_next_due is not None, "the sender comes back at once for the rest"
+        assert await agg.send_pending_srs() == 3 and await agg.send_pending_srs() == 2
+        assert await agg.send_pending_srs() == 0
+        assert await asyncio.to_thread(sr_count, orthanc) >= 8
+    finally:
+        await agg.engine.dispose()
