@@ -27,6 +27,8 @@ import httpx
 
 REPO = Path(__file__).resolve().parents[2]
 PROJECT = os.environ.get("PT_COMPOSE_PROJECT", "ptcheck")
+# every scrape job of deploy/prometheus/prometheus.yml (the services' found by DNS, a few scrapes in)
+EXPECTED_JOBS = {"ingest", "inference", "labeling", "aggregator", "rabbitmq", "rabbitmq-queues", "triton"}
 DATA = Path(os.environ.get("PT_DATA_ROOT", REPO.parent / "shared" / "data"))
 
 
@@ -131,7 +133,7 @@ def prometheus_targets(timeout: float) -> dict[str, str]:
         for t in data:
             job = t["labels"]["job"]
             jobs[job] = "up" if jobs.get(job, "up") == "up" and t["health"] == "up" else t["health"]
-        if jobs and all(v == "up" for v in jobs.values()):
+        if set(jobs) >= EXPECTED_JOBS and all(v == "up" for v in jobs.values()):
             return jobs
         time.sleep(3)
     raise RuntimeError(f"Prometheus targets not all up: {jobs}")
@@ -179,11 +181,13 @@ def main() -> int:
         log(f"killed {len(inference)} inference container(s) {results['inference_after_kill']}; storing a second study")
         t_store = time.monotonic()
         store(samples[1])
-        # `restart: unless-stopped` brings them back (Docker restarts a killed container); start any it did not
-        time.sleep(10)
-        for c in inference:
-            if health(c) in ("exited", "gone"):
-                subprocess.run(["docker", "start", c], check=False, capture_output=True)
+        # Nothing can flag it while no inference runs. Docker's restart policy does not restart a container
+        # stopped by `docker kill` (a crash it does restart): start them, as an operator or k8s would.
+        time.sleep(8)
+        early = client.get(f"/api/v1/studies/{study_uid(samples[1])}")
+        results["flag_while_inference_down"] = early.json().get("flag") if early.status_code == 200 else None
+        subprocess.run(["docker", "start", *inference], check=True, capture_output=True)
+        log(f"flag while inference was down: {results['flag_while_inference_down']}; inference started again")
         flag2, _ = wait_flag(client, study_uid(samples[1]), 240)
         second = time.monotonic() - t_store
         restarts = subprocess.run(["docker", "inspect", "-f", "{{.RestartCount}}", *inference],
