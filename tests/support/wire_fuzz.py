@@ -280,6 +280,10 @@ class Generator:
 
 
 # --- playing a sequence --------------------------------------------------------------------------
+class NotAccepted(ConnectionError):
+    """The SCP did not accept the association (nothing of the sequence was sent yet)."""
+
+
 class _Peer:
     def __init__(self, port: int, called: str) -> None:
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
@@ -287,8 +291,9 @@ class _Peer:
         self.buf = b""
         self.sock.sendall(associate_rq(called, "FUZZSCU", CONTEXTS))
         pdu = self.read_pdu(10)
-        if pdu is None or pdu[0] != 0x02:
-            raise ConnectionError(f"association not accepted: {pdu[:1] if pdu else None!r}")
+        if not pdu or pdu[0] != 0x02:
+            self.sock.close()
+            raise NotAccepted(f"association not accepted: {pdu[:1] if pdu else pdu!r}")
 
     def read_pdu(self, timeout: float) -> bytes | None:
         """One whole PDU, b"" when the SCP closed the connection, None on timeout."""
@@ -323,10 +328,18 @@ def _response(pdu: bytes) -> tuple[int, int, str] | None:
     return int(cs.MessageIDBeingRespondedTo), int(cs.Status), str(cs.get("AffectedSOPInstanceUID", ""))
 
 
-def play(port: int, called: str, steps: list[Step], timeout: float = 10.0) -> Transcript:
-    """Send the steps as one association; what came back."""
+def play(port: int, called: str, steps: list[Step], timeout: float = 10.0, tries: int = 3) -> Transcript:
+    """Send the steps as one association; what came back. An association the SCP did not accept
+    (on a machine loaded past its request timeout) is tried again: nothing of the sequence was sent."""
+    for attempt in range(tries):
+        try:
+            peer = _Peer(port, called)
+            break
+        except NotAccepted:
+            if attempt == tries - 1:
+                raise
+            time.sleep(1.0)  # a back-off before the next try, not synchronisation
     out = Transcript()
-    peer = _Peer(port, called)
     try:
         for step in steps:
             try:
