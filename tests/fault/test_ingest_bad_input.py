@@ -5,11 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import pydicom
+from pynetdicom.dsutils import split_dataset
 
 from services.core.contracts import ImageReceived, ImageRejected
 from services.ingest.app import IngestService
+from services.ingest.scp import REJECTED
 from services.ingest.tools.make_dicom import make_dicom_file
 from services.ingest.tools.send import send_files
+from services.ingest.wire.pixel_scan import UNDEFINED, PixelLengthScan
 from services.system.rabbitmq import RabbitNode
 from tests.support.dicom_peers import ECHOSCU, STORESCU
 from tests.support.ingest_corpus import build_bad_corpus, build_fuzzed
@@ -76,18 +79,40 @@ async def test_zero_byte_file_is_not_sent_and_reported(tmp_path: Path, ingest_se
     assert summary.results[0].status is None and summary.failed
 
 
+def _declares_too_much(path: Path, limit: int) -> bool:
+    """True when the data set's Pixel Data element declares more than `limit` bytes, as the SCP's own
+    header scan (pixel_scan.py) sees the bytes the sender streams from the file."""
+    meta, offset = split_dataset(path)
+    scan = PixelLengthScan(str(meta.TransferSyntaxUID))
+    declared = scan.feed(path.read_bytes()[offset:])
+    return declared is not None and declared != UNDEFINED and declared > limit
+
+
 async def test_fuzzed_files_always_get_an_answer(
     ingest_service: IngestService, shared_data: Path, tmp_path: Path
 ) -> None:
     image = sorted((shared_data / "kermany224" / "train" / "PNEUMONIA").glob("*.jpeg"))[5]
     fuzzed = build_fuzzed(image, tmp_path / "fuzz", n=40)
-    summary = await call(send_files, fuzzed, "127.0.0.1", ingest_service.dicom_port, AE_TITLE, "FUZZER")
+    # A random byte in Pixel Data's length can make it declare gigabytes: the documented answer is an
+    # A-ABORT at the element's header (docs/dicom-conformance.md), which ends the association. Those
+    # files go on associations of their own; every other file gets a C-STORE status on one association.
+    limit = ingest_service.settings.instance_byte_limit
+    aborting = [p for p in fuzzed if _declares_too_much(p, limit)]
+    answered = [p for p in fuzzed if p not in aborting]
+    assert len(answered) >= 30
+
+    summary = await call(send_files, answered, "127.0.0.1", ingest_service.dicom_port, AE_TITLE, "FUZZER")
     statuses = [r.status for r in summary.results]
     assert None not in statuses, [r.comment for r in summary.results if r.status is None]
     allowed = {0x0000, 0x0122, 0xA900, 0xC210, 0xC211, 0xC212}
     assert set(statuses) <= allowed, [
         (hex(r.status or 0), r.comment) for r in summary.results if r.status not in allowed
     ]
+    for path in aborting:
+        before = REJECTED.labels("image_too_large")._value.get()
+        alone = await call(send_files, [path], "127.0.0.1", ingest_service.dicom_port, AE_TITLE, "FUZZER", timeout=10)
+        assert alone.results[0].status is None
+        assert REJECTED.labels("image_too_large")._value.get() == before + 1
     # and it still stores a good image afterwards
     good = make_dicom_file(image, tmp_path / "good", uid_salt="after-fuzz")
     after = await call(send_files, [good], "127.0.0.1", ingest_service.dicom_port, AE_TITLE)
