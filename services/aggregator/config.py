@@ -19,7 +19,9 @@ class AggregatorSettings(AuthSettings):
     http_port: int = 8004
     # Fusion weights and triage thresholds, written by `pneumotriage triage calibrate`.
     policy_file: Path = DEFAULT_POLICY_FILE
-    # Where results go back to PACS as a DICOM Basic Text SR: "host:port:AE_TITLE"; unset = no SR.
+    # Where results go back as DICOM Basic Text SRs: "host:port:AE_TITLE", or several, comma-separated,
+    # each optionally named "NAME=host:port:AE_TITLE" (the name, by default the AE title, keys its
+    # queue: each destination has its own queue, breaker and sender); unset = no SR.
     sr_destination: str | None = None
     # Our AE title when we send the SR.
     sr_calling_ae: str = "PT_AGGREGATOR"

@@ -187,6 +187,24 @@ class SrDelivery(Base):
     predecessor_sop_uid: Mapped[str] = mapped_column(UID, default="", server_default="")
 
 
+class SrSend(Base):
+    """One frozen SR revision for one destination (PT_AGGREGATOR_SR_DESTINATION may name several):
+    each destination has its own queue, breaker and progress, so a silent PACS never holds up
+    another one. The delivery is "sent" once every send of it is."""
+
+    __tablename__ = "aggregator_sr_sends"
+    __table_args__ = (UniqueConstraint("delivery_id", "destination"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    delivery_id: Mapped[int] = mapped_column(Integer, index=True)
+    destination: Mapped[str] = mapped_column(String(64), index=True)  # Destination.key
+    status: Mapped[str] = mapped_column(String(16), default="pending", index=True)  # pending | sent
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    last_error: Mapped[str] = mapped_column(Text, default="")
+    created_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    sent_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
 class SrDeliveryObject(Base):
     """Another DICOM object sent with an SR revision, before it, on the same association: a heatmap
     Secondary Capture per judged image (PT_AGGREGATOR_SEND_HEATMAP_SC). Frozen with the SR (Part 10

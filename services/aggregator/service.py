@@ -13,6 +13,8 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import zlib
+from collections.abc import AsyncIterator
 from dataclasses import replace
 from datetime import datetime
 from typing import Any
@@ -30,13 +32,22 @@ from services.aggregator.models import (
     PredictionRow,
     SrDelivery,
     SrDeliveryObject,
+    SrSend,
     Study,
 )
 from services.aggregator.policy import PENDING, Policy
 from services.aggregator.recalibrate import load_active
 from services.aggregator.report import StudyReport
 from services.aggregator.sr import Destination, SopRef, build_sr, encode_sr
-from services.aggregator.sr_delivery import SR_OLDEST_AGE, SR_PENDING, SR_SENT, DestinationBreaker, Timeouts, send_batch
+from services.aggregator.sr_delivery import (
+    SR_OLDEST_AGE,
+    SR_PENDING,
+    SR_SENT,
+    BatchResult,
+    DestinationBreaker,
+    Timeouts,
+    send_batch,
+)
 from services.aggregator.stored_images import read_header
 from services.aggregator.triage_store import FLAGS_SET, REFUSALS, TIME_TO_FIRST_FLAG, Change, TriageStore, as_utc
 from services.core.broker import CONSUMERS, Broker, Envelope, PermanentError
@@ -58,10 +69,11 @@ class Aggregator:
         self.engine = engine or make_engine(settings.database_url_for("aggregator"))
         self.sessions: async_sessionmaker[AsyncSession] = make_sessionmaker(self.engine)
         self.policy = Policy.load(settings.policy_file)
-        self.destination = Destination.parse(settings.sr_destination) if settings.sr_destination else None
+        # One or several PACS the SRs go to, each with its own queue, breaker and sender loop.
+        self.destinations: list[Destination] = Destination.parse_list(settings.sr_destination)
         self.store = TriageStore(
             self.policy,
-            sr_enabled=self.destination is not None,
+            sr_enabled=bool(self.destinations),
             sr_settle_s=settings.sr_settle_s,
             backfill_sr=settings.backfill_sr,
         )
@@ -78,6 +90,8 @@ class Aggregator:
         self._sr_wake = asyncio.Event()
         self._sr_next_due: datetime | None = None  # the earliest held SR revision's settle deadline
         self._sr_breakers: dict[Destination, DestinationBreaker] = {}  # one circuit breaker per destination
+        self._sr_dest_wake: dict[int, asyncio.Event] = {}  # per destination (index): frozen SRs to send
+        self._sr_more: dict[Destination, bool] = {}  # more SRs waited than its last association took
         self.sr_timeouts = Timeouts(
             settings.sr_connect_timeout_s, settings.sr_acse_timeout_s, settings.sr_dimse_timeout_s
         )
@@ -93,15 +107,28 @@ class Aggregator:
         )
 
     @property
-    def sr_breaker(self) -> DestinationBreaker | None:
-        """The current destination's circuit breaker (None: no SR destination)."""
-        if self.destination is None:
-            return None
-        if self.destination not in self._sr_breakers:
-            self._sr_breakers[self.destination] = DestinationBreaker(
-                self.destination, self.settings.sr_retry_seconds, self.settings.sr_backoff_max_s
+    def destination(self) -> Destination | None:
+        """The first SR destination (None: no SR destination)."""
+        return self.destinations[0] if self.destinations else None
+
+    @destination.setter
+    def destination(self, dest: Destination) -> None:
+        """Point the first destination elsewhere, keeping its name: what waits for it follows."""
+        key = self.destinations[0].key if self.destinations else dest.key
+        self.destinations[:1] = [replace(dest, name=key)]
+
+    def breaker(self, dest: Destination) -> DestinationBreaker:
+        """The destination's circuit breaker."""
+        if dest not in self._sr_breakers:
+            self._sr_breakers[dest] = DestinationBreaker(
+                dest, self.settings.sr_retry_seconds, self.settings.sr_backoff_max_s
             )
-        return self._sr_breakers[self.destination]
+        return self._sr_breakers[dest]
+
+    @property
+    def sr_breaker(self) -> DestinationBreaker | None:
+        """The first destination's circuit breaker (None: no SR destination)."""
+        return self.breaker(self.destinations[0]) if self.destinations else None
 
     def lock_for(self, study_uid: str) -> asyncio.Lock:
         """Events of one study are applied one at a time (in this process; the DB guards replicas)."""
@@ -244,36 +271,51 @@ class Aggregator:
         return report, header, evidence, complete
 
     async def send_pending_srs(self) -> int:
-        """Send an SR with the study's current result for every study with a pending delivery.
+        """Freeze the SR revisions that are due, then send what waits for every destination
+        (concurrently); the number of SRs the destinations stored. The live service runs the same two
+        steps in `sr_loop`, one sender loop per destination.
 
         No transaction stays open across the network: a short one takes a snapshot (the reports to
         send, older pending revisions of a study superseded) and commits; the C-STOREs run with no
         session; each association's results are recorded in one short transaction. A slow or silent
         PACS (up to the destination's timeouts, services/aggregator/sr_delivery.py) never holds the
-        database's write lock, so event handling carries on meanwhile.
+        database's write lock, so event handling carries on meanwhile, and never holds up another
+        destination.
         """
-        if self.destination is None:
+        if not self.destinations:
             return 0
-        if self.engine.dialect.name != "postgresql":  # SQLite: one process owns the database
-            return await self._send_pending_srs()
-        # Replicas on PostgreSQL: the row locks of the snapshot end at its commit, before the sends,
-        # so one session-level advisory lock makes a single replica the SR sender at a time (the
-        # others skip this round); two replicas never send the same delivery at once.
-        async with self.engine.connect() as conn:
-            got = (await conn.execute(text("SELECT pg_try_advisory_lock(:k)"), {"k": SR_SENDER_LOCK})).scalar()
-            await conn.commit()
-            if not got:
-                return 0
-            try:
-                return await self._send_pending_srs()
-            finally:
-                await conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": SR_SENDER_LOCK})
-                await conn.commit()
+        await self.freeze_srs()
+        return sum(await asyncio.gather(*(self.send_srs_to(dest) for dest in self.destinations)))
 
-    async def _send_pending_srs(self) -> int:
-        assert self.destination is not None
+    @contextlib.asynccontextmanager
+    async def _sender_lock(self, key: int) -> AsyncIterator[bool]:
+        """Replicas on PostgreSQL: the row locks of a snapshot end at its commit, before the sends, so
+        a session-level advisory lock makes one replica at a time the freezer (and one the sender of
+        each destination); the others skip the round. SQLite: one process owns the database."""
+        if self.engine.dialect.name != "postgresql":
+            yield True
+            return
+        async with self.engine.connect() as conn:
+            got = bool((await conn.execute(text("SELECT pg_try_advisory_lock(:k)"), {"k": key})).scalar())
+            await conn.commit()
+            try:
+                yield got
+            finally:
+                if got:
+                    await conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+                    await conn.commit()
+
+    async def freeze_srs(self) -> None:
+        """Freeze the held SR revisions whose settle time has passed (one association's worth per
+        round, URGENT first) and queue each frozen SR for every destination."""
+        if not self.destinations:
+            return
+        async with self._sender_lock(SR_SENDER_LOCK) as got:
+            if got:
+                await self._freeze_srs()
+
+    async def _freeze_srs(self) -> None:
         now = utcnow()
-        jobs: list[tuple[int, str, bytes, str]] = []
         next_due: datetime | None = None
         async with self.sessions() as session:
             # SKIP LOCKED (PostgreSQL): rows another transaction holds are left to it.
@@ -352,67 +394,125 @@ class Aggregator:
                             )
             for delivery in superseded:
                 delivery.status = "superseded"
-            for delivery in pending:  # frozen, not sent yet: in queue order (a study's chain in order)
-                if delivery.status == "pending" and delivery.dataset is not None:
-                    jobs.append((delivery.id, delivery.study_uid, delivery.dataset, delivery.flag))
-            extras: dict[int, list[bytes]] = {}
-            if jobs:
+            # Every frozen SR not sent yet has a send per configured destination (also one frozen
+            # before this version, or a destination added since): each destination's own queue.
+            frozen = [d.id for d in pending if d.status == "pending" and d.dataset is not None]
+            if frozen:
                 await session.flush()
+                have = set(
+                    (
+                        await session.execute(
+                            select(SrSend.delivery_id, SrSend.destination).where(SrSend.delivery_id.in_(frozen))
+                        )
+                    ).all()
+                )
+                for delivery_id in frozen:
+                    for dest in self.destinations:
+                        if (delivery_id, dest.key) not in have:
+                            session.add(SrSend(delivery_id=delivery_id, destination=dest.key, created_at=now))
+            await session.commit()
+        self._sr_next_due = next_due
+
+    async def send_srs_to(self, dest: Destination) -> int:
+        """Send one association's worth (PT_AGGREGATOR_SR_BATCH_SIZE) of the frozen SRs waiting for one
+        destination, URGENT studies first; the number it stored. Its sender loop comes back at once
+        while more wait, so an URGENT result frozen meanwhile goes in the next association, not after
+        the whole backlog. Nothing is attempted while the breaker is open."""
+        lock = (SR_SENDER_LOCK << 32) | zlib.crc32(dest.key.encode())
+        async with self._sender_lock(lock) as got:
+            return await self._send_srs_to(dest) if got else 0
+
+    async def _send_srs_to(self, dest: Destination) -> int:
+        breaker = self.breaker(dest)
+        if not breaker.may_attempt():  # breaker open: no attempt until its back-off ends
+            await self.refresh_sr_gauges()
+            return 0
+        async with self.sessions() as session:
+            jobs = (
+                await session.execute(
+                    select(SrSend.id, SrDelivery.id, SrDelivery.study_uid, SrDelivery.dataset, SrDelivery.flag)
+                    .join(SrDelivery, SrDelivery.id == SrSend.delivery_id)
+                    .where(SrSend.destination == dest.key, SrSend.status == "pending", SrDelivery.dataset.is_not(None))
+                    .order_by(SrDelivery.id)
+                )
+            ).all()
+            extras: dict[int, list[bytes]] = {}  # by delivery id
+            if jobs:
                 for obj in await session.scalars(
                     select(SrDeliveryObject)
-                    .where(SrDeliveryObject.delivery_id.in_([j[0] for j in jobs]))
+                    .where(SrDeliveryObject.delivery_id.in_([j[1] for j in jobs]))
                     .order_by(SrDeliveryObject.id)
                 ):
                     extras.setdefault(obj.delivery_id, []).append(obj.dataset)
-            await session.commit()
-        self._sr_next_due = next_due
-        breaker = self.sr_breaker
-        assert breaker is not None
-        if not jobs or not breaker.may_attempt():  # breaker open: no attempt until its back-off ends
+        if not jobs:
             await self.refresh_sr_gauges()
             return 0
-        sent = 0
+        delivery_of = {j[0]: j[1] for j in jobs}
         # URGENT studies first, then queue order; each study's chain stays in order.
-        by_study: dict[str, list[tuple[int, str, bytes, str]]] = {}
+        by_study: dict[str, list[Any]] = {}
         for job in jobs:
-            by_study.setdefault(job[1], []).append(job)
-        studies = sorted(by_study.values(), key=lambda js: (not any(j[3] == "URGENT" for j in js), js[0][0]))
-        ordered = [(j[0], j[2]) for js in studies for j in js]
-        size = max(1, self.settings.sr_batch_size)
-        for start in range(0, len(ordered), size):
-            batch = ordered[start : start + size]
-            batch_extras = {i: extras[i] for i, _ in batch if i in extras}
-            result = await asyncio.to_thread(
-                send_batch, batch, self.destination, self.settings.sr_calling_ae, self.sr_timeouts, batch_extras
+            by_study.setdefault(job[2], []).append(job)
+        studies = sorted(by_study.values(), key=lambda js: (not any(j[4] == "URGENT" for j in js), js[0][1]))
+        ordered = [(j[0], j[3]) for js in studies for j in js]  # (send id, frozen SR)
+        batch = ordered[: max(1, self.settings.sr_batch_size)]
+        batch_extras = {i: extras[delivery_of[i]] for i, _ in batch if delivery_of[i] in extras}
+        result = await asyncio.to_thread(
+            send_batch, batch, dest, self.settings.sr_calling_ae, self.sr_timeouts, batch_extras
+        )
+        if result.skipped_objects:
+            log.warning(
+                "SR destination accepts no Secondary Capture: heatmaps not sent",
+                extra={"destination": breaker.label, "skipped": result.skipped_objects},
             )
-            if result.skipped_objects:
-                log.warning(
-                    "SR destination accepts no Secondary Capture: heatmaps not sent",
-                    extra={"destination": breaker.label, "skipped": result.skipped_objects},
-                )
-            async with self.sessions() as session:
-                for delivery_id in result.sent:
-                    delivery = await session.get(SrDelivery, delivery_id)
+        await self._record_sends(dest, batch, result)
+        SR_SENT.labels(breaker.label).inc(len(result.sent))
+        self._sr_more[dest] = result.reason is None and len(ordered) > len(batch)
+        if result.reason is not None:
+            breaker.failure(result, await self.refresh_sr_gauges())
+            return len(result.sent)
+        breaker.success(len(ordered) - len(batch))
+        await self.refresh_sr_gauges()
+        return len(result.sent)
+
+    async def _record_sends(self, dest: Destination, batch: list[tuple[int, bytes]], result: BatchResult) -> None:
+        """One association's outcome, in one short transaction: each send sent or failed; a delivery
+        is sent once every destination has it."""
+        now = utcnow()
+        error = f"{result.reason}: {result.detail}"
+        if len(self.destinations) > 1:
+            error += f" (destination {dest.key})"
+        async with self.sessions() as session:
+            touched: set[int] = set()
+            for send_id in result.sent:
+                send = await session.get(SrSend, send_id)
+                if send is not None:
+                    send.attempts += 1
+                    send.status, send.sent_at = "sent", now
+                    touched.add(send.delivery_id)
+                    delivery = await session.get(SrDelivery, send.delivery_id)
                     if delivery is not None:
                         delivery.attempts += 1
-                        delivery.status, delivery.sent_at = "sent", utcnow()
-                if result.reason is not None:  # the SR whose C-STORE failed, or the whole batch
-                    tried = [result.failed_id] if result.failed_id is not None else [i for i, _ in batch]
-                    for delivery_id in tried:
-                        delivery = await session.get(SrDelivery, delivery_id)
-                        if delivery is not None:
-                            delivery.attempts += 1
-                            delivery.last_error = f"{result.reason}: {result.detail}"[:1000]
-                await session.commit()
-            sent += len(result.sent)
-            SR_SENT.labels(breaker.label).inc(len(result.sent))
-            if result.reason is not None:
-                pending = await self.refresh_sr_gauges()
-                breaker.failure(result, pending)
-                return sent
-            breaker.success(len(ordered) - start - len(batch))
-        await self.refresh_sr_gauges()
-        return sent
+            if result.reason is not None:  # the SR whose C-STORE failed, or the whole batch
+                tried = [result.failed_id] if result.failed_id is not None else [i for i, _ in batch]
+                for send_id in tried:
+                    send = await session.get(SrSend, send_id)
+                    if send is None:
+                        continue
+                    send.attempts += 1
+                    send.last_error = error[:1000]
+                    delivery = await session.get(SrDelivery, send.delivery_id)
+                    if delivery is not None:
+                        delivery.attempts += 1
+                        delivery.last_error = error[:1000]
+            await session.flush()
+            for delivery_id in touched:
+                waiting = await session.scalar(
+                    select(func.count(SrSend.id)).where(SrSend.delivery_id == delivery_id, SrSend.status != "sent")
+                )
+                delivery = await session.get(SrDelivery, delivery_id)
+                if delivery is not None and not waiting:
+                    delivery.status, delivery.sent_at = "sent", now
+            await session.commit()
 
     async def heatmap_scs(self, session: AsyncSession, study: Study, revision: int) -> list[tuple[str, str, bytes]]:
         """(SOP instance UID, SOP class UID, Part 10 bytes) of a heatmap Secondary Capture per judged
@@ -472,58 +572,121 @@ class Aggregator:
                 out.append((built[0], SECONDARY_CAPTURE, built[1]))
         return out
 
-    async def sr_backlog(self) -> tuple[int, float]:
-        """SR deliveries not sent yet and the age (seconds) of the oldest."""
+    async def sr_backlog(self, dest: Destination) -> tuple[int, float]:
+        """SRs not sent to `dest` yet (held revisions, and frozen ones waiting for it) and the age
+        (seconds) of the oldest."""
         async with self.sessions() as session:
-            count, oldest = (
+            held, held_oldest = (
                 await session.execute(
                     select(func.count(SrDelivery.id), func.min(SrDelivery.created_at)).where(
-                        SrDelivery.status == "pending"
+                        SrDelivery.status == "pending", SrDelivery.dataset.is_(None)
                     )
                 )
             ).one()
-        oldest_at = as_utc(oldest)
-        age = max(0.0, (utcnow() - oldest_at).total_seconds()) if count and oldest_at is not None else 0.0
-        return int(count or 0), age
+            waiting, waiting_oldest = (
+                await session.execute(
+                    select(func.count(SrSend.id), func.min(SrDelivery.created_at))
+                    .join(SrDelivery, SrDelivery.id == SrSend.delivery_id)
+                    .where(SrSend.destination == dest.key, SrSend.status == "pending")
+                )
+            ).one()
+        count = int(held or 0) + int(waiting or 0)
+        stamps = [t for t in (as_utc(held_oldest), as_utc(waiting_oldest)) if t is not None]
+        age = max(0.0, (utcnow() - min(stamps)).total_seconds()) if count and stamps else 0.0
+        return count, age
 
     async def refresh_sr_gauges(self) -> int:
-        if self.sr_breaker is None:
-            return 0
-        count, age = await self.sr_backlog()
-        SR_PENDING.labels(self.sr_breaker.label).set(count)
-        SR_OLDEST_AGE.labels(self.sr_breaker.label).set(age)
-        return count
+        """Per destination: SRs pending and the age of the oldest; the most pending of any."""
+        most = 0
+        for dest in self.destinations:
+            count, age = await self.sr_backlog(dest)
+            label = self.breaker(dest).label
+            SR_PENDING.labels(label).set(count)
+            SR_OLDEST_AGE.labels(label).set(age)
+            most = max(most, count)
+        return most
 
     async def sr_health(self) -> dict[str, Any]:
-        """Degraded while the oldest SR not sent is older than PT_AGGREGATOR_SR_HEALTH_MAX_AGE_S."""
-        assert self.sr_breaker is not None
-        count, age = await self.sr_backlog()
+        """Degraded while any destination's oldest SR not sent is older than
+        PT_AGGREGATOR_SR_HEALTH_MAX_AGE_S. The top-level fields are the worst destination's; each is
+        listed under `destinations`."""
         limit = self.settings.sr_health_max_age_s
+        per: list[dict[str, Any]] = []
+        for dest in self.destinations:
+            count, age = await self.sr_backlog(dest)
+            per.append(
+                {
+                    "ok": age <= limit,
+                    "pending": count,
+                    "oldest_pending_s": round(age, 1),
+                    "name": dest.key,
+                    **self.breaker(dest).describe(),
+                }
+            )
+
+        def badness(d: dict[str, Any]) -> tuple[bool, bool, float]:
+            return (not d["ok"], d["state"] != "closed" and d["pending"] > 0, d["oldest_pending_s"])
+
+        worst = max(per, key=badness)
         return {
-            "ok": age <= limit,
-            "critical": False,  # the worklist stays served (and ready) while the PACS is down
-            "pending": count,
-            "oldest_pending_s": round(age, 1),
+            **worst,
+            "ok": all(d["ok"] for d in per),
+            "critical": False,  # the worklist stays served (and ready) while a PACS is down
             "max_age_s": limit,
-            **self.sr_breaker.describe(),
+            "destinations": per,
         }
 
     async def sr_loop(self, stop: asyncio.Event) -> None:
+        """Freeze due SR revisions when woken (a new flag) or when the earliest held one settles; one
+        sender loop per destination sends what waits for it, so a silent or rejecting PACS never holds
+        up another destination or the freezing of new results."""
+        if not self.destinations:
+            await stop.wait()
+            return
+        with contextlib.suppress(Exception):  # what is due now is frozen before the senders start
+            await self.freeze_srs()
+        senders = [asyncio.create_task(self._destination_loop(i, stop)) for i in range(len(self.destinations))]
+        try:
+            while not stop.is_set():
+                self._sr_wake.clear()  # before the work: a wake-up during a round is served at once
+                try:
+                    await self.freeze_srs()
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    log.warning("SR freezer failed", extra={"error": repr(exc)})
+                for wake in self._sr_dest_wake.values():
+                    wake.set()
+                timeout = self.settings.sr_retry_seconds
+                if self._sr_next_due is not None:  # wake when the earliest held revision has settled
+                    timeout = min(timeout, max(0.05, (self._sr_next_due - utcnow()).total_seconds()))
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._sr_wake.wait(), timeout=timeout)
+        finally:
+            for wake in self._sr_dest_wake.values():
+                wake.set()
+            await asyncio.gather(*senders, return_exceptions=True)
+
+    async def _destination_loop(self, index: int, stop: asyncio.Event) -> None:
+        wake = self._sr_dest_wake.setdefault(index, asyncio.Event())
         while not stop.is_set():
-            self._sr_wake.clear()  # before the work: a wake-up during a round is served at once
+            wake.clear()
+            dest = self.destinations[index]
             try:
-                await self.send_pending_srs()
+                await self.send_srs_to(dest)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                log.warning("SR sender failed", extra={"error": repr(exc)})
+                log.warning("SR sender failed", extra={"error": repr(exc), "destination": dest.label})
+            breaker = self.breaker(dest)
             timeout = self.settings.sr_retry_seconds
-            if self._sr_next_due is not None:  # wake when the earliest held revision has settled
-                timeout = min(timeout, max(0.05, (self._sr_next_due - utcnow()).total_seconds()))
-            if self.sr_breaker is not None and self.sr_breaker.state != "closed":  # the half-open probe
-                timeout = min(timeout, max(0.05, self.sr_breaker.seconds_to_attempt()))
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._sr_wake.wait(), timeout=timeout)
+            if self._sr_more.pop(dest, False):  # more waiting: the next association at once
+                timeout = 0.0
+            elif breaker.state != "closed":  # the half-open probe
+                timeout = min(timeout, max(0.05, breaker.seconds_to_attempt()))
+            if timeout > 0:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(wake.wait(), timeout=timeout)
 
     # ---- health ------------------------------------------------------------------------------
     async def health(self) -> dict[str, Any]:
@@ -538,6 +701,6 @@ class Aggregator:
             "broker": self.broker.is_connected,
             "outbox_backlog": {"ok": True, "value": await self.relay.backlog() if db_ok else None},
         }
-        if self.sr_breaker is not None and db_ok:
+        if self.destinations and db_ok:
             checks["sr_delivery"] = await self.sr_health()
         return checks

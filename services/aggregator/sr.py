@@ -191,18 +191,43 @@ def decode_sr(data: bytes) -> Dataset:
 
 @dataclass(frozen=True)
 class Destination:
+    """A PACS (or any Storage SCP) the SRs go to. `name` keys its queue of SRs (aggregator_sr_sends):
+    when the PACS moves to another host or port under the same name, what was waiting for it follows."""
+
     host: str
     port: int
     ae_title: str
+    name: str = ""
+
+    @property
+    def key(self) -> str:
+        return self.name or self.ae_title
+
+    @property
+    def label(self) -> str:
+        """The metric / log label: AE@host:port."""
+        return f"{self.ae_title}@{self.host}:{self.port}"
 
     @classmethod
     def parse(cls, value: str) -> Destination:
-        """ "host:port:AE_TITLE"."""
+        """ "[NAME=]host:port:AE_TITLE" (the name defaults to the AE title)."""
+        name, _, address = value.strip().rpartition("=")
         try:
-            host, port, ae = value.rsplit(":", 2)
-            return cls(host, int(port), ae)
+            host, port, ae = address.rsplit(":", 2)
+            if not host or not ae:
+                raise ValueError(value)
+            return cls(host, int(port), ae, name.strip())
         except ValueError as exc:
-            raise ValueError(f"SR destination must be host:port:AE_TITLE, got {value!r}") from exc
+            raise ValueError(f"SR destination must be [NAME=]host:port:AE_TITLE, got {value!r}") from exc
+
+    @classmethod
+    def parse_list(cls, value: str | None) -> list[Destination]:
+        """Comma-separated destinations; each name (or AE title) must be unique."""
+        destinations = [cls.parse(part) for part in (value or "").split(",") if part.strip()]
+        keys = [d.key for d in destinations]
+        if len(set(keys)) != len(keys):
+            raise ValueError(f"SR destinations need distinct names (NAME=host:port:AE), got {value!r}")
+        return destinations
 
 
 def send_sr(ds: Dataset, dest: Destination, calling_ae: str = "PT_AGGREGATOR", timeout: float = 30.0) -> None:

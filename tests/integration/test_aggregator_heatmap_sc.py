@@ -16,7 +16,7 @@ from sqlalchemy import select
 
 from services.aggregator.config import AggregatorSettings
 from services.aggregator.heatmap_sc import SECONDARY_CAPTURE, sc_uids
-from services.aggregator.models import SrDelivery, SrDeliveryObject
+from services.aggregator.models import SrDelivery, SrDeliveryObject, SrSend
 from services.aggregator.service import Aggregator
 from services.aggregator.sr import sr_uids
 from services.inference.heatmaps import render_heatmap
@@ -90,6 +90,8 @@ async def test_heatmap_sc_arrives_in_the_same_study_new_series_with_the_sr(
             row = await s.get(SrDelivery, delivery.id)
             assert row is not None
             row.status = "pending"
+            for send in await s.scalars(select(SrSend)):  # its one destination's send
+                send.status = "pending"
             await s.commit()
         assert await agg.send_pending_srs() == 1
         async with agg.sessions() as s:

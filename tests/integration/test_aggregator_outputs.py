@@ -11,7 +11,7 @@ import pytest
 from sqlalchemy import select
 
 from services.aggregator.config import AggregatorSettings
-from services.aggregator.models import SrDelivery, Study
+from services.aggregator.models import SrDelivery, SrSend, Study
 from services.aggregator.service import Aggregator
 from services.aggregator.sr import Destination
 from services.aggregator.users import all_reviews, upsert_user
@@ -73,6 +73,8 @@ async def test_sr_reaches_orthanc_and_orthanc_parses_it(orthanc: Orthanc, shared
         async with agg.sessions() as s:
             delivery = (await s.scalars(select(SrDelivery))).one()
             delivery.status = "pending"
+            (send,) = (await s.scalars(select(SrSend))).all()  # its one destination's send
+            send.status = "pending"
             await s.commit()
         assert await agg.send_pending_srs() == 1
     finally:

@@ -148,19 +148,18 @@ def create_app(agg: "Aggregator") -> FastAPI:
     clinician = web.require_role(*ALLOWED_ROLES)
     Clinician = Annotated[SessionUser, Depends(clinician)]
 
-    async def sr_delivery_banner() -> dict[str, Any] | None:
-        """The SR delivery check (services/aggregator/service.py `sr_health`) when results are not
-        reaching the PACS: its oldest SR past PT_AGGREGATOR_SR_HEALTH_MAX_AGE_S (/healthz degraded) or
-        the destination's breaker open with SRs waiting; None otherwise (or with no SR destination)."""
-        if agg.sr_breaker is None:
-            return None
+    async def sr_delivery_banner() -> list[dict[str, Any]]:
+        """The destinations whose results are not reaching their PACS (services/aggregator/service.py
+        `sr_health`): the oldest SR past PT_AGGREGATOR_SR_HEALTH_MAX_AGE_S (/healthz degraded) or the
+        breaker open with SRs waiting; empty otherwise (or with no SR destination)."""
+        if not agg.destinations:
+            return []
         try:
             check = await agg.sr_health()
         except Exception:  # the banner must never take the worklist away
             log.warning("SR delivery check failed", exc_info=True)
-            return None
-        degraded = not check["ok"] or (check["state"] != "closed" and check["pending"] > 0)
-        return check if degraded else None
+            return []
+        return [d for d in check["destinations"] if not d["ok"] or (d["state"] != "closed" and d["pending"] > 0)]
 
     def page(
         request: Request,
