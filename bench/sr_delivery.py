@@ -9,10 +9,11 @@ do), the SR frozen from a real stored X-ray header (one shared file, read per st
    second) while the sender loop runs: the time from the flag's commit (the delivery row's
    created_at, written in the flag's transaction) to Orthanc's C-STORE acknowledgement (sent_at),
    p50/p95/max. URGENT is not held; a non-URGENT change waits PT_AGGREGATOR_SR_SETTLE_S (5 s) more.
-3. **Outage**: the destination is a socket that accepts TCP and never answers (a silent PACS) while
-   `--n` studies are flagged; then it relays to the real Orthanc (the PACS is back): the time until
-   the first SR arrives (the breaker's back-off and jitter), until the last, the drain rate, and
-   how many associations and timeouts the outage cost.
+3. **Outage**: two destinations, a socket that accepts TCP and never answers (a silent PACS) and a
+   second, healthy Orthanc, while `--n` studies are flagged: when the healthy one has the first and
+   the last SR (it must not wait for the silent one); then the silent one relays to the real Orthanc
+   (the PACS is back): the time until the first SR arrives there (the breaker's back-off and jitter),
+   until the last, the drain rate, and how many associations and timeouts the outage cost.
 
 The sender runs with the service's defaults (batch 50, ACSE timeout 10 s, retry 5 s doubling to
 300 s, jittered) unless given. Every SR is checked in Orthanc at the end (lost / duplicated).
@@ -41,11 +42,11 @@ from rich.table import Table  # noqa: E402
 from sqlalchemy import func, select  # noqa: E402
 
 from services.aggregator.config import AggregatorSettings  # noqa: E402
-from services.aggregator.models import SrDelivery  # noqa: E402
+from services.aggregator.models import SrDelivery, SrSend  # noqa: E402
 from services.aggregator.service import Aggregator  # noqa: E402
-from tests.integration.test_aggregator_sr_delivery import SwitchablePeer  # noqa: E402
 from tests.support.aggregator_service import apply_events, prediction, received, write_test_policy  # noqa: E402
 from tests.support.dicom_peers import Orthanc  # noqa: E402
+from tests.support.silent_pacs import SwitchablePeer  # noqa: E402
 
 console = Console()
 SHARED_DICOM = ROOT.parent / "shared" / "data" / "dicom"
@@ -86,25 +87,29 @@ async def flag_studies(agg: Aggregator, tag: str, n: int, uri: str) -> None:
         await apply_events(agg, received(sop, study, storage_uri=uri), prediction(sop, 0.97, study=study))
 
 
-async def sent_count(agg: Aggregator, prefix: str) -> int:
-    async with agg.sessions() as s:
-        return int(
-            (
-                await s.execute(
-                    select(func.count(SrDelivery.id)).where(
-                        SrDelivery.status == "sent", SrDelivery.study_uid.like(prefix + "%")
-                    )
-                )
-            ).scalar()
-            or 0
+async def sent_count(agg: Aggregator, prefix: str, destination: str | None = None) -> int:
+    """SR revisions of studies `prefix`* sent to every destination, or to the one named."""
+    if destination is None:
+        query = select(func.count(SrDelivery.id)).where(
+            SrDelivery.status == "sent", SrDelivery.study_uid.like(prefix + "%")
         )
+    else:
+        query = (
+            select(func.count(SrSend.id))
+            .join(SrDelivery, SrDelivery.id == SrSend.delivery_id)
+            .where(SrSend.destination == destination, SrSend.status == "sent", SrDelivery.study_uid.like(prefix + "%"))
+        )
+    async with agg.sessions() as s:
+        return int((await s.execute(query)).scalar() or 0)
 
 
-async def wait_sent(agg: Aggregator, prefix: str, n: int, timeout: float) -> float | None:
-    """Seconds until n deliveries of `prefix` are sent (None: not within timeout)."""
+async def wait_sent(
+    agg: Aggregator, prefix: str, n: int, timeout: float, destination: str | None = None
+) -> float | None:
+    """Seconds until n deliveries of `prefix` are sent (to `destination`, else to all; None: not within timeout)."""
     start = time.monotonic()
     while time.monotonic() - start < timeout:
-        if await sent_count(agg, prefix) >= n:
+        if await sent_count(agg, prefix, destination) >= n:
             return time.monotonic() - start
         await asyncio.sleep(0.05)
     return None
@@ -160,9 +165,15 @@ async def run(args: argparse.Namespace) -> None:
             stop.set()
             await agg.engine.dispose()
 
-        # 3: a silent PACS, then the real Orthanc behind the same address.
+        # 3: a silent PACS beside a healthy one (a second Orthanc), then the real Orthanc behind the
+        # silent one's address.
         peer = SwitchablePeer()
-        agg = await make_aggregator(work / "a3", f"127.0.0.1:{peer.port}:{pacs.aet}", args)
+        healthy = Orthanc(aet="BENCHHEALTHY", base_dir=work / "orthanc2").start()
+        agg = await make_aggregator(
+            work / "a3",
+            f"SILENT=127.0.0.1:{peer.port}:{pacs.aet},HEALTHY=127.0.0.1:{healthy.dicom_port}:{healthy.aet}",
+            args,
+        )
         label = f"{pacs.aet}@127.0.0.1:{peer.port}"
         stop = asyncio.Event()
         loop = asyncio.create_task(agg.sr_loop(stop))
@@ -170,6 +181,18 @@ async def run(args: argparse.Namespace) -> None:
             t = time.monotonic()
             await flag_studies(agg, "3", args.n, uri)
             queued = time.monotonic() - t
+            healthy_first = await wait_sent(agg, "1.2.826.0.1.99.3.", 1, args.timeout, "HEALTHY")
+            healthy_all = await wait_sent(agg, "1.2.826.0.1.99.3.", args.n, args.timeout, "HEALTHY")
+            assert healthy_first is not None and healthy_all is not None, "the healthy PACS was held up"
+            healthy_all = time.monotonic() - t
+            results.append(
+                (
+                    f"the healthy PACS beside the silent one ({args.n} studies flagged from t=0)",
+                    f"first SR at {queued + healthy_first:.1f} s (queueing took {queued:.1f} s), all {args.n} at "
+                    f"{healthy_all:.1f} s; held SILENT: {args.n} pending",
+                )
+            )
+            console.print(results[-1])
             await asyncio.sleep(max(0.0, args.outage - (time.monotonic() - t)))
             timeouts = REGISTRY.get_sample_value(
                 "pt_aggregator_sr_failures_total", {"destination": label, "reason": "timeout"}
@@ -182,9 +205,9 @@ async def run(args: argparse.Namespace) -> None:
             )
             peer.target = pacs.dicom_port
             back = time.monotonic()
-            first = await wait_sent(agg, "1.2.826.0.1.99.3.", 1, args.timeout)
+            first = await wait_sent(agg, "1.2.826.0.1.99.3.", 1, args.timeout, "SILENT")
             assert first is not None
-            rest = await wait_sent(agg, "1.2.826.0.1.99.3.", args.n, args.timeout)
+            rest = await wait_sent(agg, "1.2.826.0.1.99.3.", args.n, args.timeout, "SILENT")
             assert rest is not None, "backlog after the outage not drained"
             total = time.monotonic() - back
             drain = total - first
@@ -202,6 +225,9 @@ async def run(args: argparse.Namespace) -> None:
             await asyncio.wait_for(loop, 120)
             peer.close()
             await agg.engine.dispose()
+            beside = healthy.get("/statistics")["CountInstances"]
+            healthy.stop()
+        results.append(("in the healthy Orthanc", f"{beside} instances, expected {args.n} SRs"))
         stats = pacs.get("/statistics")
         expected = 2 * args.n + args.single
         results.append(("in Orthanc", f"{stats['CountInstances']} instances, expected {expected} SRs"))
