@@ -69,6 +69,9 @@ class AggregatorSettings(AuthSettings):
     drift_psi_alarm: float = 0.25
     drift_rate_z: float = 4.0
     drift_interval_s: float = 30.0
+    # The services' /metrics the ops page (/ops) reads each lane's oldest age and drain rate from
+    # (comma-separated; the broker's queue depths it reads itself).
+    ops_metrics_urls: str = "http://127.0.0.1:8002/metrics,http://127.0.0.1:8003/metrics,http://127.0.0.1:8004/metrics"
     # Versions of this site's recalibration (`pneumotriage triage recalibrate`); default
     # <PT_DATA_DIR>/site-calibration. The active one is read at start.
     site_calibration_dir: Path | None = None

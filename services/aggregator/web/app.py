@@ -22,6 +22,7 @@ from sqlalchemy import update
 
 from services.aggregator.fhir import fhir_diagnostic_report
 from services.aggregator.models import PredictionRow, Study, User
+from services.aggregator.ops import ops_report
 from services.aggregator.policy import FLAGS, PENDING
 from services.aggregator.report import DISCLAIMER
 from services.aggregator.stored_images import heatmap_png, path_of
@@ -147,6 +148,7 @@ def create_app(agg: "Aggregator") -> FastAPI:
     templates.env.globals["drift_status"] = lambda: agg.drift.status  # the worklist's drift banner
     clinician = web.require_role(*ALLOWED_ROLES)
     Clinician = Annotated[SessionUser, Depends(clinician)]
+    Admin = Annotated[SessionUser, Depends(web.require_role("admin"))]
 
     async def sr_delivery_banner() -> list[dict[str, Any]]:
         """The destinations whose results are not reaching their PACS (services/aggregator/service.py
@@ -385,6 +387,17 @@ def create_app(agg: "Aggregator") -> FastAPI:
     async def api_drift(user: Clinician) -> dict[str, Any]:
         """The drift monitor: recent predictions against the model version's validation reference."""
         return agg.drift.status.to_dict()
+
+    @app.get("/api/v1/ops", tags=["operations"])
+    async def api_ops(user: Admin) -> dict[str, Any]:
+        """The operations / ML page as JSON (admin): SR delivery per destination, lanes per stage,
+        the models serving and in the repository (a site candidate's locked-set comparison, the
+        promotions log), the site calibration in force and drift (services/aggregator/ops.py)."""
+        return await ops_report(agg)
+
+    @app.get("/ops", response_class=HTMLResponse, include_in_schema=False)
+    async def ops_page(request: Request, user: Admin) -> HTMLResponse:
+        return page(request, "ops.html", {"ops": await ops_report(agg)})
 
     @app.get("/api/v1/refusals", tags=["operations"])
     async def api_refusals(
