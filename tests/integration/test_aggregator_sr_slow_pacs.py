@@ -4,8 +4,6 @@ the aggregator: while the SR C-STORE hangs, events are applied and committed."""
 from __future__ import annotations
 
 import asyncio
-import socket
-import threading
 from pathlib import Path
 
 from sqlalchemy import select
@@ -14,51 +12,11 @@ from services.aggregator.config import AggregatorSettings
 from services.aggregator.models import SrDelivery, Study
 from services.aggregator.service import Aggregator
 from tests.support.aggregator_service import apply_events, prediction, received, write_test_policy
-
-
-class SilentPeer:
-    """A TCP listener that accepts every connection and never sends a byte (a hung PACS)."""
-
-    def __init__(self) -> None:
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = int(self.listener.getsockname()[1])
-        self.connections: list[socket.socket] = []
-        self.accepted = threading.Event()
-        self.closed_by_client = threading.Event()
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-        self._thread.start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.listener.accept()
-            except OSError:
-                return
-            self.connections.append(conn)
-            self.accepted.set()
-            threading.Thread(target=self._drain, args=(conn,), daemon=True).start()
-
-    def _drain(self, conn: socket.socket) -> None:
-        """Read (and ignore) what the client sends; note when it gives up and closes."""
-        try:
-            while conn.recv(65536):
-                pass
-        except OSError:
-            pass
-        self.closed_by_client.set()
-
-    def close(self) -> None:
-        self.listener.close()
-        for conn in self.connections:
-            try:
-                conn.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            conn.close()
+from tests.support.silent_pacs import SwitchablePeer
 
 
 async def test_silent_pacs_does_not_stall_event_handling(tmp_path: Path) -> None:
-    peer = SilentPeer()
+    peer = SwitchablePeer()  # silent: accepts, never answers
     settings = AggregatorSettings(
         data_dir=tmp_path,
         policy_file=write_test_policy(tmp_path / "policy.yaml"),
@@ -75,7 +33,7 @@ async def test_silent_pacs_does_not_stall_event_handling(tmp_path: Path) -> None
         await apply_events(agg, received(sop, study), prediction(sop, 0.97, study=study))
         await apply_events(agg, prediction(sop, 0.03, "2", study=study))
         sender = asyncio.create_task(agg.send_pending_srs())
-        assert await asyncio.to_thread(peer.accepted.wait, 60), "the SR sender never connected"
+        assert await asyncio.to_thread(peer.connected.wait, 60), "the SR sender never connected"
 
         # The SR association hangs on the silent peer; meanwhile events for another study commit.
         other, other_sop = "1.2.826.0.1.99.71", "1.2.826.0.1.99.71.1"

@@ -15,6 +15,8 @@ class SwitchablePeer:
         self.port = int(self.listener.getsockname()[1])
         self.target: int | None = None
         self.accepted = 0
+        self.connected = threading.Event()  # a first connection was accepted
+        self.closed_by_client = threading.Event()  # a silent connection was closed by its client
         self.sockets: list[socket.socket] = []
         threading.Thread(target=self._serve, daemon=True).start()
 
@@ -25,6 +27,7 @@ class SwitchablePeer:
             except OSError:
                 return
             self.accepted += 1
+            self.connected.set()
             self.sockets.append(conn)
             if self.target is None:
                 threading.Thread(target=self._drain, args=(conn,), daemon=True).start()
@@ -34,13 +37,14 @@ class SwitchablePeer:
                 threading.Thread(target=self._pump, args=(conn, upstream), daemon=True).start()
                 threading.Thread(target=self._pump, args=(upstream, conn), daemon=True).start()
 
-    @staticmethod
-    def _drain(conn: socket.socket) -> None:
+    def _drain(self, conn: socket.socket) -> None:
+        """Read (and ignore) what the client sends; note when it gives up and closes."""
         try:
             while conn.recv(65536):
                 pass
         except OSError:
             pass
+        self.closed_by_client.set()
 
     @staticmethod
     def _pump(src: socket.socket, dst: socket.socket) -> None:
