@@ -95,7 +95,10 @@ def test_adapt_shadow_compare_promote_undo(
     locked = json.loads((vdir / "locked_test_set.json").read_text())
     n_locked = len(locked["images"])
     assert locked["counts"]["NORMAL"] >= 8 and locked["counts"]["PNEUMONIA"] >= 8
-    assert lineage["n_fine_tune"] + lineage["n_calibration"] + n_locked == 90  # never trained on the locked set
+    assert lineage["n_fine_tune"] + n_locked == 90  # never trained on the locked set
+    # the calibration and threshold come from the same pool, scored out of fold
+    assert lineage["n_calibration"] == lineage["n_fine_tune"] and lineage["calibration_folds"] == 4
+    assert meta["calibration_details"]["fitted_on"].startswith("out-of-fold logits")
     c = meta["metrics"]["locked_site_test"]
     assert c["candidate"]["version"] == meta["version"] and c["reference"]["version"] == "2"
     assert c["n_images"] == n_locked and len(c["difference"]["auc"]["ci95"]) == 2
