@@ -9,9 +9,10 @@ class) until that many images are labelled; every other image of the site is **h
 only scored. On the held-back images, per method:
 
 (a) **base**: the base version as shipped, at its own operating threshold;
-(b) **recalibrate**: Platt scaling of the base version's logit and the operating threshold (the
-    highest one keeping sensitivity >= 0.95) fitted on the site labels: what `pneumotriage triage
-    recalibrate` does with clinician/crowd labels;
+(b) **recalibrate**: Platt scaling of the base version's logit (as `pneumotriage triage recalibrate`
+    fits it) and one operating threshold (the highest keeping sensitivity >= 0.95) on the site labels;
+    the product's recalibration re-chooses the triage policy's thresholds on the fused posterior
+    instead (rule-out sensitivity >= 0.95, URGENT PPV ...), so this is its model-only analogue;
 (c) **adapt**: `pneumotriage model adapt`'s own code (services/inference/tools/adapt.py) on a folder
     of the site labels (it locks 30 % of their patients away for its own promotion evidence and
     fine-tunes on the rest), the candidate scored at its own operating threshold; with the wall time.
