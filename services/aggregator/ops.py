@@ -48,6 +48,35 @@ def _metric(metrics: dict[str, Any], key: str) -> float | None:
     return float(value) if isinstance(value, int | float) else None
 
 
+PLOT = 180  # px, the square of each plot
+PAD = 24
+
+
+def _xy(x: float, y: float) -> str:
+    return f"{PAD + x * PLOT:.1f},{PAD + (1.0 - y) * PLOT:.1f}"
+
+
+def _plots(curves: Any) -> dict[str, Any] | None:
+    """SVG coordinates for the page: each version's ROC polyline and operating point, and its
+    reliability points (radius by images); None when the comparison has no curves."""
+    if not isinstance(curves, dict) or not all(isinstance(curves.get(k), dict) for k in ("candidate", "reference")):
+        return None
+    out: dict[str, Any] = {"size": PLOT + 2 * PAD, "pad": PAD, "plot": PLOT}
+    for name in ("candidate", "reference"):
+        c = curves[name]
+        op = c.get("operating_point")
+        total = sum(n for _, _, n in c.get("reliability", [])) or 1
+        out[name] = {
+            "roc": " ".join(_xy(x, y) for x, y in c.get("roc", [])),
+            "operating_point": _xy(*op).split(",") if op else None,
+            "reliability": [
+                {"at": _xy(mean, rate).split(","), "r": round(2 + 8 * (n / total) ** 0.5, 1), "n": n}
+                for mean, rate, n in c.get("reliability", [])
+            ],
+        }
+    return out
+
+
 def repository_versions(repository: Path) -> dict[str, Any]:
     """The model repository's versions as files say: pinned version, per version its test figures and
     (a site candidate) the locked-set comparison, and the promotions log, newest first."""
@@ -87,6 +116,7 @@ def repository_versions(repository: Path) -> dict[str, Any]:
                 "reference_specificity": locked["reference"].get("specificity"),
                 "difference": {k: locked["difference"][k] for k in ("auc", "sensitivity", "specificity")},
                 "agreement": locked.get("agreement"),
+                "plots": _plots(locked.get("curves")),
             }
         versions.append(row)
     promotions: list[dict[str, Any]] = []

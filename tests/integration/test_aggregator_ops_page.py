@@ -11,27 +11,16 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
+
 from services.aggregator.config import AggregatorSettings
 from services.aggregator.service import Aggregator
+from services.inference.tools.site_loop import Scored, paired_comparison
 from services.system.rabbitmq import RabbitNode
 from tests.integration.test_aggregator_outputs import flag_a_study, shared_dicom, signed_in_client
 from tests.support.aggregator_service import write_test_policy
 
 LIVE = Path(__file__).resolve().parents[2] / "deploy" / "triton" / "model_repository" / "pneumonia"
-
-
-def _metrics(auc: float, sens: float, spec: float, version: str) -> dict:
-    return {
-        "version": version,
-        "auc": auc,
-        "auc_ci95": [auc - 0.01, auc + 0.01],
-        "sensitivity": sens,
-        "sensitivity_ci95": [sens - 0.02, sens + 0.02],
-        "specificity": spec,
-        "specificity_ci95": [spec - 0.03, spec + 0.03],
-        "ece": 0.04,
-        "threshold": 0.5,
-    }
 
 
 def model_repository(root: Path) -> Path:
@@ -47,20 +36,13 @@ def model_repository(root: Path) -> Path:
     meta = json.loads((LIVE / "2" / "metadata.json").read_text())
     meta["version"] = "3"
     meta["site_adaptation"] = {"site": "hospital-a", "base_version": "2"}
-    meta["metrics"]["locked_site_test"] = {
-        "n_images": 180,
-        "n_patients": 150,
-        "n_pneumonia": 110,
-        "bootstrap": 500,
-        "candidate": _metrics(0.987, 0.96, 0.91, "3"),
-        "reference": _metrics(0.970, 0.99, 0.63, "2"),
-        "difference": {
-            "auc": {"value": 0.017, "ci95": [0.006, 0.029]},
-            "sensitivity": {"value": -0.03, "ci95": [-0.045, -0.01]},
-            "specificity": {"value": 0.28, "ci95": [0.19, 0.37]},
-        },
-        "agreement": 0.86,
-    }
+    # the comparison as model adapt writes it (site_loop.paired_comparison), on synthetic scores
+    rng = np.random.default_rng(5)
+    y = np.array([0] * 70 + [1] * 110)
+    candidate = Scored("3", np.clip(np.where(y == 1, 0.8, 0.15) + rng.normal(0, 0.12, len(y)), 0, 1), 0.5)
+    reference = Scored("2", np.clip(np.where(y == 1, 0.85, 0.45) + rng.normal(0, 0.15, len(y)), 0, 1), 0.5)
+    patients = [f"p{i}" for i in range(len(y))]
+    meta["metrics"]["locked_site_test"] = paired_comparison(y, patients, candidate, reference, n=50)
     (model / "3").mkdir()
     (model / "3" / "metadata.json").write_text(json.dumps(meta))
     entry = {"at": "2026-12-07T10:00:00Z", "kind": "undo", "version": 2, "previous": 3, "user": "mle", "reason": "test"}
@@ -119,10 +101,17 @@ async def test_ops_page_shows_delivery_lanes_and_models_to_admins_only(
         repo = models["repository"]
         assert (repo["pinned"], repo["served"]) == (2, 2)
         v3 = next(v for v in repo["versions"] if v["version"] == 3)
-        assert v3["site"] == "hospital-a" and v3["locked"]["difference"]["specificity"]["value"] == 0.28
+        spec_gain = v3["locked"]["difference"]["specificity"]["value"]
+        assert v3["site"] == "hospital-a" and spec_gain > 0.2
         assert repo["promotions"][0]["reason"] == "test"
         assert "site hospital-a, base v2, 180 images" in page.text
-        assert "specificity +0.280" in page.text
+        assert f"specificity {spec_gain:+.3f}" in page.text
+        # the plots: both ROC curves with their operating points, both reliability diagrams
+        assert 'id="plots-v3"' in page.text and page.text.count("<polyline") == 2
+        assert 'aria-label="reliability diagram of version 3 and its base"' in page.text
+        plots = v3["locked"]["plots"]
+        assert len(plots["candidate"]["roc"].split()) >= 3 and plots["candidate"]["operating_point"]
+        assert sum(b["n"] for b in plots["reference"]["reliability"]) == 180
         assert "Diagnostic aid" in page.text or "diagnostic aid" in page.text
         assert models["drift"]["status"]
     finally:

@@ -102,6 +102,10 @@ def test_adapt_shadow_compare_promote_undo(
     c = meta["metrics"]["locked_site_test"]
     assert c["candidate"]["version"] == meta["version"] and c["reference"]["version"] == "2"
     assert c["n_images"] == n_locked and len(c["difference"]["auc"]["ci95"]) == 2
+    # what the ops page plots: ROC with the operating point, reliability bins over every locked image
+    for name in ("candidate", "reference"):
+        assert c["curves"][name]["roc"][0] == [0.0, 0.0] and c["curves"][name]["roc"][-1] == [1.0, 1.0]
+        assert sum(n for _, _, n in c["curves"][name]["reliability"]) == n_locked
     # the locked set is reused by the next candidate of the site, however the labels grew
     assert site_loop.load_or_carve("siteA", [], 0.5, 1)[0]["images"] == locked["images"]
 

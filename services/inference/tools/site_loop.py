@@ -177,6 +177,33 @@ def paired_comparison(
     }
     agree = (candidate.probs >= candidate.threshold) == (reference.probs >= reference.threshold)
     out["agreement"] = float(np.mean(agree)) if len(agree) else float("nan")
+    out["curves"] = {name: curves(y, s) for name, s in (("candidate", candidate), ("reference", reference))}
+    return out
+
+
+def curves(labels: np.ndarray, s: Scored, max_points: int = 60, bins: int = 10) -> dict:
+    """What the ML page plots: the ROC curve (at most `max_points` (fpr, tpr) points, ends kept), the
+    operating point at the version's threshold, and a reliability diagram (`bins` equal-width bins
+    of the predicted probability: mean predicted, observed pneumonia rate, images)."""
+    from sklearn.metrics import roc_curve
+
+    y = np.asarray(labels).astype(int)
+    p = np.asarray(s.probs, dtype=np.float64)
+    out: dict = {"roc": [], "operating_point": None, "reliability": []}
+    if len(np.unique(y)) == 2:
+        fpr, tpr, _ = roc_curve(y, p)
+        keep = np.unique(np.round(np.linspace(0, len(fpr) - 1, min(max_points, len(fpr)))).astype(int))
+        out["roc"] = [[round(float(fpr[i]), 4), round(float(tpr[i]), 4)] for i in keep]
+        sens, spec = _rates(y, p, s.threshold)
+        out["operating_point"] = [round(1.0 - spec, 4), round(sens, 4)]
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    which = np.clip(np.digitize(p, edges[1:-1]), 0, bins - 1)
+    for b in range(bins):
+        mask = which == b
+        if mask.any():
+            out["reliability"].append(
+                [round(float(p[mask].mean()), 4), round(float(y[mask].mean()), 4), int(mask.sum())]
+            )
     return out
 
 
