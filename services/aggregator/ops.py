@@ -44,7 +44,10 @@ def _json(path: Path) -> dict[str, Any] | None:
 
 
 def _metric(metrics: dict[str, Any], key: str) -> float | None:
+    """A figure of metadata.json's metrics: a number, or {"value": ..., "ci95": [...]}."""
     value = metrics.get(key)
+    if isinstance(value, dict):
+        value = value.get("value")
     return float(value) if isinstance(value, int | float) else None
 
 

@@ -100,6 +100,9 @@ async def test_ops_page_shows_delivery_lanes_and_models_to_admins_only(
         assert served["images"] == 1
         repo = models["repository"]
         assert (repo["pinned"], repo["served"]) == (2, 2)
+        v2 = next(v for v in repo["versions"] if v["version"] == 2)
+        shipped = json.loads((LIVE / "2" / "metadata.json").read_text())["metrics"]["test"]
+        assert v2["test_auc"] == shipped["auc"]["value"] and v2["test_specificity"] == shipped["specificity"]["value"]
         v3 = next(v for v in repo["versions"] if v["version"] == 3)
         spec_gain = v3["locked"]["difference"]["specificity"]["value"]
         assert v3["site"] == "hospital-a" and spec_gain > 0.2
