@@ -140,6 +140,39 @@ def export_reviews(out: Path = typer.Option(..., "--out", help="JSON lines, one 
     typer.echo(f"wrote {len(rows)} reviews to {out}")
 
 
+@triage.command("export-labels")
+def export_labels_cmd(
+    out: Path = typer.Option(..., "--out", help="a new (or empty) folder: NORMAL/ PNEUMONIA/ + labels.jsonl"),
+    crowd: bool = typer.Option(False, "--crowd/--no-crowd", help="also the crowd's confident consensus"),
+    crowd_confidence: float = typer.Option(0.95, "--crowd-confidence", help="with --crowd: the consensus needed"),
+) -> None:
+    """The site's confirmed labels as a folder of links to the stored DICOM files, for
+    `pneumotriage model adapt --data` (list it first: clinician labels outrank crowd ones)."""
+    from services.aggregator.config import AggregatorSettings
+    from services.aggregator.label_export import ExportError, check_output, labelled_images, write_export
+    from services.core.db import make_engine, make_sessionmaker
+
+    settings = AggregatorSettings()
+
+    async def rows() -> list[dict]:
+        engine = make_engine(settings.database_url_for("aggregator"))
+        try:
+            async with make_sessionmaker(engine)() as session:
+                return await labelled_images(session, crowd, crowd_confidence)
+        finally:
+            await engine.dispose()
+
+    try:
+        check_output(out)  # said at once, before the database is read
+        result = write_export(out, asyncio.run(rows()))
+    except ExportError as exc:
+        typer.echo(f"error: {exc}; nothing written", err=True)
+        raise typer.Exit(2) from exc
+    missing = f"; {result.missing_files} labelled images without their stored file" if result.missing_files else ""
+    typer.echo(f"wrote {result.written} ({result.by_source}) to {out}{missing}")
+    typer.echo(f"next: pneumotriage model adapt --site <name> --base-version <N> --data {out}")
+
+
 @triage.command("recalibrate")
 def recalibrate_cmd(
     min_labels: int = typer.Option(100, "--min-labels", help="refuse to fit with fewer confirmed labels"),

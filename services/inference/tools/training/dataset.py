@@ -18,6 +18,7 @@ IMAGE_SUFFIXES = frozenset({".jpeg", ".jpg", ".png", ".dcm"})
 
 _PERSON = re.compile(r"^(person\d+)_(bacteria|virus)_\d+", re.IGNORECASE)
 _IM = re.compile(r"^((?:NORMAL2-)?IM-\d+)-\d+", re.IGNORECASE)
+_STUDY = re.compile(r"^(study-[0-9a-f]+)__")  # `triage export-labels`: one study, one patient
 
 
 @dataclass(frozen=True)
@@ -42,7 +43,7 @@ class ImageRecord:
 
 def patient_id(filename: str) -> str:
     stem = Path(filename).stem
-    for pattern in (_PERSON, _IM):
+    for pattern in (_PERSON, _IM, _STUDY):
         m = pattern.match(stem)
         if m:
             return m.group(1)
