@@ -24,6 +24,7 @@ import time
 import urllib.parse
 import urllib.request
 from collections import OrderedDict
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -511,26 +512,45 @@ class InferenceWorker:
         if not image.sop_instance_uid or not image.storage_uri:
             raise PermanentError("image.received without sop_instance_uid or storage_uri")
         key = (image.sop_instance_uid, image.sha256)
+
+        async def produce() -> Prediction:
+            prediction = await self.pipeline.predict(event, shadow=True)
+            await self.publish(prediction)
+            return prediction
+
+        prediction = await self._once(key, produce, envelope.redelivered)
+        if prediction is not None:
+            log.info(
+                "prediction published",
+                extra={
+                    "probability": round(prediction.probability, 4),
+                    "model_version": prediction.model_version,
+                    "runtime": prediction.runtime,
+                    "latency_ms": round(prediction.latency_ms, 1),
+                },
+            )
+
+    async def _once(
+        self, key: tuple[str, str], produce: Callable[[], Awaitable[Prediction]], redelivered: bool = False
+    ) -> Prediction | None:
+        """One prediction per key while it is remembered (image.received and rescore.requested alike):
+        a duplicate delivery, of one just answered (`recent`) or of one being answered right now
+        (`_inflight`, shared), publishes that same prediction again and returns None; otherwise
+        `produce()` makes and publishes it, and it is remembered and returned."""
         cached = self.recent.get(key)
         if cached is None and key in self._inflight:
-            try:  # the same image is being predicted right now (a duplicate delivery): share it
+            with contextlib.suppress(Exception):  # the same request being answered right now: share it
                 cached = await asyncio.shield(self._inflight[key])
-            except Exception:
-                cached = None
         if cached is not None:
             DUPLICATES.inc()
-            log.info(
-                "duplicate image.received: republishing the same prediction",
-                extra={"redelivered": envelope.redelivered},
-            )
+            log.info("duplicate delivery: republishing the same prediction", extra={"redelivered": redelivered})
             await self.publish(cached)
-            return
+            return None
         fut: asyncio.Future[Prediction] = asyncio.get_running_loop().create_future()
         fut.add_done_callback(lambda f: f.cancelled() or f.exception())  # never "exception not retrieved"
         self._inflight[key] = fut
         try:
-            prediction = await self.pipeline.predict(event, shadow=True)
-            await self.publish(prediction)
+            prediction = await produce()
         except Exception as exc:
             fut.set_exception(exc)
             raise
@@ -544,39 +564,21 @@ class InferenceWorker:
         while len(self.recent) > self.recent_size:
             self.recent.popitem(last=False)
         PREDICTIONS.labels(prediction.model_version, prediction.runtime).inc()
-        log.info(
-            "prediction published",
-            extra={
-                "probability": round(prediction.probability, 4),
-                "model_version": prediction.model_version,
-                "runtime": prediction.runtime,
-                "latency_ms": round(prediction.latency_ms, 1),
-            },
-        )
+        return prediction
 
     async def _rescore(self, request: RescoreRequested) -> None:
         """Predict a stored image again with the version served now (a withdrawn version's studies).
 
         Never answered from the duplicate cache of image.received (that holds the withdrawn version's
-        prediction); a redelivered request (same request id) reuses its own re-score. Served still by
-        the withdrawn version (rolled back but not restarted): dead-lettered with the reason, nothing
-        published, so the withdrawn version can never "re-score" itself."""
+        prediction: the key differs); a redelivered request (same request id) reuses its own re-score.
+        Served still by the withdrawn version (rolled back but not restarted): dead-lettered with the
+        reason, nothing published, so the withdrawn version can never "re-score" itself."""
         image = request.image
         if not image.sop_instance_uid or not image.storage_uri or not request.withdrawn_model_version:
             raise PermanentError("rescore.requested without sop_instance_uid, storage_uri or withdrawn version")
         key = (image.sop_instance_uid, f"rescore:{request.request_id}:{image.sha256}")
-        prediction = self.recent.get(key)
-        if prediction is None and key in self._inflight:
-            with contextlib.suppress(Exception):  # the same request being answered right now: share it
-                prediction = await asyncio.shield(self._inflight[key])
-        if prediction is not None:
-            DUPLICATES.inc()
-            await self.publish(prediction)
-            return
-        fut: asyncio.Future[Prediction] = asyncio.get_running_loop().create_future()
-        fut.add_done_callback(lambda f: f.cancelled() or f.exception())
-        self._inflight[key] = fut
-        try:
+
+        async def produce() -> Prediction:
             prediction = await self.pipeline.predict(as_image_received(request))
             if prediction.model_version == request.withdrawn_model_version:
                 RESCORES.labels("withdrawn_still_served").inc()
@@ -588,28 +590,19 @@ class InferenceWorker:
             prediction.rescore_reason = request.reason
             prediction.rescore_request_id = request.request_id
             await self.publish(prediction)
-        except Exception as exc:
-            fut.set_exception(exc)
-            raise
-        except BaseException:
-            fut.cancel()
-            raise
-        finally:
-            self._inflight.pop(key, None)
-        fut.set_result(prediction)
-        self.recent[key] = prediction
-        while len(self.recent) > self.recent_size:
-            self.recent.popitem(last=False)
-        RESCORES.labels("predicted").inc()
-        PREDICTIONS.labels(prediction.model_version, prediction.runtime).inc()
-        log.info(
-            "re-score published",
-            extra={
-                "probability": round(prediction.probability, 4),
-                "model_version": prediction.model_version,
-                "withdrawn_model_version": request.withdrawn_model_version,
-            },
-        )
+            return prediction
+
+        prediction = await self._once(key, produce)
+        if prediction is not None:
+            RESCORES.labels("predicted").inc()
+            log.info(
+                "re-score published",
+                extra={
+                    "probability": round(prediction.probability, 4),
+                    "model_version": prediction.model_version,
+                    "withdrawn_model_version": request.withdrawn_model_version,
+                },
+            )
 
     def release(self) -> None:
         """After the broker connection is closed: let held handlers end (their messages were requeued)."""
