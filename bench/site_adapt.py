@@ -13,6 +13,8 @@ only scored. On the held-back images, per method:
     fits it) and one operating threshold (the highest keeping sensitivity >= 0.95) on the site labels;
     the product's recalibration re-chooses the triage policy's thresholds on the fused posterior
     instead (rule-out sensitivity >= 0.95, URGENT PPV ...), so this is its model-only analogue;
+    **recalibrate_bound**: the same with the threshold keeping 0.95 with `--confidence` (0.8), as
+    `triage recalibrate`'s rule-out does since `--rule-out-confidence`;
 (c) **adapt**: `pneumotriage model adapt`'s own code (services/inference/tools/adapt.py) on a folder
     of the site labels (it locks 30 % of their patients away for its own promotion evidence and
     fine-tunes on the rest), the candidate scored at its own operating threshold; with the wall time.
@@ -113,15 +115,20 @@ def metrics(y: np.ndarray, p: np.ndarray, threshold: float) -> dict:
     }
 
 
-def recalibrated(logit_lab: np.ndarray, y_lab: np.ndarray, logit_eval: np.ndarray) -> tuple[np.ndarray, float]:
-    """Platt on the base logit, fitted on the labels; the threshold keeping sensitivity >= 0.95 there."""
+def recalibrated(
+    logit_lab: np.ndarray, y_lab: np.ndarray, logit_eval: np.ndarray, confidence: float
+) -> tuple[np.ndarray, float]:
+    """Platt on the base logit, fitted on the labels; the threshold keeping sensitivity >= 0.95 there,
+    with `confidence` on new images (services/core/sensitivity_bound.py, as `triage recalibrate`'s
+    rule-out since it has `--rule-out-confidence 0.8`; 0: the sample's own point)."""
     from sklearn.linear_model import LogisticRegression
 
-    from services.inference.tools.proxy import threshold_for_sensitivity
+    from services.inference.tools.adapt import operating_threshold
 
     lr = LogisticRegression(C=1e6).fit(logit_lab.reshape(-1, 1), y_lab)
     p_lab = lr.predict_proba(logit_lab.reshape(-1, 1))[:, 1]
-    return lr.predict_proba(logit_eval.reshape(-1, 1))[:, 1], threshold_for_sensitivity(y_lab, p_lab, SENSITIVITY)
+    threshold = operating_threshold(p_lab[y_lab == 1], SENSITIVITY, confidence)
+    return lr.predict_proba(logit_eval.reshape(-1, 1))[:, 1], threshold
 
 
 def label_folder(work: Path, labelled: list) -> Path:
@@ -164,10 +171,12 @@ def run(args: argparse.Namespace) -> dict:
                 y_eval = np.array([r.label for r in held])
                 row = {"labels": len(labelled), "target_labels": n, "draw": draw, "held_back": len(held)}
                 row["base"] = metrics(y_eval, np.array([base_cal[id(r)] for r in held]), base_threshold)
-                p_eval, thr = recalibrated(
-                    np.array([base_logit[id(r)] for r in labelled]), y_lab, np.array([base_logit[id(r)] for r in held])
-                )
+                lab_logits = np.array([base_logit[id(r)] for r in labelled])
+                held_logits = np.array([base_logit[id(r)] for r in held])
+                p_eval, thr = recalibrated(lab_logits, y_lab, held_logits, 0.0)
                 row["recalibrate"] = {**metrics(y_eval, p_eval, thr), "threshold": thr}
+                p_eval, thr = recalibrated(lab_logits, y_lab, held_logits, args.confidence)
+                row["recalibrate_bound"] = {**metrics(y_eval, p_eval, thr), "threshold": thr}
                 draw_dir = work / f"n{n}-d{draw}"
                 folder = label_folder(draw_dir, labelled)
                 recipe = AdaptRecipe(epochs=args.epochs, seed=seed, threads=args.threads, bootstrap=args.bootstrap)
@@ -215,7 +224,7 @@ def summarise(report: dict) -> None:
 
     for n in sorted({r["target_labels"] for r in report["rows"]}):
         rows = [r for r in report["rows"] if r["target_labels"] == n]
-        for method in ("base", "recalibrate", "adapt"):
+        for method in ("base", "recalibrate", "recalibrate_bound", "adapt"):
             wall = cell(rows, "adapt", "wall_s") + " s" if method == "adapt" else ""
             table.add_row(
                 str(n),
@@ -241,6 +250,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--bootstrap", type=int, default=200, help="model adapt's bootstrap resamples (its own evidence)")
     ap.add_argument("--seed", type=int, default=7)
+    ap.add_argument("--confidence", type=float, default=0.8, help="recalibrate_bound's confidence (0.8 in the product)")
     ap.add_argument("--json-out", type=Path, default=None)
     args = ap.parse_args()
     report = run(args)

@@ -28,6 +28,7 @@ import numpy as np
 
 from services.aggregator.fusion import Evidence, FusionWeights, Vote, feature_matrix, fit_weights
 from services.aggregator.policy import FLAGS, HEALTHY, SUSPECTED, URGENT, Policy, Thresholds
+from services.core.sensitivity_bound import allowed_misses
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,9 @@ class LabeledImage:
 @dataclass(frozen=True)
 class OperatingPoints:
     rule_out_sensitivity: float = 0.95
+    # > 0: the rule-out keeps rule_out_sensitivity with this confidence on new images, not only on
+    # the labels it is fitted on (services/core/sensitivity_bound.py); `triage recalibrate` uses 0.8
+    rule_out_confidence: float = 0.0
     urgent_ppv: float = 0.90
     suspected_ppv: float = 0.85
     min_flagged: int = 5  # never choose a threshold that flags fewer images than this
@@ -105,7 +109,8 @@ def choose_thresholds(
     safety-critical one); URGENT and PNEUMONIA_SUSPECTED only start above it.
 
     rule_out: the largest threshold (at most 0.5: never clear an image the fusion thinks more likely
-    pneumonia than not) whose cleared set misses at most 1 - sensitivity of the pneumonia images;
+    pneumonia than not) whose cleared set misses at most 1 - sensitivity of the pneumonia images
+    (with `rule_out_confidence`: at most the misses that keep the sensitivity with that confidence);
     `blocked` marks images the conflict rule keeps out of LIKELY_HEALTHY whatever the threshold.
     urgent: the smallest threshold such that the URGENT group (P >= urgent), and every smaller such
     group, keeps PPV >= the urgent target. suspected: the same for the PNEUMONIA_SUSPECTED band
@@ -114,12 +119,12 @@ def choose_thresholds(
     """
     w = np.ones(len(y)) if weights is None else weights
     candidates = np.unique(np.concatenate([p[p <= 0.5], [0.0]]))
-    positives = max(int(y.sum()), 1)
+    allowed = allowed_misses(int(y.sum()), ops.rule_out_sensitivity, ops.rule_out_confidence)
     rule_out = 0.0
     for t in candidates:
         cleared = (p <= t) & ~blocked
         missed = int((cleared & (y == 1)).sum())
-        if 1 - missed / positives >= ops.rule_out_sensitivity:
+        if missed <= allowed:
             rule_out = float(t)
         else:
             break

@@ -180,6 +180,13 @@ def recalibrate_cmd(
     crowd_confidence: float = typer.Option(0.95, "--crowd-confidence", help="crowd consensus counts from here"),
     bootstrap: int = typer.Option(200, "--bootstrap", help="bootstrap resamples for the 95 % intervals"),
     seed: int = typer.Option(0, "--seed"),
+    rule_out_confidence: float = typer.Option(
+        0.8,
+        "--rule-out-confidence",
+        min=0.0,
+        max=0.99,
+        help="the rule-out keeps sensitivity 0.95 on new images with this confidence (0: on the labels only)",
+    ),
     dry_run: bool = typer.Option(False, "--dry-run", help="fit and report, write nothing"),
     rollback: bool = typer.Option(False, "--rollback", help="activate the previously active version"),
     off: bool = typer.Option(False, "--off", help="use the model's own calibration and the policy file again"),
@@ -247,7 +254,7 @@ def recalibrate_cmd(
             cal = rc.fit_site_calibration(
                 found,
                 policy,
-                OperatingPoints(),
+                OperatingPoints(rule_out_confidence=rule_out_confidence),
                 min_labels,
                 min_per_class,
                 bootstrap=bootstrap,

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from services.aggregator import recalibrate as rc
+from services.aggregator.calibrate import OperatingPoints
 from services.aggregator.config import AggregatorSettings
 from services.aggregator.fusion import Evidence
 from services.aggregator.policy import HEALTHY, URGENT, Policy
@@ -106,6 +107,18 @@ async def test_recalibration_restores_specificity_at_fixed_sensitivity(offline_a
     assert ci["a"] is not None and ci["a"][0] <= cal.a <= ci["a"][1]
     assert ci["specificity"] is not None and ci["specificity"][0] < ci["specificity"][1]
     assert cal.meta["labels"] == n_fit and cal.meta["sources"] == {"clinician": 200, "crowd": 100}
+
+    # the rule-out keeps its sensitivity with 80 % confidence (services/core/sensitivity_bound.py):
+    # it clears no more than the sample's own 95 % point does, and misses no more held-out pneumonias
+    assert cal.meta["operating_points"]["rule_out_confidence"] == rc.SITE_RULE_OUT_CONFIDENCE == 0.8
+    plain = rc.fit_site_calibration(labels, TEST_POLICY, OperatingPoints(), bootstrap=0, seed=0)
+    plain_policy = Policy(TEST_POLICY.fusion, plain.thresholds)
+    sens_plain, spec_plain = rule_out(np.array([plain.probability(z) for z in held_logits]), held_y, plain_policy)
+    print(
+        f"held out: sensitivity {sens_plain:.3f} -> {sens_after:.3f}, specificity {spec_plain:.3f} -> {spec_after:.3f}"
+    )
+    assert cal.thresholds.rule_out <= plain.thresholds.rule_out
+    assert sens_after >= sens_plain and spec_after <= spec_plain
 
 
 @pytest.mark.parametrize("offline_aggregator", [{}], indirect=True)

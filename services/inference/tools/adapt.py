@@ -134,27 +134,15 @@ def patient_folds(records: list[ImageRecord], k: int, seed: int) -> list[np.ndar
 
 
 def operating_threshold(pos_probs: np.ndarray, sensitivity: float, confidence: float) -> float:
-    """The highest threshold that keeps `sensitivity` with `confidence`, distribution-free: at the
-    (k+1)-th lowest pneumonia probability, the share of the site's pneumonias below it is
-    Beta(k+1, n-k) distributed, so P(true sensitivity >= s) = P(Binomial(n, 1-s) >= k+1); the
-    largest k with that >= confidence (k = 0 when none reaches it: the lowest pneumonia's). With
-    confidence 0 it is the sample's own point (k = floor((1-s) n))."""
+    """The highest threshold that keeps `sensitivity` with `confidence` (services/core/sensitivity_bound.py):
+    the (k+1)-th lowest pneumonia probability, k the misses allowed (the lowest one when none is)."""
+    from services.core.sensitivity_bound import allowed_misses
+
     p = np.sort(np.asarray(pos_probs, dtype=np.float64))
-    n = len(p)
-    if n == 0:
+    if len(p) == 0:
         return 0.0
-    miss = 1.0 - sensitivity
-    if confidence <= 0:
-        return float(p[min(n - 1, math.floor(miss * n + 1e-9))])
-    below = 0.0  # P(Binomial(n, miss) <= k)
-    best = 0
-    for k in range(n):
-        below += math.comb(n, k) * miss**k * (1 - miss) ** (n - k)
-        if 1.0 - below >= confidence:  # P(X >= k + 1)
-            best = k
-        else:
-            break
-    return float(p[best])
+    k = allowed_misses(len(p), sensitivity, confidence)
+    return float(p[min(len(p) - 1, max(k, 0))])
 
 
 def site_thresholds(calibrated: np.ndarray, labels: np.ndarray, recipe: AdaptRecipe) -> dict[str, float]:
