@@ -90,8 +90,8 @@ class Aggregator:
         self._sr_wake = asyncio.Event()
         self._sr_next_due: datetime | None = None  # the earliest held SR revision's settle deadline
         self._sr_breakers: dict[Destination, DestinationBreaker] = {}  # one circuit breaker per destination
-        self._sr_dest_wake: dict[int, asyncio.Event] = {}  # per destination (index): frozen SRs to send
-        self._sr_more: dict[Destination, bool] = {}  # more SRs waited than its last association took
+        self._sr_dest_wake: list[asyncio.Event] = []  # per destination (sr_loop): frozen SRs to send
+        self._sr_sends_checked = False  # the freezer's one repair pass (_queue_missing_sends) is done
         self.sr_timeouts = Timeouts(
             settings.sr_connect_timeout_s, settings.sr_acse_timeout_s, settings.sr_dimse_timeout_s
         )
@@ -319,20 +319,19 @@ class Aggregator:
         next_due: datetime | None = None
         async with self.sessions() as session:
             # SKIP LOCKED (PostgreSQL): rows another transaction holds are left to it.
-            pending = (
+            # Held revisions only (not frozen yet: no SR bytes to load): per study only the newest
+            # counts; older ones are superseded.
+            held = (
                 await session.scalars(
                     select(SrDelivery)
-                    .where(SrDelivery.status == "pending")
+                    .where(SrDelivery.status == "pending", SrDelivery.dataset.is_(None))
                     .order_by(SrDelivery.id)
                     .with_for_update(skip_locked=True)
                 )
             ).all()
-            # Held revisions (not frozen yet): per study only the newest counts; older ones are superseded.
             latest: dict[str, SrDelivery] = {}
             superseded: list[SrDelivery] = []
-            for delivery in pending:
-                if delivery.dataset is not None:
-                    continue
+            for delivery in held:
                 if delivery.study_uid in latest:
                     superseded.append(latest[delivery.study_uid])
                 latest[delivery.study_uid] = delivery
@@ -394,24 +393,28 @@ class Aggregator:
                             )
             for delivery in superseded:
                 delivery.status = "superseded"
-            # Every frozen SR not sent yet has a send per configured destination (also one frozen
-            # before this version, or a destination added since): each destination's own queue.
-            frozen = [d.id for d in pending if d.status == "pending" and d.dataset is not None]
-            if frozen:
-                await session.flush()
-                have = set(
-                    (
-                        await session.execute(
-                            select(SrSend.delivery_id, SrSend.destination).where(SrSend.delivery_id.in_(frozen))
-                        )
-                    ).all()
-                )
-                for delivery_id in frozen:
+            # Each SR frozen now is queued for every destination (aggregator_sr_sends).
+            for delivery in held:
+                if delivery.status == "pending" and delivery.dataset is not None:
                     for dest in self.destinations:
-                        if (delivery_id, dest.key) not in have:
-                            session.add(SrSend(delivery_id=delivery_id, destination=dest.key, created_at=now))
+                        session.add(SrSend(delivery_id=delivery.id, destination=dest.key, created_at=now))
+            if not self._sr_sends_checked:  # once per start: SRs frozen before an upgrade or before
+                await self._queue_missing_sends(session, now)  # a destination was added
             await session.commit()
+        self._sr_sends_checked = True
         self._sr_next_due = next_due
+
+    async def _queue_missing_sends(self, session: AsyncSession, now: datetime) -> None:
+        """Frozen SRs not sent yet that some configured destination has no send for."""
+        for dest in self.destinations:
+            queued = select(SrSend.id).where(SrSend.delivery_id == SrDelivery.id, SrSend.destination == dest.key)
+            missing = await session.scalars(
+                select(SrDelivery.id).where(
+                    SrDelivery.status == "pending", SrDelivery.dataset.is_not(None), ~queued.exists()
+                )
+            )
+            for delivery_id in missing:
+                session.add(SrSend(delivery_id=delivery_id, destination=dest.key, created_at=now))
 
     async def send_srs_to(self, dest: Destination) -> int:
         """Send one association's worth (PT_AGGREGATOR_SR_BATCH_SIZE) of the frozen SRs waiting for one
@@ -425,7 +428,7 @@ class Aggregator:
     async def _send_srs_to(self, dest: Destination) -> int:
         breaker = self.breaker(dest)
         if not breaker.may_attempt():  # breaker open: no attempt until its back-off ends
-            await self.refresh_sr_gauges()
+            await self.refresh_sr_gauges(dest)
             return 0
         async with self.sessions() as session:
             jobs = (
@@ -445,7 +448,7 @@ class Aggregator:
                 ):
                     extras.setdefault(obj.delivery_id, []).append(obj.dataset)
         if not jobs:
-            await self.refresh_sr_gauges()
+            await self.refresh_sr_gauges(dest)
             return 0
         delivery_of = {j[0]: j[1] for j in jobs}
         # URGENT studies first, then queue order; each study's chain stays in order.
@@ -466,12 +469,11 @@ class Aggregator:
             )
         await self._record_sends(dest, batch, result)
         SR_SENT.labels(breaker.label).inc(len(result.sent))
-        self._sr_more[dest] = result.reason is None and len(ordered) > len(batch)
+        pending = await self.refresh_sr_gauges(dest)
         if result.reason is not None:
-            breaker.failure(result, await self.refresh_sr_gauges())
-            return len(result.sent)
-        breaker.success(len(ordered) - len(batch))
-        await self.refresh_sr_gauges()
+            breaker.failure(result, pending)
+        else:
+            breaker.success(pending)
         return len(result.sent)
 
     async def _record_sends(self, dest: Destination, batch: list[tuple[int, bytes]], result: BatchResult) -> None:
@@ -505,12 +507,14 @@ class Aggregator:
                         delivery.attempts += 1
                         delivery.last_error = error[:1000]
             await session.flush()
-            for delivery_id in touched:
-                waiting = await session.scalar(
-                    select(func.count(SrSend.id)).where(SrSend.delivery_id == delivery_id, SrSend.status != "sent")
+            waiting = set(
+                await session.scalars(
+                    select(SrSend.delivery_id).where(SrSend.delivery_id.in_(touched), SrSend.status != "sent")
                 )
+            )
+            for delivery_id in touched - waiting:  # every destination has it now
                 delivery = await session.get(SrDelivery, delivery_id)
-                if delivery is not None and not waiting:
+                if delivery is not None:
                     delivery.status, delivery.sent_at = "sent", now
             await session.commit()
 
@@ -572,9 +576,9 @@ class Aggregator:
                 out.append((built[0], SECONDARY_CAPTURE, built[1]))
         return out
 
-    async def sr_backlog(self, dest: Destination) -> tuple[int, float]:
-        """SRs not sent to `dest` yet (held revisions, and frozen ones waiting for it) and the age
-        (seconds) of the oldest."""
+    async def sr_backlogs(self, dests: list[Destination]) -> dict[str, tuple[int, float]]:
+        """Per destination key: SRs not sent to it yet (held revisions, which every destination will
+        get, and frozen ones waiting for it) and the age (seconds) of the oldest. Two queries."""
         async with self.sessions() as session:
             held, held_oldest = (
                 await session.execute(
@@ -583,28 +587,34 @@ class Aggregator:
                     )
                 )
             ).one()
-            waiting, waiting_oldest = (
-                await session.execute(
-                    select(func.count(SrSend.id), func.min(SrDelivery.created_at))
+            waiting = {
+                key: (n, oldest)
+                for key, n, oldest in await session.execute(
+                    select(SrSend.destination, func.count(SrSend.id), func.min(SrDelivery.created_at))
                     .join(SrDelivery, SrDelivery.id == SrSend.delivery_id)
-                    .where(SrSend.destination == dest.key, SrSend.status == "pending")
+                    .where(SrSend.destination.in_([d.key for d in dests]), SrSend.status == "pending")
+                    .group_by(SrSend.destination)
                 )
-            ).one()
-        count = int(held or 0) + int(waiting or 0)
-        stamps = [t for t in (as_utc(held_oldest), as_utc(waiting_oldest)) if t is not None]
-        age = max(0.0, (utcnow() - min(stamps)).total_seconds()) if count and stamps else 0.0
-        return count, age
+            }
+        now = utcnow()
+        out: dict[str, tuple[int, float]] = {}
+        for dest in dests:
+            n, oldest = waiting.get(dest.key, (0, None))
+            count = int(held or 0) + int(n or 0)
+            stamps = [t for t in (as_utc(held_oldest), as_utc(oldest)) if t is not None]
+            out[dest.key] = (count, max(0.0, (now - min(stamps)).total_seconds()) if count and stamps else 0.0)
+        return out
 
-    async def refresh_sr_gauges(self) -> int:
-        """Per destination: SRs pending and the age of the oldest; the most pending of any."""
-        most = 0
-        for dest in self.destinations:
-            count, age = await self.sr_backlog(dest)
-            label = self.breaker(dest).label
-            SR_PENDING.labels(label).set(count)
-            SR_OLDEST_AGE.labels(label).set(age)
-            most = max(most, count)
-        return most
+    async def refresh_sr_gauges(self, only: Destination | None = None) -> int:
+        """Per destination (all, or `only`): SRs pending and the age of the oldest; the pending count
+        of `only`, or the most of any."""
+        dests = [only] if only is not None else self.destinations
+        backlogs = await self.sr_backlogs(dests) if dests else {}
+        for dest in dests:
+            count, age = backlogs[dest.key]
+            SR_PENDING.labels(dest.label).set(count)
+            SR_OLDEST_AGE.labels(dest.label).set(age)
+        return max((count for count, _ in backlogs.values()), default=0)
 
     async def sr_health(self) -> dict[str, Any]:
         """Degraded while any destination's oldest SR not sent is older than
@@ -612,8 +622,9 @@ class Aggregator:
         listed under `destinations`."""
         limit = self.settings.sr_health_max_age_s
         per: list[dict[str, Any]] = []
+        backlogs = await self.sr_backlogs(self.destinations)
         for dest in self.destinations:
-            count, age = await self.sr_backlog(dest)
+            count, age = backlogs[dest.key]
             per.append(
                 {
                     "ok": age <= limit,
@@ -643,9 +654,8 @@ class Aggregator:
         if not self.destinations:
             await stop.wait()
             return
-        with contextlib.suppress(Exception):  # what is due now is frozen before the senders start
-            await self.freeze_srs()
-        senders = [asyncio.create_task(self._destination_loop(i, stop)) for i in range(len(self.destinations))]
+        self._sr_dest_wake = [asyncio.Event() for _ in self.destinations]
+        senders: list[asyncio.Task[None]] = []
         try:
             while not stop.is_set():
                 self._sr_wake.clear()  # before the work: a wake-up during a round is served at once
@@ -655,7 +665,12 @@ class Aggregator:
                     raise
                 except Exception as exc:
                     log.warning("SR freezer failed", extra={"error": repr(exc)})
-                for wake in self._sr_dest_wake.values():
+                if not senders:  # after the first freeze: what is due now (URGENT first) goes first
+                    senders = [
+                        asyncio.create_task(self._destination_loop(i, wake, stop))
+                        for i, wake in enumerate(self._sr_dest_wake)
+                    ]
+                for wake in self._sr_dest_wake:
                     wake.set()
                 timeout = self.settings.sr_retry_seconds
                 if self._sr_next_due is not None:  # wake when the earliest held revision has settled
@@ -663,24 +678,25 @@ class Aggregator:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._sr_wake.wait(), timeout=timeout)
         finally:
-            for wake in self._sr_dest_wake.values():
+            for wake in self._sr_dest_wake:
                 wake.set()
             await asyncio.gather(*senders, return_exceptions=True)
 
-    async def _destination_loop(self, index: int, stop: asyncio.Event) -> None:
-        wake = self._sr_dest_wake.setdefault(index, asyncio.Event())
+    async def _destination_loop(self, index: int, wake: asyncio.Event, stop: asyncio.Event) -> None:
+        batch = max(1, self.settings.sr_batch_size)
         while not stop.is_set():
             wake.clear()
             dest = self.destinations[index]
+            sent = 0
             try:
-                await self.send_srs_to(dest)
+                sent = await self.send_srs_to(dest)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 log.warning("SR sender failed", extra={"error": repr(exc), "destination": dest.label})
             breaker = self.breaker(dest)
             timeout = self.settings.sr_retry_seconds
-            if self._sr_more.pop(dest, False):  # more waiting: the next association at once
+            if sent >= batch:  # a full association: more may wait, the next one at once
                 timeout = 0.0
             elif breaker.state != "closed":  # the half-open probe
                 timeout = min(timeout, max(0.05, breaker.seconds_to_attempt()))

@@ -216,7 +216,7 @@ class DestinationBreaker:
 
     def __init__(self, dest: Destination, base_s: float, max_s: float, clock: Callable[[], float] = time.monotonic):
         self.dest = dest
-        self.label = f"{dest.ae_title}@{dest.host}:{dest.port}"
+        self.label = dest.label
         self.base_s = max(0.01, base_s)
         self.max_s = max(self.base_s, max_s)
         self.clock = clock
