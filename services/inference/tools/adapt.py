@@ -163,7 +163,7 @@ def site_thresholds(calibrated: np.ndarray, labels: np.ndarray, recipe: AdaptRec
 
 
 def _pos_weight(targets) -> float:  # torch.Tensor of (soft) labels
-    n_pos = float(targets.round().sum())
+    n_pos = float(targets.sum())
     return (len(targets) - n_pos) / max(n_pos, 1.0)
 
 
@@ -254,9 +254,7 @@ def adapt(
         oof[held] = predict_logits(fold_net, x_pool[held])
         console.print(f"calibration fold {k + 1}/{len(folds)}: {len(held)} images scored out of fold")
     history = _fine_tune(net, x_pool, targets, recipe, seed=recipe.seed, console=console)
-    fit_recs = cal_recs = pool
-    y_cal = y_pool
-    a, b = fit_platt(oof, y_cal)
+    a, b = fit_platt(oof, y_pool)
     if a <= 0:
         a, b = 1.0, 0.0
     with torch.no_grad():
@@ -273,15 +271,15 @@ def adapt(
             "platt_b": b,
             "bias_shift_folded_into_head": b / a,
         },
-        "thresholds": site_thresholds(calibrated, y_cal, recipe),
+        "thresholds": site_thresholds(calibrated, y_pool, recipe),
         "train_seconds": round(time.time() - started, 1),
         "data_sha256": lineage[0]["sha256"] if len(lineage) == 1 else "+".join(s["sha256"][:16] for s in lineage),
         "git_commit": git_commit(),
         "git_dirty": git_dirty(),
-        "val": {"auc": site_loop._auc(y_cal, calibrated), "n": len(cal_recs)},
+        "val": {"auc": site_loop._auc(y_pool, calibrated), "n": len(pool)},  # out of fold
         "best_epoch": recipe.epochs,
-        "n_train": len(fit_recs),
-        "n_val": len(cal_recs),
+        "n_train": len(pool),
+        "n_val": len(pool),
         "pos_weight": _pos_weight(targets),
         "split_seed": recipe.seed,
         "threads": recipe.threads,
@@ -289,7 +287,7 @@ def adapt(
         "history": history,
         "load_seconds": 0.0,
     }
-    vdir = export_version(net, info, out, [r.path for r in cal_recs[:8]], version)
+    vdir = export_version(net, info, out, [r.path for r in pool[:8]], version)
     # the evidence: candidate and base on the locked set, same images, paired
     y = np.array([r.label for r in locked_recs])
     groups = [r.patient for r in locked_recs]
@@ -304,8 +302,8 @@ def adapt(
         "recipe": asdict(recipe),
         "seed": recipe.seed,
         "wall_seconds": round(time.time() - started, 1),
-        "n_fine_tune": len(fit_recs),
-        "n_calibration": len(cal_recs),  # the same images, scored out of fold
+        "n_fine_tune": len(pool),
+        "n_calibration": len(pool),  # the same images, scored out of fold
         "calibration_folds": len(folds),
         "locked_test_set": {"file": "locked_test_set.json", "carved_now": created, **locked["counts"]},
     }
