@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.aggregator.models import Image
@@ -52,7 +51,7 @@ async def labelled_images(
     for x in await collect_labels(session, crowd_confidence):
         if not include_crowd and x.source != "clinician":
             continue
-        image = (await session.scalars(select(Image).where(Image.sop_uid == x.sop_uid))).first()
+        image = await session.get(Image, x.sop_uid)
         rows.append(
             {
                 "sop_instance_uid": x.sop_uid,

@@ -625,20 +625,20 @@ class Aggregator:
         backlogs = await self.sr_backlogs(self.destinations)
         for dest in self.destinations:
             count, age = backlogs[dest.key]
+            breaker = self.breaker(dest)
             per.append(
                 {
                     "ok": age <= limit,
+                    # results not reaching this PACS (worklist banner, ops page): too old, or the
+                    # breaker open with SRs waiting
+                    "degraded": age > limit or (breaker.state != "closed" and count > 0),
                     "pending": count,
                     "oldest_pending_s": round(age, 1),
                     "name": dest.key,
-                    **self.breaker(dest).describe(),
+                    **breaker.describe(),
                 }
             )
-
-        def badness(d: dict[str, Any]) -> tuple[bool, bool, float]:
-            return (not d["ok"], d["state"] != "closed" and d["pending"] > 0, d["oldest_pending_s"])
-
-        worst = max(per, key=badness)
+        worst = max(per, key=lambda d: (not d["ok"], d["degraded"], d["oldest_pending_s"]))
         return {
             **worst,
             "ok": all(d["ok"] for d in per),

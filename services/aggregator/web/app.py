@@ -161,7 +161,7 @@ def create_app(agg: "Aggregator") -> FastAPI:
         except Exception:  # the banner must never take the worklist away
             log.warning("SR delivery check failed", exc_info=True)
             return []
-        return [d for d in check["destinations"] if not d["ok"] or (d["state"] != "closed" and d["pending"] > 0)]
+        return [d for d in check["destinations"] if d["degraded"]]
 
     def page(
         request: Request,
