@@ -19,6 +19,7 @@ aggregator does not import the inference service.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
@@ -188,7 +189,7 @@ async def ops_report(agg: Any) -> dict[str, Any]:
     s = agg.settings
     site = agg.site.to_dict() if agg.site is not None else None
     serving = await serving_versions(agg)
-    repo = repository_versions(Path(s.drift_reference_dir))
+    repo = await asyncio.to_thread(repository_versions, Path(s.drift_reference_dir))  # files: off the loop
     warnings: list[str] = []
     if site is not None and serving and all(v["version"] != site["model_version"] for v in serving):
         warnings.append(
