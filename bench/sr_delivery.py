@@ -45,7 +45,7 @@ from services.aggregator.config import AggregatorSettings  # noqa: E402
 from services.aggregator.models import SrDelivery, SrSend  # noqa: E402
 from services.aggregator.service import Aggregator  # noqa: E402
 from tests.support.aggregator_service import apply_events, prediction, received, write_test_policy  # noqa: E402
-from tests.support.dicom_peers import Orthanc  # noqa: E402
+from tests.support.dicom_peers import DCMTK_NODELAY_ENV, Orthanc  # noqa: E402
 from tests.support.silent_pacs import SwitchablePeer  # noqa: E402
 
 console = Console()
@@ -119,7 +119,9 @@ async def run(args: argparse.Namespace) -> None:
     uri = source_file().as_uri()
     work = Path(tempfile.mkdtemp(prefix="pt-bench-sr-"))
     results: list[tuple[str, str]] = []
-    with Orthanc(aet="BENCHPACS", base_dir=work / "orthanc") as pacs:
+    # TCP_NODELAY=1 as dcmtk (Orthanc's network layer) recommends: without it each C-STORE
+    # response may wait ~40 ms (../shared/RUNTIME-NOTES.md)
+    with Orthanc(aet="BENCHPACS", base_dir=work / "orthanc", env=DCMTK_NODELAY_ENV) as pacs:
         # 1 + 2: a healthy Orthanc.
         agg = await make_aggregator(work / "a1", f"127.0.0.1:{pacs.dicom_port}:{pacs.aet}", args)
         stop = asyncio.Event()
@@ -168,7 +170,7 @@ async def run(args: argparse.Namespace) -> None:
         # 3: a silent PACS beside a healthy one (a second Orthanc), then the real Orthanc behind the
         # silent one's address.
         peer = SwitchablePeer()
-        healthy = Orthanc(aet="BENCHHEALTHY", base_dir=work / "orthanc2").start()
+        healthy = Orthanc(aet="BENCHHEALTHY", base_dir=work / "orthanc2", env=DCMTK_NODELAY_ENV).start()
         agg = await make_aggregator(
             work / "a3",
             f"SILENT=127.0.0.1:{peer.port}:{pacs.aet},HEALTHY=127.0.0.1:{healthy.dicom_port}:{healthy.aet}",
