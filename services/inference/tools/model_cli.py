@@ -80,6 +80,10 @@ def train_cmd(
     channels: str = typer.Option("", help="network widths, e.g. 16,32,64,96,128 (default: NetConfig's)"),
     hold_out_external: bool = typer.Option(True, help="never train on the proxy-external batches"),
     residual: bool = typer.Option(False, help="residual blocks (the second conv of each stage)"),
+    members: int = typer.Option(1, help="ensemble of this many networks (seeds seed, seed+1, ...), averaged"),
+    resume: bool = typer.Option(
+        False, help="continue from the per-epoch checkpoints next to --checkpoint (same command and seed)"
+    ),
 ) -> None:
     """Train on CPU, calibrate on the validation split, export ONNX into the staging area (never served
     until `model deploy`). Needs the `train` extra (PyTorch)."""
@@ -107,10 +111,16 @@ def train_cmd(
         net=NetConfig(
             channels=tuple(int(c) for c in channels.split(",")) if channels else NetConfig().channels,
             residual=residual,
+            members=members,
         ),
     )
     split_path = split_file or SPLIT_FILE
-    net, info = train(data, config, split_path, console)
+    progress_dir = checkpoint.with_name(checkpoint.name + ".epochs")  # per-epoch state of each member
+    if progress_dir.exists() and not resume:
+        import shutil
+
+        shutil.rmtree(progress_dir)
+    net, info = train(data, config, split_path, console, checkpoint_dir=progress_dir)
     save_checkpoint(net, info, checkpoint)
     console.print(
         f"trained in {info['train_seconds']:.0f} s, best epoch {info['best_epoch']}, val AUC {info['val']['auc']:.4f}"

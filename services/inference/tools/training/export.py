@@ -72,7 +72,7 @@ version_policy: {{ latest: {{ num_versions: 1 }} }}
 
 
 class _Exportable(torch.nn.Module):
-    def __init__(self, model: PneumoniaNet) -> None:
+    def __init__(self, model: torch.nn.Module) -> None:
         super().__init__()
         self.model = model
 

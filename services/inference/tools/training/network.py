@@ -45,13 +45,22 @@ class NetConfig:
     channels: tuple[int, ...] = (16, 32, 64, 96, 128)
     dropout: float = 0.2
     residual: bool = False  # v1: False (plain); the second conv of each stage as a residual block
+    members: int = 1  # v3: an ensemble of this many networks (seeds), logits and CAMs averaged
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> NetConfig:
-        return cls(channels=tuple(d["channels"]), dropout=float(d["dropout"]), residual=bool(d.get("residual", False)))
+        return cls(
+            channels=tuple(d["channels"]),
+            dropout=float(d["dropout"]),
+            residual=bool(d.get("residual", False)),
+            members=int(d.get("members", 1)),
+        )
+
+    def member(self) -> NetConfig:
+        return NetConfig(channels=self.channels, dropout=self.dropout, residual=self.residual)
 
 
 class PneumoniaNet(nn.Module):
@@ -78,3 +87,33 @@ class PneumoniaNet(nn.Module):
         logit = self.head(self.dropout(f.mean(dim=(2, 3)))).squeeze(1)
         cam = torch.einsum("nchw,c->nhw", f, self.head.weight[0]) + self.head.bias[0]
         return logit, cam
+
+    def shift_logit(self, offset: float) -> None:
+        with torch.no_grad():
+            self.head.bias += offset
+
+
+class PneumoniaEnsemble(nn.Module):
+    """Members trained with different seeds, served as one graph: logit = mean of the members'
+    logits, cam = mean of their CAMs, so mean(cam) == logit still holds. The calibration offset is
+    folded into every member's head bias (a shift of the mean by the same amount)."""
+
+    def __init__(self, config: NetConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.members = nn.ModuleList(PneumoniaNet(config.member()) for _ in range(config.members))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        outs = [m(x) for m in self.members]
+        logit = torch.stack([o[0] for o in outs]).mean(dim=0)
+        cam = torch.stack([o[1] for o in outs]).mean(dim=0)
+        return logit, cam
+
+    def shift_logit(self, offset: float) -> None:
+        with torch.no_grad():
+            for m in self.members:
+                m.head.bias += offset
+
+
+def build_network(config: NetConfig) -> PneumoniaNet | PneumoniaEnsemble:
+    return PneumoniaEnsemble(config) if config.members > 1 else PneumoniaNet(config)

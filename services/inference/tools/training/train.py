@@ -35,7 +35,7 @@ from sklearn.metrics import roc_auc_score
 from services.inference.preprocess import CLIP, INPUT_SIZE, resize_to_fit
 from services.inference.tools.training.calibrate import choose_thresholds, fit_platt, log_loss, sigmoid
 from services.inference.tools.training.dataset import ImageRecord
-from services.inference.tools.training.network import NetConfig, PneumoniaNet
+from services.inference.tools.training.network import NetConfig, PneumoniaEnsemble, PneumoniaNet, build_network
 from services.inference.tools.training.sources import load_training_data, split_for
 from services.inference.tools.training.split import SPLIT_FILE, assign, load_split, make_split, save_split
 
@@ -233,9 +233,125 @@ def auc_or_nan(labels: np.ndarray, scores: np.ndarray) -> float:
     return float(roc_auc_score(labels, scores)) if len(np.unique(labels)) == 2 else float("nan")
 
 
+def member_checkpoint(directory: Path, index: int) -> Path:
+    return Path(directory) / f"member-{index + 1}.pt"
+
+
+def fit_member(
+    model: PneumoniaNet,
+    config: TrainConfig,
+    seed: int,
+    budget_minutes: float,
+    x_train: torch.Tensor,
+    y_train: torch.Tensor,
+    x_val: torch.Tensor,
+    y_val: np.ndarray,
+    pos_weight: torch.Tensor,
+    checkpoint: Path | None,
+    progress: Progress,
+    console: Console,
+    label: str = "",
+) -> tuple[dict, list[dict]]:
+    """Train one network; returns the EMA weights at the end of the annealed schedule and the
+    per-epoch history. After every epoch the whole state (weights, EMA, optimiser, random
+    generators, planned length) goes to ``checkpoint``; a run that finds one resumes after its last
+    epoch with the same plan, so an interrupted run ends with the model an uninterrupted one makes."""
+    started = time.time()
+    torch.manual_seed(seed)
+    ema = WeightAverage(model, config.ema_decay)
+    optimiser = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    steps_per_epoch = math.ceil(len(x_train) / config.batch_size)
+    gen = torch.Generator().manual_seed(seed)
+    history: list[dict] = []
+    planned, first = config.epochs, 0
+    if checkpoint is not None and checkpoint.exists():
+        saved = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        if saved.get("seed") != seed or saved.get("n_train") != len(x_train):
+            raise ValueError(f"{checkpoint} belongs to another run (seed or data differ): remove it or pick another")
+        model.load_state_dict(saved["model"])
+        ema.module.load_state_dict(saved["ema"])
+        ema.steps = saved["ema_steps"]
+        optimiser.load_state_dict(saved["optimiser"])
+        gen.set_state(saved["gen"])
+        torch.set_rng_state(saved["torch_rng"])
+        history, planned = saved["history"], saved["planned"]
+        first = len(history)
+        console.print(f"{label}resumed from {checkpoint} after epoch {first} of {planned}")
+    epochs_task = progress.add_task(f"{label}epochs", total=planned, completed=first, info="")
+    for epoch in range(first, planned):
+        t0 = time.time()
+        model.train()
+        order = torch.randperm(len(x_train), generator=gen)
+        batch_task = progress.add_task(f"{label}epoch {epoch + 1}", total=steps_per_epoch, info="")
+        total_loss = 0.0
+        for step in range(steps_per_epoch):
+            idx = order[step * config.batch_size : (step + 1) * config.batch_size]
+            for group in optimiser.param_groups:
+                group["lr"] = learning_rate(config, epoch * steps_per_epoch + step, planned * steps_per_epoch)
+            logits, _ = model(augment(x_train[idx], gen, config.augment_strength))
+            target = y_train[idx] * (1.0 - config.label_smoothing) + 0.5 * config.label_smoothing
+            loss = F.binary_cross_entropy_with_logits(logits, target, pos_weight=pos_weight)
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            optimiser.step()
+            ema.update(model)
+            total_loss += float(loss.detach()) * len(idx)
+            progress.update(batch_task, advance=1, info=f"loss {float(loss.detach()):.3f}")
+        progress.remove_task(batch_task)
+        val_auc = auc_or_nan(y_val, predict_logits(ema.module, x_val))
+        history.append(
+            {
+                "epoch": epoch + 1,
+                "train_loss": total_loss / len(x_train),
+                "val_auc": val_auc,
+                "seconds": time.time() - t0,
+            }
+        )
+        progress.update(epochs_task, advance=1, info=f"val AUC {val_auc:.4f}")
+        if not console.is_terminal:  # logs: one line per epoch
+            h = history[-1]
+            console.print(
+                f"{label}epoch {h['epoch']}: loss {h['train_loss']:.4f} val AUC {val_auc:.4f} ({h['seconds']:.0f} s)"
+            )
+        if epoch == 0 and first == 0:
+            per_epoch = (time.time() - started) / 60
+            fit = max(1, int(budget_minutes / max(per_epoch, 1e-6)))
+            if fit < planned:
+                planned = fit
+                progress.update(epochs_task, total=planned)
+                console.print(f"[yellow]{label}time budget {budget_minutes:.1f} min: training {planned} epochs")
+        if checkpoint is not None:
+            checkpoint.parent.mkdir(parents=True, exist_ok=True)
+            tmp = checkpoint.with_suffix(".tmp")
+            torch.save(
+                {
+                    "seed": seed,
+                    "n_train": len(x_train),
+                    "model": model.state_dict(),
+                    "ema": ema.module.state_dict(),
+                    "ema_steps": ema.steps,
+                    "optimiser": optimiser.state_dict(),
+                    "gen": gen.get_state(),
+                    "torch_rng": torch.get_rng_state(),
+                    "history": history,
+                    "planned": planned,
+                },
+                tmp,
+            )
+            os.replace(tmp, checkpoint)
+    progress.remove_task(epochs_task)
+    # the exported model is the EMA at the end of the annealed schedule: selecting the epoch on the
+    # internal validation AUC (saturated near 0.995) only fits its noise
+    return {k: v.detach().clone() for k, v in ema.module.state_dict().items()}, history
+
+
 def train(
-    data: Path, config: TrainConfig, split_file: Path = SPLIT_FILE, console: Console | None = None
-) -> tuple[PneumoniaNet, dict]:
+    data: Path,
+    config: TrainConfig,
+    split_file: Path = SPLIT_FILE,
+    console: Console | None = None,
+    checkpoint_dir: Path | None = None,
+) -> tuple[PneumoniaNet | PneumoniaEnsemble, dict]:
     """Fit, select on val AUC, calibrate on val. Returns (model with calibrated bias, checkpoint info)."""
     console = console or Console()
     started = time.time()
@@ -287,72 +403,34 @@ def train(
     n_pos = float(y_train.sum())
     pos_weight = torch.tensor((len(train_recs) - n_pos) / max(n_pos, 1.0))
 
-    model = PneumoniaNet(config.net)
-    ema = WeightAverage(model, config.ema_decay)
-    optimiser = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    steps_per_epoch = math.ceil(len(train_recs) / config.batch_size)
-    gen = torch.Generator().manual_seed(config.seed)
-    history: list[dict] = []
-    best_auc, best_state, best_epoch = -1.0, None, -1
-
     with progress_bar(console) as progress:
         x_train = load_images(train_recs, config.input_size, progress)
         x_val = load_images(val_recs, config.input_size, progress)
         load_seconds = time.time() - started
-        epochs_task = progress.add_task("epochs", total=config.epochs, info="")
-        planned = config.epochs
-        for epoch in range(config.epochs):
-            if epoch >= planned:
-                break
-            t0 = time.time()
-            model.train()
-            order = torch.randperm(len(train_recs), generator=gen)
-            batch_task = progress.add_task(f"epoch {epoch + 1}", total=steps_per_epoch, info="")
-            total_loss = 0.0
-            for step in range(steps_per_epoch):
-                idx = order[step * config.batch_size : (step + 1) * config.batch_size]
-                for group in optimiser.param_groups:
-                    group["lr"] = learning_rate(config, epoch * steps_per_epoch + step, planned * steps_per_epoch)
-                logits, _ = model(augment(x_train[idx], gen, config.augment_strength))
-                target = y_train[idx] * (1.0 - config.label_smoothing) + 0.5 * config.label_smoothing
-                loss = F.binary_cross_entropy_with_logits(logits, target, pos_weight=pos_weight)
-                optimiser.zero_grad(set_to_none=True)
-                loss.backward()
-                optimiser.step()
-                ema.update(model)
-                total_loss += float(loss.detach()) * len(idx)
-                progress.update(batch_task, advance=1, info=f"loss {float(loss.detach()):.3f}")
-            progress.remove_task(batch_task)
-            val_logits = predict_logits(ema.module, x_val)
-            val_auc = auc_or_nan(y_val, val_logits)
-            history.append(
-                {
-                    "epoch": epoch + 1,
-                    "train_loss": total_loss / len(train_recs),
-                    "val_auc": val_auc,
-                    "seconds": time.time() - t0,
-                }
+        model = build_network(config.net)
+        members = list(model.members) if isinstance(model, PneumoniaEnsemble) else [model]
+        history: list[dict] = []
+        for i, member in enumerate(members):
+            remaining = config.max_minutes - (time.time() - started) / 60
+            budget = remaining / (len(members) - i)  # each member its share of what is left
+            state, member_history = fit_member(
+                member,
+                config,
+                config.seed + i,
+                budget,
+                x_train,
+                y_train,
+                x_val,
+                y_val,
+                pos_weight,
+                member_checkpoint(checkpoint_dir, i) if checkpoint_dir else None,
+                progress,
+                console,
+                label=f"member {i + 1}/{len(members)} " if len(members) > 1 else "",
             )
-            # the exported model is the EMA at the end of the annealed schedule: selecting the
-            # epoch on the internal validation AUC (saturated near 0.995) only fits its noise
-            best_auc, best_epoch = val_auc, epoch + 1
-            best_state = {k: v.detach().clone() for k, v in ema.module.state_dict().items()}
-            progress.update(epochs_task, advance=1, info=f"val AUC {val_auc:.4f} (best {best_auc:.4f})")
-            if not console.is_terminal:  # logs: one line per epoch
-                h = history[-1]
-                console.print(
-                    f"epoch {h['epoch']}: loss {h['train_loss']:.4f} val AUC {val_auc:.4f} ({h['seconds']:.0f} s)"
-                )
-            if epoch == 0:
-                spent, per_epoch = (time.time() - started) / 60, (time.time() - t0) / 60
-                fit = max(1, int((config.max_minutes - spent) / max(per_epoch, 1e-6)) + 1)
-                if fit < planned:
-                    planned = fit
-                    progress.update(epochs_task, total=planned)
-                    console.print(f"[yellow]time budget {config.max_minutes} min: training {planned} epochs")
-
-    assert best_state is not None
-    model.load_state_dict(best_state)
+            member.load_state_dict(state)
+            history += [{**h, "member": i + 1} for h in member_history]
+        best_epoch = history[-1]["epoch"]
     model.eval()
     val_logits = predict_logits(model, x_val)
     a, b = fit_platt(val_logits, y_val)
@@ -365,8 +443,7 @@ def train(
         val_prevalence / (1 - val_prevalence)
     )
     b += prior_shift
-    with torch.no_grad():
-        model.head.bias += b / a
+    model.shift_logit(b / a)
     temperature = 1.0 / a
     calibrated = sigmoid((val_logits + b / a) / temperature)
     val_auc = auc_or_nan(y_val, val_logits)
@@ -414,15 +491,15 @@ def train(
     return model, info
 
 
-def save_checkpoint(model: PneumoniaNet, info: dict, path: Path) -> None:
+def save_checkpoint(model: PneumoniaNet | PneumoniaEnsemble, info: dict, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"state_dict": model.state_dict(), "info": info}, path)
 
 
-def load_checkpoint(path: Path) -> tuple[PneumoniaNet, dict]:
+def load_checkpoint(path: Path) -> tuple[PneumoniaNet | PneumoniaEnsemble, dict]:
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
     info = ckpt["info"]
-    model = PneumoniaNet(NetConfig.from_dict(info["net"]))
+    model = build_network(NetConfig.from_dict(info["net"]))
     model.load_state_dict(ckpt["state_dict"])
     model.eval()
     return model, info
