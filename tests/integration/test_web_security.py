@@ -276,3 +276,49 @@ async def test_no_page_loads_assets_from_a_cdn(offline_aggregator: Aggregator) -
         for path in ("/login", "/api/docs", "/docs", "/redoc"):
             text = (await client.get(path)).text
             assert not re.search(r"https?://(cdn\.|unpkg|fonts\.g)", text), path
+
+
+# -- 9. no open redirect after sign-in (services/core/login_routes.py, both apps) ------------------
+
+OFF_SITE = [
+    "//evil.example/x",
+    "///evil.example",
+    "/\\evil.example",
+    "\\\\evil.example",
+    "https://evil.example",
+    "javascript:alert(1)",
+    "evil.example",
+    "/\t/evil.example",
+    "/\n/evil.example",
+    "",
+]
+
+
+async def sign_in_with_next(app: Any, name_field: str, name: str, target: str) -> tuple[str, httpx.Response]:
+    """(the `next` the sign-in form carries for ?next=target, the response to signing in with it)."""
+    async with client_for(app) as client:
+        form = await client.get("/login", params={"next": target})
+        m = re.search(r'name="next" value="([^"]*)"', form.text)
+        assert m, form.text
+        token = await form_token(client)
+        data = {name_field: name, "password": PASSWORD, "csrf_token": token, "next": target}
+        return m.group(1), await client.post("/login", data=data)
+
+
+async def test_worklist_sign_in_never_redirects_off_site(offline_aggregator: Aggregator) -> None:
+    await upsert_user("dr-n", "clinician", PASSWORD, offline_aggregator.settings)
+    app = create_app(offline_aggregator)
+    for target in OFF_SITE:
+        form_next, res = await sign_in_with_next(app, "username", "dr-n", target)
+        assert (form_next, res.status_code, res.headers["location"]) == ("/worklist", 303, "/worklist"), target
+    form_next, res = await sign_in_with_next(app, "username", "dr-n", "/studies/1.2?lane=all")
+    assert (form_next, res.headers["location"]) == ("/studies/1.2?lane=all", "/studies/1.2?lane=all")
+
+
+async def test_labeling_sign_in_never_redirects_off_site(labeling: tuple[Any, LabelingService]) -> None:
+    app, _ = labeling
+    for target in OFF_SITE:
+        form_next, res = await sign_in_with_next(app, "name", "ann1", target)
+        assert (form_next, res.status_code, res.headers["location"]) == ("/", 303, "/"), target
+    form_next, res = await sign_in_with_next(app, "name", "ann1", "/work?fb=1")
+    assert (form_next, res.headers["location"]) == ("/work?fb=1", "/work?fb=1")

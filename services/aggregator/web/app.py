@@ -29,13 +29,13 @@ from services.aggregator.stored_images import heatmap_png, path_of
 from services.aggregator.web import queries
 from services.core.auth import (
     Account,
-    LoginThrottled,
     SessionUser,
     WebSessions,
     csrf_token,
     current_user,
     require_csrf,
 )
+from services.core.login_routes import login_router
 from services.core.telemetry import ops_router
 from services.core.web_hardening import harden
 
@@ -173,32 +173,17 @@ def create_app(agg: "Aggregator") -> FastAPI:
         base = {"user": current_user(request), "csrf_token": csrf_token(request)}
         return templates.TemplateResponse(request, name, {**base, **context}, status_code=status, headers=headers)
 
-    # ---- sign in -----------------------------------------------------------------------------
-    @app.get("/login", response_class=HTMLResponse, include_in_schema=False)
-    async def login_form(request: Request, next: str = "/worklist") -> HTMLResponse:
-        return page(request, "login.html", {"next": next, "error": None})
-
-    @app.post("/login", include_in_schema=False, dependencies=[Depends(require_csrf)])
-    async def login(
-        request: Request,
-        username: Annotated[str, Form(max_length=100)],
-        password: Annotated[str, Form(max_length=200)],
-        next: Annotated[str, Form(max_length=2000)] = "/worklist",
-    ) -> Response:
-        try:
-            account = await web.sign_in(request, username, password)
-        except LoginThrottled as exc:
-            context = {"next": next, "error": exc.detail}
-            return page(request, "login.html", context, 429, headers=exc.headers)
-        if account is None:
-            return page(request, "login.html", {"next": next, "error": "Wrong user name or password."}, 401)
-        target = next if next.startswith("/") and not next.startswith("//") else "/worklist"
-        return RedirectResponse(target, status_code=303)
-
-    @app.post("/logout", include_in_schema=False, dependencies=[Depends(require_csrf)])
-    async def logout(request: Request) -> Response:
-        await web.sign_out(request)
-        return RedirectResponse("/login", status_code=303)
+    # ---- sign in / sign out (services/core/login_routes.py, shared with the labeling app) -------
+    app.include_router(
+        login_router(
+            web,
+            page,
+            home="/worklist",
+            name_field="username",
+            wrong_message="Wrong user name or password.",
+            next_max_length=2000,
+        )
+    )
 
     @app.get("/", include_in_schema=False)
     async def root() -> Response:

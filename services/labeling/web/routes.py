@@ -18,7 +18,8 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from services.core.auth import LoginThrottled, SessionUser, WebSessions, csrf_token, require_csrf
+from services.core.auth import SessionUser, WebSessions, csrf_token, require_csrf
+from services.core.login_routes import login_router
 from services.core.telemetry import HealthCheck, ops_router
 from services.core.web_hardening import harden
 from services.labeling.job import JobDefinition
@@ -56,11 +57,6 @@ async def answered_count(s: AsyncSession, user_id: int) -> int:
         )
         or 0
     )
-
-
-def safe_next(target: str) -> str:
-    """Only same-site paths after sign-in (no open redirect via //host or /\\host)."""
-    return target if target.startswith("/") and not target.startswith("//") and "\\" not in target else "/"
 
 
 @dataclass
@@ -126,31 +122,10 @@ def create_app(
             raise HTTPException(401, "unknown user")
         return user
 
-    # -- sign-in (services.core.auth: one path, throttled, constant time for unknown names) --------
-    @router.get("/login", response_class=HTMLResponse)
-    async def login_page(request: Request, next: str = "/") -> HTMLResponse:
-        return page(request, "login.html", {"next": safe_next(next)})
-
-    @router.post("/login", dependencies=[Depends(require_csrf)])
-    async def login(
-        request: Request, name: str = Form(max_length=100), password: str = Form(max_length=200), next: str = Form("/")
-    ) -> Response:
-        try:
-            user = await web_sessions.sign_in(request, name, password)
-        except LoginThrottled as exc:
-            response = page(request, "login.html", {"next": next, "name": name, "error": exc.detail}, status=429)
-            response.headers.update(exc.headers or {})
-            return response
-        if user is None:
-            return page(
-                request, "login.html", {"next": next, "name": name, "error": "Wrong name or password."}, status=401
-            )
-        return RedirectResponse(safe_next(next), status_code=303)
-
-    @router.post("/logout", dependencies=[Depends(require_csrf)])
-    async def logout(request: Request) -> Response:
-        await web_sessions.sign_out(request)
-        return RedirectResponse("/login", status_code=303)
+    # -- sign-in / sign-out (services/core/login_routes.py, shared with the worklist) ----------------
+    app.include_router(
+        login_router(web_sessions, page, home="/", name_field="name", wrong_message="Wrong name or password.")
+    )
 
     @router.get("/")
     async def home(request: Request) -> Response:
