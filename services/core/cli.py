@@ -1,8 +1,15 @@
-"""Developer commands for the shared kernel: contracts generation."""
+"""Developer commands for the shared kernel: contracts generation, database migrations (`db_app`,
+mounted by services/cli.py with its table of service models) and the backlog `status`."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING
+
 import typer
+
+if TYPE_CHECKING:
+    from sqlalchemy import MetaData
 
 app = typer.Typer()
 contracts = typer.Typer(help="Protobuf message contracts (proto/pneumotriage/v1).", no_args_is_help=True)
@@ -18,54 +25,65 @@ def generate_contracts() -> None:
         typer.echo(f"wrote {path}")
 
 
-db = typer.Typer(help="Database migrations (one Alembic history per service).", no_args_is_help=True)
-app.add_typer(db, name="db")
+# A service's models' metadata (services/<service>/models.py `Base.metadata`), imported only when a
+# db command runs.
+ModelsLoader = Callable[[], "MetaData"]
 
 
-@db.command("revision")
-def db_revision(
-    service: str = typer.Argument(..., help="ingest | labeling | aggregator | inference"),
-    message: str = typer.Option(..., "-m", "--message"),
-) -> None:
-    """Autogenerate a migration for SERVICE from services/<service>/models.py (Base) vs. its DB."""
-    import asyncio
-    import importlib
-    import tempfile
+def db_app(models: Mapping[str, ModelsLoader]) -> typer.Typer:
+    """The `db` commands over an explicit table of the services that have a database (name -> its
+    models' metadata). The table lives with the `pneumotriage` command (services/cli.py): the
+    kernel imports no service."""
+    db = typer.Typer(help="Database migrations (one Alembic history per service).", no_args_is_help=True)
 
-    from services.core.db.engine import make_engine
-    from services.core.db.migrate import make_revision, upgrade
+    def metadata_of(service: str) -> MetaData:
+        if service not in models:
+            raise typer.BadParameter(f"one of {', '.join(models)}", param_hint="SERVICE")
+        return models[service]()
 
-    models = importlib.import_module(f"services.{service}.models")
-    with tempfile.TemporaryDirectory() as scratch:
-        # diff the models against a scratch database brought to the current head
-        engine = make_engine(f"sqlite+aiosqlite:///{scratch}/scratch.db")
+    @db.command("revision")
+    def db_revision(
+        service: str = typer.Argument(..., help=" | ".join(models)),
+        message: str = typer.Option(..., "-m", "--message"),
+    ) -> None:
+        """Autogenerate a migration for SERVICE from services/<service>/models.py (Base) vs. its DB."""
+        import asyncio
+        import tempfile
+
+        from services.core.db.engine import make_engine
+        from services.core.db.migrate import make_revision, upgrade
+
+        metadata = metadata_of(service)
+        with tempfile.TemporaryDirectory() as scratch:
+            # diff the models against a scratch database brought to the current head
+            engine = make_engine(f"sqlite+aiosqlite:///{scratch}/scratch.db")
+
+            async def _run() -> None:
+                await upgrade(engine, service, metadata)
+                await make_revision(engine, service, metadata, message)
+                await engine.dispose()
+
+            asyncio.run(_run())
+
+    @db.command("upgrade")
+    def db_upgrade(service: str = typer.Argument(..., help=" | ".join(models))) -> None:
+        """Apply SERVICE's migrations to the configured database (services also do this at start)."""
+        import asyncio
+
+        from services.core.db.engine import make_engine
+        from services.core.db.migrate import upgrade
+        from services.core.settings import CommonSettings
+
+        metadata = metadata_of(service)
+        engine = make_engine(CommonSettings().database_url_for(service))
 
         async def _run() -> None:
-            await upgrade(engine, service, models.Base.metadata)
-            await make_revision(engine, service, models.Base.metadata, message)
+            await upgrade(engine, service, metadata)
             await engine.dispose()
 
         asyncio.run(_run())
 
-
-@db.command("upgrade")
-def db_upgrade(service: str = typer.Argument(...)) -> None:
-    """Apply SERVICE's migrations to the configured database (services also do this at start)."""
-    import asyncio
-    import importlib
-
-    from services.core.db.engine import make_engine
-    from services.core.db.migrate import upgrade
-    from services.core.settings import CommonSettings
-
-    models = importlib.import_module(f"services.{service}.models")
-    engine = make_engine(CommonSettings().database_url_for(service))
-
-    async def _run() -> None:
-        await upgrade(engine, service, models.Base.metadata)
-        await engine.dispose()
-
-    asyncio.run(_run())
+    return db
 
 
 @app.command("status")

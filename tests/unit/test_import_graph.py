@@ -75,6 +75,15 @@ def test_no_service_imports_another_service() -> None:
             assert other == parts[1] or other not in SERVICES, f"{module} imports {target}"
 
 
+def test_the_kernel_imports_no_service() -> None:
+    """`services.core` is the bottom floor: it imports no service, not even inside a function (the
+    `db` commands get the services' models from services/cli.py's table, not by name)."""
+    for module, targets in module_graph().items():
+        if module.startswith("services.core"):
+            above = sorted(t for t in targets if not t.startswith("services.core"))
+            assert above == [], f"{module} imports {above}"
+
+
 def runtime_modules(graph: dict[str, set[str]], service: str) -> set[str]:
     """`services.<service>.app` and every module it imports, transitively (imports inside functions too)."""
     seen: set[str] = set()
