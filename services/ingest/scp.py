@@ -28,21 +28,6 @@ from typing import Any, TypeVar
 
 from prometheus_client import Counter, Gauge, Histogram
 from pydicom.dataset import Dataset
-from pydicom.uid import (
-    JPEG2000,
-    DeflatedExplicitVRLittleEndian,
-    ExplicitVRBigEndian,
-    ExplicitVRLittleEndian,
-    ImplicitVRLittleEndian,
-    JPEG2000Lossless,
-    JPEGBaseline8Bit,
-    JPEGExtended12Bit,
-    JPEGLossless,
-    JPEGLosslessSV1,
-    JPEGLSLossless,
-    JPEGLSNearLossless,
-    RLELossless,
-)
 from pynetdicom import AE, AllStoragePresentationContexts, _config, evt
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.service_class import StorageServiceClass
@@ -56,6 +41,7 @@ from services.ingest.config import IngestSettings
 from services.ingest.lane_rules import acquired_at, classify
 from services.ingest.records import record_refusal
 from services.ingest.store import ContentStore, StoredFile, StoreError
+from services.ingest.transfer_syntaxes import ACCEPTED
 from services.ingest.validate import (
     CANNOT_PARSE,
     DATASET_MISMATCH,
@@ -79,23 +65,6 @@ from services.ingest.wire.spool import Spool, clean_spool, spool_dir
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-
-TRANSFER_SYNTAXES: tuple[str, ...] = (
-    ExplicitVRLittleEndian,
-    ImplicitVRLittleEndian,
-    DeflatedExplicitVRLittleEndian,
-    JPEGBaseline8Bit,
-    JPEGLossless,
-    JPEGLosslessSV1,
-    JPEG2000Lossless,
-    JPEG2000,
-    RLELossless,
-    # What PACS and modalities also send; pylibjpeg-libjpeg decodes them (docs/dicom-conformance.md).
-    JPEGExtended12Bit,
-    JPEGLSLossless,
-    JPEGLSNearLossless,
-    ExplicitVRBigEndian,  # retired in DICOM, still sent by old devices; pydicom reads it natively
-)
 
 RECEIVED = Counter("pt_ingest_received_total", "C-STORE requests answered with success, by outcome", ["outcome"])
 REJECTED = Counter("pt_ingest_rejected_total", "C-STORE requests refused, by reason code", ["reason"])
@@ -190,7 +159,7 @@ class IngestSCP:
         # and an ImageRejected event, rather than an anonymous presentation-context rejection.
         others = [c.abstract_syntax for c in AllStoragePresentationContexts]
         for uid in [*sorted(IMAGE_SOP_CLASSES), *[u for u in others if u not in IMAGE_SOP_CLASSES]]:
-            ae.add_supported_context(uid, list(TRANSFER_SYNTAXES))
+            ae.add_supported_context(uid, list(ACCEPTED))  # transfer_syntaxes.py, in its order
         return ae
 
     def handlers(self) -> list[tuple[Any, Callable[..., Any]]]:

@@ -23,11 +23,12 @@ import pydicom
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.encaps import generate_frames
-from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
+from pydicom.uid import UID
 from pynetdicom import sop_class as sc
 
 from services.core.imaging import patient_age_years
 from services.ingest.config import IngestSettings
+from services.ingest.transfer_syntaxes import TRANSFER_SYNTAXES, PixelCheck, checked_by
 
 UNDEFINED_LENGTH = 0xFFFFFFFF
 PIXEL_DATA = 0x7FE00010
@@ -44,6 +45,10 @@ DUPLICATE_SOP_INSTANCE = 0x0111  # Failure: duplicate SOP instance (the UID is s
 CANNOT_PARSE = 0xC210  # Error: cannot understand - data set cannot be parsed
 UNDECODABLE_PIXELS = 0xC211  # Error: cannot understand - pixel data cannot be decoded
 IMAGE_TOO_LARGE = 0xC212  # Error: cannot understand - dimensions beyond the configured limits
+
+# Syntaxes read whole through a decompressor (parse): a tuple, so that `in` compares and never
+# hashes a malformed Transfer Syntax UID value.
+DEFLATED: tuple[str, ...] = tuple(ts.uid for ts in TRANSFER_SYNTAXES if ts.deflated)
 
 # Storage SOP classes we keep (and triage when the workflow checks pass).
 XRAY_SOP_CLASSES: frozenset[str] = frozenset(
@@ -169,7 +174,7 @@ def parse(data: bytes | Path) -> Dataset:
         raise Refusal(CANNOT_PARSE, "empty_dataset", "the data set is empty")
     try:
         ds = pydicom.dcmread(BytesIO(data) if isinstance(data, bytes) else data, force=True, defer_size=DEFER_BYTES)
-        if ds.file_meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian:
+        if ds.file_meta.get("TransferSyntaxUID") in DEFLATED:
             # read through a decompressor: value positions are not file offsets, so defer nothing
             ds = pydicom.dcmread(BytesIO(data) if isinstance(data, bytes) else data, force=True)
             size = UNDEFINED_LENGTH  # the inflated length is unknown: _check_complete checks read values only
@@ -268,18 +273,10 @@ def _check_pixels(ds: Dataset, settings: IngestSettings, size: int) -> tuple[int
 
 
 # --- compressed pixel data: a structural probe instead of a full decode -----------------------------
-JPEG_SYNTAXES = frozenset(
-    {
-        "1.2.840.10008.1.2.4.50",
-        "1.2.840.10008.1.2.4.51",
-        "1.2.840.10008.1.2.4.57",
-        "1.2.840.10008.1.2.4.70",
-        "1.2.840.10008.1.2.4.80",
-        "1.2.840.10008.1.2.4.81",
-    }
-)
-J2K_SYNTAXES = frozenset({"1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91"})
-RLE_SYNTAX = "1.2.840.10008.1.2.5"
+# which syntaxes each probe reads: the table's PixelCheck (the other compressed ones are decoded)
+JPEG_SYNTAXES = checked_by(PixelCheck.JPEG)
+J2K_SYNTAXES = checked_by(PixelCheck.J2K)
+RLE_SYNTAXES = checked_by(PixelCheck.RLE)
 SOF_MARKERS = frozenset({*range(0xC0, 0xC4), *range(0xC5, 0xC8), *range(0xC9, 0xCC), *range(0xCD, 0xD0), 0xF7})
 
 
@@ -342,7 +339,7 @@ def _rle_check(data: bytes, samples: int, bits: int) -> str:
 def _probe_frames(ds: Dataset, ts: str, rows: int, cols: int, samples: int, bits: int, frames: int) -> str | None:
     """Check each compressed frame's structure (markers, dimensions): "" when sound, a reason when
     not, None when the syntax (or a JP2 wrapper) is not one we can probe (then it is decoded)."""
-    if ts not in JPEG_SYNTAXES and ts not in J2K_SYNTAXES and ts != RLE_SYNTAX:
+    if ts not in JPEG_SYNTAXES and ts not in J2K_SYNTAXES and ts not in RLE_SYNTAXES:
         return None
     try:
         pieces = list(generate_frames(ds.PixelData, number_of_frames=frames))
@@ -351,7 +348,7 @@ def _probe_frames(ds: Dataset, ts: str, rows: int, cols: int, samples: int, bits
     if len(pieces) != frames:
         return f"{len(pieces)} compressed frames, {frames} expected"
     for data in pieces:
-        if ts == RLE_SYNTAX:
+        if ts in RLE_SYNTAXES:
             if problem := _rle_check(data, samples, bits):
                 return problem
             continue
