@@ -21,9 +21,9 @@ import pydicom  # noqa: E402
 from services.ingest.app import quiet_pydicom  # noqa: E402
 from services.ingest.config import IngestSettings  # noqa: E402
 from services.ingest.tools.make_dicom import DicomOptions, make_dicom_file  # noqa: E402
+from services.ingest.transfer_syntaxes import RECIPES  # noqa: E402
 from services.ingest.validate import decide  # noqa: E402
 
-SYNTAXES = ["explicit", "implicit", "deflate", "jpeg-baseline", "jpeg-lossless", "jpeg2000", "jpeg2000-lossy", "rle"]
 SHARED = ROOT.parent / "shared" / "data" / "kermany224" / "train" / "NORMAL"
 
 
@@ -46,8 +46,8 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="pt-bench-validate-"))
     print(f"{args.size} x {args.size}, CPU ms per image (mean of --repeat runs; compare rows)")
     print(f"{'transfer syntax':16} {'bits':>4} {'validate':>9} {'decode':>9}")
-    for name in SYNTAXES:
-        bits = 8 if name == "jpeg-baseline" else 16
+    for name, (_, recipe) in RECIPES.items():  # every syntax make-dicom writes (the table's recipes)
+        bits = max(recipe.bits)
         path = make_dicom_file(image, work, DicomOptions(transfer_syntax=name, bits=bits, size=args.size))
         assert decide(path, settings).stored, name
         validate = cpu_ms(lambda p=path: decide(p, settings), args.repeat)

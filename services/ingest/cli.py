@@ -7,21 +7,15 @@ from pathlib import Path
 
 import typer
 
+from services.ingest.transfer_syntaxes import RECIPES
+
 app = typer.Typer()
 ingest = typer.Typer(help="The DICOM ingest service (Storage SCP + outbox relay).", invoke_without_command=True)
 app.add_typer(ingest, name="ingest")
 
 
-class Syntax(StrEnum):
-    explicit = "explicit"
-    implicit = "implicit"
-    deflate = "deflate"
-    jpeg_baseline = "jpeg-baseline"
-    jpeg_lossless = "jpeg-lossless"
-    jpeg_lossless_14 = "jpeg-lossless-14"
-    jpeg2000 = "jpeg2000"
-    jpeg2000_lossy = "jpeg2000-lossy"
-    rle = "rle"
+# make-dicom's --transfer-syntax choices: the table's recipes (services/ingest/transfer_syntaxes.py)
+Syntax = StrEnum("Syntax", {name.replace("-", "_"): name for name in RECIPES})
 
 
 class Photometric(StrEnum):
@@ -107,7 +101,7 @@ def send(
 def make_dicom_cmd(
     images: list[Path] = typer.Argument(..., exists=True, help="JPEG/PNG chest X-rays (or folders of them)"),
     out: Path = typer.Option(..., "--out", help="output folder"),
-    transfer_syntax: Syntax = typer.Option(Syntax.explicit, "--transfer-syntax"),
+    transfer_syntax: Syntax = typer.Option(Syntax("explicit"), "--transfer-syntax"),
     photometric: Photometric = typer.Option(Photometric.MONOCHROME2, "--photometric"),
     bits: int = typer.Option(8, "--bits", help="8, 12 or 16 bits stored"),
     view: View = typer.Option(View.PA, "--view"),

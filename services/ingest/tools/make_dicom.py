@@ -8,10 +8,11 @@ Kermany file name (`personNNN_bacteria_MMM.jpeg` -> NNN, `IM-XXXX-YYYY.jpeg` -> 
 and the options, so making the same file twice gives the same SOP instance (handy for idempotency
 tests); `uid_salt` makes distinct copies.
 
-Encoders: uncompressed, implicit and deflate are written by pydicom; RLE and JPEG 2000 (lossless and
-lossy) by pydicom's encoders (pylibjpeg-rle / pylibjpeg-openjpeg); JPEG baseline by Pillow
-(encapsulated by pydicom); JPEG lossless (process 14 and 14 SV1) by dcmtk's dcmcjpeg, since no
-Python encoder for them is maintained.
+The syntaxes and how each is written come from the table (services/ingest/transfer_syntaxes.py,
+each row's `Recipe`): uncompressed, implicit and deflate are written by pydicom; RLE and JPEG 2000
+(lossless and lossy) by pydicom's encoders (pylibjpeg-rle / pylibjpeg-openjpeg); JPEG baseline by
+Pillow (encapsulated by pydicom); JPEG lossless (process 14 and 14 SV1) by dcmtk's dcmcjpeg, since
+no Python encoder for them is maintained.
 """
 
 from __future__ import annotations
@@ -31,38 +32,25 @@ from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.uid import (
-    JPEG2000,
     PYDICOM_IMPLEMENTATION_UID,
     UID,
     ComputedRadiographyImageStorage,
-    DeflatedExplicitVRLittleEndian,
     DigitalXRayImageStorageForPresentation,
     DigitalXRayImageStorageForProcessing,
     ExplicitVRLittleEndian,
-    ImplicitVRLittleEndian,
-    JPEG2000Lossless,
     JPEGBaseline8Bit,
-    JPEGLossless,
-    JPEGLosslessSV1,
-    RLELossless,
     generate_uid,
 )
 
-DCMCJPEG = "/usr/bin/dcmcjpeg"
+from services.ingest.transfer_syntaxes import RECIPES, Encoder, Recipe, TransferSyntax
+
+DCMTK_BIN = Path("/usr/bin")
 UID_ROOT = "1.2.826.0.1.3680043.10.1234."  # private-looking root for generated test data (not registered)
 
-TRANSFER_SYNTAXES: dict[str, UID] = {
-    "explicit": ExplicitVRLittleEndian,
-    "implicit": ImplicitVRLittleEndian,
-    "deflate": DeflatedExplicitVRLittleEndian,
-    "jpeg-baseline": JPEGBaseline8Bit,
-    "jpeg-lossless": JPEGLosslessSV1,
-    "jpeg-lossless-14": JPEGLossless,
-    "jpeg2000": JPEG2000Lossless,
-    "jpeg2000-lossy": JPEG2000,
-    "rle": RLELossless,
-}
-LOSSY = {JPEGBaseline8Bit, JPEG2000}
+# --transfer-syntax NAME -> its UID, for every syntax the table gives a make-dicom recipe
+TRANSFER_SYNTAXES: dict[str, UID] = {name: ts.pydicom_uid for name, (ts, _) in RECIPES.items()}
+SOURCE_METHOD, SOURCE_RATIO = "ISO_10918_1", "10"  # the source images are JPEGs (lossy already)
+LOSSY_RATIO = "15"  # what a lossy recipe aims at (JPEG 2000's compression ratio)
 VIEW_ORIENTATION = {"PA": ["L", "F"], "AP": ["R", "F"], "LL": ["A", "F"]}
 SOP_CLASS_FOR = {
     ("DX", "presentation"): DigitalXRayImageStorageForPresentation,
@@ -105,14 +93,16 @@ class DicomOptions:
     study_date: str = field(default_factory=lambda: datetime.now(UTC).strftime("%Y%m%d"))
 
     def validate(self) -> None:
-        if self.transfer_syntax not in TRANSFER_SYNTAXES:
-            raise ValueError(f"unknown transfer syntax {self.transfer_syntax!r}: one of {sorted(TRANSFER_SYNTAXES)}")
+        if self.transfer_syntax not in RECIPES:
+            raise ValueError(f"unknown transfer syntax {self.transfer_syntax!r}: one of {sorted(RECIPES)}")
         if self.photometric not in ("MONOCHROME1", "MONOCHROME2"):
             raise ValueError("photometric must be MONOCHROME1 or MONOCHROME2")
         if self.bits not in (8, 12, 16):
             raise ValueError("bits must be 8, 12 or 16")
-        if self.transfer_syntax == "jpeg-baseline" and self.bits != 8:
-            raise ValueError("JPEG baseline carries 8-bit samples only: use --bits 8 or a lossless syntax")
+        ts, recipe = RECIPES[self.transfer_syntax]
+        if self.bits not in recipe.bits:
+            carried = "/".join(map(str, recipe.bits))
+            raise ValueError(f"{ts.name} carries {carried}-bit samples only: use another --bits or syntax")
         if self.view not in VIEW_ORIENTATION:
             raise ValueError(f"view must be one of {sorted(VIEW_ORIENTATION)}")
         if (self.modality, self.intent) not in SOP_CLASS_FOR:
@@ -234,8 +224,8 @@ def _dataset(image_path: Path, pixels: np.ndarray, opts: DicomOptions) -> Datase
         ds.VOILUTFunction = "LINEAR"
     ds.BurnedInAnnotation = "NO"
     ds.LossyImageCompression = "01"  # the source JPEG already was lossy
-    ds.LossyImageCompressionMethod = "ISO_10918_1"
-    ds.LossyImageCompressionRatio = "10"
+    ds.LossyImageCompressionMethod = SOURCE_METHOD
+    ds.LossyImageCompressionRatio = SOURCE_RATIO
     ds.PixelData = pixels.tobytes()
     ds["PixelData"].VR = "OB" if opts.bits == 8 else "OW"
 
@@ -256,18 +246,40 @@ def _jpeg_baseline(ds: Dataset, pixels: np.ndarray, quality: int = 90) -> None:
     ds["PixelData"].VR = "OB"
     ds["PixelData"].is_undefined_length = True
     ds.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
-    ds.LossyImageCompressionMethod = ["ISO_10918_1", "ISO_10918_1"]
 
 
-def _dcmcjpeg(ds: Dataset, flags: list[str]) -> Dataset:
-    """Compress with dcmtk (the only maintained JPEG lossless encoder at hand)."""
+def _dcmtk(ds: Dataset, args: tuple[str, ...]) -> Dataset:
+    """Compress with a dcmtk tool (dcmcjpeg: the only maintained JPEG lossless encoder at hand)."""
+    command, *flags = args
     with tempfile.TemporaryDirectory(prefix="pt-makedicom-") as tmp:
         src, dst = Path(tmp) / "in.dcm", Path(tmp) / "out.dcm"
         ds.save_as(src, enforce_file_format=True)
-        res = subprocess.run([DCMCJPEG, *flags, str(src), str(dst)], capture_output=True, text=True, timeout=120)
+        res = subprocess.run(
+            [str(DCMTK_BIN / command), *flags, str(src), str(dst)], capture_output=True, text=True, timeout=120
+        )
         if res.returncode != 0:
-            raise RuntimeError(f"dcmcjpeg failed: {res.stderr.strip()}")
+            raise RuntimeError(f"{command} failed: {res.stderr.strip()}")
         return pydicom.dcmread(dst)
+
+
+def _encode(ds: Dataset, pixels: np.ndarray, ts: TransferSyntax, recipe: Recipe) -> Dataset:
+    """The data set in the row's syntax, written as its recipe says."""
+    if recipe.encoder is Encoder.PYDICOM:
+        ds.file_meta.TransferSyntaxUID = ts.uid
+        if ts.implicit_vr:
+            ds["PixelData"].VR = "OW"  # implicit VR: pixel data is OW by convention
+    elif recipe.encoder is Encoder.PILLOW:
+        _jpeg_baseline(ds, pixels)
+    elif recipe.encoder is Encoder.DCMTK:
+        ds = _dcmtk(ds, recipe.args)
+    elif recipe.encoder is Encoder.COMPRESS:
+        # lossy: JPEG 2000 at a compression ratio (the one lossy syntax written with Dataset.compress)
+        lossy = {"j2k_cr": [int(LOSSY_RATIO)]} if recipe.lossy else {}
+        ds.compress(ts.uid, generate_instance_uid=False, **lossy)
+    if recipe.lossy:  # compressed again, after the source JPEG's compression (_dataset)
+        ds.LossyImageCompressionMethod = [SOURCE_METHOD, ts.lossy_method]
+        ds.LossyImageCompressionRatio = [SOURCE_RATIO, LOSSY_RATIO]
+    return ds
 
 
 def make_dicom(image_path: Path | str, options: DicomOptions | None = None, **overrides: object) -> Dataset:
@@ -279,26 +291,7 @@ def make_dicom(image_path: Path | str, options: DicomOptions | None = None, **ov
     image_path = Path(image_path)
     pixels = _scale(load_grayscale(image_path, opts.size), opts.bits, opts.photometric)
     ds = _dataset(image_path, pixels, opts)
-    ts = TRANSFER_SYNTAXES[opts.transfer_syntax]
-    if ts == ImplicitVRLittleEndian or ts == DeflatedExplicitVRLittleEndian:
-        ds.file_meta.TransferSyntaxUID = ts
-        if ts == ImplicitVRLittleEndian:
-            ds["PixelData"].VR = "OW"  # implicit VR: pixel data is OW by convention
-    elif ts == JPEGBaseline8Bit:
-        _jpeg_baseline(ds, pixels)
-    elif ts in (JPEGLosslessSV1, JPEGLossless):
-        flags = ["+e1"] if ts == JPEGLosslessSV1 else ["+el", "+sv", "6"]
-        ds = _dcmcjpeg(ds, flags)
-    elif ts == RLELossless:
-        ds.compress(RLELossless, generate_instance_uid=False)
-    elif ts == JPEG2000Lossless:
-        ds.compress(JPEG2000Lossless, generate_instance_uid=False)
-    elif ts == JPEG2000:
-        ds.compress(JPEG2000, j2k_cr=[15], generate_instance_uid=False)
-        ds.LossyImageCompressionMethod = ["ISO_10918_1", "ISO_15444_1"]
-    if ts in LOSSY:
-        ds.LossyImageCompressionRatio = ["10", "15"]
-    return ds
+    return _encode(ds, pixels, *RECIPES[opts.transfer_syntax])
 
 
 def write_dicom(ds: Dataset, path: Path | str) -> Path:
@@ -306,7 +299,7 @@ def write_dicom(ds: Dataset, path: Path | str) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     ts = UID(ds.file_meta.TransferSyntaxUID)
-    ds.save_as(path, enforce_file_format=True, implicit_vr=ts.is_implicit_VR, little_endian=True)
+    ds.save_as(path, enforce_file_format=True, implicit_vr=ts.is_implicit_VR, little_endian=ts.is_little_endian)
     return path
 
 
