@@ -149,7 +149,7 @@ def export_labels_cmd(
     """The site's confirmed labels as a folder of links to the stored DICOM files, for
     `pneumotriage model adapt --data` (list it first: clinician labels outrank crowd ones)."""
     from services.aggregator.config import AggregatorSettings
-    from services.aggregator.label_export import ExportError, check_output, labelled_images, write_export
+    from services.aggregator.tools.label_export import ExportError, check_output, labelled_images, write_export
     from services.core.db import make_engine, make_sessionmaker
 
     settings = AggregatorSettings()
@@ -292,8 +292,8 @@ def rescore_cmd(
     with the version it serves now, and the aggregator re-flags them, the audit trail saying why.
     Roll back and restart inference first (`model deploy --version <previous>`). Studies a clinician
     confirmed or overruled keep the clinician's flag and are listed here for review."""
-    from services.aggregator import rescore as rs
     from services.aggregator.config import AggregatorSettings
+    from services.aggregator.tools import rescore as rs
     from services.core.db import make_engine, make_sessionmaker
 
     settings = AggregatorSettings()

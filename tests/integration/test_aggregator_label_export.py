@@ -11,9 +11,9 @@ import pytest
 from typer.testing import CliRunner
 
 from services.aggregator.cli import triage
-from services.aggregator.label_export import ExportError, labelled_images, write_export
 from services.aggregator.policy import HEALTHY
 from services.aggregator.service import Aggregator
+from services.aggregator.tools.label_export import ExportError, labelled_images, write_export
 from services.inference.tools.training.sources import load_training_data
 from tests.integration.test_aggregator_outputs import flag_a_study, shared_dicom
 from tests.support.aggregator_service import offline_aggregator_fixture  # noqa: F401

@@ -11,8 +11,8 @@ import uuid
 from sqlalchemy import select
 
 from services.aggregator.models import PredictionRow, Study, TriageHistory
-from services.aggregator.rescore import ROUTING_KEY, plan_rescore, requests
 from services.aggregator.service import Aggregator
+from services.aggregator.tools.rescore import ROUTING_KEY, plan_rescore, requests
 from services.core.contracts import RescoreRequested
 from tests.support.aggregator_service import (  # noqa: F401
     apply_events,
