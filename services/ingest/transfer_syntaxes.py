@@ -86,22 +86,6 @@ class TransferSyntax:
         uid = self.pydicom_uid
         return f"{uid.name} (retired)" if uid.is_retired else uid.name
 
-    @property
-    def implicit_vr(self) -> bool:
-        return self.pydicom_uid.is_implicit_VR
-
-    @property
-    def little_endian(self) -> bool:
-        return self.pydicom_uid.is_little_endian
-
-    @property
-    def deflated(self) -> bool:
-        return self.pydicom_uid.is_deflated
-
-    @property
-    def encapsulated(self) -> bool:
-        return self.pydicom_uid.is_encapsulated
-
 
 # In our order of preference: for each presentation context the SCP accepts the first of these that
 # the requestor also proposed (docs/dicom-conformance.md section 3).

@@ -48,7 +48,7 @@ IMAGE_TOO_LARGE = 0xC212  # Error: cannot understand - dimensions beyond the con
 
 # Syntaxes read whole through a decompressor (parse): a tuple, so that `in` compares and never
 # hashes a malformed Transfer Syntax UID value.
-DEFLATED: tuple[str, ...] = tuple(ts.uid for ts in TRANSFER_SYNTAXES if ts.deflated)
+DEFLATED: tuple[str, ...] = tuple(ts.uid for ts in TRANSFER_SYNTAXES if ts.pydicom_uid.is_deflated)
 
 # Storage SOP classes we keep (and triage when the workflow checks pass).
 XRAY_SOP_CLASSES: frozenset[str] = frozenset(

@@ -28,8 +28,11 @@ CHECKS = {
 
 
 def _row(ts: TransferSyntax) -> str:
-    encoding = f"{'implicit' if ts.implicit_vr else 'explicit'} VR, {'little' if ts.little_endian else 'big'} endian"
-    pixels = "encapsulated" if ts.encapsulated else "native, deflated data set" if ts.deflated else "native"
+    uid = ts.pydicom_uid  # the encoding is pydicom's knowledge of the UID
+    encoding = (
+        f"{'implicit' if uid.is_implicit_VR else 'explicit'} VR, {'little' if uid.is_little_endian else 'big'} endian"
+    )
+    pixels = "encapsulated" if uid.is_encapsulated else "native, deflated data set" if uid.is_deflated else "native"
     made = f"`{ts.make_dicom.name}`" if ts.make_dicom else "—"
     cells = (ts.name, ts.uid, encoding, pixels, ts.lossy.value, CHECKS[ts.check], made, ts.note)
     return "| " + " | ".join(cells) + " |"

@@ -266,7 +266,7 @@ def _encode(ds: Dataset, pixels: np.ndarray, ts: TransferSyntax, recipe: Recipe)
     """The data set in the row's syntax, written as its recipe says."""
     if recipe.encoder is Encoder.PYDICOM:
         ds.file_meta.TransferSyntaxUID = ts.uid
-        if ts.implicit_vr:
+        if ts.pydicom_uid.is_implicit_VR:
             ds["PixelData"].VR = "OW"  # implicit VR: pixel data is OW by convention
     elif recipe.encoder is Encoder.PILLOW:
         _jpeg_baseline(ds, pixels)
