@@ -26,8 +26,9 @@ from typing import Any
 
 import numpy as np
 
+from services.aggregator.flags import FLAGS, MEANS
 from services.aggregator.fusion import Evidence, FusionWeights, Vote, feature_matrix, fit_weights
-from services.aggregator.policy import FLAGS, HEALTHY, SUSPECTED, URGENT, Policy, Thresholds
+from services.aggregator.policy import Policy, Thresholds
 from services.core.sensitivity_bound import allowed_misses
 
 
@@ -170,8 +171,9 @@ def choose_thresholds(
 def flag_metrics(flags: Sequence[str], y: Sequence[int], weights: np.ndarray | None = None) -> dict[str, Any]:
     """Per flag: count, share of images, and the flag as a test for pneumonia.
 
-    URGENT, PNEUMONIA_SUSPECTED and "URGENT or SUSPECTED" predict pneumonia; LIKELY_HEALTHY predicts
-    healthy, so for it "positive" means "not cleared" (sensitivity = the rule-out sensitivity,
+    The flags that mean pneumonia in the registry (`flags.MEANS`: URGENT, PNEUMONIA_SUSPECTED) and
+    "URGENT or SUSPECTED" (all of them) predict pneumonia; the one that means healthy (LIKELY_HEALTHY)
+    predicts healthy, so for it "positive" means "not cleared" (sensitivity = the rule-out sensitivity,
     NPV = the share of cleared images that are truly healthy). UNCERTAIN and NOT_TRIAGED report
     their share and pneumonia rate. With `weights` (a target prevalence), shares, PPV and NPV are
     those of a population with that prevalence; counts stay raw.
@@ -198,15 +200,15 @@ def flag_metrics(flags: Sequence[str], y: Sequence[int], weights: np.ndarray | N
     for flag in FLAGS:
         mask = f == flag
         entry: dict[str, Any] = {"count": int(mask.sum()), "share": round(float(w[mask].sum()) / total, 4)}
-        if flag in (URGENT, SUSPECTED):
+        if MEANS.get(flag) == "pneumonia":
             entry.update(table(mask))
-        elif flag == HEALTHY:
+        elif MEANS.get(flag) == "healthy":
             entry.update(table(~mask))
         elif mask.any():
             entry["pneumonia_rate"] = round(float(w[mask & (yy == 1)].sum()) / float(w[mask].sum()), 4)
         out["flags"][flag] = entry
-    either = (f == URGENT) | (f == SUSPECTED)
-    out["flags"]["URGENT_OR_SUSPECTED"] = {
+    either = np.isin(f, [flag for flag in FLAGS if MEANS.get(flag) == "pneumonia"])
+    out["flags"]["URGENT_OR_SUSPECTED"] = {  # every flag that means pneumonia (the name the results use)
         "count": int(either.sum()),
         "share": round(float(w[either].sum()) / total, 4),
         **table(either),

@@ -9,8 +9,8 @@ from typing import Any
 
 from pydicom.dataset import Dataset
 
-from services.aggregator.policy import PENDING
-from services.aggregator.report import DISCLAIMER, FLAG_TEXT, StudyReport
+from services.aggregator.flags import PENDING, REPORT_TEXT
+from services.aggregator.report import DISCLAIMER, StudyReport
 
 FLAG_SYSTEM = "urn:pneumotriage:triage-flag"
 
@@ -45,8 +45,8 @@ def fhir_diagnostic_report(report: StudyReport, header: Dataset | None) -> dict[
         "subject": subject,
         "effectiveDateTime": _iso(report.updated_at),
         "valueCodeableConcept": {
-            "coding": [{"system": FLAG_SYSTEM, "code": report.flag, "display": FLAG_TEXT[report.flag]}],
-            "text": FLAG_TEXT[report.flag],
+            "coding": [{"system": FLAG_SYSTEM, "code": report.flag, "display": REPORT_TEXT[report.flag]}],
+            "text": REPORT_TEXT[report.flag],
         },
         "note": [{"text": report.reason}],
     }
@@ -97,5 +97,5 @@ def fhir_diagnostic_report(report: StudyReport, header: Dataset | None) -> dict[
         "issued": _iso(datetime.now(UTC)),
         "imagingStudy": [{"identifier": {"system": "urn:dicom:uid", "value": f"urn:oid:{report.study_uid}"}}],
         "result": results,
-        "conclusion": f"{FLAG_TEXT[report.flag]}. {DISCLAIMER}",
+        "conclusion": f"{REPORT_TEXT[report.flag]}. {DISCLAIMER}",
     }

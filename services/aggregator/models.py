@@ -10,6 +10,7 @@ from sqlalchemy import JSON, Boolean, DateTime, Float, ForeignKey, Integer, Larg
 from sqlalchemy import false as sa_false
 from sqlalchemy.orm import Mapped, mapped_column
 
+from services.aggregator.flags import PENDING
 from services.core.db.base import make_base
 from services.core.db.outbox import OutboxMixin, utcnow
 
@@ -24,7 +25,7 @@ class Study(Base):
     __tablename__ = "aggregator_studies"
 
     study_uid: Mapped[str] = mapped_column(UID, primary_key=True)
-    flag: Mapped[str] = mapped_column(String(32), default="PENDING", index=True)
+    flag: Mapped[str] = mapped_column(String(32), default=PENDING, index=True)
     urgency: Mapped[int] = mapped_column(Integer, default=99, index=True)  # sort key, 0 = most urgent
     p_pneumonia: Mapped[float | None] = mapped_column(Float, nullable=True)
     reason: Mapped[str] = mapped_column(Text, default="")
@@ -61,7 +62,7 @@ class Image(Base):
     patient_age_years: Mapped[int] = mapped_column(Integer, default=-1)
     received_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     p_fused: Mapped[float | None] = mapped_column(Float, nullable=True)
-    flag: Mapped[str] = mapped_column(String(32), default="PENDING")
+    flag: Mapped[str] = mapped_column(String(32), default=PENDING)
     reason: Mapped[str] = mapped_column(Text, default="")
 
 

@@ -1,6 +1,7 @@
 """Triage policy: from fused evidence to one flag per image and per study.
 
-Flags, most urgent first (the worklist's sort order):
+Flags, most urgent first (the worklist's sort order; names, order and everything else a flag is
+live in the registry, `flags.py`):
 
 * URGENT               fused P(pneumonia) >= urgent threshold (chosen for PPV >= 0.9): read first.
 * PNEUMONIA_SUSPECTED  fused P >= suspected threshold.
@@ -29,20 +30,8 @@ from typing import Any
 
 import yaml
 
+from services.aggregator.flags import HEALTHY, NOT_TRIAGED, PENDING, SUSPECTED, UNCERTAIN, URGENCY, URGENT
 from services.aggregator.fusion import Evidence, FusionWeights
-
-URGENT = "URGENT"
-SUSPECTED = "PNEUMONIA_SUSPECTED"
-UNCERTAIN = "UNCERTAIN"
-NOT_TRIAGED = "NOT_TRIAGED"
-HEALTHY = "LIKELY_HEALTHY"
-PENDING = "PENDING"  # no evidence yet: not a flag, never published
-
-FLAGS: tuple[str, ...] = (URGENT, SUSPECTED, UNCERTAIN, NOT_TRIAGED, HEALTHY)
-# Worklist order: smaller = more urgent.
-URGENCY: dict[str, int] = {URGENT: 0, SUSPECTED: 1, UNCERTAIN: 2, NOT_TRIAGED: 3, HEALTHY: 4, PENDING: 5}
-# Clinical order of the triaged flags, for "more evidence never lowers urgency": higher = more urgent.
-SEVERITY: dict[str, int] = {HEALTHY: 0, UNCERTAIN: 1, SUSPECTED: 2, URGENT: 3}
 
 
 @dataclass

@@ -46,15 +46,16 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.aggregator.calibrate import OperatingPoints, choose_thresholds
+from services.aggregator.flags import HEALTHY, MEANS
 from services.aggregator.fusion import Evidence, sigmoid
 from services.aggregator.models import Image, LabelAggregateRow, PredictionRow, Review, Study
-from services.aggregator.policy import HEALTHY, SUSPECTED, URGENT, Policy, Thresholds
+from services.aggregator.policy import Policy, Thresholds
 
 ACTIVE_FILE = "ACTIVE"
 # The site's rule-out keeps its sensitivity with this confidence on new images (a few hundred labels:
 # the sample's own point kept 0.92-0.95 on held-back images, bench/site_adapt.py)
 SITE_RULE_OUT_CONFIDENCE = 0.8
-LABEL_OF_FLAG = {URGENT: 1, SUSPECTED: 1, HEALTHY: 0}
+LABEL_OF_FLAG = {flag: int(means == "pneumonia") for flag, means in MEANS.items()}  # from the flag registry
 
 
 class NotEnoughLabels(ValueError):

@@ -1,21 +1,12 @@
-"""What one study's result says, as the SR (`sr`) and the FHIR resources (`fhir`) both render it."""
+"""What one study's result says, as the SR (`sr`) and the FHIR resources (`fhir`) both render it
+(each flag's wording: `flags.REPORT_TEXT`)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
 
-from services.aggregator.policy import HEALTHY, NOT_TRIAGED, PENDING, SUSPECTED, UNCERTAIN, URGENT
-
 DISCLAIMER = "Diagnostic aid — not a diagnosis. Every study must still be read by a qualified clinician."
-FLAG_TEXT = {
-    URGENT: "Urgent: pneumonia likely, high confidence",
-    SUSPECTED: "Pneumonia suspected",
-    UNCERTAIN: "Uncertain: radiologist first",
-    HEALTHY: "Likely healthy (read routinely)",
-    NOT_TRIAGED: "Not triaged",
-    PENDING: "Pending",
-}
 
 
 @dataclass(frozen=True)

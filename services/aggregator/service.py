@@ -24,6 +24,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from services.aggregator.config import AggregatorSettings
 from services.aggregator.drift import DriftConfig, DriftMonitor
+from services.aggregator.flags import PENDING, SR_AT_ONCE
 from services.aggregator.models import (
     Base,
     Image,
@@ -35,7 +36,7 @@ from services.aggregator.models import (
     SrSend,
     Study,
 )
-from services.aggregator.policy import PENDING, Policy
+from services.aggregator.policy import Policy
 from services.aggregator.recalibrate import load_active
 from services.aggregator.report import StudyReport
 from services.aggregator.sr import Destination, SopRef, build_sr, encode_sr
@@ -340,7 +341,7 @@ class Aggregator:
             # was built in one long transaction; the sender comes back at once for the rest.
             freeze_cap, frozen_now = max(1, self.settings.sr_batch_size), 0
             with session.no_autoflush:  # reads only until the snapshot is taken
-                for delivery in sorted(latest.values(), key=lambda d: (d.flag != "URGENT", d.id)):
+                for delivery in sorted(latest.values(), key=lambda d: (d.flag not in SR_AT_ONCE, d.id)):
                     due = as_utc(delivery.due_at) or now
                     if due > now:  # still settling: a flip within it replaces this revision
                         next_due = due if next_due is None else min(next_due, due)
@@ -455,7 +456,7 @@ class Aggregator:
         by_study: dict[str, list[Any]] = {}
         for job in jobs:
             by_study.setdefault(job[2], []).append(job)
-        studies = sorted(by_study.values(), key=lambda js: (not any(j[4] == "URGENT" for j in js), js[0][1]))
+        studies = sorted(by_study.values(), key=lambda js: (not any(j[4] in SR_AT_ONCE for j in js), js[0][1]))
         ordered = [(j[0], j[3]) for js in studies for j in js]  # (send id, frozen SR)
         batch = ordered[: max(1, self.settings.sr_batch_size)]
         batch_extras = {i: extras[delivery_of[i]] for i, _ in batch if delivery_of[i] in extras}

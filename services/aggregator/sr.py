@@ -22,8 +22,8 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from services.aggregator.policy import PENDING
-from services.aggregator.report import DISCLAIMER, FLAG_TEXT, StudyReport
+from services.aggregator.flags import PENDING, REPORT_TEXT
+from services.aggregator.report import DISCLAIMER, StudyReport
 
 BASIC_TEXT_SR = "1.2.840.10008.5.1.4.1.1.88.11"
 CODE_SCHEME = "99PNEUMOTRIAGE"
@@ -162,7 +162,7 @@ def build_sr(
     ds.ConceptNameCodeSequence = DicomSequence([_code("18748-4", "LN", "Diagnostic imaging report")])
     score = "n/a" if report.p_pneumonia is None else f"{report.p_pneumonia:.3f}"
     items = [
-        _text_item(_code("121071", "DCM", "Finding"), f"Triage flag: {report.flag} — {FLAG_TEXT[report.flag]}"),
+        _text_item(_code("121071", "DCM", "Finding"), f"Triage flag: {report.flag} — {REPORT_TEXT[report.flag]}"),
         _text_item(_code("score", CODE_SCHEME, "P(pneumonia), fused model and crowd"), score),
         _text_item(_code("reason", CODE_SCHEME, "Reason"), report.reason),
         _text_item(

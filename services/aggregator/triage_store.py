@@ -21,6 +21,7 @@ from prometheus_client import Counter, Histogram
 from sqlalchemy import or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from services.aggregator.flags import FLAGS, MEANS, NOT_TRIAGED, PENDING, PROTO, SR_AT_ONCE, URGENCY
 from services.aggregator.fusion import Evidence, Vote
 from services.aggregator.models import (
     Image,
@@ -34,23 +35,11 @@ from services.aggregator.models import (
     Study,
     TriageHistory,
 )
-from services.aggregator.policy import (
-    HEALTHY,
-    NOT_TRIAGED,
-    PENDING,
-    SUSPECTED,
-    UNCERTAIN,
-    URGENCY,
-    URGENT,
-    ImageResult,
-    Policy,
-    study_result,
-)
+from services.aggregator.policy import ImageResult, Policy, study_result
 from services.core.broker import PermanentError
 from services.core.contracts import (
     Answer,
     Confidence,
-    Flag,
     ImageReceived,
     ImageRef,
     ImageRejected,
@@ -83,15 +72,6 @@ ANSWER_NAMES = {
     Answer.ANSWER_CANT_TELL: "cant_tell",
 }
 CONFIDENCE_NAMES = {Confidence.CONFIDENCE_SURE: "sure", Confidence.CONFIDENCE_PROBABLY: "probably"}
-FLAG_ENUM = {
-    URGENT: Flag.FLAG_URGENT,
-    SUSPECTED: Flag.FLAG_PNEUMONIA_SUSPECTED,
-    UNCERTAIN: Flag.FLAG_UNCERTAIN,
-    HEALTHY: Flag.FLAG_LIKELY_HEALTHY,
-    NOT_TRIAGED: Flag.FLAG_NOT_TRIAGED,
-    PENDING: Flag.FLAG_UNSPECIFIED,
-}
-LABEL_OF_FLAG = {URGENT: "pneumonia", SUSPECTED: "pneumonia", HEALTHY: "healthy"}
 
 
 def _insert_for(s: AsyncSession) -> Any:
@@ -598,8 +578,8 @@ class TriageStore:
         )
         event = TriageUpdated(
             study_instance_uid=study.study_uid,
-            flag=FLAG_ENUM[flag],
-            previous_flag=FLAG_ENUM.get(previous, Flag.FLAG_UNSPECIFIED),
+            flag=PROTO[flag],
+            previous_flag=PROTO.get(previous, PROTO[PENDING]),
             p_pneumonia=study.p_pneumonia if study.p_pneumonia is not None else 0.0,
             reason=reason,
             revision=study.revision,
@@ -616,10 +596,10 @@ class TriageStore:
             correlation_id=trigger.split(":")[1] if trigger.count(":") >= 1 else study.study_uid,
         )
         # An SR revision for a new flag, or a clinician's confirm (the SR becomes VERIFIED). It is held
-        # for the settle time (URGENT: not at all); the sender freezes and sends it when due.
+        # for the settle time (SR_AT_ONCE, i.e. URGENT: not at all); the sender freezes and sends it when due.
         sr_wanted = self.sr_enabled and (self.backfill_sr or study.lane != "backfill")
         if sr_wanted and (flag != previous or source == "clinician"):
-            due = now if flag == URGENT else now + timedelta(seconds=self.sr_settle_s)
+            due = now if flag in SR_AT_ONCE else now + timedelta(seconds=self.sr_settle_s)
             s.add(
                 SrDelivery(
                     study_uid=study.study_uid,
@@ -644,7 +624,7 @@ class TriageStore:
         if action == "confirm":
             new_flag = study.flag
         elif action == "overrule":
-            if flag not in (URGENT, SUSPECTED, UNCERTAIN, HEALTHY, NOT_TRIAGED) or flag == study.flag:
+            if flag not in FLAGS or flag == study.flag:
                 raise ValueError("overrule needs a different flag")
             new_flag = flag
         else:
@@ -658,7 +638,7 @@ class TriageStore:
                 action=action,
                 flag_before=study.flag,
                 flag_after=new_flag,
-                label=LABEL_OF_FLAG.get(new_flag, "cant_tell"),
+                label=MEANS.get(new_flag, "cant_tell"),
                 comment=comment[:2000],
             )
         )

@@ -11,7 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from services.aggregator.cli import triage
-from services.aggregator.policy import HEALTHY
+from services.aggregator.flags import HEALTHY
 from services.aggregator.service import Aggregator
 from services.aggregator.tools.label_export import ExportError, labelled_images, write_export
 from services.inference.tools.training.sources import load_training_data

@@ -4,8 +4,9 @@ no gate verdict (an older inference version) or "ok" changes nothing."""
 
 from __future__ import annotations
 
+from services.aggregator.flags import HEALTHY, NOT_TRIAGED, UNCERTAIN, URGENT
 from services.aggregator.fusion import Evidence, Vote
-from services.aggregator.policy import HEALTHY, NOT_TRIAGED, UNCERTAIN, URGENT, ImageResult, study_result
+from services.aggregator.policy import ImageResult, study_result
 from tests.support.aggregator_service import TEST_POLICY
 
 

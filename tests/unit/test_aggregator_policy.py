@@ -6,20 +6,9 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from services.aggregator.flags import HEALTHY, NOT_TRIAGED, PENDING, SEVERITY, SUSPECTED, UNCERTAIN, URGENT
 from services.aggregator.fusion import FEATURES, Evidence, FusionWeights, Vote
-from services.aggregator.policy import (
-    HEALTHY,
-    NOT_TRIAGED,
-    PENDING,
-    SEVERITY,
-    SUSPECTED,
-    UNCERTAIN,
-    URGENT,
-    ImageResult,
-    Policy,
-    Thresholds,
-    study_result,
-)
+from services.aggregator.policy import ImageResult, Policy, Thresholds, study_result
 
 votes_st = st.lists(
     st.builds(

@@ -15,8 +15,9 @@ import pytest
 from services.aggregator import recalibrate as rc
 from services.aggregator.calibrate import OperatingPoints
 from services.aggregator.config import AggregatorSettings
+from services.aggregator.flags import HEALTHY, URGENT
 from services.aggregator.fusion import Evidence
-from services.aggregator.policy import HEALTHY, URGENT, Policy
+from services.aggregator.policy import Policy
 from services.aggregator.service import Aggregator
 from services.core.contracts import Answer, LabelAggregate
 from tests.support.aggregator_service import (  # noqa: F401

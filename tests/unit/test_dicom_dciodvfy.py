@@ -15,8 +15,9 @@ import numpy as np
 import pydicom
 import pytest
 
+from services.aggregator.flags import URGENT
 from services.aggregator.heatmap_sc import build_heatmap_sc, encode_sc
-from services.aggregator.report import URGENT, StudyReport
+from services.aggregator.report import StudyReport
 from services.aggregator.sr import SopRef, build_sr, encode_sr
 from services.inference.heatmaps import render_heatmap
 from services.ingest.tools.make_dicom import make_dicom, make_dicom_file

@@ -21,9 +21,9 @@ from pydantic import BaseModel, Field
 from sqlalchemy import update
 
 from services.aggregator.fhir import fhir_diagnostic_report
+from services.aggregator.flags import FLAGS, LABELS, PENDING, css
 from services.aggregator.models import PredictionRow, Study, User
 from services.aggregator.ops import ops_report
-from services.aggregator.policy import FLAGS, PENDING
 from services.aggregator.report import DISCLAIMER
 from services.aggregator.stored_images import heatmap_png, path_of
 from services.aggregator.web import queries
@@ -140,11 +140,18 @@ def create_app(agg: "Aggregator") -> FastAPI:
     web.install(app)
     harden(app, settings.http_max_body_bytes)
     app.include_router(ops_router("aggregator", agg.health))
+    flag_css = css()
+
+    @app.get("/flags.css", include_in_schema=False)
+    async def flag_stylesheet() -> Response:
+        """The flag badges' colours, generated from the registry (services/aggregator/flags.py)."""
+        return Response(flag_css, media_type="text/css")
+
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
     templates = Jinja2Templates(directory=HERE / "templates")
     templates.env.globals["DISCLAIMER"] = DISCLAIMER
     templates.env.globals["FLAGS"] = FLAGS
-    templates.env.globals["FLAG_LABELS"] = queries.FLAG_LABELS
+    templates.env.globals["FLAG_LABELS"] = LABELS
     templates.env.globals["drift_status"] = lambda: agg.drift.status  # the worklist's drift banner
     clinician = web.require_role(*ALLOWED_ROLES)
     Clinician = Annotated[SessionUser, Depends(clinician)]

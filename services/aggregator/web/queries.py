@@ -12,19 +12,10 @@ from typing import Any
 from sqlalchemy import Select, func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from services.aggregator.flags import FLAGS, LABELS, PENDING
 from services.aggregator.models import Image, JudgmentRow, LabelAggregateRow, Refusal, Review, Study, TriageHistory
-from services.aggregator.policy import FLAGS, PENDING
 from services.aggregator.stored_images import path_of, read_header
 from services.aggregator.triage_store import TriageStore, as_utc
-
-FLAG_LABELS = {
-    "URGENT": "Urgent",
-    "PNEUMONIA_SUSPECTED": "Pneumonia suspected",
-    "UNCERTAIN": "Uncertain",
-    "NOT_TRIAGED": "Not triaged",
-    "LIKELY_HEALTHY": "Likely healthy",
-    PENDING: "Awaiting evidence",
-}
 
 
 def iso(value: datetime | None) -> str | None:
@@ -101,7 +92,7 @@ def study_summary(st: Study, n_images: int, name: str = "", pid: str = "") -> di
         "study_uid": st.study_uid,
         "lane": st.lane,
         "flag": st.flag,
-        "flag_label": FLAG_LABELS.get(st.flag, st.flag),
+        "flag_label": LABELS.get(st.flag, st.flag),
         "urgency": st.urgency,
         "p_pneumonia": None if st.p_pneumonia is None else round(st.p_pneumonia, 4),
         "reason": st.reason,
@@ -157,7 +148,7 @@ async def study_detail(s: AsyncSession, store: TriageStore, study_uid: str) -> d
                 "sop_uid": im.sop_uid,
                 "series_uid": im.series_uid,
                 "flag": im.flag,
-                "flag_label": FLAG_LABELS.get(im.flag, im.flag),
+                "flag_label": LABELS.get(im.flag, im.flag),
                 "p_fused": None if im.p_fused is None else round(im.p_fused, 4),
                 "reason": im.reason,
                 "eligible": im.eligible,
