@@ -14,6 +14,19 @@ LEARNED from labeled data by `pneumotriage triage calibrate` and kept in the pol
 constrained to be non-negative, which makes the posterior monotone in every piece of evidence: more
 pneumonia evidence never lowers it. The defaults (before calibration) are the naive-Bayes weights:
 independent voters, calibrated model.
+
+Crowd evidence is computed in two places, on purpose. The labeling service has its own crowd
+posterior (`services/labeling/votes.py` `aggregate_job`, maths in `services/labeling/quality.py`:
+Dawid-Skene EM over the whole job, or a trust-weighted majority vote while there is too little data;
+published as `label.aggregated`). It answers the labeling job's questions (is this image's label
+settled, how many more judgments does it need, what goes into the training export) and is re-fitted
+over every image whenever any answer changes. The vote evidence here answers the triage question: each
+`judgment.submitted` is added as it arrives, with the trust the event carries, so one vote moves a
+flag at once, and the learned non-negative weights keep the posterior monotone in every single vote
+(a whole-job re-fit can move an image's posterior without any new evidence about that image).
+Labeling's posterior is therefore used only while no vote of the image has arrived, never on top of
+the votes it was computed from (that would count them twice). The two share no code because a
+service never imports another one; they meet only through those events.
 """
 
 from __future__ import annotations

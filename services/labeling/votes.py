@@ -1,6 +1,14 @@
 """Aggregation of human labels over the whole job: Dawid-Skene EM (hidden gold clamped, stopped
 annotators excluded) or trust-weighted majority vote while there is too little data; dynamic
-judgments (each image's `needed`) and label.aggregated through the outbox on every change."""
+judgments (each image's `needed`) and label.aggregated through the outbox on every change.
+
+This is the labeling job's crowd posterior: whether an image's label is settled, how many more
+judgments it needs, what the export gives training. The aggregator computes related crowd evidence of
+its own (`services/aggregator/fusion.py`): it sums the individual judgment.submitted votes, each with
+the annotator's trust at the time, as they arrive, so that one vote changes a triage flag at once and
+the flag stays monotone in every vote, which a whole-job re-fit (this module) cannot promise. It uses
+the label.aggregated posterior from here only for an image none of whose votes has reached it yet, never
+on top of the votes (that would count them twice). No code is shared: services meet only through events."""
 
 from __future__ import annotations
 
