@@ -1,8 +1,9 @@
 """Every consumer of the triage flags agrees with the one registry (services/aggregator/flags.py):
 the proto enum, the policy, the store's proto mapping and review choices, the worklist query and
-labels, the stylesheet, the SR and FHIR wording, the calibration report and the docs. Adding a flag
-to the registry (or to the proto) without the rest, or spelling a flag out again somewhere in the
-aggregator, fails here."""
+labels, the stylesheet, the SR and FHIR wording, the calibration report and the docs (that the
+policy returns only registry flags, for any evidence and any policy: tests/unit/test_aggregator_policy.py).
+Adding a flag to the registry (or to the proto) without the rest, or spelling a flag out again
+somewhere in the aggregator, fails here."""
 
 from __future__ import annotations
 
@@ -12,17 +13,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
 from sqlalchemy import select
 
 from services.aggregator import flags
 from services.aggregator.calibrate import flag_metrics
 from services.aggregator.fhir import fhir_diagnostic_report
 from services.aggregator.flags import FLAGS, PENDING, REGISTRY, SPECS
-from services.aggregator.fusion import Evidence, Vote
 from services.aggregator.models import Study
-from services.aggregator.policy import ImageResult, Policy, Thresholds, study_result
 from services.aggregator.report import StudyReport
 from services.aggregator.sr import build_sr
 from services.aggregator.web.queries import filtered
@@ -122,40 +119,6 @@ def test_the_calibration_report_has_every_flag_in_order() -> None:
     for name in FLAGS:
         entry = report["flags"][name]
         assert ("ppv" in entry) == (name in flags.MEANS), name
-
-
-votes = st.lists(
-    st.builds(
-        Vote,
-        answer=st.sampled_from(["pneumonia", "healthy", "cant_tell"]),
-        confidence=st.sampled_from(["sure", "probably"]),
-        trust=st.floats(0.3, 1.0),
-    ),
-    max_size=5,
-)
-evidence = st.builds(
-    Evidence,
-    model_probability=st.none() | st.floats(0.0, 1.0),
-    votes=votes.map(tuple),
-    aggregate_p=st.none() | st.floats(0.0, 1.0),
-    gate=st.sampled_from(["", "ok", "borderline", "refuse"]),
-)
-
-
-@settings(max_examples=300, deadline=None)
-@given(
-    ev=st.lists(evidence, min_size=1, max_size=4),
-    cuts=st.tuples(st.floats(0.0, 1.0), st.floats(0.0, 1.0), st.floats(0.0, 1.0)).map(sorted),
-)
-def test_the_policy_emits_only_registry_flags(ev: list[Evidence], cuts: list[float]) -> None:
-    rule_out, suspected, urgent = cuts
-    policy = Policy(thresholds=Thresholds(urgent=urgent, suspected=suspected, rule_out=rule_out))
-    results = []
-    for e in ev:
-        flag, p, reason = policy.classify(e)
-        assert flag in SPECS, flag
-        results.append(ImageResult(flag, p, reason))
-    assert study_result(results)[0] in SPECS
 
 
 def flag_spellings() -> set[str]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from services.aggregator.flags import HEALTHY, NOT_TRIAGED, PENDING, SEVERITY, SUSPECTED, UNCERTAIN, URGENT
+from services.aggregator.flags import HEALTHY, NOT_TRIAGED, PENDING, SEVERITY, SPECS, SUSPECTED, UNCERTAIN, URGENT
 from services.aggregator.fusion import FEATURES, Evidence, FusionWeights, Vote
 from services.aggregator.policy import ImageResult, Policy, Thresholds, study_result
 
@@ -36,6 +36,27 @@ def policies(draw: st.DrawFn) -> Policy:
         conflict_human_logodds=draw(st.floats(-2.0, 2.0)),
     )
     return Policy(weights, thresholds)
+
+
+evidence_st = st.builds(
+    Evidence,
+    model_probability=st.none() | st.floats(0.0, 1.0),
+    votes=votes_st.map(tuple),
+    aggregate_p=st.none() | st.floats(0.0, 1.0),
+    gate=st.sampled_from(["", "ok", "borderline", "refuse"]),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(policies(), st.lists(evidence_st, min_size=1, max_size=4))
+def test_the_policy_emits_only_registry_flags(policy: Policy, images: list[Evidence]) -> None:
+    """Image and study flags are always rows of the registry (services/aggregator/flags.py)."""
+    results = []
+    for ev in images:
+        flag, p, reason = policy.classify(ev)
+        assert flag in SPECS, flag
+        results.append(ImageResult(flag, p, reason))
+    assert study_result(results)[0] in SPECS
 
 
 def severity(policy: Policy, ev: Evidence) -> int:
