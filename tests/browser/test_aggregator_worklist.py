@@ -80,6 +80,9 @@ def worklist_scenario(chromium, server: AggregatorServer, shared_data: Path, art
         page.reload()
         assert study_order(page, ours) == [s_urgent, s_unc, s_healthy]
         assert page.locator(f'tr[data-study="{s_urgent}"]').get_attribute("data-flag") == "URGENT"
+        # Badge colours come from the flag registry (/flags.css, services/aggregator/flags.py), as before.
+        badge = page.locator(f'tr[data-study="{s_urgent}"] .badge')
+        assert badge.evaluate("e => getComputedStyle(e).backgroundColor") == "rgb(176, 0, 32)"
         assert "not a diagnosis" in page.locator("[data-testid=disclaimer]").inner_text()
         page.screenshot(path=str(artifacts_dir / "aggregator-worklist.png"), full_page=True)
 
