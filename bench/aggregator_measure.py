@@ -31,8 +31,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from services.aggregator.calibrate import LabeledImage, OperatingPoints, calibrate, evaluate, load_jsonl  # noqa: E402
 from services.aggregator.fusion import Evidence  # noqa: E402
+from services.aggregator.tools.calibrate import LabeledImage, OperatingPoints, calibrate, evaluate, load_jsonl  # noqa: E402
 
 # rows: truth pneumonia, healthy; columns: answer pneumonia, healthy, can't tell
 PROFILES = {

@@ -30,7 +30,7 @@ sys.path.insert(0, str(REPO))
 
 from services.aggregator.drift import DriftConfig, evaluate_window  # noqa: E402
 from services.aggregator.policy import Policy  # noqa: E402
-from services.aggregator.recalibrate import SiteLabel, fit_site_calibration, rule_out_metrics  # noqa: E402
+from services.aggregator.tools.recalibrate import SiteLabel, fit_site_calibration, rule_out_metrics  # noqa: E402
 from services.core.drift import REFERENCE_FILE, DriftReference  # noqa: E402
 from services.inference.preprocess import load_image_file, preprocess_array  # noqa: E402
 from services.inference.tools.evaluation import (  # noqa: E402

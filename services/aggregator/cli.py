@@ -88,8 +88,8 @@ def calibrate_cmd(
     report_json: Path | None = typer.Option(None, "--report", help="also write the full report as JSON"),
 ) -> None:
     """Fit the fusion weights and choose thresholds for the stated operating points; report fit and held-out numbers."""
-    from services.aggregator.calibrate import OperatingPoints, calibrate, load_jsonl
     from services.aggregator.config import AggregatorSettings
+    from services.aggregator.tools.calibrate import OperatingPoints, calibrate, load_jsonl
 
     target = out or AggregatorSettings().policy_file
     images = load_jsonl(data)
@@ -119,9 +119,9 @@ def evaluate_cmd(
     prevalence: float | None = typer.Option(None, "--prevalence"),
 ) -> None:
     """Apply a policy file to labeled images and print per-flag numbers."""
-    from services.aggregator.calibrate import evaluate, load_jsonl
     from services.aggregator.config import AggregatorSettings
     from services.aggregator.policy import Policy
+    from services.aggregator.tools.calibrate import evaluate, load_jsonl
 
     policy = Policy.load(policy_file or AggregatorSettings().policy_file)
     _print_report(data.name, evaluate(policy, load_jsonl(data), prevalence))
@@ -196,17 +196,18 @@ def recalibrate_cmd(
     """Refit the model's probabilities (Platt) and the thresholds from this site's confirmed labels
     (clinician reviews, high-trust crowd consensus); versioned, with roll-back. Restart the
     aggregator to apply."""
-    from services.aggregator import recalibrate as rc
-    from services.aggregator.calibrate import OperatingPoints
+    from services.aggregator import site_calibration as sc
     from services.aggregator.config import AggregatorSettings
     from services.aggregator.policy import Policy
+    from services.aggregator.tools import recalibrate as rc
+    from services.aggregator.tools.calibrate import OperatingPoints
 
     settings = AggregatorSettings()
     directory = settings.resolved_site_calibration_dir()
     if list_versions:
-        active = rc.active_version(directory)
-        for v in rc.versions(directory):
-            cal = rc.load_version(directory, v)
+        active = sc.active_version(directory)
+        for v in sc.versions(directory):
+            cal = sc.load_version(directory, v)
             mark = "*" if v == active else " "
             typer.echo(
                 f"{mark} v{v}  {cal.created_at}  model {cal.model_name} v{cal.model_version}  "
@@ -218,12 +219,12 @@ def recalibrate_cmd(
     if rollback or off or activate_version is not None:
         try:
             if rollback:
-                now = rc.rollback(directory)
+                now = sc.rollback(directory)
             else:
                 now = None if off else activate_version
-                rc.activate(directory, now)
+                sc.activate(directory, now)
         except ValueError as exc:  # nothing active to roll back, no such version: nothing changed
-            have = ", ".join(f"v{v}" for v in rc.versions(directory)) or "none"
+            have = ", ".join(f"v{v}" for v in sc.versions(directory)) or "none"
             typer.echo(f"error: {exc} (versions: {have}); nothing changed", err=True)
             raise typer.Exit(2) from exc
         typer.echo(f"active site calibration: {'none (model calibration)' if now is None else f'v{now}'}")
@@ -277,7 +278,7 @@ def recalibrate_cmd(
     )
     if dry_run:
         return
-    path = rc.save_new_version(directory, cal)
+    path = sc.save_new_version(directory, cal)
     typer.echo(f"wrote {path} (active); restart the aggregator to apply; `--rollback` undoes it")
 
 

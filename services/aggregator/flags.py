@@ -11,7 +11,7 @@ derives what it needs from here instead of spelling the flags out again:
 * the report: the SR finding's text and the FHIR Observation's display (`REPORT_TEXT`);
 * the worklist: the filter's choices and labels (`FLAGS`, `LABELS`), its order (`urgency` column)
   and the badge colours (`css()`, served as `/flags.css` next to `/static/app.css`);
-* offline fitting (`calibrate.py`, `recalibrate.py`): which flags are scored as a test for
+* offline fitting (`tools/calibrate.py`, `tools/recalibrate.py`): which flags are scored as a test for
   pneumonia or for health (`MEANS`).
 
 PENDING is in the registry too (a worklist row, a label, a colour, the last place in the order) but

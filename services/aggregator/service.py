@@ -37,8 +37,8 @@ from services.aggregator.models import (
     Study,
 )
 from services.aggregator.policy import Policy
-from services.aggregator.recalibrate import load_active
 from services.aggregator.report import StudyReport
+from services.aggregator.site_calibration import load_active
 from services.aggregator.sr import Destination, SopRef, build_sr, encode_sr
 from services.aggregator.sr_delivery import (
     SR_OLDEST_AGE,

@@ -202,7 +202,7 @@ class TriageStore:
         self.sr_enabled = sr_enabled
         self.backfill_sr = backfill_sr  # SRs for backfill studies (marked retrospective)
         self.sr_settle_s = sr_settle_s  # how long a new SR revision is held (URGENT: not at all)
-        self.site: Any = None  # the active site calibration (services/aggregator/recalibrate.py), if any
+        self.site: Any = None  # the active site calibration (services/aggregator/site_calibration.py), if any
 
     # ---- rows ------------------------------------------------------------------------------------
     async def load(

@@ -12,8 +12,8 @@ import numpy as np
 from rich.console import Console
 from rich.progress import Progress
 
-from services.aggregator import recalibrate as rc
 from services.aggregator.fusion import sigmoid
+from services.aggregator.tools import recalibrate as rc
 from services.core.gate import DEFAULT_GATE_FILE, GateModel
 from services.inference.tools.evaluation import predict
 from services.inference.tools.gate_fit import build_corpus, evaluate_gate, fit_gate

@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 from typer.testing import CliRunner
 
-from services.aggregator.calibrate import LabeledImage, OperatingPoints, calibrate, load_jsonl, split
 from services.aggregator.flags import HEALTHY, SUSPECTED, URGENT
 from services.aggregator.fusion import FEATURES, Evidence, Vote, feature_matrix, fit_weights
 from services.aggregator.policy import Policy
+from services.aggregator.tools.calibrate import LabeledImage, OperatingPoints, calibrate, load_jsonl, split
 
 
 def synthetic(n: int = 1500, seed: int = 1) -> list[dict]:

@@ -16,12 +16,12 @@ import pytest
 from sqlalchemy import select
 
 from services.aggregator import flags
-from services.aggregator.calibrate import flag_metrics
 from services.aggregator.fhir import fhir_diagnostic_report
 from services.aggregator.flags import FLAGS, PENDING, REGISTRY, SPECS
 from services.aggregator.models import Study
 from services.aggregator.report import StudyReport
 from services.aggregator.sr import build_sr
+from services.aggregator.tools.calibrate import flag_metrics
 from services.aggregator.web.queries import filtered
 from services.core.contracts import Flag
 

@@ -12,13 +12,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from services.aggregator import recalibrate as rc
-from services.aggregator.calibrate import OperatingPoints
+from services.aggregator import site_calibration as sc
 from services.aggregator.config import AggregatorSettings
 from services.aggregator.flags import HEALTHY, URGENT
 from services.aggregator.fusion import Evidence
 from services.aggregator.policy import Policy
 from services.aggregator.service import Aggregator
+from services.aggregator.tools import recalibrate as rc
+from services.aggregator.tools.calibrate import OperatingPoints
 from services.core.contracts import Answer, LabelAggregate
 from tests.support.aggregator_service import (  # noqa: F401
     TEST_POLICY,
@@ -141,11 +142,11 @@ async def test_versions_rollback_and_the_aggregator_applies_the_active_one(tmp_p
         for i, (z, v) in enumerate(zip(logits, y, strict=True))
     ]
     first = rc.fit_site_calibration(labels, TEST_POLICY, bootstrap=0)
-    rc.save_new_version(directory, first)
+    sc.save_new_version(directory, first)
     second = rc.fit_site_calibration(labels[:200], TEST_POLICY, bootstrap=0)
-    rc.save_new_version(directory, second)
-    assert rc.versions(directory) == [1, 2] and rc.active_version(directory) == 2
-    assert rc.load_version(directory, 2).meta["previous_active"] == 1
+    sc.save_new_version(directory, second)
+    assert sc.versions(directory) == [1, 2] and sc.active_version(directory) == 2
+    assert sc.load_version(directory, 2).meta["previous_active"] == 1
 
     settings = AggregatorSettings(
         data_dir=tmp_path,
@@ -169,11 +170,11 @@ async def test_versions_rollback_and_the_aggregator_applies_the_active_one(tmp_p
     finally:
         await agg.engine.dispose()
 
-    assert rc.rollback(directory) == 1 and rc.active_version(directory) == 1
-    assert rc.rollback(directory) is None and rc.active_version(directory) is None
+    assert sc.rollback(directory) == 1 and sc.active_version(directory) == 1
+    assert sc.rollback(directory) is None and sc.active_version(directory) is None
     assert Aggregator(settings).site is None
     with pytest.raises(ValueError):
-        rc.activate(directory, 7)
+        sc.activate(directory, 7)
 
 
 @pytest.mark.parametrize("offline_aggregator", [{}], indirect=True)
@@ -202,9 +203,9 @@ async def test_cli_guard_write_list_and_rollback(
     assert dry.exit_code == 0 and "Platt" in dry.output and not (tmp_path / "site-calibration").exists()
     wrote = await invoke(args)
     assert wrote.exit_code == 0, wrote.output
-    assert rc.active_version(tmp_path / "site-calibration") == 1
+    assert sc.active_version(tmp_path / "site-calibration") == 1
     listed = await invoke(["triage", "recalibrate", "--list"])
     assert "* v1" in listed.output and "active: v1" in listed.output
     back = await invoke(["triage", "recalibrate", "--rollback"])
     assert back.exit_code == 0 and "none (model calibration)" in back.output
-    assert rc.active_version(tmp_path / "site-calibration") is None
+    assert sc.active_version(tmp_path / "site-calibration") is None

@@ -22,8 +22,8 @@ from typing import Any
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.aggregator.models import Image
-from services.aggregator.recalibrate import collect_labels
 from services.aggregator.stored_images import path_of
+from services.aggregator.tools.recalibrate import collect_labels
 
 CLASSES = ("NORMAL", "PNEUMONIA")
 
