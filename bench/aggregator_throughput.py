@@ -27,12 +27,12 @@ sys.path.insert(0, str(ROOT))
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn  # noqa: E402
 from sqlalchemy import func, select  # noqa: E402
 
+from harness.aggregator_events import judgment, message_id, prediction, publish, received  # noqa: E402
+from harness.rabbitmq import RabbitNode  # noqa: E402
 from services.aggregator.config import AggregatorSettings  # noqa: E402
 from services.aggregator.models import Image, JudgmentRow, PredictionRow, Study  # noqa: E402
 from services.aggregator.service import Aggregator  # noqa: E402
 from services.core.broker import Broker  # noqa: E402
-from services.system.rabbitmq import RabbitNode  # noqa: E402
-from tests.support.aggregator_service import judgment, message_id, prediction, publish, received  # noqa: E402
 
 
 async def applied(agg: Aggregator, studies: int, votes: int) -> bool:

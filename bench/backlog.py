@@ -46,10 +46,10 @@ from pydicom.uid import generate_uid  # noqa: E402
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from services.system.rabbitmq import RabbitNode  # noqa: E402
-from tests.support.system_dicom import MadeImage, make_dx, pick_xrays  # noqa: E402
-from tests.support.system_harness import SystemHarness  # noqa: E402
-from tests.support.system_scenario import Batch, make_batch  # noqa: E402
+from harness.rabbitmq import RabbitNode  # noqa: E402
+from harness.system_dicom import MadeImage, make_dx, pick_xrays  # noqa: E402
+from harness.system_harness import SystemHarness  # noqa: E402
+from harness.system_scenario import Batch, make_batch  # noqa: E402
 
 MODES = {"lanes": "true", "off": "false"}
 

@@ -6,7 +6,7 @@
     python bench/consumers_cpu.py --n 200 --breakdown           # CPU ms per image of each stage
 
 Images: --n real chest X-rays from ../shared/data/kermany224 wrapped as DX DICOM (JPEG baseline,
-224 x 224), exactly what bench/e2e.py sends (tests/support/system_dicom.make_study_set).
+224 x 224), exactly what bench/e2e.py sends (harness/system_dicom.make_study_set).
 
 - inference: the service's `Pipeline.predict` (read + sha256 + decode + preprocess + input gate in
   decode threads, micro-batches through embedded onnxruntime, calibration, heatmap PNG), 32 images
@@ -41,8 +41,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from harness.system_dicom import make_study_set  # noqa: E402
 from services.core.contracts import ImageReceived  # noqa: E402
-from tests.support.system_dicom import make_study_set  # noqa: E402
 
 SHARED = Path(os.environ.get("PT_SHARED_DATA", ROOT.parent / "shared" / "data"))
 REPOSITORY = ROOT / "deploy" / "triton" / "model_repository"

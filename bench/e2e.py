@@ -52,11 +52,11 @@ sys.path.insert(0, str(REPO))
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from services.system.processes import tree_cpu_seconds  # noqa: E402
-from services.system.rabbitmq import RabbitNode  # noqa: E402
-from tests.support.system_dicom import MadeImage, make_dx, pick_xrays  # noqa: E402
-from tests.support.system_harness import SystemHarness, chunk_by_study  # noqa: E402
-from tests.support.system_scenario import Batch, make_batch  # noqa: E402
+from harness.processes import tree_cpu_seconds  # noqa: E402
+from harness.rabbitmq import RabbitNode  # noqa: E402
+from harness.system_dicom import MadeImage, make_dx, pick_xrays  # noqa: E402
+from harness.system_harness import SystemHarness, chunk_by_study  # noqa: E402
+from harness.system_scenario import Batch, make_batch  # noqa: E402
 
 console = Console(width=None if sys.stdout.isatty() else 150)
 SHARED = Path(os.environ.get("PT_SHARED_DATA", REPO.parent / "shared" / "data"))

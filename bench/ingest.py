@@ -64,11 +64,11 @@ from rich.console import Console  # noqa: E402
 from rich.progress import track  # noqa: E402
 from rich.table import Table  # noqa: E402
 
+from harness.dicom_peers import DCMTK_NODELAY_ENV, STORESCU, Orthanc, StoreSCP, wait_for_port  # noqa: E402
+from harness.processes import tree_cpu_seconds  # noqa: E402
+from harness.rabbitmq import RabbitNode  # noqa: E402
 from services.core.net import free_port  # noqa: E402
 from services.ingest.tools.make_dicom import DicomOptions, make_dicom_file  # noqa: E402
-from services.system.processes import tree_cpu_seconds  # noqa: E402
-from services.system.rabbitmq import RabbitNode  # noqa: E402
-from tests.support.dicom_peers import DCMTK_NODELAY_ENV, STORESCU, Orthanc, StoreSCP, wait_for_port  # noqa: E402
 
 console = Console(width=120)
 SHARED = ROOT.parent / "shared" / "data" / "kermany224" / "train"

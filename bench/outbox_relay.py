@@ -33,12 +33,12 @@ from rich.table import Table  # noqa: E402
 from sqlalchemy import delete, insert, select  # noqa: E402
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker  # noqa: E402
 
+from harness.rabbitmq import RabbitNode  # noqa: E402
 from services.core.broker import CONSUMERS, Broker  # noqa: E402
 from services.core.contracts import MESSAGE_BY_ROUTING_KEY, ImageReceived, ImageRef  # noqa: E402
 from services.core.db import make_engine, make_sessionmaker  # noqa: E402
 from services.core.db.base import make_base  # noqa: E402
 from services.core.db.outbox import OutboxMixin, OutboxRelay, outbox_row, utcnow  # noqa: E402
-from services.system.rabbitmq import RabbitNode  # noqa: E402
 
 console = Console(width=120)
 Base = make_base("relaybench")

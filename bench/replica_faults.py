@@ -19,8 +19,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tests.support.system_cluster import ScaleOut, replica_faults  # noqa: E402
-from tests.support.system_scenario import make_batch  # noqa: E402
+from harness.system_cluster import ScaleOut, replica_faults  # noqa: E402
+from harness.system_scenario import make_batch  # noqa: E402
 
 SHARED = Path(os.environ.get("PT_SHARED_DATA", REPO.parent / "shared" / "data"))
 

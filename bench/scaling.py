@@ -34,13 +34,13 @@ import numpy as np  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from services.system.postgres import PostgresServer  # noqa: E402
-from services.system.rabbit_cluster import RabbitCluster  # noqa: E402
-from services.system.rabbitmq import RabbitNode  # noqa: E402
-from tests.support.system_cluster import ScaleOut  # noqa: E402
-from tests.support.system_harness import SystemHarness  # noqa: E402
-from tests.support.system_reconcile import DbReader  # noqa: E402
-from tests.support.system_scenario import FAST_ENV, Batch, make_batch, model_env  # noqa: E402
+from harness.postgres import PostgresServer  # noqa: E402
+from harness.rabbit_cluster import RabbitCluster  # noqa: E402
+from harness.rabbitmq import RabbitNode  # noqa: E402
+from harness.system_cluster import ScaleOut  # noqa: E402
+from harness.system_harness import SystemHarness  # noqa: E402
+from harness.system_reconcile import DbReader  # noqa: E402
+from harness.system_scenario import FAST_ENV, Batch, make_batch, model_env  # noqa: E402
 
 console = Console()
 SHARED = Path(os.environ.get("PT_SHARED_DATA", REPO.parent / "shared" / "data"))

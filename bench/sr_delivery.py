@@ -41,12 +41,12 @@ from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 from sqlalchemy import func, select  # noqa: E402
 
+from harness.aggregator_events import apply_events, prediction, received, write_test_policy  # noqa: E402
+from harness.dicom_peers import DCMTK_NODELAY_ENV, Orthanc  # noqa: E402
+from harness.silent_pacs import SwitchablePeer  # noqa: E402
 from services.aggregator.config import AggregatorSettings  # noqa: E402
 from services.aggregator.models import SrDelivery, SrSend  # noqa: E402
 from services.aggregator.service import Aggregator  # noqa: E402
-from tests.support.aggregator_service import apply_events, prediction, received, write_test_policy  # noqa: E402
-from tests.support.dicom_peers import DCMTK_NODELAY_ENV, Orthanc  # noqa: E402
-from tests.support.silent_pacs import SwitchablePeer  # noqa: E402
 
 console = Console()
 SHARED_DICOM = ROOT.parent / "shared" / "data" / "dicom"

@@ -1,10 +1,11 @@
-"""The `pneumotriage` command: one sub-app per service, plus the whole-system commands.
+"""The `pneumotriage` command: one sub-app per service, plus the kernel's `contracts`, `status` and `db`.
 
 Each service owns its commands in services/<service>/cli.py (a Typer app named `app`); this file
 mounts them from an explicit table, and gives the kernel's `db` commands the table of the services'
 models (imported only when a db command runs). The service CLI modules import their heavy
 dependencies (torch, onnxruntime, pydicom ...) inside their commands, so that `pneumotriage --help`
-stays fast and optional extras stay optional.
+stays fast and optional extras stay optional. Running the whole system on one machine (`./pt up`,
+`./pt demo`) is a development harness (harness/cli.py), not part of the installed package.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from services.core import cli as core_cli
 from services.inference import cli as inference_cli
 from services.ingest import cli as ingest_cli
 from services.labeling import cli as labeling_cli
-from services.system import cli as system_cli
 
 if TYPE_CHECKING:
     from sqlalchemy import MetaData
@@ -63,7 +63,6 @@ app.add_typer(ingest_cli.app)  # ingest, send, make-dicom
 app.add_typer(inference_cli.app)  # inference, model ...
 app.add_typer(labeling_cli.app)  # labeling ...
 app.add_typer(aggregator_cli.app)  # aggregator, triage ...
-app.add_typer(system_cli.app)  # up, demo
 
 
 if __name__ == "__main__":

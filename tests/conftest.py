@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from harness.rabbitmq import RabbitNode
 from services.core.broker import Broker
-from services.system.rabbitmq import RabbitNode
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("PT_SHARED_DATA", REPO_ROOT.parent / "shared" / "data")).resolve()

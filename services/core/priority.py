@@ -8,7 +8,7 @@ Two Linux details decide whether a nice value has any effect against the *other*
 - With the scheduler's autogroups on (`/proc/sys/kernel/sched_autogroup_enabled` = 1, the default
   on desktop and many server kernels) and the process in the root CPU cgroup, CPU time is first
   shared *between sessions* (autogroups), and a thread's nice only orders it within its own
-  session. `pneumotriage up` starts every service in its own session, so there the session's
+  session. `./pt up` starts every service in its own session, so there the session's
   autogroup nice (`/proc/self/autogroup`) is what counts. It is written only when this process
   leads its session, so a service started by hand from a shell never lowers the shell's session.
 

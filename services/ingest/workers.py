@@ -16,7 +16,7 @@ commit. Each worker serves /healthz and /metrics on its own port (PT_INGEST_WORK
 + k - 1 for worker k, or a free port each; the primary's /healthz lists them).
 
 A worker that exits is a failure of the service: the primary stops the others and exits non-zero,
-and its supervisor (pneumotriage up, systemd, Kubernetes) restarts the whole service; a worker whose
+and its supervisor (./pt up, systemd, Kubernetes) restarts the whole service; a worker whose
 primary is gone (even after kill -9) sees its pipe close and stops, so the port is free for the
 restart. Nothing acknowledged is lost: each answer came after fsync + commit.
 

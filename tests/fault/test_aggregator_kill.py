@@ -12,9 +12,11 @@ from pathlib import Path
 
 import pytest
 
+from harness.processes import CLI, TestProcess
+from harness.rabbitmq import RabbitNode
+from harness.wait import eventually_async
 from services.core.broker import Broker
 from services.core.net import free_port
-from services.system.rabbitmq import RabbitNode
 from tests.support.aggregator_service import (  # noqa: F401
     TriageTap,
     judgment,
@@ -24,8 +26,6 @@ from tests.support.aggregator_service import (  # noqa: F401
     triage_tap_fixture,
     write_test_policy,
 )
-from tests.support.processes import CLI, TestProcess
-from tests.support.wait import eventually_async
 
 N_STUDIES = 120
 EXPECTED = {0: "URGENT", 1: "LIKELY_HEALTHY", 2: "UNCERTAIN"}

@@ -12,11 +12,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
+from harness.rabbitmq import RabbitNode
+from harness.wait import eventually_async
 from services.core.broker import CONSUMERS, Broker, Envelope
 from services.core.contracts import ImageReceived, ImageRef
-from services.system.rabbitmq import RabbitNode
 from tests.conftest import purge_all
-from tests.support.wait import eventually_async
 
 
 def _received(uid: str) -> ImageReceived:

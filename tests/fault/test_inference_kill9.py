@@ -8,9 +8,10 @@ import asyncio
 import signal
 from pathlib import Path
 
+from harness.processes import CLI, TestProcess
+from harness.rabbitmq import RabbitNode
 from services.core.broker import Broker
 from services.core.net import free_port
-from services.system.rabbitmq import RabbitNode
 from tests.support.inference_service import (
     collect_predictions,
     dead_letters,
@@ -20,7 +21,6 @@ from tests.support.inference_service import (
     store_copies,
     uid_for,
 )
-from tests.support.processes import CLI, TestProcess
 from tests.support.triton import inference_repository_fixture  # noqa: F401
 
 REPO_ROOT = Path(__file__).resolve().parents[2]

@@ -11,9 +11,10 @@ import httpx
 import pytest
 from prometheus_client import REGISTRY
 
+from harness.rabbitmq import RabbitNode
+from harness.wait import eventually_async
 from services.core.broker import Broker
 from services.inference.tools.local_triton import LocalTriton
-from services.system.rabbitmq import RabbitNode
 from tests.support.inference_service import (
     collect_predictions,
     dead_letters,
@@ -26,7 +27,6 @@ from tests.support.inference_service import (
     uid_for,
 )
 from tests.support.triton import private_triton_fixture  # noqa: F401
-from tests.support.wait import eventually_async
 
 pytestmark = pytest.mark.triton
 

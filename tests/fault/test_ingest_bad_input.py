@@ -7,14 +7,14 @@ from pathlib import Path
 import pydicom
 from pynetdicom.dsutils import split_dataset
 
+from harness.dicom_peers import ECHOSCU, STORESCU
+from harness.rabbitmq import RabbitNode
 from services.core.contracts import ImageReceived, ImageRejected
 from services.ingest.app import IngestService
 from services.ingest.scp import REJECTED
 from services.ingest.tools.make_dicom import make_dicom_file
 from services.ingest.tools.send import send_files
 from services.ingest.wire.pixel_scan import UNDEFINED, PixelLengthScan
-from services.system.rabbitmq import RabbitNode
-from tests.support.dicom_peers import ECHOSCU, STORESCU
 from tests.support.ingest_corpus import build_bad_corpus, build_fuzzed
 from tests.support.ingest_service import AE_TITLE, call, drain, ingest_service_fixture, run  # noqa: F401
 

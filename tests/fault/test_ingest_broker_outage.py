@@ -8,12 +8,12 @@ from pathlib import Path
 import httpx
 import pydicom
 
+from harness.dicom_peers import STORESCU
+from harness.rabbitmq import RabbitNode
+from harness.wait import eventually_async
 from services.ingest.app import IngestService
 from services.ingest.tools.make_dicom import make_dicom_file
-from services.system.rabbitmq import RabbitNode
-from tests.support.dicom_peers import STORESCU
 from tests.support.ingest_service import AE_TITLE, call, drain, ingest_service_fixture, run  # noqa: F401
-from tests.support.wait import eventually_async
 
 
 async def test_broker_outage_delays_but_never_drops_events(

@@ -15,13 +15,13 @@ import pytest
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
+from harness.dicom_peers import ECHOSCU
+from harness.rabbitmq import RabbitNode
+from harness.wait import eventually, eventually_async
 from services.ingest.app import IngestService
 from services.ingest.scp import REJECTED
-from services.system.rabbitmq import RabbitNode
-from tests.support.dicom_peers import ECHOSCU
 from tests.support.dicom_raw import RawAssociation, c_store_command, dx_header, p_data
 from tests.support.ingest_service import AE_TITLE, call, ingest_settings, run
-from tests.support.wait import eventually, eventually_async
 
 GIB = 1 << 30
 MIB = 1 << 20

@@ -11,10 +11,10 @@ from pathlib import Path
 import pydicom
 import pytest
 
+from harness.rabbitmq import RabbitNode
 from services.ingest.app import IngestService
 from services.ingest.tools.make_dicom import make_dicom_file
 from services.ingest.tools.send import send_files
-from services.system.rabbitmq import RabbitNode
 from tests.support.ingest_service import AE_TITLE, call, drain, ingest_settings
 
 

@@ -13,10 +13,10 @@ from pathlib import Path
 import httpx
 import pytest
 
+from harness.rabbitmq import RabbitNode
+from harness.wait import eventually_async
 from services.ingest.app import STORE_MIN_FREE_BYTES, IngestService
-from services.system.rabbitmq import RabbitNode
 from tests.support.ingest_service import ingest_settings
-from tests.support.wait import eventually_async
 
 MIB = 1024 * 1024
 

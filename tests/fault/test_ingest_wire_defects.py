@@ -16,12 +16,12 @@ import pytest
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
+from harness.rabbitmq import RabbitNode
+from harness.wait import eventually, eventually_async
 from services.ingest.app import IngestService
 from services.ingest.scp import REJECTED
-from services.system.rabbitmq import RabbitNode
 from tests.support.dicom_raw import associate_rq
 from tests.support.ingest_service import AE_TITLE, call, ingest_settings
-from tests.support.wait import eventually, eventually_async
 from tests.support.wire_fuzz import (
     CONTEXTS,
     CT_CX,

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from harness.queues import take_sync
+from harness.rabbitmq import RabbitNode
 from services.core.broker import PermanentError, decode
-from services.system.rabbitmq import RabbitNode
 from tests.support.labeling_service import (  # noqa: F401
     ANNOTATOR,
     Api,
@@ -17,7 +18,6 @@ from tests.support.labeling_service import (  # noqa: F401
     labeling_server_fixture,
     work_sources,
 )
-from tests.support.queues import take_sync
 
 
 def judgment_ids_on_broker(url: str) -> list[str]:

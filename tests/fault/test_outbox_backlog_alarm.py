@@ -16,15 +16,15 @@ import pytest
 from prometheus_client import REGISTRY
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from harness.queues import take
+from harness.rabbitmq import RabbitNode
+from harness.wait import eventually_async
 from services.core.broker import Broker
 from services.core.contracts import ImageReceived, ImageRef
 from services.core.db import make_engine, make_sessionmaker
 from services.core.db.base import make_base
 from services.core.db.outbox import OutboxMixin, OutboxRelay, add_event
-from services.system.rabbitmq import RabbitNode
 from tests.conftest import purge_all
-from tests.support.queues import take
-from tests.support.wait import eventually_async
 
 SERVICE = "alarmtest"
 Base = make_base(SERVICE)

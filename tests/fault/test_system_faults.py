@@ -15,9 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from services.system.rabbitmq import RabbitNode
-from tests.support.metrics import counter_total
-from tests.support.system_faults import (
+from harness.rabbitmq import RabbitNode
+from harness.system_faults import (
     broker_outage,
     chattr_available,
     kill_and_restart,
@@ -25,8 +24,9 @@ from tests.support.system_faults import (
     run_with_fault,
     store_unwritable_for,
 )
-from tests.support.system_harness import SystemHarness
-from tests.support.system_scenario import FAST_ENV, Batch, make_batch, model_env
+from harness.system_harness import SystemHarness
+from harness.system_scenario import FAST_ENV, Batch, make_batch, model_env
+from tests.support.metrics import counter_total
 
 SMALL, BIG = 24, 300
 
@@ -136,8 +136,8 @@ def test_postgres_down_mid_run(rabbit: RabbitNode, shared_data: Path, tmp_path: 
     """All four services on one PostgreSQL (the production setup); the server is stopped for 15 s
     mid-run and started again: C-STOREs during the outage are refused (0xA700) and re-sent,
     consumers retry, nothing acknowledged is lost or doubled."""
+    from harness.system_faults import postgres_outage
     from tests.support.postgres import PostgresCluster
-    from tests.support.system_faults import postgres_outage
 
     cluster = PostgresCluster().start()
     system = SystemHarness(rabbit, tmp_path / "system", env={**FAST_ENV, **model_env(), "PT_DATABASE_URL": cluster.url})

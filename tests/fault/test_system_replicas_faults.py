@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.system_cluster import ScaleOut, replica_faults
-from tests.support.system_scenario import make_batch
+from harness.system_cluster import ScaleOut, replica_faults
+from harness.system_scenario import make_batch
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres]
 N_IMAGES = int(os.environ.get("PT_REPLICA_FAULT_IMAGES", "1000"))

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from services.system.rabbitmq import RabbitNode
-from tests.support.system_harness import SendResult, SystemHarness
-from tests.support.system_reconcile import wait_reconciled
-from tests.support.system_scenario import FAST_ENV, make_batch, model_env
+from harness.rabbitmq import RabbitNode
+from harness.system_harness import SendResult, SystemHarness
+from harness.system_reconcile import wait_reconciled
+from harness.system_scenario import FAST_ENV, make_batch, model_env
 
 N_TOTAL, WAVES, ASSOCIATIONS = 2000, 4, 4
 MIB = 2**20

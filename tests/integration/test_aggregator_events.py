@@ -8,11 +8,12 @@ import asyncio
 import pytest
 from sqlalchemy import func, select
 
+from harness.rabbitmq import RabbitNode
+from harness.wait import eventually_async
 from services.aggregator.models import JudgmentRow, PredictionRow, Study, TriageHistory
 from services.aggregator.service import Aggregator
 from services.core.broker import Broker
 from services.core.contracts import Flag
-from services.system.rabbitmq import RabbitNode
 from tests.support.aggregator_service import (  # noqa: F401
     TriageTap,
     aggregator_fixture,
@@ -23,7 +24,6 @@ from tests.support.aggregator_service import (  # noqa: F401
     rejected,
     triage_tap_fixture,
 )
-from tests.support.wait import eventually_async
 
 
 async def study_row(agg: Aggregator, uid: str) -> Study | None:

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 from sqlalchemy import select
 
+from harness.dicom_peers import Orthanc, orthanc_fixture  # noqa: F401
 from services.aggregator.config import AggregatorSettings
 from services.aggregator.heatmap_sc import SECONDARY_CAPTURE, sc_uids
 from services.aggregator.models import SrDelivery, SrDeliveryObject, SrSend
@@ -22,7 +23,6 @@ from services.aggregator.sr import sr_uids
 from services.inference.heatmaps import render_heatmap
 from tests.integration.test_aggregator_sr_chain import study_files
 from tests.support.aggregator_service import apply_events, prediction, received, write_test_policy
-from tests.support.dicom_peers import Orthanc, orthanc_fixture  # noqa: F401
 
 
 async def make_aggregator(orthanc: Orthanc, tmp_path: Path, **kw: object) -> Aggregator:

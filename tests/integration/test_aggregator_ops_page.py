@@ -13,10 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
+from harness.rabbitmq import RabbitNode
 from services.aggregator.config import AggregatorSettings
 from services.aggregator.service import Aggregator
 from services.inference.tools.site_loop import Scored, paired_comparison
-from services.system.rabbitmq import RabbitNode
 from tests.integration.test_aggregator_outputs import flag_a_study, shared_dicom, signed_in_client
 from tests.support.aggregator_service import write_test_policy
 

@@ -10,6 +10,7 @@ import httpx
 import pytest
 from sqlalchemy import select
 
+from harness.dicom_peers import Orthanc, orthanc_fixture  # noqa: F401
 from services.aggregator.config import AggregatorSettings
 from services.aggregator.models import SrDelivery, SrSend, Study
 from services.aggregator.service import Aggregator
@@ -24,7 +25,6 @@ from tests.support.aggregator_service import (  # noqa: F401
     prediction,
     received,
 )
-from tests.support.dicom_peers import Orthanc, orthanc_fixture  # noqa: F401
 
 
 def shared_dicom(shared_data: Path, label: str) -> tuple[Path, str]:

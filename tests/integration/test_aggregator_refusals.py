@@ -15,6 +15,9 @@ from prometheus_client import REGISTRY
 from pydicom.data import get_testdata_file
 from sqlalchemy import func, select
 
+from harness.dicom_peers import STORESCU
+from harness.rabbitmq import RabbitNode
+from harness.wait import eventually_async
 from services.aggregator.models import Refusal, Study
 from services.aggregator.service import Aggregator
 from services.aggregator.users import upsert_user
@@ -22,11 +25,8 @@ from services.aggregator.web.app import create_app
 from services.core.broker import Broker
 from services.core.contracts import ImageRef, Prediction
 from services.ingest.app import IngestService
-from services.system.rabbitmq import RabbitNode
 from tests.support.aggregator_service import aggregator_fixture, publish, rejected  # noqa: F401
-from tests.support.dicom_peers import STORESCU
 from tests.support.ingest_service import AE_TITLE, ingest_service_fixture, run  # noqa: F401
-from tests.support.wait import eventually_async
 
 REASON = "unsupported_sop_class"
 

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
+from harness.dicom_peers import Orthanc, orthanc_fixture  # noqa: F401
 from services.aggregator.service import Aggregator
 from services.aggregator.sr import Destination
 from tests.integration.test_aggregator_outputs import flag_a_study, shared_dicom, signed_in_client
 from tests.support.aggregator_service import offline_aggregator_fixture  # noqa: F401
-from tests.support.dicom_peers import Orthanc, orthanc_fixture  # noqa: F401
 
 BANNER = 'id="sr-delivery-banner"'
 

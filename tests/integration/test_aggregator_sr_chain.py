@@ -15,13 +15,13 @@ import pydicom
 from pydicom.uid import generate_uid
 from sqlalchemy import select
 
+from harness.dicom_peers import Orthanc, orthanc_fixture  # noqa: F401
 from services.aggregator.config import AggregatorSettings
 from services.aggregator.models import SrDelivery
 from services.aggregator.service import Aggregator
 from services.aggregator.sr import BASIC_TEXT_SR, Destination, sr_uids
 from tests.integration.test_aggregator_outputs import shared_dicom
 from tests.support.aggregator_service import apply_events, judgment, prediction, received, write_test_policy
-from tests.support.dicom_peers import Orthanc, orthanc_fixture  # noqa: F401
 
 
 def study_files(shared_data: Path, tmp_path: Path, n: int) -> tuple[str, list[tuple[str, str, str]]]:

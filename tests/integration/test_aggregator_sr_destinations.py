@@ -15,15 +15,15 @@ from pathlib import Path
 from prometheus_client import REGISTRY
 from sqlalchemy import select
 
+from harness.dicom_peers import Orthanc, orthanc_fixture  # noqa: F401
+from harness.silent_pacs import SwitchablePeer
+from harness.wait import eventually_async
 from services.aggregator.config import AggregatorSettings
 from services.aggregator.models import SrDelivery, SrSend
 from services.aggregator.service import Aggregator
 from services.aggregator.sr import Destination
 from tests.integration.test_aggregator_sr_delivery import healthz
 from tests.support.aggregator_service import apply_events, prediction, received, write_test_policy
-from tests.support.dicom_peers import Orthanc, orthanc_fixture  # noqa: F401
-from tests.support.silent_pacs import SwitchablePeer
-from tests.support.wait import eventually_async
 
 
 def sr_uids(pacs: Orthanc) -> set[str]:

@@ -8,11 +8,11 @@ from pathlib import Path
 
 from sqlalchemy import select
 
+from harness.silent_pacs import SwitchablePeer
 from services.aggregator.config import AggregatorSettings
 from services.aggregator.models import SrDelivery, Study
 from services.aggregator.service import Aggregator
 from tests.support.aggregator_service import apply_events, prediction, received, write_test_policy
-from tests.support.silent_pacs import SwitchablePeer
 
 
 async def test_silent_pacs_does_not_stall_event_handling(tmp_path: Path) -> None:

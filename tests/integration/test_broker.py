@@ -7,11 +7,11 @@ import logging
 
 import pytest
 
+from harness.queues import take
+from harness.rabbitmq import RabbitNode
+from harness.wait import eventually_async
 from services.core.broker import CONSUMERS, Broker, ConsumerSpec, Envelope, PermanentError
 from services.core.contracts import ImageReceived, ImageRef, Prediction
-from services.system.rabbitmq import RabbitNode
-from tests.support.queues import take
-from tests.support.wait import eventually_async
 
 
 def _received(uid: str) -> ImageReceived:

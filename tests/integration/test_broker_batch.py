@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import asyncio
 
+from harness.rabbitmq import RabbitNode
+from harness.wait import eventually_async
 from services.core.broker import CONSUMERS, Broker, Envelope, PermanentError
 from services.core.contracts import ImageReceived, ImageRef
-from services.system.rabbitmq import RabbitNode
-from tests.support.wait import eventually_async
 
 SPEC = CONSUMERS["aggregator"]
 

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from harness.dicom_peers import StoreSCP, storescp  # noqa: F401
 from services.cli import app
-from tests.support.dicom_peers import StoreSCP, storescp  # noqa: F401
 from tests.support.triton import COMMITTED_MODEL
 
 ENV = {"COLUMNS": "200"}

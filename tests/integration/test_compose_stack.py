@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from tests.support.system_config_refs import REPO
+from harness.system_config_refs import REPO
 
 pytestmark = pytest.mark.slow
 

@@ -15,17 +15,17 @@ from sqlalchemy import Row, String, func, inspect, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.orm import Mapped, mapped_column
 
+from harness.queues import take
+from harness.rabbitmq import RabbitNode
+from harness.wait import eventually_async
 from services.core.broker import Broker
 from services.core.contracts import ImageReceived, ImageRef
 from services.core.db import make_engine, make_sessionmaker
 from services.core.db.base import make_base
 from services.core.db.migrate import make_revision, upgrade
 from services.core.db.outbox import OutboxMixin, OutboxPublishError, OutboxRelay, add_event
-from services.system.rabbitmq import RabbitNode
 from tests.conftest import purge_all
 from tests.support.postgres import postgres  # noqa: F401
-from tests.support.queues import take
-from tests.support.wait import eventually_async
 
 Base = make_base("kerneltest")
 

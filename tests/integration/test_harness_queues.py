@@ -1,4 +1,4 @@
-"""The suite's one queue reader (tests/support/queues.py) against the real RabbitMQ node: take stops at
+"""The suite's one queue reader (harness/queues.py) against the real RabbitMQ node: take stops at
 `count` (the rest stays), takes everything without it, peeks without removing, and `settle` catches a
 message that arrives after `count` was reached."""
 
@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import asyncio
 
+from harness.queues import payload, routing_key_is, take, wait_depths
+from harness.rabbitmq import RabbitNode
 from services.core.broker import Broker
 from services.core.contracts import ImageReceived, ImageRef
-from services.system.rabbitmq import RabbitNode
-from tests.support.queues import payload, routing_key_is, take, wait_depths
 
 QUEUE = "inference.images"
 

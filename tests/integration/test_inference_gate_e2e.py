@@ -13,15 +13,15 @@ from pathlib import Path
 import pydicom
 import pytest
 
+from harness.rabbitmq import RabbitNode
+from harness.wait import eventually_async
 from services.aggregator.models import Study
 from services.aggregator.service import Aggregator
 from services.core.broker import Broker
-from services.system.rabbitmq import RabbitNode
 from tests.support.aggregator_service import aggregator_fixture  # noqa: F401
 from tests.support.gate_corpus import chest_corpus, non_chest_corpus
 from tests.support.inference_service import image_received, publish_events, running_service, service_settings
 from tests.support.triton import inference_repository_fixture  # noqa: F401
-from tests.support.wait import eventually_async
 
 pytestmark = pytest.mark.timeout(600)
 

@@ -10,9 +10,11 @@ from pathlib import Path
 
 from prometheus_client import REGISTRY
 
+from harness.queues import take
+from harness.rabbitmq import RabbitNode
+from harness.wait import eventually_async
 from services.core.broker import Broker
 from services.core.contracts import RescoreRequested
-from services.system.rabbitmq import RabbitNode
 from tests.support.inference_service import (
     collect_predictions,
     image_received,
@@ -23,9 +25,7 @@ from tests.support.inference_service import (
     store_copies,
     uid_for,
 )
-from tests.support.queues import take
 from tests.support.triton import inference_repository_fixture  # noqa: F401
-from tests.support.wait import eventually_async
 
 
 def _ran(version: str) -> float:

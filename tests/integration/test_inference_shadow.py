@@ -13,11 +13,12 @@ from pathlib import Path
 import numpy as np
 from sqlalchemy import select
 
+from harness.rabbitmq import RabbitNode
+from harness.wait import eventually_async
 from services.aggregator.models import PredictionRow, Study
 from services.aggregator.service import Aggregator
 from services.core.broker import Broker
 from services.inference.shadow import ShadowStore, parse_versions, store_path
-from services.system.rabbitmq import RabbitNode
 from tests.support.aggregator_service import (  # noqa: F401
     TriageTap,
     aggregator_fixture,
@@ -33,7 +34,6 @@ from tests.support.inference_service import (
     store_copies,
     uid_for,
 )
-from tests.support.wait import eventually_async
 
 STUDY = "1.2.826.0.1.3680043.8.498.1"  # tests.support.inference_service.image_received's study
 
@@ -100,8 +100,9 @@ async def test_shadow_never_reaches_the_flag(
     assert all(r.probability < 0.01 for r in rows)
     async with aggregator.sessions() as s:
         study = await s.get(Study, STUDY)
-    assert study is not None and study.model_version == "1" and study.flag == "LIKELY_HEALTHY", (
-        study and (study.flag, study.model_version)
+    assert study is not None and study.model_version == "1" and study.flag == "LIKELY_HEALTHY", study and (
+        study.flag,
+        study.model_version,
     )
     await eventually_async(lambda: bool(triage_tap.for_study(STUDY)), what="triage.updated")
     for event in triage_tap.for_study(STUDY):

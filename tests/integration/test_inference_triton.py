@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from harness.rabbitmq import RabbitNode
 from services.core.broker import Broker
 from services.inference.config import InferenceSettings
 from services.inference.deploy import read_version_policy
 from services.inference.runtime import ModelRepository, OnnxRuntime, TritonRuntime
 from services.inference.tools.local_triton import LocalTriton
 from services.inference.worker import Pipeline, load_image
-from services.system.rabbitmq import RabbitNode
 from tests.support.inference_service import (
     collect_predictions,
     image_received,

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 from prometheus_client import REGISTRY
 
+from harness.rabbitmq import RabbitNode
 from services.core.broker import Broker
 from services.core.net import free_port
 from services.inference.runtime import ModelRepository
-from services.system.rabbitmq import RabbitNode
 from tests.support.inference_service import (
     collect_predictions,
     dead_letters,

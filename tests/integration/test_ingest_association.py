@@ -7,11 +7,11 @@ from pathlib import Path
 from pynetdicom import AE
 from pynetdicom.sop_class import DigitalXRayImageStorageForPresentation, Verification
 
+from harness.dicom_peers import ECHOSCU
+from harness.rabbitmq import RabbitNode
+from harness.wait import eventually_async
 from services.ingest.app import IngestService
-from services.system.rabbitmq import RabbitNode
-from tests.support.dicom_peers import ECHOSCU
 from tests.support.ingest_service import AE_TITLE, call, ingest_settings, run
-from tests.support.wait import eventually_async
 
 
 async def test_association_limit_and_unsupported_syntax(tmp_path: Path, rabbit: RabbitNode, broker: object) -> None:

@@ -9,10 +9,10 @@ from urllib.parse import urlparse
 import pydicom
 import pytest
 
+from harness.dicom_peers import ECHOSCU, STORESCU, STORESCU_SYNTAX_FLAGS
+from harness.rabbitmq import RabbitNode
 from services.ingest.app import IngestService
 from services.ingest.tools.make_dicom import TRANSFER_SYNTAXES, make_dicom_file
-from services.system.rabbitmq import RabbitNode
-from tests.support.dicom_peers import ECHOSCU, STORESCU, STORESCU_SYNTAX_FLAGS
 from tests.support.ingest_service import AE_TITLE, drain, ingest_service_fixture, run, sop_uids  # noqa: F401
 
 

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pydicom
 
+from harness.dicom_peers import STORESCU
+from harness.rabbitmq import RabbitNode
 from services.ingest.app import IngestService
 from services.ingest.tools.make_dicom import make_dicom_file
-from services.system.rabbitmq import RabbitNode
-from tests.support.dicom_peers import STORESCU
 from tests.support.ingest_service import AE_TITLE, drain, ingest_service_fixture, run  # noqa: F401
 
 

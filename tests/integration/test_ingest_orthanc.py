@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pydicom
 
+from harness.dicom_peers import Orthanc, orthanc_fixture  # noqa: F401
+from harness.rabbitmq import RabbitNode
 from services.ingest.app import IngestService
 from services.ingest.tools.make_dicom import make_dicom_file, patient_key
-from services.system.rabbitmq import RabbitNode
-from tests.support.dicom_peers import Orthanc, orthanc_fixture  # noqa: F401
 from tests.support.ingest_service import AE_TITLE, call, drain, ingest_service_fixture  # noqa: F401
 
 

@@ -17,12 +17,12 @@ import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 
+from harness.dicom_peers import STORESCU, storescu_flags_for
+from harness.rabbitmq import RabbitNode
 from services.core.imaging import display_array
 from services.inference.preprocess import INPUT_SIZE
 from services.inference.worker import load_image
 from services.ingest.app import IngestService
-from services.system.rabbitmq import RabbitNode
-from tests.support.dicom_peers import STORESCU, storescu_flags_for
 from tests.support.ingest_service import AE_TITLE, drain, drain_lanes, ingest_service_fixture, run  # noqa: F401
 
 JPEG_LS_LOSSLESS = "1.2.840.10008.1.2.4.80"

@@ -15,12 +15,12 @@ from prometheus_client import REGISTRY
 from pydicom.data import get_testdata_file
 from sqlalchemy import select
 
+from harness.dicom_peers import Orthanc, orthanc_fixture  # noqa: F401
+from harness.rabbitmq import RabbitNode
 from services.core.contracts import ImageReceived, ImageRejected
 from services.ingest.app import IngestService
 from services.ingest.models import Instance, Rejection
 from services.ingest.tools.make_dicom import make_dicom_file
-from services.system.rabbitmq import RabbitNode
-from tests.support.dicom_peers import Orthanc, orthanc_fixture  # noqa: F401
 from tests.support.ingest_service import AE_TITLE, call, drain, ingest_settings
 
 

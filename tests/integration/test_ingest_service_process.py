@@ -13,10 +13,10 @@ import httpx
 import pydicom
 import pytest
 
-from services.system.rabbitmq import RabbitNode
-from tests.support.dicom_peers import ECHOSCU, STORESCU
+from harness.dicom_peers import ECHOSCU, STORESCU
+from harness.processes import CLI
+from harness.rabbitmq import RabbitNode
 from tests.support.ingest_service import AE_TITLE, IngestProcess, drain, run
-from tests.support.processes import CLI
 
 
 @pytest.fixture

@@ -17,13 +17,13 @@ from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 from pynetdicom import AE, evt
 
+from harness.dicom_peers import Orthanc, orthanc_fixture  # noqa: F401
+from harness.rabbitmq import RabbitNode
+from harness.wait import eventually_async
 from services.ingest.app import IngestService
 from services.ingest.commitment import STORAGE_COMMITMENT_INSTANCE, STORAGE_COMMITMENT_PUSH
 from services.ingest.tools.make_dicom import make_dicom_file
-from services.system.rabbitmq import RabbitNode
-from tests.support.dicom_peers import Orthanc, orthanc_fixture  # noqa: F401
 from tests.support.ingest_service import AE_TITLE, call, ingest_settings
-from tests.support.wait import eventually_async
 
 
 def two_images(shared_data: Path, tmp_path: Path) -> list[Path]:

@@ -30,9 +30,9 @@ from pathlib import Path
 
 import pytest
 
+from harness.rabbitmq import RabbitNode
 from services.ingest.app import IngestService
 from services.ingest.scp import STORE_PATHS
-from services.system.rabbitmq import RabbitNode
 from tests.support.ingest_service import AE_TITLE, ingest_settings
 from tests.support.wire_fuzz import Generator, Request, Transcript, play
 

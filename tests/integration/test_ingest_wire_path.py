@@ -17,13 +17,13 @@ from pynetdicom.dsutils import decode
 from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.sop_class import CTImageStorage, DigitalXRayImageStorageForPresentation
 
+from harness.rabbitmq import RabbitNode
+from harness.system_dicom import make_study_set
+from harness.wait import eventually_async
 from services.ingest.app import IngestService
 from services.ingest.scp import REJECTED, STORE_PATHS
-from services.system.rabbitmq import RabbitNode
 from tests.support.dicom_raw import RawAssociation, c_store_command, dx_header, p_data
 from tests.support.ingest_service import AE_TITLE, call, ingest_settings
-from tests.support.system_dicom import make_study_set
-from tests.support.wait import eventually_async
 
 
 def _paths() -> tuple[float, float]:

@@ -20,11 +20,11 @@ from typing import Any
 import httpx
 import pydicom
 
-from services.system.processes import children_of
-from services.system.rabbitmq import RabbitNode
-from tests.support.dicom_peers import STORESCU
+from harness.dicom_peers import STORESCU
+from harness.processes import children_of
+from harness.rabbitmq import RabbitNode
+from harness.wait import eventually_async
 from tests.support.ingest_service import AE_TITLE, IngestProcess, drain, run
-from tests.support.wait import eventually_async
 
 
 def port_closed(port: int) -> bool:

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from harness.rabbitmq import RabbitNode
 from services.labeling.gold import choose_gold
-from services.system.rabbitmq import RabbitNode
 from tests.support.labeling_service import OWNER, PHI_MARKERS, LabelingServer, work_sources
 
 N_IMAGES = 30

@@ -20,8 +20,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from harness.rabbitmq import RabbitNode
+from harness.wait import eventually
 from services.core.broker import Broker
-from services.system.rabbitmq import RabbitNode
 from tests.support.gate_corpus import borderline_corpus, chest_corpus, non_chest_corpus, refusal_corpus
 from tests.support.inference_service import (
     collect_predictions,
@@ -33,7 +34,6 @@ from tests.support.inference_service import (
 from tests.support.labeling_service import OWNER, Api, LabelingServer, labeling_server_fixture  # noqa: F401
 from tests.support.metrics import counter_total
 from tests.support.triton import inference_repository_fixture  # noqa: F401
-from tests.support.wait import eventually
 
 pytestmark = pytest.mark.timeout(600)
 

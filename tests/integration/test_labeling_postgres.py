@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from services.system.rabbitmq import RabbitNode
+from harness.rabbitmq import RabbitNode
+from harness.wait import eventually
 from tests.support.labeling_service import ANNOTATOR, OWNER, Api, LabelingServer, work_sources
 from tests.support.postgres import PostgresCluster, postgres  # noqa: F401
-from tests.support.wait import eventually
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]  # ~45 s: keeps the default run short
 

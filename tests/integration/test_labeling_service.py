@@ -8,8 +8,10 @@ from pathlib import Path
 import httpx
 import pytest
 
+from harness.queues import take_sync
+from harness.rabbitmq import RabbitNode
+from harness.wait import eventually
 from services.core.contracts import Answer, Judgment, LabelAggregate
-from services.system.rabbitmq import RabbitNode
 from tests.support.labeling_service import (  # noqa: F401
     ANNOTATOR,
     ANNOTATOR2,
@@ -22,8 +24,6 @@ from tests.support.labeling_service import (  # noqa: F401
     work_sources,
 )
 from tests.support.metrics import counter_total
-from tests.support.queues import take_sync
-from tests.support.wait import eventually
 
 WORK_N = 6
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import httpx
 
+from harness.wait import eventually_async
 from services.aggregator.models import Study
 from services.aggregator.service import Aggregator
 from services.aggregator.users import upsert_user
@@ -13,7 +14,6 @@ from services.aggregator.web.app import create_app
 from services.core.broker import Broker
 from services.core.lanes import BACKFILL
 from tests.support.aggregator_service import aggregator_fixture, prediction, publish, received  # noqa: F401
-from tests.support.wait import eventually_async
 
 FRESH_STUDY, OLD_STUDY = "1.2.826.0.1.24.1", "1.2.826.0.1.24.2"
 

@@ -11,11 +11,11 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+from harness.rabbitmq import RabbitNode
+from harness.wait import eventually_async
 from services.core.broker import CONSUMERS, Broker, Envelope
 from services.core.contracts import ImageReceived, ImageRef
 from services.core.lanes import BACKFILL, FRESH
-from services.system.rabbitmq import RabbitNode
-from tests.support.wait import eventually_async
 
 BACKLOG = 150
 PREFETCH = 8

@@ -9,10 +9,12 @@ import time
 from datetime import UTC
 from pathlib import Path
 
+from harness.queues import routing_key_is, take
+from harness.rabbitmq import RabbitNode
+from harness.wait import eventually_async
 from services.core.broker import Broker
 from services.core.contracts import Prediction
 from services.core.lanes import BACKFILL
-from services.system.rabbitmq import RabbitNode
 from tests.support.inference_service import (
     image_received,
     publish_events,
@@ -22,9 +24,7 @@ from tests.support.inference_service import (
     store_copies,
     uid_for,
 )
-from tests.support.queues import routing_key_is, take
 from tests.support.triton import inference_repository_fixture  # noqa: F401
-from tests.support.wait import eventually_async
 
 BACKLOG = 300
 

@@ -11,10 +11,10 @@ import pydicom
 import pytest
 from pynetdicom import AE
 
+from harness.rabbitmq import RabbitNode
+from harness.system_dicom import make_study_set
 from services.ingest.app import IngestService
-from services.system.rabbitmq import RabbitNode
 from tests.support.ingest_service import AE_TITLE, call, drain, ingest_settings
-from tests.support.system_dicom import make_study_set
 
 
 def _send(port: int, calling_ae: str, items: list[tuple[pydicom.Dataset, int]]) -> list[int]:

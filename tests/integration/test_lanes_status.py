@@ -8,13 +8,13 @@ import uuid
 
 from typer.testing import CliRunner
 
+from harness.rabbitmq import RabbitNode
 from services.cli import app
 from services.core import status as st
 from services.core.broker import Broker
 from services.core.contracts import ImageReceived, ImageRef
 from services.core.lanes import BACKFILL
 from services.core.net import free_port
-from services.system.rabbitmq import RabbitNode
 
 
 async def test_status_shows_each_lane_of_each_stage(rabbit: RabbitNode) -> None:

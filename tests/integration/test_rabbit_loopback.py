@@ -1,4 +1,4 @@
-"""The local RabbitMQ node (`pneumotriage up`, the tests) listens on loopback only: AMQP and the
+"""The local RabbitMQ node (`./pt up`, the tests) listens on loopback only: AMQP and the
 Erlang distribution port (anyone who reaches that one with the cookie runs code on the node).
 Read from the kernel's socket tables (what `ss -ltn` shows) on a real node."""
 
@@ -7,7 +7,7 @@ from __future__ import annotations
 import ipaddress
 from pathlib import Path
 
-from services.system.rabbitmq import RabbitNode
+from harness.rabbitmq import RabbitNode
 
 LISTEN = "0A"
 

@@ -22,6 +22,8 @@ import asyncpg
 import pytest
 from sqlalchemy import select, text
 
+from harness.queues import take
+from harness.rabbitmq import RabbitNode
 from services.aggregator.config import AggregatorSettings
 from services.aggregator.models import Base as AggregatorBase
 from services.aggregator.models import Image, PredictionRow, Study, TriageHistory
@@ -32,10 +34,8 @@ from services.core.db import make_engine, make_sessionmaker, upgrade
 from services.core.db.outbox import OutboxRelay, add_event
 from services.ingest.models import Base as IngestBase
 from services.ingest.models import Outbox as IngestOutbox
-from services.system.rabbitmq import RabbitNode
 from tests.support.aggregator_service import judgment, message_id, prediction, received, write_test_policy
 from tests.support.postgres import PostgresServer, postgres  # noqa: F401
-from tests.support.queues import take
 
 pytestmark = pytest.mark.postgres
 

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
+from harness.processes import CLI, TestProcess
+from harness.rabbitmq import RabbitNode
 from services.core.broker import CONSUMERS, Broker
 from services.core.net import free_port
-from services.system.rabbitmq import RabbitNode
-from tests.support.processes import CLI, TestProcess
 
 PLACEHOLDER = "change-me-to-a-long-random-string"  # the value shipped in deploy/k8s/secrets.yaml
 

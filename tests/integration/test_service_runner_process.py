@@ -18,8 +18,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from harness.rabbitmq import RabbitNode
 from services.core.net import free_port
-from services.system.rabbitmq import RabbitNode
 from tests.support.ingest_service import AE_TITLE, drain
 
 SERVICES = ("ingest", "inference", "labeling", "aggregator")
@@ -165,8 +165,8 @@ def test_ingest_retries_the_broker_until_a_node_starts_then_delivers_what_waited
 ) -> None:
     """The retry loop is tested against a real node that does not exist yet when ingest starts: an
     image stored meanwhile waits in the outbox and is published once the node is up."""
+    from harness.dicom_peers import STORESCU, wait_for_port
     from services.ingest.tools.make_dicom import make_dicom_file
-    from tests.support.dicom_peers import STORESCU, wait_for_port
 
     node = RabbitNode()  # its port is chosen now; the node starts later
     http_port = free_port()

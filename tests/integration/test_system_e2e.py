@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from services.system.rabbitmq import RabbitNode
-from tests.support.dicom_peers import Orthanc
-from tests.support.system_harness import SendResult, SystemHarness
-from tests.support.system_reconcile import Reconciliation, wait_reconciled
-from tests.support.system_scenario import (
+from harness.dicom_peers import Orthanc
+from harness.rabbitmq import RabbitNode
+from harness.system_harness import SendResult, SystemHarness
+from harness.system_reconcile import Reconciliation, wait_reconciled
+from harness.system_scenario import (
     CLINICIAN,
     FAST_ENV,
     Batch,

@@ -16,11 +16,11 @@ from typing import Any
 import httpx
 import pytest
 
-from services.system.rabbitmq import RabbitNode
-from tests.support.system_harness import SystemHarness
-from tests.support.system_scenario import CLINICIAN, make_batch
+from harness.rabbitmq import RabbitNode
+from harness.system_harness import SystemHarness
+from harness.system_scenario import CLINICIAN, make_batch
+from harness.wait import eventually
 from tests.support.triton import COMMITTED_MODEL, exported_candidate
-from tests.support.wait import eventually
 
 N_IMAGES = 6
 SERVICES = ("ingest", "inference", "aggregator")

@@ -18,12 +18,12 @@ import pydicom
 import pytest
 from pydicom.uid import generate_uid
 
+from harness.system_cluster import CONSUMED_QUEUES, ScaleOut
+from harness.system_dicom import make_dx, pick_xrays
+from harness.system_reconcile import DbReader, wait_reconciled
+from harness.system_scenario import make_batch
+from harness.wait import eventually
 from tests.support.metrics import counter_total
-from tests.support.system_cluster import CONSUMED_QUEUES, ScaleOut
-from tests.support.system_dicom import make_dx, pick_xrays
-from tests.support.system_reconcile import DbReader, wait_reconciled
-from tests.support.system_scenario import make_batch
-from tests.support.wait import eventually
 
 pytestmark = pytest.mark.postgres
 N_IMAGES = 12

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.dicom_peers import StoreSCP
-from tests.support.system_dicom import make_study_set
-from tests.support.system_harness import STORESCU, parse_storescu_log
+from harness.dicom_peers import StoreSCP
+from harness.system_dicom import make_study_set
+from harness.system_harness import STORESCU, parse_storescu_log
 
 
 @pytest.mark.parametrize("refuse", [False, True])

@@ -1,4 +1,4 @@
-"""`pneumotriage up` as a user runs it (in a fresh directory, data dir ./var): starts RabbitMQ and
+"""`./pt up` (`python -m harness up`) as a user runs it (in a fresh directory, data dir ./var): starts RabbitMQ and
 the four services, says ready with the addresses, restarts a service killed with kill -9, and on
 SIGINT stops everything (children first, then RabbitMQ) and exits 0."""
 
@@ -16,11 +16,10 @@ from pathlib import Path
 
 import httpx
 
+from harness.processes import HARNESS_CLI, HARNESS_ENV, SERVICES, TestProcess
+from harness.system_scenario import model_env
+from harness.wait import eventually
 from services.core.net import free_port
-from services.system.processes import SERVICES
-from tests.support.processes import CLI, TestProcess
-from tests.support.system_scenario import model_env
-from tests.support.wait import eventually
 
 
 def _alive(pid: int) -> bool:
@@ -45,8 +44,9 @@ def test_up_runs_restarts_and_stops_cleanly(tmp_path: Path) -> None:
         "PT_SYSTEM_RABBIT_DIR": str(rabbit_dir),
         "PT_SYSTEM_RESTART_BACKOFF_S": "0.5",
         "COLUMNS": "200",
+        **HARNESS_ENV,
     }
-    up = TestProcess("up", [*CLI, "up"], tmp_path / "up.log", env=env, cwd=tmp_path,
+    up = TestProcess("up", [*HARNESS_CLI, "up"], tmp_path / "up.log", env=env, cwd=tmp_path,
                      unset_env=("PT_AMQP_URL", "PT_DATA_DIR")).launch()  # fmt: skip
     try:
         up.wait_log(r"PneumoTriage is up", timeout=240)

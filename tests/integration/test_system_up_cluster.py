@@ -1,4 +1,4 @@
-"""`pneumotriage up --replicas N --cluster`: the production topology rehearsed on one machine
+"""`./pt up --replicas N --cluster`: the production topology rehearsed on one machine
 (a throwaway 3-node RabbitMQ cluster with quorum queues, a PostgreSQL server, N processes of every
 service on their own ports); and the refusal of replicas without PostgreSQL."""
 
@@ -9,17 +9,15 @@ import os
 import re
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import httpx
 import pytest
 
+from harness.processes import HARNESS_CLI, HARNESS_ENV, SERVICES, TestProcess
+from harness.system_scenario import model_env
 from services.core.net import free_port
-from services.system.processes import SERVICES
 from tests.integration.test_system_up import _alive
-from tests.support.processes import CLI, TestProcess
-from tests.support.system_scenario import model_env
 
 UNSET = ("PT_AMQP_URL", "PT_DATA_DIR", "PT_DATABASE_URL")  # the test's own settings; `up` makes them
 
@@ -32,6 +30,7 @@ def _env(ports: dict[str, int], dicom: int) -> dict[str, str]:
         **{f"PT_{svc.upper()}_HTTP_PORT": str(port) for svc, port in ports.items()},
         "PT_SYSTEM_MANAGEMENT_PORT": "0",
         "COLUMNS": "250",
+        **HARNESS_ENV,
     }
     for key in UNSET:
         env.pop(key, None)
@@ -40,7 +39,7 @@ def _env(ports: dict[str, int], dicom: int) -> dict[str, str]:
 
 def test_replicas_without_postgres_are_refused(tmp_path: Path) -> None:
     res = subprocess.run(
-        [sys.executable, "-m", "services.cli", "up", "--replicas", "2"],
+        [*HARNESS_CLI, "up", "--replicas", "2"],
         cwd=tmp_path,
         env=_env({svc: free_port() for svc in SERVICES}, free_port()),
         capture_output=True,
@@ -57,8 +56,8 @@ def test_up_cluster_with_two_replicas(tmp_path: Path) -> None:
     # replica k listens on port + 100·(k-1): pick base ports whose +100 is free too
     ports = {svc: free_port() for svc in SERVICES}
     dicom = free_port()
-    up = TestProcess("up", [*CLI, "up", "--cluster", "--replicas", "2"], tmp_path / "up.log", env=_env(ports, dicom),
-                     cwd=tmp_path, unset_env=UNSET).launch()  # fmt: skip
+    up = TestProcess("up", [*HARNESS_CLI, "up", "--cluster", "--replicas", "2"], tmp_path / "up.log",
+                     env=_env(ports, dicom), cwd=tmp_path, unset_env=UNSET).launch()  # fmt: skip
     pids: dict[str, int] = {}
     try:
         up.wait_log(r"PneumoTriage is up", timeout=420)

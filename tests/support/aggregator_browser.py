@@ -16,11 +16,11 @@ from typing import Any
 import numpy as np
 import pytest
 
+from harness.processes import CLI, TestProcess
+from harness.rabbitmq import RabbitNode
 from services.core.broker import Broker
 from services.core.net import free_port
-from services.system.rabbitmq import RabbitNode
 from tests.support.aggregator_service import publish, write_test_policy
-from tests.support.processes import CLI, TestProcess
 
 PASSWORD = "correct horse battery"
 

@@ -1,118 +1,52 @@
 """Fixtures for the aggregator's tests (import `aggregator_fixture`, `triage_tap_fixture`: the
-fixtures are named "aggregator" and "triage_tap"): a fixed test policy, an in-process Aggregator on a real
-RabbitMQ node (consumer + outbox relay) with its own SQLite file, event builders, and a queue that
-collects the triage.updated events it publishes."""
+fixtures are named "aggregator" and "triage_tap"): an in-process Aggregator on a real RabbitMQ node
+(consumer + outbox relay) with its own SQLite file, one offline (no broker), and a queue that collects
+the triage.updated events it publishes. The event builders and the fixed test policy live in
+harness/aggregator_events.py (the benchmarks use them too); they are re-exported here for the tests."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import aio_pika
 import pytest
 
+from harness.aggregator_events import (
+    TEST_POLICY,
+    apply_events,
+    judgment,
+    message_id,
+    prediction,
+    publish,
+    received,
+    ref,
+    rejected,
+    write_test_policy,
+)
+from harness.rabbitmq import RabbitNode
 from services.aggregator.config import AggregatorSettings
-from services.aggregator.fusion import FusionWeights
-from services.aggregator.policy import Policy, Thresholds
 from services.aggregator.service import Aggregator
 from services.core.broker import Broker
-from services.core.contracts import (
-    Answer,
-    Confidence,
-    ImageReceived,
-    ImageRef,
-    ImageRejected,
-    Judgment,
-    Prediction,
-    TriageUpdated,
-)
-from services.system.rabbitmq import RabbitNode
+from services.core.contracts import TriageUpdated
 
-# Fixed numbers so that tests do not depend on the committed (calibrated) policy file.
-TEST_POLICY = Policy(FusionWeights(), Thresholds(urgent=0.9, suspected=0.7, rule_out=0.2))
-
-
-def write_test_policy(path: Path, policy: Policy = TEST_POLICY) -> Path:
-    policy.save(path)
-    return path
-
-
-def ref(sop: str, study: str = "1.2.826.0.1.99.1", storage_uri: str = "") -> ImageRef:
-    return ImageRef(
-        study_instance_uid=study,
-        series_instance_uid=study + ".1",
-        sop_instance_uid=sop,
-        sop_class_uid="1.2.840.10008.5.1.4.1.1.1.1",
-        storage_uri=storage_uri,
-        sha256="ab" * 32,
-    )
-
-
-def received(sop: str, study: str = "1.2.826.0.1.99.1", eligible: bool = True, **kw: Any) -> ImageReceived:
-    msg = ImageReceived(
-        image=ref(sop, study, kw.pop("storage_uri", "")),
-        modality="DX",
-        body_part_examined="CHEST",
-        view_position="PA",
-        patient_age_years=4,
-        triage_eligible=eligible,
-        not_triaged_reason="" if eligible else "view position LL is not triaged",
-        **kw,
-    )
-    msg.received_at.GetCurrentTime()
-    return msg
-
-
-def rejected(sop: str, study: str = "1.2.826.0.1.99.1") -> ImageRejected:
-    msg = ImageRejected(image=ref(sop, study), reason_code="wrong_modality", reason="modality CT is not triaged")
-    msg.received_at.GetCurrentTime()
-    return msg
-
-
-def prediction(sop: str, p: float, version: str = "1", study: str = "1.2.826.0.1.99.1", **kw: Any) -> Prediction:
-    msg = Prediction(
-        image=ref(sop, study), probability=p, model_name="pneumonia", model_version=version, runtime="onnxruntime", **kw
-    )
-    msg.predicted_at.GetCurrentTime()
-    return msg
-
-
-def judgment(
-    sop: str, jid: str, pneumonia: bool, trust: float = 0.9, sure: bool = True, study: str = "1.2.826.0.1.99.1"
-) -> Judgment:
-    msg = Judgment(
-        image=ref(sop, study),
-        judgment_id=jid,
-        annotator_id=f"ann-{jid}",
-        answer=Answer.ANSWER_PNEUMONIA if pneumonia else Answer.ANSWER_HEALTHY,
-        confidence=Confidence.CONFIDENCE_SURE if sure else Confidence.CONFIDENCE_PROBABLY,
-        annotator_trust=trust,
-    )
-    msg.submitted_at.GetCurrentTime()
-    return msg
-
-
-ROUTING = {
-    ImageReceived: "image.received",
-    ImageRejected: "image.rejected",
-    Prediction: "prediction.made",
-    Judgment: "judgment.submitted",
-}
-
-
-def message_id(msg: Any) -> str:
-    sop = msg.image.sop_instance_uid
-    if isinstance(msg, Prediction):
-        return f"inference:{sop}:{msg.model_version}"
-    if isinstance(msg, Judgment):
-        return f"labeling:{sop}:{msg.judgment_id}"
-    return f"ingest:{sop}"
-
-
-async def publish(broker: Broker, msg: Any) -> None:
-    await broker.publish(ROUTING[type(msg)], msg, message_id=message_id(msg), correlation_id=msg.image.sop_instance_uid)
+__all__ = [
+    "TEST_POLICY",
+    "TriageTap",
+    "aggregator_fixture",
+    "apply_events",
+    "judgment",
+    "message_id",
+    "offline_aggregator_fixture",
+    "prediction",
+    "publish",
+    "received",
+    "ref",
+    "rejected",
+    "triage_tap_fixture",
+    "write_test_policy",
+]
 
 
 class TriageTap:
@@ -176,15 +110,6 @@ async def triage_tap_fixture(rabbit: RabbitNode) -> AsyncIterator[TriageTap]:
         yield tap
     finally:
         await tap.close()
-
-
-async def apply_events(agg: Aggregator, *messages: Any) -> None:
-    """Apply events straight through the store (for tests that are not about the broker)."""
-    for msg in messages:
-        async with agg.lock_for(msg.image.study_instance_uid), agg.sessions() as s:
-            change = await agg.store.apply(s, msg, trigger=message_id(msg))
-            await s.commit()
-        agg.after_commit(change)
 
 
 @pytest.fixture(name="offline_aggregator")

@@ -12,13 +12,13 @@ from pathlib import Path
 
 import aio_pika
 
+from harness.queues import routing_key_is, take
 from services.core.broker import Broker
 from services.core.contracts import ImageReceived, Prediction
 from services.core.net import free_port
 from services.inference.app import InferenceService
 from services.inference.config import InferenceSettings
 from services.inference.runtime import InferenceRuntime
-from tests.support.queues import routing_key_is, take
 
 SHARED_DICOM = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "dicom"
 
@@ -67,7 +67,7 @@ async def collect_predictions(
 ) -> list[tuple[Prediction, aio_pika.abc.AbstractIncomingMessage]]:
     """Take prediction.made messages from aggregator.events until `count` arrived (with `settle`:
     until no more came for that long, so extra ones are caught); other events on that queue are
-    taken and ignored (tests.support.queues.take)."""
+    taken and ignored (harness.queues.take)."""
     assert broker.connection is not None
     messages = await take(
         broker.connection, "aggregator.events", count, timeout, settle, routing_key_is("prediction.made")

@@ -13,14 +13,14 @@ from typing import Any
 import aio_pika
 import pytest
 
+from harness.processes import CLI, TestProcess
+from harness.queues import payload, take
+from harness.rabbitmq import RabbitNode
 from services.core.broker import Broker
 from services.core.lanes import SUFFIX
 from services.core.net import free_port
 from services.ingest.app import IngestService
 from services.ingest.config import IngestSettings
-from services.system.rabbitmq import RabbitNode
-from tests.support.processes import CLI, TestProcess
-from tests.support.queues import payload, take
 
 AE_TITLE = "PNEUMOTRIAGE"
 
@@ -62,7 +62,7 @@ async def drain(
     rabbit_url: str, queue: str, expected: int, timeout: float = 60.0, settle: float = 1.0
 ) -> list[tuple[aio_pika.abc.AbstractIncomingMessage, Any]]:
     """Take messages off a queue until `expected` arrived and nothing more came for `settle` seconds
-    (tests.support.queues.take), each with its decoded payload."""
+    (harness.queues.take), each with its decoded payload."""
     messages = await take(rabbit_url, queue, count=expected, timeout=timeout, settle=settle)
     return [(message, payload(message)) for message in messages]
 

@@ -23,11 +23,11 @@ from PIL import Image
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
+from harness.processes import CLI, TestProcess
+from harness.wait import eventually
 from services.core.broker import Broker
 from services.core.contracts import ImageReceived, ImageRef
 from services.core.net import free_port
-from tests.support.processes import CLI, TestProcess
-from tests.support.wait import eventually
 
 OWNER = ("owner1", "owner-pass-1")
 ANNOTATOR = ("ann1", "ann-pass-1")
@@ -235,7 +235,7 @@ class LabelingServer:
             return con.execute(sql, params).fetchall()
 
     def wait_for(self, sql: str, predicate: Any, timeout: float = 60.0, *params: Any) -> list[tuple[Any, ...]]:
-        """The rows of `sql` once predicate(rows) holds (tests.support.wait.eventually)."""
+        """The rows of `sql` once predicate(rows) holds (harness.wait.eventually)."""
         seen: list[list[tuple[Any, ...]]] = [[]]
 
         def rows_ok() -> tuple[list[tuple[Any, ...]]] | None:

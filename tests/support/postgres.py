@@ -1,5 +1,5 @@
-"""A throwaway PostgreSQL cluster for tests: services/system/postgres.py (shared with
-`pneumotriage up --cluster` and the benchmarks), and a session fixture."""
+"""A throwaway PostgreSQL cluster for tests: harness/postgres.py (shared with
+`./pt up --cluster` and the benchmarks), and a session fixture."""
 
 from __future__ import annotations
 
@@ -7,12 +7,10 @@ from collections.abc import Iterator
 
 import pytest
 
-from services.system.postgres import PostgresServer, as_postgres, pg_bin
+from harness.postgres import PostgresServer
 
-# Names kept for the tests that import them.
+# The name the tests import.
 PostgresCluster = PostgresServer
-_as_postgres = as_postgres
-_bin = pg_bin
 
 __all__ = ["PostgresCluster", "PostgresServer", "postgres"]
 

@@ -181,7 +181,7 @@ async def test_the_drift_alarm_is_logged(
     import asyncio
     import logging
 
-    from tests.support.wait import eventually_async
+    from harness.wait import eventually_async
 
     agg = offline_aggregator
     agg.drift.config = DriftConfig(reference_dir, window=100, min_n=50)

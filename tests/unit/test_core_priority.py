@@ -1,5 +1,5 @@
 """services/core/priority.py, on the real scheduler: a service started in its own session (as
-`pneumotriage up` starts each one) at a lower priority really gets less CPU than one at the default,
+`./pt up` starts each one) at a lower priority really gets less CPU than one at the default,
 which a thread nice alone does not achieve where the kernel groups CPU time by session."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The suite's one wait (tests/support/wait.py): returns the first truthy value, fails with what it
+"""The suite's one wait (harness/wait.py): returns the first truthy value, fails with what it
 waited for and the last value seen, fails at once on an unexpected error."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import itertools
 
 import pytest
 
-from tests.support.wait import NotYet, eventually, eventually_async
+from harness.wait import NotYet, eventually, eventually_async
 
 
 def test_returns_the_first_truthy_value() -> None:

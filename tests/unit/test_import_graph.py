@@ -137,3 +137,49 @@ def test_every_tools_package_says_it_is_tooling() -> None:
     for init in packages:
         doc = ast.get_docstring(ast.parse(init.read_text())) or ""
         assert "not imported by the running" in doc, f"{init.relative_to(ROOT)}: docstring must say it is tooling"
+
+
+def top_level_imports(path: Path) -> set[str]:
+    """The top-level packages a file imports (module level or inside functions; relative imports aside)."""
+    out: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            out.add(node.module.split(".")[0])
+        elif isinstance(node, ast.Import):
+            out.update(a.name.split(".")[0] for a in node.names)
+    return out
+
+
+def importers_of(package: str, files: list[Path]) -> list[str]:
+    return sorted(str(p.relative_to(ROOT)) for p in files if package in top_level_imports(p))
+
+
+def test_the_harness_stays_out_of_the_services_and_away_from_the_tests() -> None:
+    """harness/ (the dev and bench harnesses: `./pt up`, the system harness, DICOM peers) is not shipped:
+    no service imports it; it imports no test module; the benchmarks use it, never `tests`."""
+    services = [p for p in (ROOT / "services").rglob("*.py") if "contracts/pneumotriage" not in p.as_posix()]
+    harness = sorted((ROOT / "harness").glob("*.py"))
+    bench = sorted((ROOT / "bench").glob("*.py"))
+    assert len(services) > 100 and len(harness) > 10 and len(bench) > 10
+    assert importers_of("harness", services) == []
+    assert importers_of("tests", harness) == []
+    assert importers_of("tests", bench) == []
+    assert importers_of("harness", bench), "the benchmarks should run the system through harness/"
+
+
+def test_the_import_finder_sees_imports_inside_functions(tmp_path: Path) -> None:
+    src = tmp_path / "m.py"
+    src.write_text("import os\n\ndef f():\n    from tests.support import wait\n    import harness.cli\n")
+    assert top_level_imports(src) == {"os", "tests", "harness"}
+
+
+def test_the_wheel_ships_services_only() -> None:
+    """pyproject's package discovery finds `services` and its subpackages, not harness/, bench/ or tests/."""
+    import tomllib
+
+    from setuptools import find_packages
+
+    find = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
+    packages = find_packages(str(ROOT), include=find["include"], exclude=find.get("exclude", ()))
+    assert "services" in packages and "services.core" in packages
+    assert {p.split(".")[0] for p in packages} == {"services"}, sorted(packages)

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from prometheus_client import REGISTRY
 
+from harness.wait import eventually_async
 from services.inference.runtime import ModelRepository, OnnxRuntime
 from services.inference.worker import MicroBatcher
 from tests.support.inference_model import build_tiny_onnx, make_repository
-from tests.support.wait import eventually_async
 
 
 @pytest.fixture(scope="module")

@@ -121,8 +121,8 @@ def test_a_spool_file_that_cannot_be_removed_is_removed_once_it_can(tmp_path: Pa
     mid-transfer) is not left behind: the next spool file created removes it."""
     import subprocess
 
+    from harness.system_faults import chattr_available
     from services.ingest.wire.spool import UNREMOVED, Spool
-    from tests.support.system_faults import chattr_available
 
     if not chattr_available(tmp_path):
         pytest.skip("optional: chattr +i is not supported on this filesystem (root ignores permission bits)")

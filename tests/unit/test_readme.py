@@ -9,8 +9,8 @@ from pathlib import Path
 
 from pydantic_settings import BaseSettings
 
-from services.system.config import SystemSettings
-from tests.support.system_config_refs import _field_env_names, settings_classes
+from harness.config import SystemSettings
+from harness.system_config_refs import _field_env_names, settings_classes
 
 REPO = Path(__file__).resolve().parents[2]
 README = (REPO / "README.md").read_text()

@@ -7,7 +7,7 @@ import re
 
 import yaml
 
-from tests.support.system_config_refs import REPO
+from harness.system_config_refs import REPO
 
 COMPOSE_TEXT = (REPO / "docker-compose.yml").read_text()
 COMPOSE = yaml.safe_load(COMPOSE_TEXT)

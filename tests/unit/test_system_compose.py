@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.support.system_config_refs import (
+from harness.system_config_refs import (
     REPO,
     SERVICES,
     cli_commands,

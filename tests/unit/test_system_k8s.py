@@ -14,8 +14,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from harness.system_config_refs import REPO, SERVICES, cli_commands, env_var_names, settings_default
 from services.core.broker import CONSUMERS
-from tests.support.system_config_refs import REPO, SERVICES, cli_commands, env_var_names, settings_default
 
 K8S = REPO / "deploy/k8s"
 K8S_VERSION = "1.30.0"

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from services.system.processes import SERVICES
-from services.system.stack import DICOM_PORT_ENV, HTTP_PORT_ENV, StackConfig
+from harness.processes import SERVICES
+from harness.stack import DICOM_PORT_ENV, HTTP_PORT_ENV, StackConfig
 
 HTTP = {"ingest": 8001, "inference": 8002, "labeling": 8003, "aggregator": 8004}
 

@@ -7,9 +7,9 @@ import sys
 import time
 from pathlib import Path
 
+from harness.processes import ChildProcess, ServiceSpec
+from harness.supervisor import RestartPolicy, Supervisor
 from services.core.net import free_port
-from services.system.processes import ChildProcess, ServiceSpec
-from services.system.supervisor import RestartPolicy, Supervisor
 
 
 def http_child(name: str, tmp_path: Path) -> ChildProcess:
@@ -93,7 +93,7 @@ def test_rabbit_data_dir_must_be_reachable_by_the_rabbitmq_user(tmp_path: Path) 
     import os
     import pwd
 
-    from services.system.cli import _rabbit_dir
+    from harness.cli import _rabbit_dir
 
     if os.geteuid() != 0:
         assert _rabbit_dir(tmp_path / "rabbitmq", "t") == tmp_path / "rabbitmq"
@@ -115,7 +115,7 @@ def test_rabbit_data_dir_must_be_reachable_by_the_rabbitmq_user(tmp_path: Path) 
 def test_up_keeps_one_session_secret_across_restarts(tmp_path) -> None:  # type: ignore[no-untyped-def]
     import stat
 
-    from services.system.cli import _persistent_secret
+    from harness.cli import _persistent_secret
 
     first = _persistent_secret(tmp_path / "secret_key")
     assert len(first) == 64

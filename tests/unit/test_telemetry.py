@@ -66,7 +66,7 @@ async def test_serve_http_answers_then_stops_cleanly_when_cancelled() -> None:
 
     port = free_port()
     task = asyncio.create_task(serve_http(ops_app("test"), "127.0.0.1", port))
-    from tests.support.wait import eventually_async
+    from harness.wait import eventually_async
 
     async with httpx.AsyncClient() as client:
         url = f"http://127.0.0.1:{port}/healthz"

@@ -16,6 +16,7 @@ from pydicom.uid import UID
 from pynetdicom import AllStoragePresentationContexts, _config
 from pynetdicom.sop_class import Verification
 
+from harness.dicom_peers import STORESCU_SYNTAX_FLAGS
 from services.ingest import validate
 from services.ingest.cli import Syntax
 from services.ingest.commitment import STORAGE_COMMITMENT_PUSH
@@ -26,7 +27,6 @@ from services.ingest.tools.make_dicom import TRANSFER_SYNTAXES as MAKE_DICOM_SYN
 from services.ingest.tools.make_dicom import make_dicom_file
 from services.ingest.transfer_syntaxes import ACCEPTED, BY_UID, RECIPES, TRANSFER_SYNTAXES, Lossy, PixelCheck
 from services.ingest.wire.pixel_scan import PixelLengthScan
-from tests.support.dicom_peers import STORESCU_SYNTAX_FLAGS
 
 
 def test_every_row_is_a_distinct_transfer_syntax_pydicom_knows() -> None:

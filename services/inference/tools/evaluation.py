@@ -22,11 +22,18 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
 
+from services.core.calibration import (
+    ECE_BINS,
+    brier,
+    expected_calibration_error,
+    reliability_bins,
+    temperature,
+    threshold_metrics,
+)
 from services.inference.preprocess import load_image_file, preprocess_array
 from services.inference.repository import latest_version_dir as latest_version_dir  # the one rule
 from services.inference.tools.training.dataset import ImageRecord
 
-ECE_BINS = 10
 CI_LEVEL = 0.95
 
 
@@ -40,7 +47,7 @@ def calibrate(logits: np.ndarray, metadata: dict) -> np.ndarray:
     cal = metadata["calibration"]
     x = np.asarray(logits, dtype=np.float64)
     if cal["method"] == "temperature":
-        return 0.5 * (1.0 + np.tanh(0.5 * x / float(cal["temperature"])))
+        return temperature(x, float(cal["temperature"]))
     if cal["method"] == "isotonic":
         return np.interp(x, cal["x_thresholds"], cal["y_thresholds"])
     raise ValueError(f"unknown calibration method {cal['method']!r}")
@@ -98,43 +105,6 @@ def predict(
 
 
 # -------------------------------------------------------------------------------------------- metrics
-def threshold_metrics(labels: np.ndarray, probs: np.ndarray, threshold: float) -> dict[str, float]:
-    y = np.asarray(labels).astype(bool)
-    pred = np.asarray(probs) >= threshold
-    tp, tn = float(np.sum(pred & y)), float(np.sum(~pred & ~y))
-    fp, fn = float(np.sum(pred & ~y)), float(np.sum(~pred & y))
-
-    def ratio(a: float, b: float) -> float:
-        return a / b if b else float("nan")
-
-    sens, ppv = ratio(tp, tp + fn), ratio(tp, tp + fp)
-    return {
-        "accuracy": ratio(tp + tn, len(y)),
-        "sensitivity": sens,
-        "specificity": ratio(tn, tn + fp),
-        "ppv": ppv,
-        "npv": ratio(tn, tn + fn),
-        "f1": ratio(2 * tp, 2 * tp + fp + fn),
-    }
-
-
-def expected_calibration_error(labels: np.ndarray, probs: np.ndarray, bins: int = ECE_BINS) -> float:
-    """Equal-width bins, weighted by bin size: sum |mean(p) - mean(y)| * n_bin / n."""
-    p = np.asarray(probs, dtype=np.float64)
-    y = np.asarray(labels, dtype=np.float64)
-    idx = np.minimum((p * bins).astype(int), bins - 1)
-    ece = 0.0
-    for b in range(bins):
-        mask = idx == b
-        if mask.any():
-            ece += abs(p[mask].mean() - y[mask].mean()) * mask.sum() / len(p)
-    return float(ece)
-
-
-def brier(labels: np.ndarray, probs: np.ndarray) -> float:
-    return float(np.mean((np.asarray(probs, dtype=np.float64) - np.asarray(labels, dtype=np.float64)) ** 2))
-
-
 def point_metrics(labels: np.ndarray, probs: np.ndarray, thresholds: dict[str, float]) -> dict:
     two_classes = len(np.unique(labels)) == 2
     out: dict = {
@@ -229,14 +199,7 @@ def save_plots(labels: np.ndarray, probs: np.ndarray, thresholds: dict[str, floa
         plt.close(fig)
         written += ["roc.png", "pr.png"]
     edges = np.linspace(0, 1, ECE_BINS + 1)
-    idx = np.minimum((probs * ECE_BINS).astype(int), ECE_BINS - 1)
-    centers, observed, counts = [], [], []
-    for b in range(ECE_BINS):
-        mask = idx == b
-        if mask.any():
-            centers.append(float(probs[mask].mean()))
-            observed.append(float(labels[mask].mean()))
-            counts.append(int(mask.sum()))
+    centers, observed, _ = zip(*reliability_bins(labels, probs, ECE_BINS), strict=True)
     fig, (ax, ax2) = plt.subplots(2, 1, figsize=(5, 6), gridspec_kw={"height_ratios": [3, 1]}, sharex=True)
     ax.plot([0, 1], [0, 1], "k--", lw=0.8, label="perfect")
     ax.plot(centers, observed, "o-", label=f"model (ECE {expected_calibration_error(labels, probs):.3f})")

@@ -1,6 +1,6 @@
 """A throwaway RabbitMQ node (Debian's rabbitmq-server) on loopback with its own data directory.
 
-Used by `pneumotriage up` when no PT_AMQP_URL is given, and by the test suite. The Debian start
+Used by `./pt up` when no PT_AMQP_URL is given, and by the test suite. The Debian start
 script drops privileges to the `rabbitmq` user, so the directories are chowned to it when we run
 as root (see ../shared/RUNTIME-NOTES.md).
 """
@@ -30,7 +30,7 @@ class RabbitNode:
         keep_data: bool = False,
     ):
         """A node on loopback. `nodename` + `keep_data` give a node whose queues survive a restart
-        (`pneumotriage up` uses <data_dir>/rabbitmq); by default the node is throwaway."""
+        (`./pt up` uses <data_dir>/rabbitmq); by default the node is throwaway."""
         self.base = Path(base_dir or tempfile.mkdtemp(prefix="pt-rabbit-"))
         self.port = port or free_port()
         self.dist_port = free_port()

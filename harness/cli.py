@@ -1,4 +1,5 @@
-"""`pneumotriage up` (run the whole system on this machine) and `pneumotriage demo` (seed it)."""
+"""`./pt up` (run the whole system on this machine) and `./pt demo` (seed it): `python -m harness up|demo`
+from a checkout; the services themselves are reached only through their `pneumotriage` commands and APIs."""
 
 from __future__ import annotations
 
@@ -39,8 +40,8 @@ def _persistent_secret(path: Path) -> str:
 
 
 def _http_ports_from_env() -> dict[str, int]:
-    from services.system.processes import DEFAULT_HTTP_PORTS
-    from services.system.stack import HTTP_PORT_ENV
+    from harness.processes import DEFAULT_HTTP_PORTS
+    from harness.stack import HTTP_PORT_ENV
 
     return {svc: int(os.environ.get(HTTP_PORT_ENV[svc], port)) for svc, port in DEFAULT_HTTP_PORTS.items()}
 
@@ -63,12 +64,12 @@ def up(
     from honcho.colour import get_colours
     from honcho.printer import Message, Printer
 
+    from harness.config import SystemSettings
+    from harness.processes import ChildProcess
+    from harness.rabbitmq import RabbitNode
+    from harness.stack import AE_TITLE_ENV, DEFAULT_AE_TITLE, DEFAULT_DICOM_PORT, DICOM_PORT_ENV, StackConfig
+    from harness.supervisor import RestartPolicy, Supervisor
     from services.core.net import free_port
-    from services.system.config import SystemSettings
-    from services.system.processes import ChildProcess
-    from services.system.rabbitmq import RabbitNode
-    from services.system.stack import AE_TITLE_ENV, DEFAULT_AE_TITLE, DEFAULT_DICOM_PORT, DICOM_PORT_ENV, StackConfig
-    from services.system.supervisor import RestartPolicy, Supervisor
 
     settings = SystemSettings()
     data_dir = settings.data_dir.resolve()
@@ -223,8 +224,8 @@ class _ScaleOut:
         return out + [(f"ingest-{k + 2} DICOM", p) for k, p in enumerate(self.replica_dicom_ports())]
 
     def start_backends(self, settings: object, stop: threading.Event) -> None:
-        from services.system.postgres import PostgresServer
-        from services.system.rabbit_cluster import RabbitCluster
+        from harness.postgres import PostgresServer
+        from harness.rabbit_cluster import RabbitCluster
 
         if not getattr(settings, "database_url", None):
             with console.status("starting PostgreSQL (initdb + pg_ctl) ..."):
@@ -303,7 +304,7 @@ def _cli_name() -> str:
 
 
 def _banner(config: object, mgmt_url: str, data_dir: Path) -> Panel:
-    from services.system.stack import StackConfig
+    from harness.stack import StackConfig
 
     assert isinstance(config, StackConfig)
     lines = [
@@ -327,7 +328,7 @@ def _banner(config: object, mgmt_url: str, data_dir: Path) -> Panel:
     lines += [
         f"  data, logs                {data_dir}  ({data_dir / 'logs'})",
         "",
-        f"  First study:  [bold]{cli} demo[/bold]   (accounts + a handful of real X-rays), or",
+        "  First study:  [bold]./pt demo[/bold]   (accounts + a handful of real X-rays), or",
         f"                {cli} send ../shared/data/dicom/ --port {config.dicom_port}",
         "  Stop:         Ctrl-C",
     ]
@@ -366,7 +367,7 @@ def demo(
     ),
     n: int = typer.Option(8, min=1, max=200, help="X-rays to send"),
     gold: int = typer.Option(48, min=2, help="gold items for the labeling job (4 examples, 16 quiz, rest hidden)"),
-    host: str = typer.Option("127.0.0.1", help="where `pneumotriage up` runs"),
+    host: str = typer.Option("127.0.0.1", help="where `./pt up` runs"),
     wait: float = typer.Option(90.0, help="seconds to wait for the first flags (0: do not wait)"),
 ) -> None:
     """Against a running system: create demo accounts, import gold, send a handful of real X-rays."""
@@ -377,7 +378,7 @@ def demo(
     import httpx
     from rich.table import Table
 
-    from services.system.stack import DEFAULT_DICOM_PORT, DICOM_PORT_ENV
+    from harness.stack import DEFAULT_DICOM_PORT, DICOM_PORT_ENV
 
     ports = _http_ports_from_env()
     dicom_port = int(os.environ.get(DICOM_PORT_ENV, DEFAULT_DICOM_PORT))
@@ -414,7 +415,7 @@ def demo(
     rng = random.Random()
     picks = rng.sample(sorted((train / "PNEUMONIA").glob("*.jpeg")), max(1, n - n // 3))
     picks += rng.sample(sorted((train / "NORMAL").glob("*.jpeg")), n // 3)
-    from services.system.config import SystemSettings
+    from harness.config import SystemSettings
 
     out = SystemSettings().data_dir.resolve() / "demo" / time.strftime("%Y%m%d-%H%M%S")
     with console.status(f"wrapping {len(picks)} X-rays as DICOM ..."):

@@ -19,10 +19,10 @@ from urllib.parse import unquote, urlparse
 
 import aio_pika
 
+from harness.queues import take
+from harness.system_harness import SystemHarness
+from harness.wait import NotYet, eventually
 from services.core.broker import CONSUMERS
-from tests.support.queues import take
-from tests.support.system_harness import SystemHarness
-from tests.support.wait import NotYet, eventually
 
 PENDING_FLAGS = {None, "", "PENDING"}
 

@@ -20,9 +20,9 @@ from typing import Any
 import aio_pika
 from aio_pika.abc import AbstractConnection, AbstractIncomingMessage
 
+from harness.wait import eventually_async
 from services.core.contracts import MESSAGE_BY_ROUTING_KEY
 from services.core.lanes import split_routing_key
-from tests.support.wait import eventually_async
 
 Keep = Callable[[AbstractIncomingMessage], bool]
 POLL_S = 0.1

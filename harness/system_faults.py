@@ -17,10 +17,10 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from tests.support.system_harness import SendResult, SystemHarness
-from tests.support.system_reconcile import DbReader, Reconciliation, wait_reconciled
-from tests.support.system_scenario import Batch
-from tests.support.wait import eventually
+from harness.system_harness import SendResult, SystemHarness
+from harness.system_reconcile import DbReader, Reconciliation, wait_reconciled
+from harness.system_scenario import Batch
+from harness.wait import eventually
 
 
 def ingest_count(system: SystemHarness) -> int:
@@ -135,17 +135,17 @@ def store_unwritable_for(system: SystemHarness, seconds: float) -> None:
 
 def postgres_outage(cluster: object, seconds: float) -> None:
     """Stop the PostgreSQL server (fast shutdown: connections are cut) and start it again."""
-    from tests.support.postgres import _as_postgres, _bin
+    from harness.postgres import as_postgres, pg_bin
 
     data, sock_dir, port = cluster.data, cluster.dir, cluster.port  # type: ignore[attr-defined]
-    subprocess.run(_as_postgres([_bin("pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop"]), check=True,
+    subprocess.run(as_postgres([pg_bin("pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop"]), check=True,
                    capture_output=True, timeout=120)  # fmt: skip
     try:
         time.sleep(seconds)  # how long PostgreSQL stays down: the fault itself, not synchronisation
     finally:
         opts = f"-p {port} -k {sock_dir} -c listen_addresses=127.0.0.1 -c fsync=on"
         subprocess.run(
-            _as_postgres([_bin("pg_ctl"), "-D", str(data), "-l", str(sock_dir / "log"), "-w", "-t", "60",
+            as_postgres([pg_bin("pg_ctl"), "-D", str(data), "-l", str(sock_dir / "log"), "-w", "-t", "60",
                           "-o", opts, "start"]),
             check=True, capture_output=True, timeout=120,
         )  # fmt: skip

@@ -7,7 +7,7 @@ node and rabbitmqctl on this machine read). Nodes 2..N join node 1 with
 only. With `PT_QUORUM_QUEUES=true` every queue is a quorum queue replicated on all nodes, so the
 system keeps working while one node of three is down.
 
-Used by `pneumotriage up --cluster`, the multi-replica tests and bench/scaling.py.
+Used by `./pt up --cluster`, the multi-replica tests and bench/scaling.py.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from services.system.rabbitmq import RabbitNode
+from harness.rabbitmq import RabbitNode
 
 # Erlang distribution (node-to-node and CLI traffic) on loopback only.
 LOOPBACK_DIST_ARGS = "-kernel inet_dist_use_interface {127,0,0,1}"

@@ -1,4 +1,4 @@
-"""Settings of the whole-system commands (`pneumotriage up`, `demo`), env prefix PT_SYSTEM_."""
+"""Settings of the whole-system commands (`./pt up`, `demo`), env prefix PT_SYSTEM_."""
 
 from __future__ import annotations
 

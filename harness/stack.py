@@ -1,6 +1,6 @@
 """What runs on one machine: the four services with their environment and health URLs.
 
-Shared by `pneumotriage up` and the test harness so both start the services the same way.
+Shared by `./pt up` and the test harness so both start the services the same way.
 Each service reads its own port variables; the names are kept here in one table.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from services.system.processes import DEFAULT_HTTP_PORTS, SERVICES, ServiceSpec, service_argv
+from harness.processes import DEFAULT_HTTP_PORTS, SERVICES, ServiceSpec, service_argv
 
 # Environment variable that sets each service's HTTP port (/healthz, /metrics, web).
 HTTP_PORT_ENV: dict[str, str] = {svc: f"PT_{svc.upper()}_HTTP_PORT" for svc in SERVICES}

@@ -19,13 +19,13 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from services.system.postgres import PostgresServer
-from services.system.processes import SERVICES
-from services.system.rabbit_cluster import RabbitCluster
-from tests.support.system_harness import SendResult, SystemHarness
-from tests.support.system_reconcile import Reconciliation, wait_reconciled
-from tests.support.system_scenario import FAST_ENV, Batch, model_env
-from tests.support.wait import eventually
+from harness.postgres import PostgresServer
+from harness.processes import SERVICES
+from harness.rabbit_cluster import RabbitCluster
+from harness.system_harness import SendResult, SystemHarness
+from harness.system_reconcile import Reconciliation, wait_reconciled
+from harness.system_scenario import FAST_ENV, Batch, model_env
+from harness.wait import eventually
 
 CONSUMED_QUEUES = {"inference.images": "inference", "labeling.images": "labeling", "aggregator.events": "aggregator"}
 
@@ -113,7 +113,7 @@ class ScaleOut:
 
 # ---- the fault run with replicas ---------------------------------------------------------------
 def _wait_stored(system: SystemHarness, sender: threading.Thread, target: int, timeout: float = 600.0) -> int:
-    from tests.support.system_faults import ingest_count
+    from harness.system_faults import ingest_count
 
     eventually(lambda: not sender.is_alive() or ingest_count(system) >= target, timeout, 0.2,
                what=f"ingest to hold {target} images")  # fmt: skip
@@ -133,7 +133,7 @@ def replica_faults(run: ScaleOut, batch: Batch, associations: int = 4, settle_ti
     events: list[str] = []
 
     def note(msg: str) -> None:
-        from tests.support.system_faults import ingest_count
+        from harness.system_faults import ingest_count
 
         try:
             queued = sum(v for q, v in system.queue_depths().items() if q in CONSUMED_QUEUES)

@@ -1,4 +1,4 @@
-"""A small supervisor for `pneumotriage up`: start the services, restart a crashed one with
+"""A small supervisor for `./pt up`: start the services, restart a crashed one with
 exponential back-off, stop them all (in reverse order) on request.
 
 honcho's Manager (installed) prints nicely but stops every process as soon as one exits; the
@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from services.system.processes import ChildProcess
+from harness.processes import ChildProcess
 
 log = logging.getLogger(__name__)
 

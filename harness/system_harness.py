@@ -29,12 +29,12 @@ from typing import Any
 import httpx
 import pydicom
 
+from harness.processes import SERVICES, ChildProcess
+from harness.rabbit_cluster import RabbitCluster
+from harness.rabbitmq import RabbitNode
+from harness.stack import StackConfig
+from harness.wait import eventually
 from services.core.net import free_port
-from services.system.processes import SERVICES, ChildProcess
-from services.system.rabbit_cluster import RabbitCluster
-from services.system.rabbitmq import RabbitNode
-from services.system.stack import StackConfig
-from tests.support.wait import eventually
 
 STORESCU = "/usr/bin/storescu"
 _SENDING = re.compile(r"Sending file: (.+)$")
@@ -263,5 +263,5 @@ class SystemHarness:
 
     @staticmethod
     def wait_for(predicate: Callable[[], Any], timeout: float = 120.0, interval: float = 1.0, what: str = "") -> Any:
-        """tests.support.wait.eventually, polling once a second by default (the system is slow to change)."""
+        """harness.wait.eventually, polling once a second by default (the system is slow to change)."""
         return eventually(predicate, timeout, interval, what=what or str(predicate))

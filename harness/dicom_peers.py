@@ -6,7 +6,7 @@ pynetdicom installs scripts with the same names into the venv.
 
 Use in a test module:
 
-    from tests.support.dicom_peers import orthanc_fixture, storescp_fixture  # noqa: F401  (fixtures
+    from harness.dicom_peers import orthanc_fixture, storescp_fixture  # noqa: F401  (fixtures
     # named "orthanc" and "storescp"; importing them under other names keeps ruff's F811 quiet)
 
     def test_forward(orthanc):
@@ -30,9 +30,9 @@ from typing import Any
 
 import pytest
 
+from harness.processes import TestProcess
+from harness.wait import eventually
 from services.core.net import free_port
-from tests.support.processes import TestProcess
-from tests.support.wait import eventually
 
 ORTHANC_BIN = "/usr/sbin/Orthanc"
 STORESCP = "/usr/bin/storescp"
@@ -318,6 +318,6 @@ def storescp_fixture() -> Iterator[StoreSCP]:
         peer.stop()
 
 
-# the fixtures under their own names too, for `from tests.support.dicom_peers import orthanc`
+# the fixtures under their own names too, for `from harness.dicom_peers import orthanc`
 orthanc = orthanc_fixture
 storescp = storescp_fixture

@@ -8,10 +8,10 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.support.system_dicom import MadeImage, make_study_set
-from tests.support.system_harness import SendResult, SystemHarness
+from harness.system_dicom import MadeImage, make_study_set
+from harness.system_harness import SendResult, SystemHarness
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 MODEL_REPOSITORY = REPO / "deploy" / "triton" / "model_repository"
 OWNER = ("sys-owner", "sys-owner-pass-1")
 CLINICIAN = ("sys-clinician", "sys-clinician-pass-1")

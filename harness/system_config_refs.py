@@ -13,7 +13,7 @@ from pydantic import AliasChoices
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 SERVICES = ("ingest", "inference", "labeling", "aggregator")
 SETTINGS_MODULES = ("services.core.settings", "services.core.auth", *(f"services.{s}.config" for s in SERVICES))
 

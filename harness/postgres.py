@@ -1,6 +1,6 @@
 """A throwaway PostgreSQL server (Debian's postgresql package) on a loopback port.
 
-Used by `pneumotriage up --cluster`, the multi-node test harness and the benchmarks. `initdb` and
+Used by `./pt up --cluster`, the multi-node test harness and the benchmarks. `initdb` and
 `pg_ctl` run as user `postgres` when we are root (PostgreSQL refuses to run as root), in a
 directory that user owns (see ../shared/RUNTIME-NOTES.md).
 """
