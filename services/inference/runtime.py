@@ -26,6 +26,8 @@ from typing import Any
 
 import numpy as np
 
+from services.core.calibration import platt, sigmoid
+from services.core.calibration import temperature as scaled_by_temperature
 from services.inference.repository import list_versions, read_version_policy
 
 log = logging.getLogger(__name__)
@@ -77,17 +79,12 @@ class Calibration:
     def apply(self, logits: np.ndarray | float) -> np.ndarray:
         z = np.asarray(logits, dtype=np.float64)
         if self.method == "temperature":
-            return _sigmoid(z / self.temperature)
+            return scaled_by_temperature(z, self.temperature)
         if self.method == "platt":
-            return _sigmoid(self.a * z + self.b)
+            return platt(z, self.a, self.b)
         if self.method == "isotonic":
             return np.clip(np.interp(z, self.x, self.y), 0.0, 1.0)
-        return _sigmoid(z)
-
-
-def _sigmoid(z: np.ndarray) -> np.ndarray:
-    # numerically stable for large |z|
-    return np.where(z >= 0, 1.0 / (1.0 + np.exp(-np.abs(z))), np.exp(-np.abs(z)) / (1.0 + np.exp(-np.abs(z))))
+        return sigmoid(z)
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,7 @@
-"""model adapt's operating threshold (services/inference/tools/adapt.py): a distribution-free bound
-that keeps the target sensitivity with the chosen confidence, checked against the binomial tail it
-is defined by and by simulation."""
+"""model adapt's operating threshold (services/core/calibration.py `threshold_for_sensitivity` with a
+confidence, as services/inference/tools/adapt.py uses it): a distribution-free bound that keeps the
+target sensitivity with the chosen confidence, checked against the binomial tail it is defined by and
+by simulation; and adapt's patient folds."""
 
 from __future__ import annotations
 
@@ -8,8 +9,14 @@ import math
 
 import numpy as np
 
-from services.inference.tools.adapt import operating_threshold, patient_folds
+from services.core.calibration import threshold_for_sensitivity
+from services.inference.tools.adapt import patient_folds
 from services.inference.tools.training.dataset import ImageRecord
+
+
+def operating_threshold(pos_probs: np.ndarray, sensitivity: float, confidence: float) -> float:
+    """The threshold from pneumonia probabilities alone (every label 1)."""
+    return threshold_for_sensitivity(np.ones(len(pos_probs)), pos_probs, sensitivity, confidence)
 
 
 def tail(n: int, miss: float, k: int) -> float:

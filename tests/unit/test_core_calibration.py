@@ -109,10 +109,13 @@ def test_specificity_at_sensitivity() -> None:
     assert math.isnan(specificity_at_sensitivity(np.ones(3), scores[:3], 0.9))
 
 
-def test_threshold_metrics() -> None:
-    m = threshold_metrics([1, 1, 0, 0, 1], [0.9, 0.4, 0.6, 0.1, 0.8], 0.5)
-    assert m["sensitivity"] == pytest.approx(2 / 3) and m["specificity"] == 0.5
-    assert m["ppv"] == pytest.approx(2 / 3) and m["npv"] == 0.5 and m["accuracy"] == 0.6
+def test_threshold_metrics_on_a_hand_counted_case() -> None:
+    labels = np.array([1, 1, 1, 0, 0])
+    probs = np.array([0.9, 0.6, 0.2, 0.7, 0.1])
+    m = threshold_metrics(labels, probs, 0.5)  # tp=2 fn=1 fp=1 tn=1
+    assert m == pytest.approx(
+        {"accuracy": 3 / 5, "sensitivity": 2 / 3, "specificity": 1 / 2, "ppv": 2 / 3, "npv": 1 / 2, "f1": 2 / 3}
+    )
     assert math.isnan(threshold_metrics([0, 0], [0.1, 0.2], 0.5)["sensitivity"])
 
 

@@ -18,7 +18,6 @@ from services.inference.tools.proxy import (
     is_external,
     proxy_evaluate,
     stressed_input,
-    threshold_for_sensitivity,
 )
 from services.inference.tools.training.dataset import deduplicate, scan_folder
 
@@ -76,15 +75,3 @@ def test_proxy_sample_on_the_committed_model(shared_data: Path) -> None:
     worst = report["worst_case"]["auc"]
     assert worst["condition"] in stresses[1:]
     assert worst["value"] == min(report["conditions"][s]["auc"] for s in stresses[1:])
-
-
-def test_threshold_for_sensitivity_is_the_highest_that_keeps_it() -> None:
-    rng = np.random.default_rng(5)
-    labels = rng.random(500) < 0.6
-    probs = np.clip(rng.normal(0.3 + 0.4 * labels, 0.2), 0, 1)
-    for target in (0.9, 0.95, 0.97, 1.0):
-        t = threshold_for_sensitivity(labels, probs, target)
-        assert np.mean(probs[labels] >= t) >= target
-        above = probs[labels][probs[labels] > t]
-        if above.size:  # the next higher candidate loses the target
-            assert np.mean(probs[labels] >= above.min()) < target

@@ -52,7 +52,8 @@ class AdaptRecipe:
     augment_strength: float = 0.5
     operating_sensitivity: float = 0.95
     # the operating threshold keeps operating_sensitivity with this confidence (distribution-free,
-    # from the out-of-fold pneumonias: operating_threshold below); 0: the sample's own 95 % point
+    # from the out-of-fold pneumonias: services/core/calibration.py threshold_for_sensitivity); 0: the
+    # sample's own 95 % point
     operating_confidence: float = 0.8
     bootstrap: int = 500
 
@@ -133,28 +134,14 @@ def patient_folds(records: list[ImageRecord], k: int, seed: int) -> list[np.ndar
     return [np.array(sorted(f), dtype=np.int64) for f in folds if f]
 
 
-def operating_threshold(pos_probs: np.ndarray, sensitivity: float, confidence: float) -> float:
-    """The highest threshold that keeps `sensitivity` with `confidence` (services/core/sensitivity_bound.py):
-    the (k+1)-th lowest pneumonia probability, k the misses allowed (the lowest one when none is)."""
-    from services.core.sensitivity_bound import allowed_misses
-
-    p = np.sort(np.asarray(pos_probs, dtype=np.float64))
-    if len(p) == 0:
-        return 0.0
-    k = allowed_misses(len(p), sensitivity, confidence)
-    return float(p[min(len(p) - 1, max(k, 0))])
-
-
 def site_thresholds(calibrated: np.ndarray, labels: np.ndarray, recipe: AdaptRecipe) -> dict[str, float]:
     """rule_out / urgent as `model train` chooses them; the operating threshold keeps the target
     sensitivity with `operating_confidence` (out-of-fold, bench/site_adapt.py: the sample's own 95 %
     point gave 0.92-0.95 on held-back site images)."""
-    from services.inference.tools.training.calibrate import choose_thresholds
+    from services.core.calibration import choose_thresholds, threshold_for_sensitivity
 
     t = choose_thresholds(calibrated, labels, operating_sensitivity=recipe.operating_sensitivity)
-    operating = operating_threshold(
-        np.asarray(calibrated)[np.asarray(labels) == 1], recipe.operating_sensitivity, recipe.operating_confidence
-    )
+    operating = threshold_for_sensitivity(labels, calibrated, recipe.operating_sensitivity, recipe.operating_confidence)
     return {
         "rule_out": min(t["rule_out"], operating),
         "operating": operating,
@@ -213,7 +200,7 @@ def adapt(
 ) -> Path:
     import torch
 
-    from services.inference.tools.training.calibrate import fit_platt, sigmoid
+    from services.core.calibration import fit_platt, sigmoid
     from services.inference.tools.training.export import export_version
     from services.inference.tools.training.train import git_commit, git_dirty, load_images, predict_logits
 

@@ -72,8 +72,8 @@ def version_figures(logits: np.ndarray, labels: np.ndarray, metadata: dict[str, 
     """AUC, and sensitivity/specificity at the version's own operating threshold (its calibration)."""
     from sklearn.metrics import roc_auc_score
 
+    from services.core.calibration import threshold_metrics
     from services.inference.runtime import Calibration
-    from services.inference.tools.evaluation import threshold_metrics
 
     probs = Calibration.from_metadata(metadata.get("calibration")).apply(logits)
     threshold = float((metadata.get("thresholds") or {}).get("operating", 0.5))

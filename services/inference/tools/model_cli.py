@@ -153,8 +153,8 @@ def _export(
     if rethreshold:  # operating points from the exported ONNX on the validation split, current rule
         import numpy as np
 
+        from services.core.calibration import choose_thresholds
         from services.inference.tools.evaluation import predict, select_records
-        from services.inference.tools.training.calibrate import choose_thresholds
 
         records = select_records(data, "val", split_path)
         _, probs, _ = predict(vdir, [r.path for r in records])

@@ -43,15 +43,15 @@ from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, ge
 from scipy.ndimage import gaussian_filter
 from sklearn.metrics import roc_auc_score
 
-from services.core.imaging import display_array
-from services.inference.preprocess import preprocess_array
-from services.inference.tools.evaluation import (
-    calibrate,
+from services.core.calibration import (
     expected_calibration_error,
-    load_metadata,
-    read_display_image,
+    specificity_at_sensitivity,
+    threshold_for_sensitivity,
     threshold_metrics,
 )
+from services.core.imaging import display_array
+from services.inference.preprocess import preprocess_array
+from services.inference.tools.evaluation import calibrate, load_metadata, read_display_image
 from services.inference.tools.progress import tracked
 from services.inference.tools.training.dataset import ImageRecord, deduplicate, scan_folder
 from services.inference.tools.training.split import SPLIT_FILE, load_split
@@ -70,14 +70,6 @@ SENSITIVITY_TARGET = 0.95
 # operating threshold chosen on the proxy (``choose_threshold``): sensitivity at least this on the
 # clean held-out batches, and at least SENSITIVITY_TARGET under every stress condition
 CLEAN_SENSITIVITY_TARGET = 0.97
-
-
-def threshold_for_sensitivity(labels: np.ndarray, probs: np.ndarray, sensitivity: float) -> float:
-    """The highest threshold t with mean(probs[pneumonia] >= t) >= sensitivity."""
-    pos = np.sort(np.asarray(probs, dtype=np.float64)[np.asarray(labels).astype(bool)])
-    if not len(pos):
-        return 0.0
-    return float(pos[int(np.floor((1.0 - sensitivity) * len(pos) + 1e-9))])
 
 
 def is_external(filename: str) -> bool:
@@ -203,11 +195,8 @@ def stressed_input(gray: np.ndarray, stress: str, seed: int, size: int) -> np.nd
 def condition_metrics(labels: np.ndarray, probs: np.ndarray, logits: np.ndarray, threshold: float) -> dict:
     y = np.asarray(labels).astype(bool)
     auc = float(roc_auc_score(y, logits)) if 0 < y.sum() < len(y) else float("nan")
-    pos = np.sort(logits[y])
-    # threshold-free: the largest logit cut keeping >= 95 % sensitivity, and its specificity
-    k = int(np.floor((1.0 - SENSITIVITY_TARGET) * len(pos)))
-    cut = pos[k] if len(pos) else 0.0
-    spec_at_sens = float(np.mean(logits[~y] < cut)) if (~y).any() else float("nan")
+    # threshold-free: the specificity at the largest logit cut keeping >= 95 % sensitivity
+    spec_at_sens = specificity_at_sensitivity(y, logits, SENSITIVITY_TARGET)
     at_op = threshold_metrics(y, probs, threshold)
     return {
         "n": len(y),

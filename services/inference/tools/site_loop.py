@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from services.core.calibration import expected_calibration_error, reliability_bins, threshold_metrics
 from services.inference.tools.training.dataset import ImageRecord
 
 LOCKED_FILE = "locked.json"
@@ -107,11 +108,8 @@ def _auc(y: np.ndarray, p: np.ndarray) -> float:
 
 
 def _rates(y: np.ndarray, p: np.ndarray, t: float) -> tuple[float, float]:
-    pred = p >= t
-    pos, neg = y == 1, y == 0
-    sens = float(np.mean(pred[pos])) if pos.any() else float("nan")
-    spec = float(np.mean(~pred[neg])) if neg.any() else float("nan")
-    return sens, spec
+    m = threshold_metrics(y, p, t)
+    return m["sensitivity"], m["specificity"]
 
 
 @dataclass
@@ -124,8 +122,6 @@ class Scored:
 
 
 def version_metrics(y: np.ndarray, s: Scored) -> dict:
-    from services.inference.tools.evaluation import expected_calibration_error
-
     sens, spec = _rates(y, s.probs, s.threshold)
     return {
         "version": s.version,
@@ -196,14 +192,8 @@ def curves(labels: np.ndarray, s: Scored, max_points: int = 60, bins: int = 10) 
         out["roc"] = [[round(float(fpr[i]), 4), round(float(tpr[i]), 4)] for i in keep]
         sens, spec = _rates(y, p, s.threshold)
         out["operating_point"] = [round(1.0 - spec, 4), round(sens, 4)]
-    edges = np.linspace(0.0, 1.0, bins + 1)
-    which = np.clip(np.digitize(p, edges[1:-1]), 0, bins - 1)
-    for b in range(bins):
-        mask = which == b
-        if mask.any():
-            out["reliability"].append(
-                [round(float(p[mask].mean()), 4), round(float(y[mask].mean()), 4), int(mask.sum())]
-            )
+    for mean_p, observed, n in reliability_bins(y, p, bins):
+        out["reliability"].append([round(mean_p, 4), round(observed, 4), n])
     return out
 
 
