@@ -11,6 +11,7 @@ component that fails (web server, drift monitor, consumer, relay, SR sender) sto
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 
@@ -19,38 +20,56 @@ from services.aggregator.models import Base
 from services.aggregator.service import Aggregator
 from services.aggregator.web.app import create_app
 from services.core.broker import CONSUMERS
-from services.core.runner import ServiceRunner, with_broker
+from services.core.runner import Components, ServiceRunner, with_broker
 from services.core.telemetry import serve_http
 
-__all__ = ["Aggregator", "main"]
+__all__ = ["Aggregator", "AggregatorService", "main"]
 
 log = logging.getLogger("services.aggregator")
+
+
+class AggregatorService:
+    """The aggregator process's own object (`Aggregator` plus its components): the web app, the drift
+    monitor and, once the broker answers, the consumer, the outbox relay and the SR sender."""
+
+    def __init__(self, settings: AggregatorSettings) -> None:
+        self.settings = settings
+        self.agg = Aggregator(settings)
+        self.engine = self.agg.engine
+        self._stop = asyncio.Event()
+        self.components = Components(self._stop)
+
+    async def start(self, migrate: bool = True) -> AggregatorService:
+        if migrate:
+            await self.agg.migrate()
+        s, agg, stop = self.settings, self.agg, self._stop
+        web = create_app(agg)  # refuses a placeholder PT_SECRET_KEY before anything listens
+        self.components.spawn("http", serve_http(web, s.http_host, s.http_port))
+        self.components.spawn("drift", agg.drift.run(stop, s.drift_interval_s))
+        log.info("aggregator web listening", extra={"port": s.http_port})
+
+        async def consume_and_relay() -> None:
+            await agg.consume()
+            self.components.spawn("sr", agg.sr_loop(stop))
+            log.info("aggregator consuming", extra={"queue": CONSUMERS["aggregator"].queue})
+            await agg.relay.run(stop)
+
+        self.components.spawn("broker", with_broker(agg.broker, stop, consume_and_relay))
+        return self
+
+    async def stop(self) -> None:
+        self._stop.set()
+        await self.agg.broker.close()  # no new deliveries; in-flight handlers end first
+        await self.components.cancel()
+        await self.agg.engine.dispose()
 
 
 def main(settings: AggregatorSettings | None = None) -> None:
     settings = settings or AggregatorSettings()
 
     async def start(runner: ServiceRunner) -> Callable[[], Awaitable[None]]:
-        agg = Aggregator(settings)
-        await runner.migrate(agg.engine, "aggregator", Base.metadata)
-        web = create_app(agg)  # refuses a placeholder PT_SECRET_KEY before anything listens
-        runner.spawn("http", serve_http(web, settings.http_host, settings.http_port))
-        runner.spawn("drift", agg.drift.run(runner.stop, settings.drift_interval_s))
-        log.info("aggregator web listening", extra={"port": settings.http_port})
-
-        async def consume_and_relay() -> None:
-            await agg.consume()
-            runner.spawn("sr", agg.sr_loop(runner.stop))
-            log.info("aggregator consuming", extra={"queue": CONSUMERS["aggregator"].queue})
-            await agg.relay.run(runner.stop)
-
-        runner.spawn("broker", with_broker(agg.broker, runner.stop, consume_and_relay))
-
-        async def stop() -> None:
-            await agg.broker.close()  # no new deliveries; in-flight handlers end first
-            await runner.components.cancel()
-            await agg.engine.dispose()
-
-        return stop
+        service = AggregatorService(settings)
+        await runner.migrate(service.engine, "aggregator", Base.metadata)
+        return await runner.start_service(service)
 
     ServiceRunner("aggregator", settings).main(start)

@@ -1,8 +1,11 @@
 """One process life cycle for every service (ingest, inference, labeling, aggregator).
 
-A service's `main()` is `ServiceRunner(name, settings).main(start)`; `start(runner)` builds the
-service's own object, starts its components and returns its graceful stop. The runner does the rest,
-in this order:
+Every service's own object has one shape (`Service`): `components` (its task group), `await start()`
+and `await stop()`; tests run those objects in-process. A service's `main()` is
+`ServiceRunner(name, settings).main(start)`, and its `start(runner)` is the same few lines in every
+service: build the object, `await runner.migrate(...)` when it has a database, then
+`return await runner.start_service(service)` (start it, watch its components, hand back its stop).
+The runner does the rest, in this order:
 
 1. structured logging (`configure_logging`: PT_LOG_LEVEL, PT_LOG_JSON);
 2. SIGINT/SIGTERM set `runner.stop` (installed first, so a signal during start-up is a clean stop);
@@ -131,6 +134,21 @@ async def with_broker(
         await then()
 
 
+class Service(Protocol):
+    """The shape of every service's own object (IngestService, InferenceService, LabelingService,
+    AggregatorService): what the runner starts, watches and stops, and what tests run in-process."""
+
+    components: Components  # its long-running components; the first failure stops the process
+
+    async def start(self, migrate: bool = True) -> object:
+        """Start the components (in-process tests let it migrate; the runner migrated already)."""
+        ...
+
+    async def stop(self) -> None:
+        """The graceful stop, in the service's own order; safe after a partial or failed start."""
+        ...
+
+
 class ServiceRunner:
     """The life cycle of one service process (see the module docstring)."""
 
@@ -160,6 +178,17 @@ class ServiceRunner:
     def watch(self, components: Components) -> None:
         """Also stop the process on the first failure in a service's own task group."""
         self._watched.append(components)
+
+    async def start_service(self, service: Service) -> StopFn:
+        """Start the service (migrations done: `migrate` first), watch its components and return its
+        graceful stop. A start that raises stops what did start before the process exits."""
+        self.watch(service.components)
+        try:
+            await service.start(migrate=False)
+        except BaseException:
+            await service.stop()
+            raise
+        return service.stop
 
     async def migrate(self, engine: AsyncEngine, service: str, metadata: MetaData) -> None:
         """Bring the service's database to the newest revision (before anything listens)."""

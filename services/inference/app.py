@@ -41,6 +41,9 @@ def make_shadow(settings: InferenceSettings) -> ShadowScorer | None:
 
 
 class InferenceService:
+    """The inference process's own object: `await start()` / `await stop()` like every service (its one
+    component is `run`, which drains and closes by itself once stopped); tests may also drive `run(stop)`."""
+
     def __init__(self, settings: InferenceSettings, runtime: InferenceRuntime | None = None) -> None:
         self.settings = settings
         self.runtime = runtime or make_runtime(settings)
@@ -58,6 +61,19 @@ class InferenceService:
         )
         self.worker = InferenceWorker(self.broker, self.pipeline)
         self.started = asyncio.Event()
+        self._stop = asyncio.Event()
+        self.components = Components(self._stop)
+
+    async def start(self, migrate: bool = True) -> InferenceService:
+        """Run the service as one component (`migrate`: no database, nothing to migrate)."""
+        self.components.spawn("inference", self.run(self._stop))
+        return self
+
+    async def stop(self) -> None:
+        """Stop taking messages; `run` drains the in-flight images and closes by itself."""
+        self._stop.set()
+        if self.components.tasks:
+            await asyncio.wait(self.components.tasks)
 
     async def health(self) -> dict[str, Any]:
         runtime_ok = await self.runtime.ready() and self.pipeline.batcher.available
@@ -126,17 +142,12 @@ class InferenceService:
 
 def main(settings: InferenceSettings | None = None) -> None:
     """The inference process (services/core/runner.py: logging, signals, exit code). No database;
-    `run` is its one component: it ends by itself once the runner's stop is set (after draining), and
-    raises when the runtime or the ops server fails."""
+    `run` is its one component: it ends by itself once stopped (after draining), and raises when the
+    runtime or the ops server fails."""
     settings = settings or InferenceSettings()
 
     async def start(runner: ServiceRunner) -> Callable[[], Awaitable[None]]:
-        service = runner.spawn("inference", InferenceService(settings).run(runner.stop))
-
-        async def stop() -> None:  # the run drains and closes by itself once runner.stop is set
-            await asyncio.wait([service])
-
-        return stop
+        return await runner.start_service(InferenceService(settings))
 
     # the drain may take PT_INFERENCE_DRAIN_TIMEOUT_S, then the runtime closes
     ServiceRunner("inference", settings, stop_timeout_s=settings.drain_timeout_s + 30).main(start)

@@ -85,7 +85,8 @@ class IngestService:
     """Everything of one ingest process; `await start()` / `await stop()` (tests run it in-process).
 
     With several workers (workers.py) every process gets the shared `listen_socket`; a worker runs no
-    relay and no migrations (relay=False) and commits through the primary (`committer`)."""
+    relay and no migrations (relay=False) and commits through the primary (`committer`). The primary
+    (`IngestService.primary`) opens that socket and, once started, starts the other worker processes."""
 
     def __init__(
         self,
@@ -108,6 +109,17 @@ class IngestService:
         self._notify_pending = False
         self.components = Components(self._stop)  # relay, HTTP: the runner stops on the first failure
         self.workers: WorkerPool | None = None  # the primary's other SCP processes, when there are any
+        self._start_workers = False
+
+    @classmethod
+    def primary(cls, settings: IngestSettings) -> IngestService:
+        """The first ingest process: with PT_INGEST_WORKERS > 1 it opens the one DICOM port for every
+        process and, once started (after the migrations: workers never migrate), starts the others."""
+        if settings.workers <= 1:
+            return cls(settings)
+        service = cls(settings, listen_socket=listen_socket(settings.host, settings.port))
+        service._start_workers = True
+        return service
 
     async def start(self, http: bool = True, migrate: bool = True) -> IngestService:
         # the process runner migrates first (ServiceRunner.migrate), workers after their primary did;
@@ -127,6 +139,18 @@ class IngestService:
         if http:
             app = ops_app(SERVICE, self.health)
             self.components.spawn("http", serve_http(app, self.settings.http_host, self.settings.http_port))
+        if self._start_workers:
+            assert self.listen_socket is not None
+            self.workers = WorkerPool(self.settings, self.listen_socket, self.committer.submit, self._events_committed)
+            self.workers.start(loop)
+            await self.workers.wait_ready()
+            self.components.spawn("workers", self.workers.watch())
+        if self.runs_relay:  # the primary (a worker logs its own line)
+            s = self.settings
+            log.info(
+                "ingest listening",
+                extra={"dicom_port": self.dicom_port, "http_port": s.http_port, "workers": s.workers},
+            )
         return self
 
     def _events_committed(self) -> None:
@@ -190,6 +214,8 @@ class IngestService:
         return {"ok": alive == expected, "configured": self.settings.workers, "alive": alive, "http_ports": ports}
 
     async def stop(self) -> None:
+        if self.workers is not None:  # first: they commit through our committer until they are done
+            await self.workers.stop()
         if self.scp is not None:
             await asyncio.to_thread(self.scp.shutdown)  # running associations need the loop to finish
             await self.scp.committer.stop()
@@ -228,33 +254,8 @@ def main(settings: IngestSettings | None = None) -> None:
     quiet_pydicom()
 
     async def start(runner: ServiceRunner) -> Callable[[], Awaitable[None]]:
-        sock = listen_socket(settings.host, settings.port) if settings.workers > 1 else None
-        service = IngestService(settings, listen_socket=sock)
+        service = IngestService.primary(settings)
         await runner.migrate(service.engine, SERVICE, Base.metadata)
-        runner.watch(service.components)
-        pool: WorkerPool | None = None
-
-        async def stop() -> None:
-            if pool is not None:  # first: they commit through our committer until they are done
-                await pool.stop()
-            await service.stop()
-
-        try:
-            await service.start(migrate=False)
-            if sock is not None:  # after the migrations: workers never migrate
-                assert service.committer is not None
-                pool = WorkerPool(settings, sock, service.committer.submit, service._events_committed)
-                service.workers = pool
-                pool.start(asyncio.get_running_loop())
-                await pool.wait_ready()
-                runner.spawn("workers", pool.watch())
-        except BaseException:
-            await stop()  # what did start (SCP, committer, workers) closes before the process exits
-            raise
-        log.info(
-            "ingest listening",
-            extra={"dicom_port": service.dicom_port, "http_port": settings.http_port, "workers": settings.workers},
-        )
-        return stop
+        return await runner.start_service(service)
 
     ServiceRunner(SERVICE, settings).main(start)

@@ -34,12 +34,7 @@ def worker_main() -> None:
         )
         sock = socket.socket(fileno=int(os.environ[ENV_LISTEN_FD]))
         service = IngestService(settings, listen_socket=sock, relay=False, committer=committer)
-        runner.watch(service.components)
-        try:
-            await service.start(migrate=False)
-        except BaseException:
-            await service.stop()
-            raise
+        stop = await runner.start_service(service)
 
         async def primary_alive() -> None:
             await gone.wait()  # its pipe closed: the primary exited (even kill -9); free the port
@@ -49,7 +44,7 @@ def worker_main() -> None:
         runner.spawn("primary", primary_alive())
         committer.ready()
         log.info("ingest worker running", extra={"worker": index, "http_port": settings.http_port})
-        return service.stop
+        return stop
 
     ServiceRunner(f"ingest-worker-{index}", settings).main(start)
 

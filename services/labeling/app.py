@@ -52,6 +52,9 @@ async def record_job(sessions: Any, job: JobDefinition) -> None:
 
 
 class LabelingService:
+    """The labeling process's own object: `await start()` / `await stop()` (tests run it in-process):
+    the consumer and outbox relay (once the broker answers), the quality loop and the web app."""
+
     def __init__(self, settings: LabelingSettings | None = None) -> None:
         self.settings = settings or LabelingSettings()
         self.job = load_job(self.settings.labeling_job_file)
@@ -59,10 +62,10 @@ class LabelingService:
         self.sessions = make_sessionmaker(self.engine)
         self.broker = Broker(self.settings.amqp_url, self.settings.exchange, self.settings.quorum_queues)
         self.relay = OutboxRelay("labeling", self.sessions, Outbox, self.broker)
-        self.stop = asyncio.Event()
+        self._stop = asyncio.Event()
         self._wake = asyncio.Event()
         self._broker_ready = False
-        self.components = Components(self.stop)
+        self.components = Components(self._stop)
 
     def wake(self) -> None:
         self._wake.set()
@@ -122,15 +125,15 @@ class LabelingService:
             await upgrade(self.engine, "labeling", Base.metadata)
         await record_job(self.sessions, self.job)
         web = self.web_app()  # refuses a placeholder PT_SECRET_KEY before anything starts
-        self.components.spawn("broker", with_broker(self.broker, self.stop, self._consume_and_relay))
+        self.components.spawn("broker", with_broker(self.broker, self._stop, self._consume_and_relay))
         self.components.spawn("quality", self._quality_loop())
         self.components.spawn("web", serve_http(web, self.settings.http_host, self.settings.labeling_http_port))
         log.info("labeling service started", extra={"port": self.settings.labeling_http_port, "job": self.job.key})
         return self
 
-    async def close(self) -> None:
+    async def stop(self) -> None:
         """Stop: components end (the web server finishes its requests), then connections close."""
-        self.stop.set()
+        self._stop.set()
         await self.components.cancel()
         await self.broker.close()
         await self.engine.dispose()
@@ -148,7 +151,7 @@ class LabelingService:
         )
         await self.broker.consume(CONSUMERS["labeling"], consumer.handle)
         self._broker_ready = True
-        await self.relay.run(self.stop)
+        await self.relay.run(self._stop)
 
     async def _quality_loop(self) -> None:
         """Finalise answers whose undo window passed, re-aggregate, publish changes."""
@@ -189,12 +192,6 @@ def main() -> None:
         runner.log.info("cpu priority", extra={"nice": applied.thread_nice, "autogroup_nice": applied.autogroup_nice})
         service = LabelingService(settings)
         await runner.migrate(service.engine, "labeling", Base.metadata)
-        runner.watch(service.components)
-        try:
-            await service.start(migrate=False)
-        except BaseException:
-            await service.close()
-            raise
-        return service.close
+        return await runner.start_service(service)
 
     ServiceRunner("labeling", settings).main(start)

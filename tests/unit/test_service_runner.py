@@ -228,3 +228,72 @@ async def test_in_process_runs_leave_the_callers_heap_alone() -> None:
 
     assert await asyncio.wait_for(runner().run(start), BOUND_S) == 0
     assert gc.get_freeze_count() == frozen
+
+
+class FakeService:
+    """The `Service` shape (services.core.runner.Service): its own task group, start(migrate), stop()."""
+
+    def __init__(self, events: list[str], start_error: Exception | None = None) -> None:
+        self.events = events
+        self.start_error = start_error
+        self._stop = asyncio.Event()
+        self.components = Components(self._stop)
+
+    async def start(self, migrate: bool = True) -> FakeService:
+        self.events.append(f"start migrate={migrate}")
+        self.components.spawn("steady", forever(self.events, "steady"))
+        if self.start_error is not None:
+            await asyncio.sleep(0.05)  # it runs
+            raise self.start_error
+        return self
+
+    async def stop(self) -> None:
+        self._stop.set()
+        self.events.append("service stop")
+        await self.components.cancel()
+
+
+async def test_start_service_starts_watches_and_stops_the_service_object() -> None:
+    events: list[str] = []
+    service = FakeService(events)
+    r = runner()
+
+    async def start(run: ServiceRunner) -> Callable[[], Awaitable[None]]:
+        stop = await run.start_service(service)
+        service.components.spawn("http", fail_after(0.1, OSError("address already in use")))
+        return stop
+
+    assert await asyncio.wait_for(r.run(start), BOUND_S) == 1  # its own group is watched
+    assert events == ["start migrate=False", "service stop", "steady cancelled"]
+    assert service.components.failure is not None and service.components.failure.component == "http"
+
+
+async def test_start_service_stops_what_started_when_the_start_fails() -> None:
+    events: list[str] = []
+    service = FakeService(events, start_error=RuntimeError("PT_SECRET_KEY is refused"))
+
+    async def start(run: ServiceRunner) -> Callable[[], Awaitable[None]]:
+        return await run.start_service(service)
+
+    assert await asyncio.wait_for(runner().run(start), BOUND_S) == 1
+    assert events == ["start migrate=False", "service stop", "steady cancelled"]
+
+
+def test_every_service_object_has_the_same_shape() -> None:
+    """IngestService, InferenceService, LabelingService, AggregatorService: `components` (a Components
+    task group made in __init__), `async start(migrate=True)`, `async stop()`; each app's start(runner)
+    hands it to `runner.start_service`."""
+    import inspect
+
+    from services.aggregator.app import AggregatorService
+    from services.inference.app import InferenceService
+    from services.ingest.app import IngestService
+    from services.labeling.app import LabelingService
+
+    for cls in (IngestService, InferenceService, LabelingService, AggregatorService):
+        assert inspect.iscoroutinefunction(cls.start) and inspect.iscoroutinefunction(cls.stop), cls
+        assert inspect.signature(cls.start).parameters["migrate"].default is True, cls
+        assert list(inspect.signature(cls.stop).parameters) == ["self"], cls
+        assert "self.components = Components(" in inspect.getsource(cls.__init__), cls
+        app = inspect.getsource(inspect.getmodule(cls))  # type: ignore[arg-type]
+        assert "await runner.start_service(" in app, cls
