@@ -102,16 +102,15 @@ def draw_labels(records: list, n: int, seed: int) -> tuple[list, list]:
 def metrics(y: np.ndarray, p: np.ndarray, threshold: float) -> dict:
     from sklearn.metrics import roc_auc_score
 
-    from services.inference.tools.evaluation import expected_calibration_error
+    from services.core.calibration import expected_calibration_error, specificity_at_sensitivity, threshold_metrics
 
-    pos, neg = y == 1, y == 0
-    cut = np.sort(p[pos])[int(np.floor((1 - SENSITIVITY) * pos.sum()))]
+    at = threshold_metrics(y, p, threshold)
     return {
         "auc": float(roc_auc_score(y, p)),
-        "sensitivity": float(np.mean(p[pos] >= threshold)),
-        "specificity": float(np.mean(p[neg] < threshold)),
-        "ece": float(expected_calibration_error(y, p)),
-        "spec_at_sens95": float(np.mean(p[neg] < cut)),
+        "sensitivity": at["sensitivity"],
+        "specificity": at["specificity"],
+        "ece": expected_calibration_error(y, p),
+        "spec_at_sens95": specificity_at_sensitivity(y, p, SENSITIVITY),
     }
 
 
@@ -121,14 +120,11 @@ def recalibrated(
     """Platt on the base logit, fitted on the labels; the threshold keeping sensitivity >= 0.95 there,
     with `confidence` on new images (services/core/sensitivity_bound.py, as `triage recalibrate`'s
     rule-out since it has `--rule-out-confidence 0.8`; 0: the sample's own point)."""
-    from sklearn.linear_model import LogisticRegression
+    from services.core.calibration import fit_platt, platt, threshold_for_sensitivity
 
-    from services.inference.tools.adapt import operating_threshold
-
-    lr = LogisticRegression(C=1e6).fit(logit_lab.reshape(-1, 1), y_lab)
-    p_lab = lr.predict_proba(logit_lab.reshape(-1, 1))[:, 1]
-    threshold = operating_threshold(p_lab[y_lab == 1], SENSITIVITY, confidence)
-    return lr.predict_proba(logit_eval.reshape(-1, 1))[:, 1], threshold
+    a, b = fit_platt(logit_lab, y_lab)
+    threshold = threshold_for_sensitivity(y_lab, platt(logit_lab, a, b), SENSITIVITY, confidence)
+    return platt(logit_eval, a, b), threshold
 
 
 def label_folder(work: Path, labelled: list) -> Path:

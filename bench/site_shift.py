@@ -31,11 +31,11 @@ sys.path.insert(0, str(REPO))
 from services.aggregator.drift import DriftConfig, evaluate_window  # noqa: E402
 from services.aggregator.policy import Policy  # noqa: E402
 from services.aggregator.tools.recalibrate import SiteLabel, fit_site_calibration, rule_out_metrics  # noqa: E402
+from services.core.calibration import expected_calibration_error, platt  # noqa: E402
 from services.core.drift import REFERENCE_FILE, DriftReference  # noqa: E402
 from services.inference.preprocess import load_image_file, preprocess_array  # noqa: E402
 from services.inference.tools.evaluation import (  # noqa: E402
     calibrate,
-    expected_calibration_error,
     latest_version_dir,
     load_metadata,
     select_records,
@@ -139,7 +139,7 @@ def main() -> None:
             for i in np.flatnonzero(fit_mask)
         ]
         cal = fit_site_calibration(labels, policy, bootstrap=100, seed=args.seed)
-        p_site = 1 / (1 + np.exp(-(cal.a * shifted[held] + cal.b)))
+        p_site = platt(shifted[held], cal.a, cal.b)
         before = rule_out_metrics(p_shifted[held], y[held], policy, policy.thresholds)
         after = rule_out_metrics(p_site, y[held], policy, Policy(policy.fusion, cal.thresholds).thresholds)
         plain_p = calibrate(plain_test, meta)

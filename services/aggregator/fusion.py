@@ -31,11 +31,13 @@ service never imports another one; they meet only through those events.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from services.core.calibration import logit as core_logit
+from services.core.calibration import sigmoid
 
 FEATURES: tuple[str, ...] = ("model_logit", "human_sure_logodds", "human_probably_logodds", "aggregate_logodds")
 MAX_LOGIT = 8.0  # clip |log-odds| of a single source: p = 0.9997
@@ -43,15 +45,8 @@ MIN_TRUST, MAX_TRUST = 0.5, 0.99
 
 
 def logit(p: float) -> float:
-    p = min(max(p, 1e-6), 1 - 1e-6)
-    return max(-MAX_LOGIT, min(MAX_LOGIT, math.log(p / (1 - p))))
-
-
-def sigmoid(x: float) -> float:
-    if x >= 0:
-        return 1.0 / (1.0 + math.exp(-x))
-    e = math.exp(x)
-    return e / (1.0 + e)
+    """The log-odds of one source, clipped to +-MAX_LOGIT (so no single source decides alone)."""
+    return max(-MAX_LOGIT, min(MAX_LOGIT, core_logit(p)))
 
 
 @dataclass(frozen=True)
@@ -66,7 +61,7 @@ class Vote:
         if self.answer not in ("pneumonia", "healthy"):
             return 0.0
         a = min(max(self.trust, MIN_TRUST), MAX_TRUST)
-        w = math.log(a / (1 - a))
+        w = core_logit(a)  # the one-coin Dawid-Skene weight
         return w if self.answer == "pneumonia" else -w
 
 
@@ -117,8 +112,7 @@ class FusionWeights:
         return sigmoid(self.intercept + float(self.vector() @ evidence.features()))
 
     def posteriors(self, x: np.ndarray) -> np.ndarray:
-        z = self.intercept + x @ self.vector()
-        return 1.0 / (1.0 + np.exp(-z))
+        return sigmoid(self.intercept + x @ self.vector())
 
     def to_dict(self) -> dict[str, object]:
         return {"intercept": self.intercept, "weights": dict(self.weights), "learned": dict(self.learned)}
@@ -159,8 +153,8 @@ def fit_weights(
             coefs, intercept = model.coef_[0], float(model.intercept_[0])
         else:
             sw = np.ones(len(y_arr)) if sample_weight is None else sample_weight
-            prevalence = min(max(float((sw * y_arr).sum() / sw.sum()), 1e-6), 1 - 1e-6)
-            coefs, intercept = np.zeros(0), math.log(prevalence / (1 - prevalence))
+            prevalence = float((sw * y_arr).sum() / sw.sum())
+            coefs, intercept = np.zeros(0), core_logit(prevalence)
         negative = [active[j] for j, cf in enumerate(coefs) if cf < 0]
         if not negative:
             break

@@ -17,8 +17,8 @@ from typing import Any
 
 import yaml
 
-from services.aggregator.fusion import sigmoid
 from services.aggregator.policy import Thresholds
+from services.core.calibration import sigmoid
 
 ACTIVE_FILE = "ACTIVE"
 

@@ -12,8 +12,8 @@ import numpy as np
 from rich.console import Console
 from rich.progress import Progress
 
-from services.aggregator.fusion import sigmoid
 from services.aggregator.tools import recalibrate as rc
+from services.core.calibration import sigmoid
 from services.core.gate import DEFAULT_GATE_FILE, GateModel
 from services.inference.tools.evaluation import predict
 from services.inference.tools.gate_fit import build_corpus, evaluate_gate, fit_gate
@@ -70,7 +70,7 @@ def test_proxy_eval_and_drift_reference_predictions_report_progress(shared_data:
 def test_recalibrate_ticks_once_per_bootstrap_resample() -> None:
     rng = np.random.default_rng(3)
     logits = rng.normal(0, 2, 200)
-    y = (rng.random(200) < sigmoid_array(logits)).astype(int)
+    y = (rng.random(200) < sigmoid(logits)).astype(int)
     labels = [
         rc.SiteLabel(str(i), float(z), float(sigmoid(z)), int(v), "clinician", "pneumonia", "1")
         for i, (z, v) in enumerate(zip(logits, y, strict=True))
@@ -78,7 +78,3 @@ def test_recalibrate_ticks_once_per_bootstrap_resample() -> None:
     ticks: list[int] = []
     rc.fit_site_calibration(labels, TEST_POLICY, bootstrap=25, on_resample=lambda: ticks.append(1))
     assert len(ticks) == 25
-
-
-def sigmoid_array(z: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-z))

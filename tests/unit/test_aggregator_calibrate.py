@@ -13,6 +13,7 @@ from services.aggregator.flags import HEALTHY, SUSPECTED, URGENT
 from services.aggregator.fusion import FEATURES, Evidence, Vote, feature_matrix, fit_weights
 from services.aggregator.policy import Policy
 from services.aggregator.tools.calibrate import LabeledImage, OperatingPoints, calibrate, load_jsonl, split
+from services.core.calibration import sigmoid
 
 
 def synthetic(n: int = 1500, seed: int = 1) -> list[dict]:
@@ -39,7 +40,7 @@ def synthetic(n: int = 1500, seed: int = 1) -> list[dict]:
                 "id": f"im{i}",
                 "group": f"p{i // 2}",
                 "label": y,
-                "model_probability": float(1 / (1 + np.exp(-z))),
+                "model_probability": sigmoid(float(z)),
                 "votes": votes,
             }
         )

@@ -12,6 +12,7 @@ from prometheus_client import REGISTRY
 
 from services.aggregator.drift import DriftConfig, evaluate_window
 from services.aggregator.service import Aggregator
+from services.core.calibration import sigmoid
 from services.core.drift import REFERENCE_FILE, build_reference, ks, psi
 from tests.support.aggregator_service import (  # noqa: F401
     apply_events,
@@ -26,10 +27,6 @@ def stream(rng: np.random.Generator, n: int, shift: float = 0.0, prevalence: flo
     """Logits of a mixed stream: pneumonia ~ N(3, 1.5), healthy ~ N(-3 + shift, 1.5)."""
     y = rng.random(n) < prevalence
     return np.where(y, rng.normal(3, 1.5, n), rng.normal(-3 + shift, 1.5, n))
-
-
-def sigmoid(x: np.ndarray) -> np.ndarray:
-    return 1 / (1 + np.exp(-x))
 
 
 @pytest.fixture

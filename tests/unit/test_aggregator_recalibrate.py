@@ -20,6 +20,7 @@ from services.aggregator.policy import Policy
 from services.aggregator.service import Aggregator
 from services.aggregator.tools import recalibrate as rc
 from services.aggregator.tools.calibrate import OperatingPoints
+from services.core.calibration import sigmoid
 from services.core.contracts import Answer, LabelAggregate
 from tests.support.aggregator_service import (  # noqa: F401
     TEST_POLICY,
@@ -29,10 +30,6 @@ from tests.support.aggregator_service import (  # noqa: F401
     ref,
     write_test_policy,
 )
-
-
-def sigmoid(x: np.ndarray) -> np.ndarray:
-    return 1 / (1 + np.exp(-x))
 
 
 def shifted_site(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -29,6 +29,7 @@ import numpy as np
 from services.aggregator.flags import FLAGS, MEANS
 from services.aggregator.fusion import Evidence, FusionWeights, Vote, feature_matrix, fit_weights
 from services.aggregator.policy import Policy, Thresholds
+from services.core.calibration import brier
 from services.core.sensitivity_bound import allowed_misses
 
 
@@ -217,13 +218,13 @@ def flag_metrics(flags: Sequence[str], y: Sequence[int], weights: np.ndarray | N
 
 
 def score_metrics(p: np.ndarray, y: np.ndarray) -> dict[str, float | None]:
-    from sklearn.metrics import brier_score_loss, roc_auc_score
+    from sklearn.metrics import roc_auc_score
 
     if len(set(y.tolist())) < 2:
         return {"auc": None, "brier": None, "accuracy_at_0.5": None}
     return {
         "auc": round(float(roc_auc_score(y, p)), 4),
-        "brier": round(float(brier_score_loss(y, p)), 4),
+        "brier": round(brier(y, p), 4),
         "accuracy_at_0.5": round(float(((p >= 0.5) == (y == 1)).mean()), 4),
     }
 

@@ -16,7 +16,8 @@ Labels (from the aggregator's own database, nothing leaves the site):
 
 Images the input gate refused are left out. What is fitted, for one model version:
 
-1. Platt scaling of the raw logit, P = sigmoid(a * logit + b), a > 0 (the ranking is kept);
+1. Platt scaling of the raw logit, P = sigmoid(a * logit + b), a > 0 (the ranking is kept), fitted
+   by services/core/calibration.py `fit_platt` (as the model's own calibration at training);
 2. the triage thresholds, re-chosen with `triage calibrate`'s rule (rule-out sensitivity >= 0.95,
    URGENT PPV >= 0.90, ...) on the fused posterior with the recalibrated model probability; the
    rule-out keeps its sensitivity with 80 % confidence on new images (`--rule-out-confidence`,
@@ -45,11 +46,12 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.aggregator.flags import HEALTHY, MEANS
-from services.aggregator.fusion import Evidence, sigmoid
+from services.aggregator.fusion import Evidence
 from services.aggregator.models import Image, LabelAggregateRow, PredictionRow, Review, Study
 from services.aggregator.policy import Policy, Thresholds
 from services.aggregator.site_calibration import SiteCalibration
 from services.aggregator.tools.calibrate import OperatingPoints, choose_thresholds
+from services.core.calibration import fit_platt, platt, sigmoid
 
 # The site's rule-out keeps its sensitivity with this confidence on new images (a few hundred labels:
 # the sample's own point kept 0.92-0.95 on held-back images, bench/site_adapt.py)
@@ -115,16 +117,10 @@ async def collect_labels(s: AsyncSession, crowd_confidence: float = 0.95, crowd_
 
 
 # ---- fitting ---------------------------------------------------------------------------------
-def platt(logits: np.ndarray, a: float, b: float) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-(a * np.asarray(logits, dtype=np.float64) + b)))
-
-
-def fit_platt(logits: np.ndarray, y: np.ndarray) -> tuple[float, float]:
-    from sklearn.linear_model import LogisticRegression
-
-    lr = LogisticRegression(C=1e4, max_iter=1000)
-    lr.fit(logits.reshape(-1, 1), y)
-    a, b = float(lr.coef_[0][0]), float(lr.intercept_[0])
+def fit_ranking_platt(logits: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    """Platt (a, b) on the site's labels (services/core/calibration.py `fit_platt`: Newton's method,
+    the same fit as the model's own calibration at training); refused unless a > 0 (ranking kept)."""
+    a, b = fit_platt(logits, y)
     if not a > 0:
         raise ValueError(f"the model's scores do not rank this site's labels (Platt slope {a:.3f} <= 0)")
     return a, b
@@ -192,7 +188,7 @@ def fit_site_calibration(
             f"{len(mine)} confirmed labels for model {model[0]} v{model[1]} ({n_pos} pneumonia, {n_neg} healthy): "
             f"at least {min_labels} and {min_per_class} of each class are needed"
         )
-    a, b = fit_platt(x, y)
+    a, b = fit_ranking_platt(x, y)
     thresholds = site_thresholds(x, y, a, b, policy, ops)
     published = np.array([lab.probability for lab in mine], dtype=np.float64)
     before = rule_out_metrics(published, y, policy, policy.thresholds)
@@ -207,7 +203,7 @@ def fit_site_calibration(
         if yb.min() == yb.max():
             continue
         try:
-            ab, bb = fit_platt(xb, yb)
+            ab, bb = fit_ranking_platt(xb, yb)
         except ValueError:
             continue
         tb = site_thresholds(xb, yb, ab, bb, policy, ops)
