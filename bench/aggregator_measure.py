@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -33,6 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 from services.aggregator.fusion import Evidence  # noqa: E402
 from services.aggregator.tools.calibrate import LabeledImage, OperatingPoints, calibrate, evaluate, load_jsonl  # noqa: E402
+from services.core.calibration import sigmoid  # noqa: E402
 
 # rows: truth pneumonia, healthy; columns: answer pneumonia, healthy, can't tell
 PROFILES = {
@@ -104,7 +104,7 @@ def crowd_only(images: list[LabeledImage]) -> list[LabeledImage]:
     out = []
     for im in images:
         z = max(-30.0, min(30.0, im.evidence.human_logodds))
-        out.append(replace(im, evidence=Evidence(1 / (1 + math.exp(-z)))))
+        out.append(replace(im, evidence=Evidence(sigmoid(z))))
     return out
 
 
