@@ -8,9 +8,10 @@ largest k with that probability >= `confidence`; with `confidence` 0 it is the s
 floor((1-s) n), which keeps the target only about half the time on new images.
 
 Used by the thresholds fitted on a site's few labels: `model adapt`'s operating threshold
-(services/inference/tools/adapt.py) and `triage recalibrate`'s rule-out
-(services/aggregator/tools/calibrate.py). bench/site_adapt.py measured the sample's own point at a mean
-held-back sensitivity of 0.92-0.95 (worst draw 0.85) from 100-300 labels.
+(services/inference/tools/adapt.py, through services/core/calibration.py `threshold_for_sensitivity`)
+and `triage recalibrate`'s rule-out (services/aggregator/tools/calibrate.py). bench/site_adapt.py
+measured the sample's own point at a mean held-back sensitivity of 0.92-0.95 (worst draw 0.85) from
+100-300 labels.
 """
 
 from __future__ import annotations
