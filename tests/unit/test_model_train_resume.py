@@ -93,3 +93,16 @@ def test_the_ensemble_averages_its_members_and_keeps_the_cam_identity() -> None:
         shifted, shifted_cam = ensemble(x)
     assert torch.allclose(shifted, logit + 0.5, atol=1e-5)
     assert torch.allclose(shifted_cam.mean(dim=(1, 2)), shifted, atol=1e-5)
+
+
+def test_a_time_budget_cut_after_the_first_epoch_ends_the_member(tmp_path: Path) -> None:
+    config = TrainConfig(epochs=3, batch_size=8, input_size=32, net=NET)
+    x_train, y_train, x_val, y_val = _data()
+    console = Console(file=io.StringIO())
+    with progress_bar(console) as progress:
+        _, history = fit_member(
+            build_network(NET), config, 11, 1e-9, x_train, y_train, x_val, y_val, torch.tensor(2.0),
+            tmp_path / "ck.pt", progress, console,
+        )  # fmt: skip
+    assert [h["epoch"] for h in history] == [1]
+    assert torch.load(tmp_path / "ck.pt", weights_only=False)["planned"] == 1

@@ -278,7 +278,8 @@ def fit_member(
         first = len(history)
         console.print(f"{label}resumed from {checkpoint} after epoch {first} of {planned}")
     epochs_task = progress.add_task(f"{label}epochs", total=planned, completed=first, info="")
-    for epoch in range(first, planned):
+    epoch = first
+    while epoch < planned:  # ``planned`` may be cut after the first epoch (time budget)
         t0 = time.time()
         model.train()
         order = torch.randperm(len(x_train), generator=gen)
@@ -339,6 +340,7 @@ def fit_member(
                 tmp,
             )
             os.replace(tmp, checkpoint)
+        epoch += 1
     progress.remove_task(epochs_task)
     # the exported model is the EMA at the end of the annealed schedule: selecting the epoch on the
     # internal validation AUC (saturated near 0.995) only fits its noise
