@@ -328,6 +328,9 @@ def hard_proxy_cmd(
     set_threshold: bool = typer.Option(
         False, help="write the threshold this proxy chooses (mean sensitivity >= 0.97) into metadata.json"
     ),
+    fit_hardness: bool = typer.Option(
+        False, help="first re-fit the weak model's out-of-fold scores (hard_proxy_hardness.json, committed)"
+    ),
 ) -> None:
     """The hard-normal shift proxy (the hardest fifth of the held-out normals under geometry shifts):
     reproduces what the official test split showed for v1 and v2 (docs/model-card.md)."""
@@ -339,6 +342,14 @@ def hard_proxy_cmd(
 
     dirs = [require_model_dir(d) for d in model_dir] if model_dir else [active_model_dir(DEFAULT_REPOSITORY)]
     out.mkdir(parents=True, exist_ok=True)
+    if fit_hardness:
+        from services.inference.tools.hard_proxy import HARDNESS_FILE
+        from services.inference.tools.hard_proxy import fit_hardness as fit
+
+        with progress_bar(console) as progress:
+            fitted = fit(data, progress=progress)
+        HARDNESS_FILE.write_text(json.dumps(fitted, indent=0, sort_keys=True) + "\n")
+        console.print(f"weak model: out-of-fold AUC {fitted['weak_oof_auc']:.4f}; scores written to {HARDNESS_FILE}")
     table = Table(title="hard-normal shift proxy (mean of draws; accuracy and ECE at prevalence 0.60)")
     for col in ("version", "n (normal)", "threshold", "AUC", "sens", "spec", "acc", "spec@sens95", "ECE", "chosen"):
         table.add_column(col)
