@@ -361,8 +361,8 @@ def hard_proxy_cmd(
             net, info = load_checkpoint_or_fail(calibrate_checkpoint)
             net.shift_logit(calibration["bias_shift"])
             info["calibration"] = {"validation": info["calibration"], **calibration}
-            info["thresholds"] = json.loads((d / "metadata.json").read_text())["thresholds"]
-            _export(net, info, data, d.parent.parent, int(d.name), SPLIT_FILE, evaluate_test=True)
+            # rule-out / urgent cut-offs chosen again on the validation split under the new calibration
+            _export(net, info, data, d.parent.parent, int(d.name), SPLIT_FILE, evaluate_test=True, rethreshold=True)
             console.print(
                 f"{d}: calibration re-fitted on the proxy: T = {calibration['temperature']:.3f}, offset "
                 f"{calibration['bias_shift']:+.3f} (cross-fitted ECE {calibration['cross_fitted_ece_at_prior']:.3f})"
