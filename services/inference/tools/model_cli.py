@@ -245,6 +245,18 @@ def evaluate_cmd(
     console.print(f"report written to {out}")
 
 
+def set_operating_threshold(version_dir: Path, threshold: float, rule: str) -> dict:
+    """Write ``threshold`` as the version's operating threshold (metadata.json), saying by which rule
+    and what it was; rule-out stays at or below it and urgent at or above it. Returns the metadata."""
+    meta = json.loads((version_dir / "metadata.json").read_text())
+    t = meta["thresholds"]
+    meta["threshold_choice"] = {"operating": rule, "operating_before": t["operating"]}
+    t["operating"] = float(threshold)
+    t["rule_out"], t["urgent"] = min(t["rule_out"], t["operating"]), max(t["urgent"], t["operating"])
+    (version_dir / "metadata.json").write_text(json.dumps(meta, indent=1) + "\n")
+    return meta
+
+
 @model.command("proxy-eval")
 @user_errors_command
 def proxy_eval_cmd(
@@ -277,18 +289,15 @@ def proxy_eval_cmd(
         ]
     if set_threshold:
         for d, report in zip(dirs, reports, strict=True):
-            meta = json.loads((d / "metadata.json").read_text())
-            t = meta["thresholds"]
-            meta["threshold_choice"] = {
-                "operating": "proxy-eval --set-threshold: sensitivity >= 0.97 on the clean held-out batches "
+            meta = set_operating_threshold(
+                d,
+                report["operating_threshold"],
+                "proxy-eval --set-threshold: sensitivity >= 0.97 on the clean held-out batches "
                 "and >= 0.95 under every stress condition",
-                "operating_from_val": t["operating"],
-            }
-            t["operating"] = report["operating_threshold"]
-            t["rule_out"], t["urgent"] = min(t["rule_out"], t["operating"]), max(t["urgent"], t["operating"])
-            (d / "metadata.json").write_text(json.dumps(meta, indent=1) + "\n")
+            )
             console.print(
-                f"{d}: operating threshold {meta['threshold_choice']['operating_from_val']:.4f} -> {t['operating']:.4f}"
+                f"{d}: operating threshold {meta['threshold_choice']['operating_before']:.4f}"
+                f" -> {meta['thresholds']['operating']:.4f}"
             )
     for report in reports:
         table = Table(
@@ -370,16 +379,12 @@ def hard_proxy_cmd(
             with progress_bar(console) as progress:
                 report = hard_proxy_evaluate(d, data, sample or None, draws, progress=progress)
         if set_threshold:
-            meta = json.loads((d / "metadata.json").read_text())
-            t = meta["thresholds"]
-            meta["threshold_choice"] = {
-                "operating": "model hard-proxy --set-threshold: the highest threshold keeping the mean "
+            meta = set_operating_threshold(
+                d,
+                report["chosen_threshold"],
+                "model hard-proxy --set-threshold: the highest threshold keeping the mean "
                 "sensitivity over the draws >= 0.97 on the hard-normal shift proxy",
-                "operating_before": t["operating"],
-            }
-            t["operating"] = report["chosen_threshold"]
-            t["rule_out"], t["urgent"] = min(t["rule_out"], t["operating"]), max(t["urgent"], t["operating"])
-            (d / "metadata.json").write_text(json.dumps(meta, indent=1) + "\n")
+            )
             report = score(report, meta)
         m = report["metrics"]
         table.add_row(
