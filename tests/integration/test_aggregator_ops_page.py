@@ -16,36 +16,41 @@ import numpy as np
 from harness.rabbitmq import RabbitNode
 from services.aggregator.config import AggregatorSettings
 from services.aggregator.service import Aggregator
+from services.inference.deploy import set_version_policy
 from services.inference.tools.site_loop import Scored, paired_comparison
 from tests.integration.test_aggregator_outputs import flag_a_study, shared_dicom, signed_in_client
 from tests.support.aggregator_service import write_test_policy
+from tests.support.committed_model import COMMITTED_MODEL, active_committed_version
 
-LIVE = Path(__file__).resolve().parents[2] / "deploy" / "triton" / "model_repository" / "pneumonia"
+# the shipped version (what the committed config.pbtxt serves) and the number of a site candidate
+SHIPPED = active_committed_version()
+CANDIDATE = SHIPPED + 1
 
 
 def model_repository(root: Path) -> Path:
-    """The shipped version 2 and a site candidate 3 as `model adapt` + `shadow-add` leave them, pinned to 2."""
+    """The shipped version and a site candidate (the next number) as `model adapt` + `shadow-add`
+    leave them, pinned to the shipped one."""
     model = root / "pneumonia"
-    (model / "2").mkdir(parents=True)
-    shutil.copy(LIVE / "2" / "metadata.json", model / "2" / "metadata.json")
-    config = (LIVE / "config.pbtxt").read_text()
-    config = config.replace(
-        "version_policy: { latest: { num_versions: 1 } }", "version_policy: { specific: { versions: [ 2 ] } }"
-    )
+    (model / str(SHIPPED)).mkdir(parents=True)
+    shipped_meta = COMMITTED_MODEL / str(SHIPPED) / "metadata.json"
+    shutil.copy(shipped_meta, model / str(SHIPPED) / "metadata.json")
+    config = set_version_policy((COMMITTED_MODEL / "config.pbtxt").read_text(), SHIPPED)
+    assert f"version_policy: {{ specific: {{ versions: [ {SHIPPED} ] }} }}" in config, config
     (model / "config.pbtxt").write_text(config)
-    meta = json.loads((LIVE / "2" / "metadata.json").read_text())
-    meta["version"] = "3"
-    meta["site_adaptation"] = {"site": "hospital-a", "base_version": "2"}
+    meta = json.loads(shipped_meta.read_text())
+    meta["version"] = str(CANDIDATE)
+    meta["site_adaptation"] = {"site": "hospital-a", "base_version": str(SHIPPED)}
     # the comparison as model adapt writes it (site_loop.paired_comparison), on synthetic scores
     rng = np.random.default_rng(5)
     y = np.array([0] * 70 + [1] * 110)
-    candidate = Scored("3", np.clip(np.where(y == 1, 0.8, 0.15) + rng.normal(0, 0.12, len(y)), 0, 1), 0.5)
-    reference = Scored("2", np.clip(np.where(y == 1, 0.85, 0.45) + rng.normal(0, 0.15, len(y)), 0, 1), 0.5)
+    candidate = Scored(str(CANDIDATE), np.clip(np.where(y == 1, 0.8, 0.15) + rng.normal(0, 0.12, len(y)), 0, 1), 0.5)
+    reference = Scored(str(SHIPPED), np.clip(np.where(y == 1, 0.85, 0.45) + rng.normal(0, 0.15, len(y)), 0, 1), 0.5)
     patients = [f"p{i}" for i in range(len(y))]
     meta["metrics"]["locked_site_test"] = paired_comparison(y, patients, candidate, reference, n=50)
-    (model / "3").mkdir()
-    (model / "3" / "metadata.json").write_text(json.dumps(meta))
-    entry = {"at": "2026-12-07T10:00:00Z", "kind": "undo", "version": 2, "previous": 3, "user": "mle", "reason": "test"}
+    (model / str(CANDIDATE)).mkdir()
+    (model / str(CANDIDATE) / "metadata.json").write_text(json.dumps(meta))
+    entry = {"at": "2026-12-07T10:00:00Z", "kind": "undo", "version": SHIPPED, "previous": CANDIDATE}
+    entry |= {"user": "mle", "reason": "test"}
     (model / "promotions.jsonl").write_text(json.dumps(entry) + "\n")
     return root
 
@@ -99,20 +104,21 @@ async def test_ops_page_shows_delivery_lanes_and_models_to_admins_only(
         (served,) = models["serving_24h"]
         assert served["images"] == 1
         repo = models["repository"]
-        assert (repo["pinned"], repo["served"]) == (2, 2)
-        v2 = next(v for v in repo["versions"] if v["version"] == 2)
-        shipped = json.loads((LIVE / "2" / "metadata.json").read_text())["metrics"]["test"]
-        assert v2["test_auc"] == shipped["auc"]["value"] and v2["test_specificity"] == shipped["specificity"]["value"]
-        v3 = next(v for v in repo["versions"] if v["version"] == 3)
-        spec_gain = v3["locked"]["difference"]["specificity"]["value"]
-        assert v3["site"] == "hospital-a" and spec_gain > 0.2
+        assert (repo["pinned"], repo["served"]) == (SHIPPED, SHIPPED)
+        shipped_row = next(v for v in repo["versions"] if v["version"] == SHIPPED)
+        shipped = json.loads((COMMITTED_MODEL / str(SHIPPED) / "metadata.json").read_text())["metrics"]["test"]
+        assert shipped_row["test_auc"] == shipped["auc"]["value"]
+        assert shipped_row["test_specificity"] == shipped["specificity"]["value"]
+        site_row = next(v for v in repo["versions"] if v["version"] == CANDIDATE)
+        spec_gain = site_row["locked"]["difference"]["specificity"]["value"]
+        assert site_row["site"] == "hospital-a" and spec_gain > 0.2
         assert repo["promotions"][0]["reason"] == "test"
-        assert "site hospital-a, base v2, 180 images" in page.text
+        assert f"site hospital-a, base v{SHIPPED}, 180 images" in page.text
         assert f"specificity {spec_gain:+.3f}" in page.text
         # the plots: both ROC curves with their operating points, both reliability diagrams
-        assert 'id="plots-v3"' in page.text and page.text.count("<polyline") == 2
-        assert 'aria-label="reliability diagram of version 3 and its base"' in page.text
-        plots = v3["locked"]["plots"]
+        assert f'id="plots-v{CANDIDATE}"' in page.text and page.text.count("<polyline") == 2
+        assert f'aria-label="reliability diagram of version {CANDIDATE} and its base"' in page.text
+        plots = site_row["locked"]["plots"]
         assert len(plots["candidate"]["roc"].split()) >= 3 and plots["candidate"]["operating_point"]
         assert sum(b["n"] for b in plots["reference"]["reliability"]) == 180
         assert "Diagnostic aid" in page.text or "diagnostic aid" in page.text

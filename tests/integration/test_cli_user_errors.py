@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from harness.dicom_peers import StoreSCP, storescp  # noqa: F401
 from services.cli import app
-from tests.support.triton import COMMITTED_MODEL
+from tests.support.committed_model import active_committed_version, committed_version_dir, copy_committed_model
 
 ENV = {"COLUMNS": "200"}
 
@@ -43,7 +43,7 @@ def tiny_data(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
 
 @pytest.fixture
 def corrupt_model(tmp_path: Path) -> Path:
-    d = shutil.copytree(COMMITTED_MODEL / "2", tmp_path / "corrupt")
+    d = shutil.copytree(committed_version_dir(), tmp_path / "corrupt")
     (d / "model.onnx").write_bytes(b"\x08\x07garbage" * 64)
     return d
 
@@ -51,7 +51,7 @@ def corrupt_model(tmp_path: Path) -> Path:
 @pytest.fixture
 def resized_model(tmp_path: Path) -> Path:
     """The committed model with a metadata.json that says another input size than the graph has."""
-    d = shutil.copytree(COMMITTED_MODEL / "2", tmp_path / "resized")
+    d = shutil.copytree(committed_version_dir(), tmp_path / "resized")
     meta = json.loads((d / "metadata.json").read_text())
     (d / "metadata.json").write_text(json.dumps({**meta, "input_size": 128}))
     return d
@@ -95,7 +95,7 @@ def test_train_and_export_without_torch_name_the_train_extra(
 
 def test_drift_reference_and_gate_evaluate_mistakes(tmp_path: Path, tiny_data: Path) -> None:
     repo = tmp_path / "repo"
-    shutil.copytree(COMMITTED_MODEL, repo / "pneumonia")
+    copy_committed_model(repo / "pneumonia", [active_committed_version()])  # drift-reference's default
     drift = ["model", "drift-reference", "--repository", str(repo), "--data", str(tiny_data), "--split", "all"]
     assert_user_error(run(*drift, "--version", "99"), "no version 99")
     assert_user_error(run(*drift), "at least 50 predictions")  # 16 images

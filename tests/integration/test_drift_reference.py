@@ -12,12 +12,14 @@ from services.aggregator.drift import DriftConfig, evaluate_window
 from services.core.drift import REFERENCE_FILE, DriftReference, ks
 from services.inference.config import DEFAULT_MODEL_REPOSITORY
 from services.inference.tools.evaluation import predict, select_records
+from tests.support.committed_model import committed_versions
 
 MODEL_DIR = DEFAULT_MODEL_REPOSITORY / "pneumonia"
 
 
 def versions() -> list[Path]:
-    return sorted(p for p in MODEL_DIR.iterdir() if p.is_dir() and (p / "model.onnx").exists())
+    """The committed versions' directories, in version order (numeric: 10 comes after 9)."""
+    return [MODEL_DIR / str(v) for v in committed_versions()]
 
 
 def test_every_committed_version_has_its_reference() -> None:

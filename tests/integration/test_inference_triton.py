@@ -130,7 +130,7 @@ def test_model_deploy_rolls_forward_and_back(private_triton: LocalTriton, tmp_pa
     assert read_version_policy((repo / "pneumonia" / "config.pbtxt").read_text()) == []
     result = runner.invoke(app, [*base, "--model-dir", str(candidate), *gate, "--force", "--reason", "test"])
     assert result.exit_code == 0, result.output
-    assert "version 2" in result.output
+    assert "version 2 added and pinned (was version 1)" in result.output  # the Triton repository's own numbers
     assert read_version_policy((repo / "pneumonia" / "config.pbtxt").read_text()) == [2]
     meta = json.loads((repo / "pneumonia" / "2" / "metadata.json").read_text())
     assert meta["version"] == "2" and meta["calibration"]["temperature"] == 2.0

@@ -20,7 +20,7 @@ from services.inference.tools.gate_fit import build_corpus, evaluate_gate, fit_g
 from services.inference.tools.progress import progress_bar
 from services.inference.tools.proxy import proxy_evaluate
 from tests.support.aggregator_service import TEST_POLICY
-from tests.support.triton import COMMITTED_MODEL
+from tests.support.committed_model import committed_version_dir
 
 
 def quiet_bar() -> Progress:
@@ -53,7 +53,7 @@ def test_gate_fit_and_gate_evaluate_report_every_step(shared_data: Path) -> None
 
 
 def test_proxy_eval_and_drift_reference_predictions_report_progress(shared_data: Path) -> None:
-    version = max((d for d in COMMITTED_MODEL.iterdir() if d.name.isdigit()), key=lambda d: int(d.name))
+    version = committed_version_dir()  # the version the committed config.pbtxt serves
     data = shared_data / "kermany224" / "train"
     with quiet_bar() as progress:
         report = proxy_evaluate(version, data, sample=8, stresses=["clean"], progress=progress)

@@ -15,9 +15,20 @@ from typer.testing import CliRunner
 from services.cli import app
 from services.inference.deploy import read_registry, read_version_policy, set_version_policy
 from services.inference.repository import list_versions
-from tests.support.triton import COMMITTED_MODEL, exported_candidate
+from tests.support.committed_model import (
+    active_committed_version,
+    committed_version_dir,
+    copy_committed_model,
+    rollback_committed_version,
+)
+from tests.support.triton import exported_candidate
 
 ENV = {"COLUMNS": "200"}
+# the committed versions this file uses (read from the repository, never assumed): the active one,
+# the one a roll-back goes to, and the number a deploy gives the next one
+ACTIVE = active_committed_version()
+OLDER = rollback_committed_version()
+NEXT = ACTIVE + 1
 
 
 @pytest.fixture(scope="module")
@@ -33,10 +44,11 @@ def reference_data(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) 
 
 @pytest.fixture
 def live(tmp_path: Path) -> Path:
-    """A live repository like the committed one: versions 1 and 2, config.pbtxt serving the newest."""
+    """A live repository like the committed one: its active version and the one before it, the
+    committed config.pbtxt serving the newest (no pin)."""
     repo = tmp_path / "live"
-    shutil.copytree(COMMITTED_MODEL, repo / "pneumonia", ignore=shutil.ignore_patterns(".deploy.lock", "*.jsonl"))
-    assert list_versions(repo / "pneumonia") == [1, 2]
+    copy_committed_model(repo / "pneumonia", [OLDER, ACTIVE])
+    assert list_versions(repo / "pneumonia") == [OLDER, ACTIVE]
     assert read_version_policy((repo / "pneumonia" / "config.pbtxt").read_text()) == []
     return repo
 
@@ -57,40 +69,40 @@ def deploy(repo: Path, *args: str, reference: Path | None = None):
 
 def test_a_failed_triton_load_moves_no_pin_and_adds_no_version(live: Path, tmp_path: Path) -> None:
     config = live / "pneumonia" / "config.pbtxt"
-    config.write_text(set_version_policy(config.read_text(), 2))
+    config.write_text(set_version_policy(config.read_text(), ACTIVE))
     before = snapshot(live)
 
-    result = deploy(live, "--version", "1", "--triton-url", "127.0.0.1:1", "--timeout", "5")
+    result = deploy(live, "--version", str(OLDER), "--triton-url", "127.0.0.1:1", "--timeout", "5")
     assert result.exit_code == 1, result.output
     assert isinstance(result.exception, SystemExit)  # a message, not a traceback
     assert "nothing changed" in result.output and "127.0.0.1:1" in result.output
-    assert snapshot(live) == before  # still pinned to 2
+    assert snapshot(live) == before  # still pinned to the active version
 
-    candidate = shutil.copytree(COMMITTED_MODEL / "2", tmp_path / "staged-copy-of-v2")
+    candidate = shutil.copytree(committed_version_dir(ACTIVE), tmp_path / "staged-copy-of-active")
     result = deploy(live, "--model-dir", str(candidate), "--triton-url", "127.0.0.1:1", "--timeout", "5")
     assert result.exit_code == 1, result.output
-    assert snapshot(live) == before  # the copied version 3 was removed again
+    assert snapshot(live) == before  # the copied version NEXT was removed again
     outcomes = [(r["action"], r["outcome"]) for r in read_registry(live, "pneumonia")]
     assert outcomes == [("rollback", "failed"), ("deploy", "failed")]
 
 
 def test_the_message_names_the_version_that_was_active(live: Path, tmp_path: Path, reference_data: Path) -> None:
-    candidate = shutil.copytree(COMMITTED_MODEL / "2", tmp_path / "staged-copy-of-v2")
+    candidate = shutil.copytree(committed_version_dir(ACTIVE), tmp_path / "staged-copy-of-active")
     result = deploy(live, "--model-dir", str(candidate), reference=reference_data)
     assert result.exit_code == 0, result.output
-    assert "version 3 added and pinned (was version 2)" in result.output
-    assert read_version_policy((live / "pneumonia" / "config.pbtxt").read_text()) == [3]
-    meta = json.loads((live / "pneumonia" / "3" / "metadata.json").read_text())
+    assert f"version {NEXT} added and pinned (was version {ACTIVE})" in result.output
+    assert read_version_policy((live / "pneumonia" / "config.pbtxt").read_text()) == [NEXT]
+    meta = json.loads((live / "pneumonia" / str(NEXT) / "metadata.json").read_text())
     gate = meta["quality_gate"]
     assert gate["passed"] and gate["candidate"]["auc"] == pytest.approx(gate["active"]["auc"])
-    assert gate["reference"]["n_images"] == 64 and gate["active"]["version"] == "2"
-    ref = json.loads((live / "pneumonia" / "3" / "drift_reference.json").read_text())
-    assert ref["model_version"] == "3" and ref["n"] == 64
+    assert gate["reference"]["n_images"] == 64 and gate["active"]["version"] == str(ACTIVE)
+    ref = json.loads((live / "pneumonia" / str(NEXT) / "drift_reference.json").read_text())
+    assert ref["model_version"] == str(NEXT) and ref["n"] == 64
 
-    result = deploy(live, "--version", "2")  # roll back: the embedded runtime loads it first
+    result = deploy(live, "--version", str(ACTIVE))  # roll back: the embedded runtime loads it first
     assert result.exit_code == 0, result.output
-    assert "version 2 pinned (was version 3)" in result.output
-    assert read_version_policy((live / "pneumonia" / "config.pbtxt").read_text()) == [2]
+    assert f"version {ACTIVE} pinned (was version {NEXT})" in result.output
+    assert read_version_policy((live / "pneumonia" / "config.pbtxt").read_text()) == [ACTIVE]
 
 
 def test_a_worse_candidate_is_refused_with_its_figures_unless_forced_with_a_reason(
@@ -101,7 +113,7 @@ def test_a_worse_candidate_is_refused_with_its_figures_unless_forced_with_a_reas
     result = deploy(live, "--model-dir", str(bad), reference=reference_data)
     assert result.exit_code == 3, result.output
     assert "refused by the quality gate" in result.output and "AUC" in result.output
-    assert "active (v2)" in result.output  # the figures of both
+    assert f"active (v{ACTIVE})" in result.output  # the figures of both
     assert snapshot(live) == before
 
     result = deploy(live, "--model-dir", str(bad), "--force", reference=reference_data)
@@ -111,13 +123,13 @@ def test_a_worse_candidate_is_refused_with_its_figures_unless_forced_with_a_reas
     result = deploy(live, "--model-dir", str(bad), "--force", "--reason", "site trial 12", reference=reference_data)
     assert result.exit_code == 0, result.output
     assert "forced past the quality gate" in result.output
-    assert read_version_policy((live / "pneumonia" / "config.pbtxt").read_text()) == [3]
-    meta = json.loads((live / "pneumonia" / "3" / "metadata.json").read_text())
+    assert read_version_policy((live / "pneumonia" / "config.pbtxt").read_text()) == [NEXT]
+    meta = json.loads((live / "pneumonia" / str(NEXT) / "metadata.json").read_text())
     assert meta["quality_gate"]["forced"] is True and meta["quality_gate"]["reason"] == "site trial 12"
     assert not meta["quality_gate"]["passed"]
     rows = read_registry(live, "pneumonia")
     assert [(r["outcome"], r.get("forced", False)) for r in rows] == [("refused", False), ("ok", True)]
-    assert rows[1]["reason"] == "site trial 12" and rows[1]["quality"]["active"]["version"] == "2"
+    assert rows[1]["reason"] == "site trial 12" and rows[1]["quality"]["active"]["version"] == str(ACTIVE)
     assert rows[0]["quality"]["candidate"]["auc"] < rows[0]["quality"]["active"]["auc"] - 0.01
 
 
@@ -126,19 +138,19 @@ def test_deploy_mistakes_are_clear_messages_with_exit_2(live: Path, tmp_path: Pa
     result = deploy(live, "--model-dir", str(tmp_path / "no-such-dir"))
     assert result.exit_code == 2 and "is not a directory" in result.output, result.output
 
-    corrupt = shutil.copytree(COMMITTED_MODEL / "2", tmp_path / "corrupt")
+    corrupt = shutil.copytree(committed_version_dir(ACTIVE), tmp_path / "corrupt")
     (corrupt / "model.onnx").write_bytes(b"not an onnx graph" * 100)
     result = deploy(live, "--model-dir", str(corrupt), reference=reference_data)
     assert result.exit_code == 2 and "not a loadable ONNX model" in result.output, result.output
 
-    resized = shutil.copytree(COMMITTED_MODEL / "2", tmp_path / "resized")
+    resized = shutil.copytree(committed_version_dir(ACTIVE), tmp_path / "resized")
     meta = json.loads((resized / "metadata.json").read_text())
     (resized / "metadata.json").write_text(json.dumps({**meta, "input_size": 128}))
     result = deploy(live, "--model-dir", str(resized), reference=reference_data)
     assert result.exit_code == 2 and "input_size 128 differs" in result.output, result.output
 
-    result = deploy(live, "--version", "9")
-    assert result.exit_code == 2 and "version 9 of pneumonia is not in" in result.output, result.output
+    result = deploy(live, "--version", str(NEXT))  # not in the repository
+    assert result.exit_code == 2 and f"version {NEXT} of pneumonia is not in" in result.output, result.output
     for r in (result,):
         assert isinstance(r.exception, SystemExit)
     assert snapshot(live) == before

@@ -17,8 +17,13 @@ from services.cli import app
 from services.core.net import free_port
 from services.inference.runtime import ModelRepository, OnnxRuntime
 from services.inference.worker import Pipeline
+from tests.support.committed_model import (
+    active_committed_version,
+    committed_version_dir,
+    committed_versions,
+    copy_committed_model,
+)
 from tests.support.inference_service import image_received, shared_dicoms, uid_for
-from tests.support.triton import COMMITTED_MODEL
 
 ENV = {"COLUMNS": "200"}
 
@@ -50,14 +55,17 @@ async def predict_one(repository: Path, dicom: Path):
 
 
 def test_list_status_and_the_served_version(tmp_path: Path, reference_data: Path, shared_data: Path) -> None:
+    committed, active = committed_versions(), active_committed_version()
+    active_s, new = str(active), active + 1  # the deploy below adds the next number
+    assert committed[-1] == active, "the committed config.pbtxt serves its newest version"
     live = tmp_path / "live"
-    shutil.copytree(COMMITTED_MODEL, live / "pneumonia", ignore=shutil.ignore_patterns(".deploy.lock", "*.jsonl"))
+    copy_committed_model(live / "pneumonia")  # every version: `model list` lists them all
     repo = ["--repository", str(live)]
 
-    # the inference pipeline answers with the active version (2) and says so on /metrics
+    # the inference pipeline answers with the active version and says so on /metrics
     prediction = asyncio.run(predict_one(live, shared_dicoms(shared_data)[0]))
-    assert prediction.model_version == "2"
-    labels = {"model": "pneumonia", "version": "2", "runtime": "onnxruntime"}
+    assert prediction.model_version == active_s
+    labels = {"model": "pneumonia", "version": active_s, "runtime": "onnxruntime"}
     assert REGISTRY.get_sample_value("pt_inference_model_info", labels) == 1
     port = free_port()
     start_http_server(port, addr="127.0.0.1")  # this process's registry, as the service's /metrics serves it
@@ -65,24 +73,28 @@ def test_list_status_and_the_served_version(tmp_path: Path, reference_data: Path
     result = run("model", "status", *repo, "--inference-url", f"http://127.0.0.1:{port}", "--json")
     assert result.exit_code == 0, result.output
     status = json.loads(result.output)
-    assert status["active"] == 2 and status["pinned"] == [] and not status["problems"]
+    assert status["active"] == active and status["pinned"] == [] and not status["problems"]
     assert status["inference_serves"] == [labels]
     assert status["version"]["test"]["auc"] > 0.98 and status["version"]["drift_reference"]["n"] > 500
 
-    # a deploy of version 3 (a copy of 2: it passes the gate): list and status follow it
-    staged = shutil.copytree(COMMITTED_MODEL / "2", tmp_path / "staged")
+    # a deploy of the next version (a copy of the active one: it passes the gate): list and status follow it
+    staged = shutil.copytree(committed_version_dir(active), tmp_path / "staged")
     gate = ["--reference-data", str(reference_data), "--reference-split", "all"]
     assert run("model", "deploy", *repo, "--model-dir", str(staged), *gate).exit_code == 0
     listing = json.loads(run("model", "list", *repo, "--json").output)
-    assert [(v["version"], v["active"]) for v in listing["versions"]] == [(1, False), (2, False), (3, True)]
-    v3 = listing["versions"][2]
-    assert v3["quality_gate"]["passed"] and v3["quality_gate"]["against"] == "2"
-    assert v3["drift_reference"]["n"] == 60 and v3["deployed_from"] == str(staged.resolve())
+    assert [(v["version"], v["active"]) for v in listing["versions"]] == [
+        *((v, False) for v in committed),
+        (new, True),
+    ]
+    added = listing["versions"][-1]
+    assert added["quality_gate"]["passed"] and added["quality_gate"]["against"] == active_s
+    assert added["drift_reference"]["n"] == 60 and added["deployed_from"] == str(staged.resolve())
     table = run("model", "list", *repo)
     assert table.exit_code == 0 and "passed" in table.output
 
-    # the running service still answers with 2: status says so and exits 1
+    # the running service still answers with the old version: status says so and exits 1
     result = run("model", "status", *repo, "--inference-url", f"http://127.0.0.1:{port}")
     assert result.exit_code == 1, result.output
-    assert "active version: 3" in result.output and "serves ['2'] but version 3 is active" in result.output
-    assert "quality gate: passed" in result.output and "deploy v3 (was 2) ok" in result.output
+    assert f"active version: {new}" in result.output
+    assert f"serves ['{active}'] but version {new} is active" in result.output
+    assert "quality gate: passed" in result.output and f"deploy v{new} (was {active}) ok" in result.output

@@ -1,6 +1,7 @@
 """The site loop (issue 28): `model adapt` (locked set first, guard, lineage, evidence beside the base
 version), `model shadow-add`, `model compare`, `model promote` (the rule; recorded; undone by promoting
-the previous version). Tiny: ~90 real X-rays, one epoch, few bootstrap resamples."""
+the previous version). Tiny: ~90 real X-rays, one epoch, few bootstrap resamples. The base is a
+committed version read from the repository (see BASE), never a hard-coded number."""
 
 from __future__ import annotations
 
@@ -15,8 +16,18 @@ from typer.testing import CliRunner
 from services.inference.deploy import active_version
 from services.inference.tools import site_loop
 from services.inference.tools.adapt import AdaptRecipe, NotEnoughLabels, adapt, net_from_onnx
+from tests.support.committed_model import committed_version_dir, committed_versions, copy_committed_model
 
-LIVE = Path(__file__).resolve().parents[2] / "deploy" / "triton" / "model_repository" / "pneumonia"
+
+def _members(version: int) -> int:
+    net = json.loads((committed_version_dir(version) / "metadata.json").read_text()).get("training", {}).get("net")
+    return int((net or {}).get("members", 1))
+
+
+# `model adapt` fine-tunes one network (net_from_onnx reads a single PneumoniaNet back from the ONNX):
+# the base is the newest committed version that is one network, not an ensemble of several
+BASE = max(v for v in committed_versions() if _members(v) == 1)
+CANDIDATE = BASE + 1  # the number shadow-add gives the adapted version in a repository holding BASE
 
 
 def _site(shared_data: Path, out: Path, per_class: int) -> Path:
@@ -39,9 +50,7 @@ def _site(shared_data: Path, out: Path, per_class: int) -> Path:
 @pytest.fixture
 def live(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     repo = tmp_path / "live"
-    (repo / "pneumonia").mkdir(parents=True)
-    shutil.copy2(LIVE / "config.pbtxt", repo / "pneumonia" / "config.pbtxt")
-    shutil.copytree(LIVE / "2", repo / "pneumonia" / "2")
+    copy_committed_model(repo / "pneumonia", [BASE])
     monkeypatch.setenv("PT_DATA_DIR", str(tmp_path / "var"))
     return repo
 
@@ -50,9 +59,9 @@ def test_onnx_weights_read_back(live: Path) -> None:
     import onnxruntime as ort
     import torch
 
-    net, meta = net_from_onnx(live / "pneumonia" / "2")
+    net, meta = net_from_onnx(live / "pneumonia" / str(BASE))
     x = np.random.default_rng(0).normal(size=(2, 1, meta["input_size"], meta["input_size"])).astype(np.float32)
-    want = ort.InferenceSession(str(live / "pneumonia" / "2" / "model.onnx")).run(["logit"], {"image": x})[0]
+    want = ort.InferenceSession(str(live / "pneumonia" / str(BASE) / "model.onnx")).run(["logit"], {"image": x})[0]
     with torch.no_grad():
         got = net(torch.from_numpy(x))[0].numpy()
     assert np.allclose(got, want, atol=1e-3), (got, want)
@@ -61,7 +70,7 @@ def test_onnx_weights_read_back(live: Path) -> None:
 def test_guard_refuses_too_few_labels(live: Path, shared_data: Path, tmp_path: Path) -> None:
     site = _site(shared_data, tmp_path / "few", 12)
     with pytest.raises(NotEnoughLabels, match="too few site labels"):
-        adapt([site], live / "pneumonia" / "2", tmp_path / "staging", "tiny", AdaptRecipe(epochs=1))
+        adapt([site], live / "pneumonia" / str(BASE), tmp_path / "staging", "tiny", AdaptRecipe(epochs=1))
 
 
 def test_promotion_rule() -> None:
@@ -87,10 +96,10 @@ def test_adapt_shadow_compare_promote_undo(
 
     site = _site(shared_data, tmp_path / "site", 45)
     recipe = AdaptRecipe(epochs=1, bootstrap=40, min_per_class=15, min_locked_per_class=8)
-    vdir = adapt([site], live / "pneumonia" / "2", tmp_path / "staging", "siteA", recipe)
+    vdir = adapt([site], live / "pneumonia" / str(BASE), tmp_path / "staging", "siteA", recipe)
     meta = json.loads((vdir / "metadata.json").read_text())
     lineage = meta["site_adaptation"]
-    assert lineage["base_version"] == "2" and lineage["seed"] == 1234 and lineage["wall_seconds"] > 0
+    assert lineage["base_version"] == str(BASE) and lineage["seed"] == 1234 and lineage["wall_seconds"] > 0
     assert lineage["sources"][0]["images"] == 90 and len(lineage["sources"][0]["sha256"]) == 64
     locked = json.loads((vdir / "locked_test_set.json").read_text())
     n_locked = len(locked["images"])
@@ -100,7 +109,7 @@ def test_adapt_shadow_compare_promote_undo(
     assert lineage["n_calibration"] == lineage["n_fine_tune"] and lineage["calibration_folds"] == 4
     assert meta["calibration_details"]["fitted_on"].startswith("out-of-fold logits")
     c = meta["metrics"]["locked_site_test"]
-    assert c["candidate"]["version"] == meta["version"] and c["reference"]["version"] == "2"
+    assert c["candidate"]["version"] == meta["version"] and c["reference"]["version"] == str(BASE)
     assert c["n_images"] == n_locked and len(c["difference"]["auc"]["ci95"]) == 2
     # what the ops page plots: ROC with the operating point, reliability bins over every locked image
     for name in ("candidate", "reference"):
@@ -112,21 +121,23 @@ def test_adapt_shadow_compare_promote_undo(
     runner = CliRunner()
     out = runner.invoke(app, ["model", "shadow-add", "--model-dir", str(vdir), "--repository", str(live)])
     assert out.exit_code == 0, out.output
-    assert active_version(live, "pneumonia") == 2 and (live / "pneumonia" / "3" / "locked_test_set.json").exists()
+    assert active_version(live, "pneumonia") == BASE
+    assert (live / "pneumonia" / str(CANDIDATE) / "locked_test_set.json").exists()
     out = runner.invoke(app, ["model", "compare", "--repository", str(live), "--bootstrap", "20"])
     assert out.exit_code == 0, out.output
-    assert "version 3 against the active version 2" in out.output and "promotion rule" in out.output
+    assert f"version {CANDIDATE} against the active version {BASE}" in out.output and "promotion rule" in out.output
 
     # the rule decides; a refusal changes nothing
     monkeypatch.setattr(site_loop, "promotion_verdict", lambda c, margin=0.05: {"passed": False, "reasons": ["x"]})
-    out = runner.invoke(app, ["model", "promote", "3", "--reason", "site A", "--repository", str(live)])
-    assert out.exit_code == 3 and active_version(live, "pneumonia") == 2, out.output
+    out = runner.invoke(app, ["model", "promote", str(CANDIDATE), "--reason", "site A", "--repository", str(live)])
+    assert out.exit_code == 3 and active_version(live, "pneumonia") == BASE, out.output
     monkeypatch.setattr(site_loop, "promotion_verdict", lambda c, margin=0.05: {"passed": True, "reasons": []})
     monkeypatch.setenv("PT_USER", "ml-engineer")
-    out = runner.invoke(app, ["model", "promote", "3", "--reason", "better on site A", "--repository", str(live)])
-    assert out.exit_code == 0 and active_version(live, "pneumonia") == 3, out.output
+    promote = ["model", "promote", str(CANDIDATE), "--reason", "better on site A", "--repository", str(live)]
+    out = runner.invoke(app, promote)
+    assert out.exit_code == 0 and active_version(live, "pneumonia") == CANDIDATE, out.output
     entry = json.loads((live / "pneumonia" / "promotions.jsonl").read_text().splitlines()[-1])
-    assert entry["user"] == "ml-engineer" and entry["reason"] == "better on site A" and entry["previous"] == 2
+    assert entry["user"] == "ml-engineer" and entry["reason"] == "better on site A" and entry["previous"] == BASE
     # undo: the previous version has no locked set, but it was active before
-    out = runner.invoke(app, ["model", "promote", "2", "--reason", "undo", "--repository", str(live)])
-    assert out.exit_code == 0 and active_version(live, "pneumonia") == 2, out.output
+    out = runner.invoke(app, ["model", "promote", str(BASE), "--reason", "undo", "--repository", str(live)])
+    assert out.exit_code == 0 and active_version(live, "pneumonia") == BASE, out.output

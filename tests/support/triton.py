@@ -2,7 +2,7 @@
 ONNX with onnxruntime) on loopback, over a temporary model repository.
 
 Version 1 of the repository is the committed model (deploy/triton/model_repository/pneumonia,
-newest version) when present, else a small random-weight ONNX with the same I/O.
+the version its config.pbtxt serves) when present, else a small random-weight ONNX with the same I/O.
 """
 
 from __future__ import annotations
@@ -14,19 +14,17 @@ from pathlib import Path
 import pytest
 
 from services.inference.tools.local_triton import LocalTriton
+from tests.support import committed_model
 from tests.support.inference_model import build_tiny_onnx, make_repository, write_version
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-COMMITTED_MODEL = REPO_ROOT / "deploy" / "triton" / "model_repository" / "pneumonia"
+COMMITTED_MODEL = committed_model.COMMITTED_MODEL  # still importable from here; new code: committed_model
 
 
 def committed_version_dir() -> Path | None:
-    if not COMMITTED_MODEL.is_dir():
-        return None
+    """The committed version the repository serves, or None without a committed model."""
     from services.inference.repository import list_versions
 
-    versions = list_versions(COMMITTED_MODEL)
-    return COMMITTED_MODEL / str(versions[-1]) if versions else None
+    return committed_model.committed_version_dir() if list_versions(COMMITTED_MODEL) else None
 
 
 def input_size() -> int:
@@ -43,7 +41,11 @@ def build_repository(root: Path) -> Path:
 
         size = int(json.loads((committed / "metadata.json").read_text())["input_size"])
         make_repository(root, committed / "model.onnx", input_size=size)
-        shutil.copy2(committed / "metadata.json", root / "pneumonia" / "1" / "metadata.json")
+        version_dir = root / "pneumonia" / "1"
+        shutil.copy2(committed / "metadata.json", version_dir / "metadata.json")
+        for extra in committed.iterdir():  # e.g. an ONNX external-data file beside model.onnx
+            if extra.is_file() and extra.suffix != ".json" and not (version_dir / extra.name).exists():
+                shutil.copy2(extra, version_dir / extra.name)
         return root
     onnx_path = build_tiny_onnx(root.parent / f"{root.name}-tiny.onnx", input_size(), seed=0)
     return make_repository(root, onnx_path, input_size=input_size())
