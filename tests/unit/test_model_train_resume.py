@@ -106,3 +106,26 @@ def test_a_time_budget_cut_after_the_first_epoch_ends_the_member(tmp_path: Path)
         )  # fmt: skip
     assert [h["epoch"] for h in history] == [1]
     assert torch.load(tmp_path / "ck.pt", weights_only=False)["planned"] == 1
+
+
+@pytest.mark.parametrize("members", [1, 2])
+def test_model_adapt_reads_a_network_or_an_ensemble_back_from_its_onnx(tmp_path: Path, members: int) -> None:
+    import json
+
+    from services.inference.tools.adapt import net_from_onnx
+    from services.inference.tools.training.export import export_onnx
+
+    torch.manual_seed(3)
+    config = NetConfig(channels=NET.channels, residual=True, members=members)
+    net = build_network(config).train()
+    with torch.no_grad():  # BN statistics of real batches, so the folding is exercised
+        for _ in range(5):
+            net(torch.randn(8, 1, 32, 32) * 2 + 0.5)
+    net.eval()
+    export_onnx(net, tmp_path / "model.onnx", 32)
+    (tmp_path / "metadata.json").write_text(json.dumps({"training": {"net": config.to_dict()}}))
+    back, _ = net_from_onnx(tmp_path)
+    x = torch.randn(3, 1, 32, 32)
+    with torch.no_grad():
+        (logit, cam), (logit_back, cam_back) = net(x), back(x)
+    assert torch.allclose(logit, logit_back, atol=1e-4) and torch.allclose(cam, cam_back, atol=1e-4)

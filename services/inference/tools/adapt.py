@@ -58,21 +58,24 @@ class AdaptRecipe:
     bootstrap: int = 500
 
 
-def net_from_onnx(version_dir: Path):  # -> PneumoniaNet
-    """The base version's network, weights read from its model.onnx (BN folded: identity BN + bias)."""
+def net_from_onnx(version_dir: Path):  # -> PneumoniaNet | PneumoniaEnsemble
+    """The base version's network (one, or an ensemble's members), weights read from its model.onnx
+    (BN folded: identity BN + bias)."""
     import onnx
     import torch
     from onnx import numpy_helper
 
-    from services.inference.tools.training.network import NetConfig, PneumoniaNet
+    from services.inference.tools.training.network import NetConfig, PneumoniaEnsemble, build_network
 
     meta = json.loads((version_dir / "metadata.json").read_text())
-    net = PneumoniaNet(NetConfig.from_dict(meta.get("training", {}).get("net") or NetConfig().to_dict()))
+    net = build_network(NetConfig.from_dict(meta.get("training", {}).get("net") or NetConfig().to_dict()))
+    members = list(net.members) if isinstance(net, PneumoniaEnsemble) else [net]
+    prefixes = [f"model.members.{i}." for i in range(len(members))] if len(members) > 1 else ["model."]
     graph = onnx.load(str(version_dir / "model.onnx")).graph
     init = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
-    convs = [n for n in graph.node if n.op_type == "Conv"]
-    modules = [m for m in net.features.modules() if isinstance(m, torch.nn.Conv2d)]
-    bns = [m for m in net.features.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    convs = [n for n in graph.node if n.op_type == "Conv"]  # in execution order: member after member
+    modules = [m for member in members for m in member.features.modules() if isinstance(m, torch.nn.Conv2d)]
+    bns = [m for member in members for m in member.features.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     if len(convs) != len(modules) or len(bns) != len(modules):
         raise ValueError(f"{version_dir}: the ONNX graph does not match the network in its metadata")
     with torch.no_grad():
@@ -82,8 +85,9 @@ def net_from_onnx(version_dir: Path):  # -> PneumoniaNet
             bn.bias.copy_(torch.from_numpy(init[node.input[2]].copy()))
             bn.running_mean.zero_()
             bn.running_var.fill_(1.0 - bn.eps)
-        net.head.weight.copy_(torch.from_numpy(init["model.head.weight"].copy()))
-        net.head.bias.copy_(torch.from_numpy(init["model.head.bias"].copy()))
+        for member, prefix in zip(members, prefixes, strict=True):
+            member.head.weight.copy_(torch.from_numpy(init[f"{prefix}head.weight"].copy()))
+            member.head.bias.copy_(torch.from_numpy(init[f"{prefix}head.bias"].copy()))
     net.eval()
     return net, meta
 
@@ -244,8 +248,7 @@ def adapt(
     a, b = fit_platt(oof, y_pool)
     if a <= 0:
         a, b = 1.0, 0.0
-    with torch.no_grad():
-        net.head.bias += b / a
+    net.shift_logit(b / a)
     calibrated = sigmoid((oof + b / a) * a)
     info = {
         "train_config": {**asdict(recipe), "input_size": size},

@@ -85,7 +85,7 @@ def export_onnx(model: PneumoniaNet, path: Path, input_size: int) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     dummy = torch.zeros(2, 1, input_size, input_size)
     torch.onnx.export(
-        _Exportable(model),
+        _Exportable(model).eval(),  # a fresh wrapper is in training mode, and export restores it
         (dummy,),
         str(path),
         input_names=["image"],
