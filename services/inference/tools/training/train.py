@@ -274,7 +274,7 @@ def fit_member(
         optimiser.load_state_dict(saved["optimiser"])
         gen.set_state(saved["gen"])
         torch.set_rng_state(saved["torch_rng"])
-        history, planned = saved["history"], saved["planned"]
+        history, planned = [{**h, "resumed": True} for h in saved["history"]], saved["planned"]
         first = len(history)
         console.print(f"{label}resumed from {checkpoint} after epoch {first} of {planned}")
     epochs_task = progress.add_task(f"{label}epochs", total=planned, completed=first, info="")
@@ -433,6 +433,7 @@ def train(
             member.load_state_dict(state)
             history += [{**h, "member": i + 1} for h in member_history]
         best_epoch = history[-1]["epoch"]
+        resumed_seconds = sum(h["seconds"] for h in history if h.get("resumed"))
     model.eval()
     val_logits = predict_logits(model, x_val)
     a, b = fit_platt(val_logits, y_val)
@@ -468,7 +469,9 @@ def train(
         "history": history,
         "epochs_run": len(history),
         "best_epoch": best_epoch,
-        "train_seconds": round(time.time() - started, 1),
+        # epochs an earlier, interrupted run trained count too (their own seconds; not its image loading)
+        "train_seconds": round(time.time() - started + resumed_seconds, 1),
+        "resumed_epoch_seconds": round(resumed_seconds, 1),
         "loadavg": {"start": list(load_start), "end": list(os.getloadavg())},
         "load_seconds": round(load_seconds, 1),
         "data_sha256": split["data_sha256"],
