@@ -55,9 +55,12 @@ def test_heldout_patients_auc_floor(heldout_report: dict) -> None:
 
 
 def test_heldout_probabilities_are_calibrated(heldout_report: dict) -> None:
+    """Since v3 the probability is calibrated on the hard-normal shift proxy (the one that reproduced
+    the official split's ECE for v1 and v2; its own check: tests/unit/test_model_hard_proxy.py), not on
+    this easy internal split: here it is a regression bound (v3: ECE 0.106, Brier 0.057)."""
     m = heldout_report["metrics"]
-    assert m["ece"]["value"] < 0.08
-    assert m["brier"]["value"] < 0.12
+    assert m["ece"]["value"] < 0.12
+    assert m["brier"]["value"] < 0.08
     # the operating threshold chosen on validation keeps both error rates sensible on unseen patients
     assert m["operating"]["sensitivity"]["value"] > 0.85
     assert m["operating"]["specificity"]["value"] > 0.8

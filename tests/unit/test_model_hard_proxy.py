@@ -94,3 +94,14 @@ def test_a_sample_of_the_proxy_runs_on_the_committed_model(shared_data: Path) ->
         assert 0.0 <= m[key] <= 1.0, key
     assert 0.0 < report["chosen_threshold"] < 1.0
     assert np.asarray(report["logits"]).shape == (1, 40)
+
+
+def test_the_committed_model_is_calibrated_and_sensitive_where_the_proxy_is_hard(shared_data: Path) -> None:
+    """One draw over the whole proxy: the calibration target since v3 (v2 there: ECE 0.153)."""
+    version = latest_version_dir(MODEL_DIR)
+    report = hard_proxy_evaluate(version, shared_data / "kermany224" / "train", draws=1)
+    m = report["metrics"]
+    assert report["n_images"] > 1000 and report["n_normal"] > 50
+    assert m["ece_at_prior"] < 0.08
+    assert m["sensitivity"] >= 0.95
+    assert m["auc"] > 0.97
