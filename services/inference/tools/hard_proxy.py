@@ -45,7 +45,7 @@ from sklearn.metrics import roc_auc_score
 from services.core.calibration import fit_platt, logit, sigmoid
 from services.inference.tools.evaluation import calibrate, load_metadata, read_display_image
 from services.inference.tools.progress import tracked
-from services.inference.tools.proxy import stressed_input
+from services.inference.tools.proxy import stratified_sample, stressed_input
 from services.inference.tools.training.dataset import ImageRecord
 from services.inference.tools.training.sources import load_training_data
 from services.inference.tools.training.split import SPLIT_FILE, assign, load_split
@@ -130,15 +130,7 @@ def hard_proxy_records(
         raise ValueError(f"{len(missing)} pool images have no hardness score (e.g. {missing[0]}): re-fit it")
     normals = sorted((r for r in pool if r.label == 0), key=lambda r: (-hardness[r.name], r.name))
     chosen = normals[: round(fraction * len(normals))] + [r for r in pool if r.label == 1]
-    if sample and sample < len(chosen):
-        rng = np.random.default_rng(seed)
-        out: list[ImageRecord] = []
-        for label in (0, 1):
-            group = [r for r in chosen if r.label == label]
-            n = max(1, round(sample * len(group) / len(chosen)))
-            out += [group[i] for i in sorted(rng.permutation(len(group))[:n])]
-        chosen = out
-    return sorted(chosen, key=lambda r: (r.label, r.name))
+    return sorted(stratified_sample(chosen, sample, seed), key=lambda r: (r.label, r.name))
 
 
 def shift_of(draw: int, index: int, seed: int = 0) -> tuple[str, int]:

@@ -85,16 +85,21 @@ def is_external(filename: str) -> bool:
 def external_records(data: Path, sample: int | None = None, seed: int = 0) -> list[ImageRecord]:
     """De-duplicated held-out images of ``data``; ``sample``: a class-stratified random subset."""
     kept, _ = deduplicate(scan_folder(data))
-    records = [r for r in kept if is_external(r.name)]
-    if sample and sample < len(records):
-        rng = np.random.default_rng(seed)
-        out: list[ImageRecord] = []
-        for label in (0, 1):
-            group = [r for r in records if r.label == label]
-            n = max(1, round(sample * len(group) / len(records)))
-            out += [group[i] for i in sorted(rng.permutation(len(group))[:n])]
-        records = out
-    return records
+    return stratified_sample([r for r in kept if is_external(r.name)], sample, seed)
+
+
+def stratified_sample(records: list[ImageRecord], sample: int | None, seed: int = 0) -> list[ImageRecord]:
+    """A class-stratified random subset of ``sample`` records (all of them when ``sample`` is 0/None
+    or not smaller), each class in its share, normals first, each class in its original order."""
+    if not sample or sample >= len(records):
+        return records
+    rng = np.random.default_rng(seed)
+    out: list[ImageRecord] = []
+    for label in (0, 1):
+        group = [r for r in records if r.label == label]
+        n = max(1, round(sample * len(group) / len(records)))
+        out += [group[i] for i in sorted(rng.permutation(len(group))[:n])]
+    return out
 
 
 # ------------------------------------------------------------------------------------------ stresses
