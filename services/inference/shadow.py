@@ -67,7 +67,7 @@ COLUMNS = (
 
 
 def parse_versions(text: str) -> list[str]:
-    """"3, 4" -> ["3", "4"] (integers, in order, without repeats)."""
+    """ "3, 4" -> ["3", "4"] (integers, in order, without repeats)."""
     out: list[str] = []
     for part in (text or "").replace(";", ",").split(","):
         part = part.strip()
