@@ -110,25 +110,38 @@ def brier(labels: ArrayLike, probs: ArrayLike) -> float:
     return float(np.mean((np.asarray(probs, dtype=np.float64) - np.asarray(labels, dtype=np.float64)) ** 2))
 
 
-def reliability_bins(labels: ArrayLike, probs: ArrayLike, bins: int = ECE_BINS) -> list[tuple[float, float, int]]:
+def reliability_bins(
+    labels: ArrayLike, probs: ArrayLike, bins: int = ECE_BINS, weights: ArrayLike | None = None
+) -> list[tuple[float, float, float]]:
     """Equal-width bins of the probability (bin floor(p * bins), 1.0 in the last): (mean predicted,
-    observed pneumonia rate, images) for every bin that has images, in order."""
+    observed pneumonia rate, images) for every bin that has images, in order. With ``weights``
+    (e.g. to state a set at another prevalence) the means are weighted and the third value is the
+    bin's total weight."""
     p = np.asarray(probs, dtype=np.float64)
     y = np.asarray(labels, dtype=np.float64)
+    w = np.ones_like(p) if weights is None else np.asarray(weights, dtype=np.float64)
     idx = np.minimum((p * bins).astype(int), bins - 1)
     out = []
     for b in range(bins):
         mask = idx == b
         if mask.any():
-            out.append((float(p[mask].mean()), float(y[mask].mean()), int(mask.sum())))
+            if weights is None:
+                out.append((float(p[mask].mean()), float(y[mask].mean()), int(mask.sum())))
+            else:
+                wb = w[mask]
+                out.append(
+                    (float(np.average(p[mask], weights=wb)), float(np.average(y[mask], weights=wb)), float(wb.sum()))
+                )
     return out
 
 
-def expected_calibration_error(labels: ArrayLike, probs: ArrayLike, bins: int = ECE_BINS) -> float:
-    """Equal-width bins, weighted by bin size: sum |mean(p) - mean(y)| * n_bin / n."""
-    n = len(np.asarray(probs))
+def expected_calibration_error(
+    labels: ArrayLike, probs: ArrayLike, bins: int = ECE_BINS, weights: ArrayLike | None = None
+) -> float:
+    """Equal-width bins, weighted by bin size (or bin weight): sum |mean(p) - mean(y)| * n_bin / n."""
+    n = len(np.asarray(probs)) if weights is None else float(np.sum(weights))
     ece = 0.0
-    for mean_p, observed, count in reliability_bins(labels, probs, bins):
+    for mean_p, observed, count in reliability_bins(labels, probs, bins, weights):
         ece += abs(mean_p - observed) * count / n
     return float(ece)
 

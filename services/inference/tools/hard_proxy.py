@@ -42,7 +42,13 @@ from PIL import Image
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 
-from services.core.calibration import fit_platt, logit, sigmoid
+from services.core.calibration import (
+    expected_calibration_error,
+    fit_platt,
+    logit,
+    sigmoid,
+    specificity_at_sensitivity,
+)
 from services.inference.tools.evaluation import calibrate, load_metadata, read_display_image
 from services.inference.tools.progress import tracked
 from services.inference.tools.proxy import stratified_sample, stressed_input
@@ -168,32 +174,18 @@ def prior_weights(labels: np.ndarray, prior: float = PRIOR) -> np.ndarray:
     return np.where(y, prior / max(y.sum(), 1), (1 - prior) / max((~y).sum(), 1))
 
 
-def weighted_ece(labels: np.ndarray, probs: np.ndarray, weights: np.ndarray, bins: int = 10) -> float:
-    edges = np.linspace(0.0, 1.0, bins + 1)
-    which = np.clip(np.digitize(probs, edges[1:-1]), 0, bins - 1)
-    total, ece = weights.sum(), 0.0
-    for b in range(bins):
-        m = which == b
-        if m.any():
-            w = weights[m]
-            ece += w.sum() / total * abs(np.average(probs[m], weights=w) - np.average(labels[m], weights=w))
-    return float(ece)
-
-
 def draw_metrics(labels: np.ndarray, probs: np.ndarray, logits: np.ndarray, threshold: float) -> dict:
     y = np.asarray(labels).astype(bool)
     w = prior_weights(y)
     flagged = probs >= threshold
     sens, spec = float(flagged[y].mean()), float((~flagged[~y]).mean())
-    pos = np.sort(logits[y])
-    cut = pos[int(np.floor(0.05 * len(pos)))]
     return {
         "auc": float(roc_auc_score(y, logits)),
         "sensitivity": sens,
         "specificity": spec,
         "accuracy_at_prior": PRIOR * sens + (1 - PRIOR) * spec,
-        "specificity_at_sens95": float(np.mean(logits[~y] < cut)),
-        "ece_at_prior": weighted_ece(y.astype(float), probs, w),
+        "specificity_at_sens95": specificity_at_sensitivity(y, logits, 0.95),
+        "ece_at_prior": expected_calibration_error(y, probs, weights=w),
         "normal_p_quantiles": [float(q) for q in np.quantile(probs[~y], [0.5, 0.75, 0.9])],
         "pneumonia_p10": float(np.quantile(probs[y], 0.1)),
     }
@@ -287,7 +279,10 @@ def proxy_calibration(report: dict, prior: float = PRIOR) -> dict:
     for k in (0, 1):
         ak, bk, _ = fit(half != k)
         test = half == k
-        eces += [weighted_ece(y[test], sigmoid(ak * zd[test] + bk), prior_weights(y[test], prior)) for zd in z]
+        eces += [
+            expected_calibration_error(y[test], sigmoid(ak * zd[test] + bk), weights=prior_weights(y[test], prior))
+            for zd in z
+        ]
     return {
         "method": "temperature",
         "fitted_on": "hard-normal shift proxy (services/inference/tools/hard_proxy.py)",

@@ -345,6 +345,7 @@ def hard_proxy_cmd(
 ) -> None:
     """The hard-normal shift proxy (the hardest fifth of the held-out normals under geometry shifts):
     reproduces what the official test split showed for v1 and v2 (docs/model-card.md)."""
+    import numpy as np
     from rich.table import Table
 
     from services.inference.tools.hard_proxy import hard_proxy_evaluate, proxy_calibration, score
@@ -378,11 +379,10 @@ def hard_proxy_cmd(
                 f"{d}: calibration re-fitted on the proxy: T = {calibration['temperature']:.3f}, offset "
                 f"{calibration['bias_shift']:+.3f} (cross-fitted ECE {calibration['cross_fitted_ece_at_prior']:.3f})"
             )
-            with progress_bar(console) as progress:
-                report = hard_proxy_evaluate(d, data, sample or None, draws, progress=progress)
+            # the re-exported network is the same one with its logit shifted: no second inference
+            shifted = (np.asarray(report["logits"]) + calibration["bias_shift"]).round(5).tolist()
+            report = score(report | {"logits": shifted}, json.loads((d / "metadata.json").read_text()))
         if set_threshold:
-            import numpy as np
-
             from services.core.calibration import threshold_for_sensitivity
             from services.inference.tools.evaluation import predict, select_records
 
